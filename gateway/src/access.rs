@@ -1,0 +1,158 @@
+//! Close stage: one structured access-log event per plain request and per tunnel, and the
+//! counting body wrapper that measures streamed bytes and logs when a response ends.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+/// The `tracing` target of access-log events.
+pub const TARGET: &str = "sluice::access";
+
+/// What is known about one request or tunnel when it is logged.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// `"http"` or `"tunnel"`.
+    pub kind: &'static str,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// Route name (empty when no route matched).
+    pub route: String,
+    /// Upstream server (empty when none was reached).
+    pub upstream: String,
+    /// Request method.
+    pub method: http::Method,
+    /// Request path as sent.
+    pub path: String,
+    /// Status sent to the client.
+    pub status: u16,
+    /// When the request head was received.
+    pub start: Instant,
+    /// Request body bytes read so far (shared with the request body wrapper).
+    pub bytes_in: Arc<AtomicU64>,
+    /// Keeps the upstream server's active count raised until the record is logged.
+    pub hold: Option<Arc<crate::balance::ActiveGuard>>,
+}
+
+impl Record {
+    /// Emits the event for a plain request.
+    pub fn log_http(&self, bytes_out: u64) {
+        tracing::info!(
+            target: TARGET,
+            kind = self.kind,
+            client = %self.client,
+            listener = %self.listener,
+            route = %self.route,
+            upstream = %self.upstream,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            "access"
+        );
+    }
+
+    /// Emits the event for a finished tunnel.
+    pub fn log_tunnel(&self, report: &crate::tunnel::Report) {
+        tracing::info!(
+            target: TARGET,
+            kind = "tunnel",
+            client = %self.client,
+            listener = %self.listener,
+            route = %self.route,
+            upstream = %self.upstream,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes_in = report.bytes_in,
+            bytes_out = report.bytes_out,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            reason = report.reason.as_str(),
+            error = report.error.as_ref().map(|e| e.to_string()),
+            "access"
+        );
+    }
+}
+
+/// A body that counts the data bytes passing through it into a shared counter and, when
+/// given a [`Record`], logs it once the body ends or is dropped (a client that hangs up
+/// mid-body is still logged, with the bytes sent so far).
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+    record: Option<Record>,
+}
+
+impl<B> Counted<B> {
+    /// Counts into `count` without logging.
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Counted {
+            inner,
+            count,
+            record: None,
+        }
+    }
+
+    /// Counts and logs `record` at the end.
+    pub fn logged(inner: B, record: Record) -> Self {
+        Counted {
+            inner,
+            count: Arc::new(AtomicU64::new(0)),
+            record: Some(record),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(r) = self.record.take() {
+            r.log_http(self.count.load(Ordering::Relaxed));
+        }
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,279 @@
+//! Select stage: each upstream pool's servers, their health, and the balancer that picks
+//! one for a new tunnel or request (round-robin, least-connections, consistent hashing).
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::{Balance, HashKey, ServerConfig, UpstreamConfig};
+
+/// Virtual nodes per server on the consistent-hash ring: enough that keys spread within a
+/// few percent across a handful of servers, small enough to rebuild on every reload.
+const VNODES: usize = 160;
+
+/// One upstream server and its live state, shared across config reloads.
+#[derive(Debug)]
+pub struct Server {
+    /// Address as configured.
+    pub config: ServerConfig,
+    /// Open tunnels and in-flight requests on this server.
+    active: AtomicUsize,
+    /// The active health check's verdict (true until a check says otherwise).
+    healthy: AtomicBool,
+    /// Consecutive connect failures seen by the request path.
+    fails: AtomicU32,
+    /// Passive ejection deadline, in nanoseconds since [`epoch`]; 0 when not ejected.
+    ejected_until: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_nanos() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+impl Server {
+    /// A new server, healthy until shown otherwise.
+    pub fn new(config: ServerConfig) -> Server {
+        Server {
+            config,
+            active: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the server may receive new connections now.
+    pub fn is_available(&self) -> bool {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until == 0 || now_nanos() >= until
+    }
+
+    /// Open tunnels and in-flight requests.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Sets the active health check's verdict.
+    pub fn set_healthy(&self, healthy: bool) {
+        if healthy {
+            self.fails.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// The active health check's verdict.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records a successful connect.
+    pub fn connect_succeeded(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failed connect; returns true when this failure ejected the server.
+    pub fn connect_failed(&self, pool: &Pool) -> bool {
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if pool.max_fails == 0 || fails < pool.max_fails {
+            return false;
+        }
+        if pool.has_health_check {
+            // The active check decides when it comes back.
+            self.healthy.swap(false, Ordering::Relaxed)
+        } else {
+            let until = now_nanos() + pool.fail_timeout.as_nanos() as u64;
+            self.ejected_until.store(until.max(1), Ordering::Relaxed);
+            true
+        }
+    }
+
+    /// Counts a tunnel or request against this server until the guard drops.
+    pub fn acquire(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(self.clone())
+    }
+}
+
+/// Keeps a server's active count raised while alive.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Server>);
+
+impl ActiveGuard {
+    /// The server this guard counts against.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An upstream pool: servers plus the balancing policy.
+#[derive(Debug)]
+pub struct Pool {
+    /// Pool name.
+    pub name: String,
+    /// Servers in config order.
+    pub servers: Vec<Arc<Server>>,
+    /// Balancing algorithm.
+    pub balance: Balance,
+    /// Deadline for one TCP connect.
+    pub connect_timeout: Duration,
+    max_fails: u32,
+    fail_timeout: Duration,
+    has_health_check: bool,
+    next: AtomicUsize,
+    /// Sorted (hash, server index) points; empty unless hashing.
+    ring: Vec<(u64, usize)>,
+}
+
+impl Pool {
+    /// Builds a pool, reusing the live state of servers that `previous` already had.
+    pub fn new(config: &UpstreamConfig, previous: Option<&Pool>) -> Pool {
+        let servers: Vec<Arc<Server>> = config
+            .servers
+            .iter()
+            .map(|s| {
+                previous
+                    .and_then(|p| p.servers.iter().find(|x| x.config == *s))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Server::new(s.clone())))
+            })
+            .collect();
+        let ring = if matches!(config.balance, Balance::Hash(_)) {
+            let mut ring: Vec<(u64, usize)> = servers
+                .iter()
+                .enumerate()
+                .flat_map(|(i, s)| {
+                    (0..VNODES).map(move |v| {
+                        (xxh3_64(format!("{}#{v}", s.config.authority).as_bytes()), i)
+                    })
+                })
+                .collect();
+            ring.sort_unstable();
+            ring
+        } else {
+            Vec::new()
+        };
+        Pool {
+            name: config.name.clone(),
+            servers,
+            balance: config.balance.clone(),
+            connect_timeout: config.connect_timeout,
+            max_fails: config.max_fails,
+            fail_timeout: config.fail_timeout,
+            has_health_check: config.health.is_some(),
+            next: AtomicUsize::new(0),
+            ring,
+        }
+    }
+
+    /// Picks an available server not in `tried` (indices into `servers`).
+    /// `key` is the consistent-hash key; other algorithms ignore it.
+    pub fn pick(&self, key: &[u8], tried: &[usize]) -> Option<usize> {
+        let usable = |i: usize| !tried.contains(&i) && self.servers[i].is_available();
+        let n = self.servers.len();
+        match self.balance {
+            Balance::Hash(_) => {
+                let h = xxh3_64(key);
+                let start = self.ring.partition_point(|(p, _)| *p < h);
+                (0..self.ring.len())
+                    .map(|k| self.ring[(start + k) % self.ring.len()].1)
+                    .find(|&i| usable(i))
+            }
+            Balance::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|k| (start + k) % n).find(|&i| usable(i))
+            }
+            Balance::LeastConn => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .filter(|&i| usable(i))
+                    .min_by_key(|&i| self.servers[i].active())
+            }
+        }
+    }
+
+    /// The hash key source, when the pool hashes.
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        match &self.balance {
+            Balance::Hash(k) => Some(k),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn pool(balance: &str, n: usize) -> Pool {
+        let servers: Vec<String> = (0..n)
+            .map(|i| format!("\"127.0.0.1:{}\"", 9000 + i))
+            .collect();
+        let src = format!(
+            "[listeners.l]\nbind = \"127.0.0.1:1\"\n[upstreams.p]\nservers = [{}]\n{balance}\n[[routes]]\nupstream = \"p\"\n",
+            servers.join(",")
+        );
+        let c = Config::parse("t.toml", &src).unwrap();
+        Pool::new(&c.upstreams[0], None)
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let p = pool("balance = \"round-robin\"", 3);
+        let picks: Vec<_> = (0..6).map(|_| p.pick(b"", &[]).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(p.pick(b"", &[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn least_conn_prefers_idle() {
+        let p = pool("", 3);
+        let _a = p.servers[0].acquire();
+        let _b = p.servers[1].acquire();
+        assert_eq!(p.pick(b"", &[]), Some(2));
+    }
+
+    #[test]
+    fn hash_moves_only_the_lost_servers_keys() {
+        let p = pool("balance = \"hash\"", 4);
+        let keys: Vec<String> = (0..2000).map(|i| format!("user-{i}")).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|k| p.pick(k.as_bytes(), &[]).unwrap())
+            .collect();
+        let mut counts = [0; 4];
+        before.iter().for_each(|&i| counts[i] += 1);
+        assert!(counts.iter().all(|&c| c > 300), "uneven spread {counts:?}");
+        p.servers[2].set_healthy(false);
+        for (k, &b) in keys.iter().zip(&before) {
+            let after = p.pick(k.as_bytes(), &[]).unwrap();
+            if b != 2 {
+                assert_eq!(after, b, "key {k} moved although its server stayed");
+            } else {
+                assert_ne!(after, 2);
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Connect stage: a TCP connection to a server the balancer picks, with a connect
+//! deadline, passive ejection, and failover to the next healthy server.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::balance::{Pool, Server};
+
+/// Why no upstream connection could be made (the client gets a 502).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Every server is unhealthy or ejected.
+    #[error("upstream pool `{0}` has no healthy server")]
+    NoHealthyServer(String),
+    /// Every healthy server was tried and none accepted.
+    #[error("upstream pool `{pool}`: no server accepted a connection (last: {server}: {source})")]
+    AllFailed {
+        /// The pool.
+        pool: String,
+        /// The last server tried.
+        server: String,
+        /// Its error.
+        source: io::Error,
+    },
+}
+
+/// One attempt: a server to try, given the servers tried so far.
+pub trait Attempt {
+    /// What a successful attempt yields.
+    type Output;
+    /// Tries `server`; `Err` counts as a connect failure and moves on to the next server.
+    fn attempt(
+        &mut self,
+        server: &Arc<Server>,
+    ) -> impl Future<Output = io::Result<Self::Output>> + Send;
+}
+
+/// Tries servers in the balancer's order until `attempt` succeeds on one.
+/// Failures count towards passive ejection; successes reset the count.
+pub async fn with_failover<A: Attempt>(
+    pool: &Pool,
+    key: &[u8],
+    mut attempt: A,
+) -> Result<(Arc<Server>, A::Output), ConnectError> {
+    let mut tried = Vec::new();
+    let mut last: Option<(String, io::Error)> = None;
+    while let Some(i) = pool.pick(key, &tried) {
+        tried.push(i);
+        let server = &pool.servers[i];
+        match attempt.attempt(server).await {
+            Ok(out) => {
+                server.connect_succeeded();
+                return Ok((server.clone(), out));
+            }
+            Err(e) => {
+                let ejected = server.connect_failed(pool);
+                tracing::warn!(
+                    pool = %pool.name,
+                    server = %server.config.authority,
+                    error = %e,
+                    ejected,
+                    "upstream connect failed"
+                );
+                last = Some((server.config.authority.clone(), e));
+            }
+        }
+    }
+    Err(match last {
+        None => ConnectError::NoHealthyServer(pool.name.clone()),
+        Some((server, source)) => ConnectError::AllFailed {
+            pool: pool.name.clone(),
+            server,
+            source,
+        },
+    })
+}
+
+/// A plain TCP connect with the pool's deadline and `TCP_NODELAY`.
+pub async fn tcp(pool: &Pool, server: &Server) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(pool.connect_timeout, TcpStream::connect(server.config.addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The attempt used by tunnels: a fresh TCP connection.
+pub struct Tcp<'a>(pub &'a Pool);
+
+impl Attempt for Tcp<'_> {
+    type Output = TcpStream;
+    async fn attempt(&mut self, server: &Arc<Server>) -> io::Result<TcpStream> {
+        tcp(self.0, server).await
+    }
+}

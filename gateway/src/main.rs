@@ -1,0 +1,65 @@
+//! The `sluice` command: `sluice run CONFIG` serves, `sluice check CONFIG` validates.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::config::Config;
+
+/// A WebSocket-first programmable gateway.
+#[derive(Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with this config (SIGHUP reloads it, SIGTERM/SIGINT drain and stop).
+    Run {
+        /// Path to the TOML config.
+        config: PathBuf,
+    },
+    /// Validate a config without serving (exit 1 and a located message if invalid).
+    Check {
+        /// Path to the TOML config.
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Run { config: path } | Command::Check { config: path }) = &cli.command;
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::Check { .. } = cli.command {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    sluice::gateway::init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sluice::gateway::run(path.clone(), config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "sluice stopped with an error");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

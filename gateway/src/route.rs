@@ -1,0 +1,163 @@
+//! Route stage: listener → host → path prefix picks the route, which names an upstream
+//! pool or a fixed answer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::balance::Pool;
+use crate::config::{HostMatch, RouteAction, RouteConfig};
+
+/// A route with its pool resolved.
+#[derive(Debug)]
+pub struct Route {
+    /// The route as configured.
+    pub config: RouteConfig,
+    /// The pool it proxies to (`None` for fixed-answer routes).
+    pub pool: Option<Arc<Pool>>,
+}
+
+/// All routes of a snapshot.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Resolves each route's pool by name (names were checked by config validation).
+    pub fn new(routes: &[RouteConfig], pools: &HashMap<String, Arc<Pool>>) -> RouteTable {
+        RouteTable {
+            routes: routes
+                .iter()
+                .map(|r| {
+                    let pool = match &r.action {
+                        RouteAction::Proxy(name) => pools.get(name).cloned(),
+                        RouteAction::Respond { .. } => None,
+                    };
+                    Arc::new(Route {
+                        config: r.clone(),
+                        pool,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The most specific route for a request: an exact host beats a wildcard beats none,
+    /// then the longest path prefix wins; earlier routes win ties.
+    /// `path` must already be normalised with [`normalize_path`].
+    pub fn find(&self, listener: &str, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        let mut best: Option<(&Arc<Route>, (usize, usize))> = None;
+        for r in &self.routes {
+            let c = &r.config;
+            if let Some(ls) = &c.listeners {
+                if !ls.iter().any(|l| l == listener) {
+                    continue;
+                }
+            }
+            let host_score = match (&c.host, host) {
+                (None, _) => 0,
+                (Some(HostMatch::Exact(h)), Some(req)) if h == req => usize::MAX,
+                (Some(HostMatch::Suffix(s)), Some(req)) if req.ends_with(s.as_str()) => 1 + s.len(),
+                _ => continue,
+            };
+            if !path.starts_with(&c.path_prefix) {
+                continue;
+            }
+            let score = (host_score, c.path_prefix.len());
+            if best.as_ref().is_none_or(|(_, b)| score > *b) {
+                best = Some((r, score));
+            }
+        }
+        best.map(|(r, _)| r)
+    }
+}
+
+/// The host a request is for: the URI authority (absolute-form) or the `Host` header,
+/// lower-cased and without port.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+    let raw = match req.uri().host() {
+        Some(h) => h,
+        None => req.headers().get(http::header::HOST)?.to_str().ok()?,
+    };
+    let host = if raw.starts_with('[') {
+        // IPv6 literal: keep the brackets, drop the port.
+        raw.split_inclusive(']').next().unwrap_or(raw)
+    } else {
+        raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw)
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Normalises a path for matching only (the upstream gets the path as sent): decodes
+/// percent-encoded unreserved characters, collapses repeated slashes and resolves `.` and
+/// `..` segments, so `/a/../internal`, `//internal` and `/%69nternal` all match `/internal`.
+pub fn normalize_path(path: &str) -> String {
+    let mut decoded = String::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+                    decoded.push(v as char);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(bytes[i] as char);
+        i += 1;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut norm = String::with_capacity(decoded.len() + 1);
+    for s in &out {
+        norm.push('/');
+        norm.push_str(s);
+    }
+    if norm.is_empty() || (decoded.ends_with('/') && !out.is_empty()) {
+        norm.push('/');
+    }
+    norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_sneaky_paths() {
+        assert_eq!(normalize_path("/internal"), "/internal");
+        assert_eq!(normalize_path("//internal/x"), "/internal/x");
+        assert_eq!(normalize_path("/a/../internal"), "/internal");
+        assert_eq!(normalize_path("/%69nternal"), "/internal");
+        assert_eq!(normalize_path("/./internal/"), "/internal/");
+        assert_eq!(normalize_path("/../../"), "/");
+        assert_eq!(normalize_path("/a%2Fb"), "/a%2Fb");
+        assert_eq!(normalize_path("/x%"), "/x%");
+        assert_eq!(normalize_path(""), "/");
+    }
+
+    #[test]
+    fn host_strips_port_and_case() {
+        let r = http::Request::get("/")
+            .header("host", "Example.COM:8080")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("example.com"));
+        let r = http::Request::get("/")
+            .header("host", "[::1]:80")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("[::1]"));
+    }
+}

@@ -1,0 +1,411 @@
+//! HTTP stage: serves one client connection with hyper (HTTP/1.1 with upgrades, bounded
+//! head size and head-read time) and walks each request through the later stages:
+//! route → (policy) → select/connect → handshake + tunnel, or forward.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::access::{Counted, Record};
+use crate::balance::Pool;
+use crate::config::{HashKey, RouteAction};
+use crate::connect::{self, with_failover};
+use crate::forward::{self, Conn, Pooled};
+use crate::gateway::Gateway;
+use crate::handshake::{self, Outcome};
+use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::route::{Route, normalize_path, request_host};
+use crate::snapshot::Snapshot;
+use crate::tunnel::{self, End};
+use crate::upgrade::{self, Upgrade};
+
+/// The body of every response Sluice sends: a relayed upstream body or its own text.
+pub type ResponseBody = Counted<Either<Incoming, Full<Bytes>>>;
+
+/// Everything one client connection needs; shared by its requests and its tunnel.
+pub struct ClientConn {
+    gw: Arc<Gateway>,
+    snapshot: Arc<Snapshot>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    /// Held until the connection and any tunnel it became have ended.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Serves one accepted connection until it closes, upgrades, or the gateway shuts down.
+pub async fn connection(
+    gw: Arc<Gateway>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<str>,
+    permit: OwnedSemaphorePermit,
+) {
+    let snapshot = gw.snapshot();
+    let Some(limits) = snapshot
+        .config
+        .listeners
+        .iter()
+        .find(|l| *l.name == *listener)
+        .cloned()
+    else {
+        return;
+    };
+    let ctx = Arc::new(ClientConn {
+        gw: gw.clone(),
+        snapshot,
+        listener,
+        peer,
+        _permit: permit,
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_size)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = gw.stopping().cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<ResponseBody> {
+    let mut rec = Record {
+        kind: "http",
+        client: ctx.peer,
+        listener: ctx.listener.clone(),
+        route: String::new(),
+        upstream: String::new(),
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        status: 0,
+        start: Instant::now(),
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        hold: None,
+    };
+    let host = request_host(&req);
+    let path = normalize_path(req.uri().path());
+    let Some(route) = ctx
+        .snapshot
+        .routes
+        .find(&ctx.listener, host.as_deref(), &path)
+        .cloned()
+    else {
+        return respond(
+            rec,
+            StatusCode::NOT_FOUND,
+            "no route for this request\n",
+            &[],
+        );
+    };
+    rec.route = route.config.name.clone();
+    let pool = match (&route.config.action, &route.pool) {
+        (RouteAction::Respond { status, body }, _) => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN);
+            return respond(rec, status, body, &[]);
+        }
+        (RouteAction::Proxy(_), Some(pool)) => pool.clone(),
+        (RouteAction::Proxy(_), None) => {
+            return respond(rec, StatusCode::BAD_GATEWAY, "route has no pool\n", &[]);
+        }
+    };
+    // The policy stage (plugin chain) slots in here: it sees the routed request before a
+    // server is chosen, and may deny it or adjust headers, pool and sticky key.
+    let key = hash_key(&pool, &req, ctx.peer);
+    match upgrade::classify(req.method(), req.version(), req.headers()) {
+        Upgrade::Refused(r) => {
+            let headers = upgrade::refusal_headers(&r);
+            respond(rec, r.status, &format!("{}\n", r.reason), &headers)
+        }
+        Upgrade::WebSocket { key: ws_key } => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            websocket(req, ws_key, on_upgrade, &route, &pool, &key, rec, ctx).await
+        }
+        Upgrade::None => forward(req, &route, &pool, &key, rec, &ctx).await,
+    }
+}
+
+/// A response of Sluice's own, logged at once.
+fn respond(
+    mut rec: Record,
+    status: StatusCode,
+    body: &str,
+    headers: &[(header::HeaderName, &'static str)],
+) -> Response<ResponseBody> {
+    rec.status = status.as_u16();
+    let mut resp = Response::new(Counted::logged(
+        Either::Right(Full::new(Bytes::copy_from_slice(body.as_bytes()))),
+        rec,
+    ));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    for (name, value) in headers {
+        resp.headers_mut()
+            .insert(name.clone(), HeaderValue::from_static(value));
+    }
+    resp
+}
+
+/// Relays an upstream response head and streamed body, logging when the body ends.
+fn relay(mut rec: Record, resp: Response<Incoming>) -> Response<ResponseBody> {
+    rec.status = resp.status().as_u16();
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Counted::logged(Either::Left(body), rec))
+}
+
+/// The consistent-hash key for this request (empty unless the pool hashes). A request
+/// without the configured header, cookie or parameter hashes on its client IP.
+fn hash_key<B>(pool: &Pool, req: &Request<B>, peer: SocketAddr) -> Vec<u8> {
+    let found = match pool.hash_key() {
+        None => return Vec::new(),
+        Some(HashKey::ClientIp) => None,
+        Some(HashKey::Header(name)) => req
+            .headers()
+            .get(name.as_str())
+            .map(|v| v.as_bytes().to_vec()),
+        Some(HashKey::Cookie(name)) => cookie(req.headers(), name).map(|v| v.as_bytes().to_vec()),
+        Some(HashKey::Query(name)) => req.uri().query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_bytes().to_vec())
+        }),
+    };
+    found.unwrap_or_else(|| peer.ip().to_string().into_bytes())
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The head sent upstream: origin-form URI, cleaned headers, `Host` per the route, and
+/// the `X-Forwarded-*` headers.
+fn upstream_head(
+    uri: &Uri,
+    headers: &HeaderMap,
+    route: &Route,
+    authority: &str,
+    peer: SocketAddr,
+) -> (Uri, HeaderMap) {
+    let uri = uri
+        .path_and_query()
+        .map(|pq| Uri::from(pq.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"));
+    let mut headers = headers.clone();
+    strip_hop_by_hop(&mut headers);
+    if !route.config.preserve_host || !headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    add_forwarded(&mut headers, peer, "http");
+    (uri, headers)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn websocket(
+    req: Request<Incoming>,
+    ws_key: String,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    route: &Arc<Route>,
+    pool: &Arc<Pool>,
+    key: &[u8],
+    mut rec: Record,
+    ctx: Arc<ClientConn>,
+) -> Response<ResponseBody> {
+    let (server, stream) = match with_failover(pool, key, connect::Tcp(pool)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(route = %route.config.name, error = %e, "no upstream for WebSocket");
+            return respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "no upstream server is available\n",
+                &[],
+            );
+        }
+    };
+    rec.upstream = server.config.authority.clone();
+    let guard = server.acquire();
+    let (uri, mut headers) = upstream_head(
+        req.uri(),
+        req.headers(),
+        route,
+        &server.config.authority,
+        ctx.peer,
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let mut up = Request::new(Empty::<Bytes>::new());
+    *up.uri_mut() = uri;
+    *up.headers_mut() = headers;
+    let outcome = tokio::time::timeout(
+        route.config.handshake_timeout,
+        handshake::handshake(stream, up, &ws_key),
+    )
+    .await;
+    let (head, server_end) = match outcome {
+        Err(_) => {
+            tracing::warn!(route = %route.config.name, upstream = %rec.upstream, "upstream WebSocket handshake timed out");
+            return respond(
+                rec,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream did not answer the WebSocket handshake in time\n",
+                &[],
+            );
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(route = %route.config.name, upstream = %rec.upstream, error = %e, "upstream WebSocket handshake refused");
+            return respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "upstream sent an invalid WebSocket handshake\n",
+                &[],
+            );
+        }
+        Ok(Ok(Outcome::Declined(resp))) => return relay(rec, resp),
+        Ok(Ok(Outcome::Upgraded { head, server })) => (head, server),
+    };
+    // The client gets the server's 101 head (cookies, subprotocol, extensions...) minus
+    // hop-by-hop headers, and exactly one Upgrade/Connection pair.
+    let mut resp = Response::new(Counted::new(
+        Either::Right(Full::new(Bytes::new())),
+        Arc::new(AtomicU64::new(0)),
+    ));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = head.headers;
+    strip_hop_by_hop(resp.headers_mut());
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    rec.kind = "tunnel";
+    rec.status = 101;
+    let idle = route.config.idle_timeout;
+    let gw = ctx.gw.clone();
+    let tracker = gw.tracker().clone();
+    tracker.spawn(async move {
+        let _guard = guard;
+        let _ctx = ctx;
+        let client_end = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+            Ok(Ok(parts)) => End {
+                stream: parts.io.into_inner(),
+                early: parts.read_buf,
+            },
+            _ => {
+                tracing::warn!(client = %rec.client, "client upgrade did not complete");
+                return;
+            }
+        };
+        let report = tunnel::relay(client_end, server_end, idle, gw.closing()).await;
+        rec.log_tunnel(&report);
+    });
+    resp
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    route: &Arc<Route>,
+    pool: &Arc<Pool>,
+    key: &[u8],
+    mut rec: Record,
+    ctx: &ClientConn,
+) -> Response<ResponseBody> {
+    let conns = ctx.gw.upstream_conns();
+    let attempt = Pooled { pool, conns };
+    let (server, Conn { mut sender, reused }) = match with_failover(pool, key, attempt).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(route = %route.config.name, error = %e, "no upstream for request");
+            return respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "no upstream server is available\n",
+                &[],
+            );
+        }
+    };
+    rec.upstream = server.config.authority.clone();
+    // Counted as active on the server until the response body is done (or dropped).
+    rec.hold = Some(Arc::new(server.acquire()));
+    let (parts, body) = req.into_parts();
+    let (uri, headers) = upstream_head(
+        &parts.uri,
+        &parts.headers,
+        route,
+        &server.config.authority,
+        ctx.peer,
+    );
+    let mut up = Request::new(Counted::new(body, rec.bytes_in.clone()));
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = headers;
+    let deadline = tokio::time::Instant::now() + route.config.request_timeout;
+    let mut result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
+    // A pooled connection the server closed meanwhile hands the request back unsent:
+    // retry it once on a fresh connection to the same server.
+    if let (true, Ok(Err(e))) = (reused, &mut result) {
+        if let Some(up) = e.take_message() {
+            match forward::open(pool, &server).await {
+                Ok(fresh) => {
+                    sender = fresh;
+                    result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
+                }
+                Err(e) => tracing::warn!(upstream = %rec.upstream, error = %e, "reconnect failed"),
+            }
+        }
+    }
+    match result {
+        Err(_) => respond(
+            rec,
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream did not answer in time\n",
+            &[],
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %rec.upstream, error = %e.error(), "upstream request failed");
+            respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "upstream request failed\n",
+                &[],
+            )
+        }
+        Ok(Ok(resp)) => {
+            conns.recycle(server.config.addr, sender);
+            relay(rec, resp)
+        }
+    }
+}
