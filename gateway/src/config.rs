@@ -978,7 +978,7 @@ upstream = "echo"
         let src = format!("{BASE}\n[[routes]]\npath_prefix = \"/x\"\nupstream = \"nope\"\n");
         assert_eq!(
             err_of(&src),
-            "sluice.toml:15:12: routes[1].upstream: unknown upstream `nope` (defined: echo)"
+            "sluice.toml:14:12: routes[1].upstream: unknown upstream `nope` (defined: echo)"
         );
     }
 

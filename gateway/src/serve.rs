@@ -225,12 +225,13 @@ fn upstream_head(
         .unwrap_or_else(|| Uri::from_static("/"));
     let mut headers = headers.clone();
     strip_hop_by_hop(&mut headers);
+    // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
+    add_forwarded(&mut headers, peer, "http");
     if !route.config.preserve_host || !headers.contains_key(header::HOST) {
         if let Ok(v) = HeaderValue::from_str(authority) {
             headers.insert(header::HOST, v);
         }
     }
-    add_forwarded(&mut headers, peer, "http");
     (uri, headers)
 }
 

@@ -10,12 +10,19 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
+
+mod frames;
+
+use frames::{Frames, GOING_AWAY_TO_CLIENT, GOING_AWAY_TO_SERVER};
 
 /// Size of one relay read.
 const BUF_SIZE: usize = 16 * 1024;
@@ -98,69 +105,110 @@ pub struct End {
     pub early: Bytes,
 }
 
+/// One direction's live state, shared between its pump and the relay.
+#[derive(Default)]
+struct Direction {
+    bytes: AtomicU64,
+    /// Frame boundaries of the bytes read so far (locked briefly per read, never across
+    /// an await).
+    frames: Mutex<Frames>,
+    /// True while a read's bytes are being written on.
+    writing: AtomicBool,
+}
+
+impl Direction {
+    /// Whether a Close frame of ours may be written now: between frames, nothing
+    /// half-written, and no Close already sent this way.
+    fn may_inject_close(&self) -> bool {
+        let frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        frames.at_boundary() && !frames.saw_close() && !self.writing.load(Ordering::Relaxed)
+    }
+}
+
 /// Relays until both sides have closed, the idle timeout fires, or `shutdown` is cancelled.
+///
+/// The close reason names who closed first: the side that sent the first WebSocket Close
+/// frame, or, when neither did, the side whose TCP stream ended first. On an idle timeout
+/// or shutdown, each side that is between frames gets a Close frame with status 1001
+/// (going away) before the sockets close, so clients see a clean close, not a 1006.
 pub async fn relay(
-    client: End,
-    server: End,
+    mut client: End,
+    mut server: End,
     idle: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Report {
     let start = Instant::now();
     let last = AtomicU64::new(0);
-    let (bytes_in, bytes_out) = (AtomicU64::new(0), AtomicU64::new(0));
-    let c2s = pump(
-        &client.stream,
-        &server.stream,
-        client.early,
-        &bytes_in,
-        &last,
-        start,
-    );
-    let s2c = pump(
-        &server.stream,
-        &client.stream,
-        server.early,
-        &bytes_out,
-        &last,
-        start,
-    );
-    tokio::pin!(c2s, s2c);
-    let (mut c_done, mut s_done) = (false, false);
-    let mut reason = None;
-    let mut error = None;
-    while !(c_done && s_done) {
-        let finished = tokio::select! {
-            r = &mut c2s, if !c_done => { c_done = true; r.map(|()| CloseReason::ClientClosed) }
-            r = &mut s2c, if !s_done => { s_done = true; r.map(|()| CloseReason::ServerClosed) }
-            () = idle_expired(idle, &last, start) => Ok(CloseReason::IdleTimeout),
-            () = shutdown.cancelled() => Ok(CloseReason::Shutdown),
-        };
-        match finished {
-            Ok(r @ (CloseReason::IdleTimeout | CloseReason::Shutdown)) => {
-                reason = Some(r);
-                break;
-            }
-            Ok(r) => {
-                reason.get_or_insert(r);
-            }
-            Err(e) => {
-                // An error after one side has already closed (say, a write to a server
-                // that closed both ways) is part of that close, not a new failure.
-                if reason.is_none() {
-                    reason = Some(CloseReason::Error);
-                    error = Some(e);
+    let (c2s, s2c) = (Direction::default(), Direction::default());
+    let first_close = AtomicU8::new(NO_CLOSE);
+    let (mut reason, error) = {
+        let (client_r, client_w) = client.stream.split();
+        let (server_r, server_w) = server.stream.split();
+        let up = Pump { dir: &c2s, last: &last, start, first_close: &first_close, side: CLIENT_CLOSE };
+        let down = Pump { dir: &s2c, last: &last, start, first_close: &first_close, side: SERVER_CLOSE };
+        let up = up.run(client_r, server_w, std::mem::take(&mut client.early));
+        let down = down.run(server_r, client_w, std::mem::take(&mut server.early));
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        let mut reason = None;
+        let mut error = None;
+        while !(up_done && down_done) {
+            let finished = tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r.map(|()| CloseReason::ClientClosed) }
+                r = &mut down, if !down_done => { down_done = true; r.map(|()| CloseReason::ServerClosed) }
+                () = idle_expired(idle, &last, start) => Ok(CloseReason::IdleTimeout),
+                () = shutdown.cancelled() => Ok(CloseReason::Shutdown),
+            };
+            match finished {
+                Ok(r @ (CloseReason::IdleTimeout | CloseReason::Shutdown)) => {
+                    reason = Some(r);
+                    break;
                 }
-                break;
+                Ok(r) => {
+                    reason.get_or_insert(r);
+                }
+                Err(e) => {
+                    // An error after one side has already closed (say, a write to a
+                    // server that closed both ways) is part of that close.
+                    if reason.is_none() {
+                        reason = Some(CloseReason::Error);
+                        error = Some(e);
+                    }
+                    break;
+                }
             }
         }
+        (reason.unwrap_or(CloseReason::Error), error)
+    };
+    match reason {
+        CloseReason::IdleTimeout | CloseReason::Shutdown => {
+            if s2c.may_inject_close() {
+                let _ = client.stream.try_write(&GOING_AWAY_TO_CLIENT);
+            }
+            if c2s.may_inject_close() {
+                let _ = server.stream.try_write(&GOING_AWAY_TO_SERVER);
+            }
+        }
+        CloseReason::ClientClosed | CloseReason::ServerClosed => {
+            match first_close.load(Ordering::Relaxed) {
+                CLIENT_CLOSE => reason = CloseReason::ClientClosed,
+                SERVER_CLOSE => reason = CloseReason::ServerClosed,
+                _ => {}
+            }
+        }
+        CloseReason::Error => {}
     }
     Report {
-        bytes_in: bytes_in.load(Ordering::Relaxed),
-        bytes_out: bytes_out.load(Ordering::Relaxed),
-        reason: reason.unwrap_or(CloseReason::Error),
+        bytes_in: c2s.bytes.load(Ordering::Relaxed),
+        bytes_out: s2c.bytes.load(Ordering::Relaxed),
+        reason,
         error,
     }
 }
+
+const NO_CLOSE: u8 = 0;
+const CLIENT_CLOSE: u8 = 1;
+const SERVER_CLOSE: u8 = 2;
 
 /// Resolves once nothing has moved for `idle`; never when `idle` is `None`.
 async fn idle_expired(idle: Option<Duration>, last: &AtomicU64, start: Instant) {
@@ -177,55 +225,71 @@ async fn idle_expired(idle: Option<Duration>, last: &AtomicU64, start: Instant) 
     }
 }
 
-/// Copies `from` → `to` until EOF on `from`, then half-closes `to`.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    early: Bytes,
-    count: &AtomicU64,
-    last: &AtomicU64,
+/// One direction's copy loop and what it reports into.
+struct Pump<'a> {
+    dir: &'a Direction,
+    last: &'a AtomicU64,
     start: Instant,
-) -> io::Result<()> {
-    if !early.is_empty() {
-        write_all(to, &early).await?;
-        count.fetch_add(early.len() as u64, Ordering::Relaxed);
-    }
-    loop {
-        from.readable().await?;
-        let mut buf = take_buf();
-        let n = match from.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                give_buf(buf);
-                continue;
-            }
-            Err(e) => {
-                give_buf(buf);
-                return Err(e);
-            }
-        };
-        if n == 0 {
-            give_buf(buf);
-            // Propagate the half-close; the peer may already be gone, which is fine.
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-            return Ok(());
-        }
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        last.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let written = write_all(to, &buf[..n]).await;
-        give_buf(buf);
-        written?;
-    }
+    first_close: &'a AtomicU8,
+    /// The value this direction stores in `first_close`.
+    side: u8,
 }
 
-/// Writes all of `data`, trying the socket first and waiting only when it is full.
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
-            Err(e) => return Err(e),
+impl Pump<'_> {
+    /// Copies `from` → `to` until EOF on `from`, then half-closes `to`.
+    ///
+    /// Waiting happens on readiness alone; a buffer is borrowed only once bytes are
+    /// there. The read goes through `AsyncRead`, whose short-read rule clears readiness
+    /// when the socket is drained, so each message costs one read and one write syscall
+    /// (no extra read that ends in `EAGAIN`).
+    async fn run(self, mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, early: Bytes) -> io::Result<()> {
+        if !early.is_empty() {
+            self.forward(&mut to, &early).await?;
+        }
+        loop {
+            from.readable().await?;
+            let mut buf = take_buf();
+            let n = match from.read_buf(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    give_buf(buf);
+                    return Err(e);
+                }
+            };
+            if n == 0 {
+                give_buf(buf);
+                // Propagate the half-close; the peer may already be gone, which is fine.
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            let written = self.forward(&mut to, &buf[..n]).await;
+            give_buf(buf);
+            written?;
         }
     }
-    Ok(())
+
+    /// Accounts for `data` (bytes, activity, frame boundaries) and writes it all.
+    async fn forward(&self, to: &mut WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
+        self.dir.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.last
+            .store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let closing = self
+            .dir
+            .frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .feed(data);
+        if closing {
+            let _ = self.first_close.compare_exchange(
+                NO_CLOSE,
+                self.side,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        self.dir.writing.store(true, Ordering::Relaxed);
+        to.write_all(data).await?;
+        self.dir.writing.store(false, Ordering::Relaxed);
+        Ok(())
+    }
 }
