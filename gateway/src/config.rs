@@ -2,7 +2,7 @@
 //! fields, then validated into the typed [`Config`] that a [`crate::snapshot::Snapshot`]
 //! is built from. Every error names the file, the line and the field.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
@@ -361,6 +361,13 @@ impl RawConfig {
                     ),
                 )
             })?;
+            // Port 0 asks the OS for any free port, so it never collides.
+            if bind.port() != 0 && listeners.iter().any(|x: &ListenerConfig| x.bind == bind) {
+                return Err(err(
+                    l.bind.span(),
+                    format!("{bind} is already bound by another listener"),
+                ));
+            }
             let max_connections = match l.max_connections {
                 Some(m) if *m.get_ref() == 0 => {
                     return Err(err(m.span(), "must be at least 1".into()));
@@ -389,15 +396,6 @@ impl RawConfig {
                 0..0,
                 "at least one [listeners.NAME] table is required".into(),
             ));
-        }
-        let mut binds = HashSet::new();
-        for l in &listeners {
-            if !binds.insert(l.bind) {
-                return Err(err(
-                    0..0,
-                    format!("listener `{}` binds {} twice", l.name, l.bind),
-                ));
-            }
         }
 
         let mut upstreams = Vec::new();
@@ -849,6 +847,10 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
 /// Names the field at a byte offset as a dotted path such as `routes[1].upstream` or
 /// `upstreams.echo.health.interval`, from the enclosing table header and the key on the line.
 fn field_at(src: &str, offset: usize) -> String {
+    if offset == 0 {
+        // Whole-file problems (a required table missing) have no better place.
+        return "(top level)".into();
+    }
     let offset = offset.min(src.len());
     let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line_end = src[offset..]
