@@ -11,6 +11,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::plugin::{Chain, CloseInfo, CloseReason as PluginCloseReason, RequestKind};
+use crate::tunnel::CloseReason;
+
 /// The `tracing` target of access-log events.
 pub const TARGET: &str = "sluice::access";
 
@@ -39,11 +42,53 @@ pub struct Record {
     pub bytes_in: Arc<AtomicU64>,
     /// Keeps the upstream server's active count raised until the record is logged.
     pub hold: Option<Arc<crate::balance::ActiveGuard>>,
+    /// Extra fields from plugins, `key=value` pairs joined by spaces.
+    pub tags: String,
+    /// The route's plugin chain, told when the exchange ends.
+    pub close_hook: Option<Arc<CloseHook>>,
+}
+
+/// What `on-close` needs beyond the record.
+#[derive(Debug, Clone)]
+pub struct CloseHook {
+    /// The chain to notify.
+    pub chain: Chain,
+    /// Upgrade or plain request.
+    pub kind: RequestKind,
+    /// Tenant named by the route or a plugin.
+    pub tenant: Option<String>,
+}
+
+impl Record {
+    /// Runs the chain's `on-close` hooks in the background.
+    fn notify(&self, bytes_in: u64, bytes_out: u64, reason: PluginCloseReason) {
+        let Some(hook) = self.close_hook.clone() else {
+            return;
+        };
+        let info = CloseInfo {
+            kind: hook.kind,
+            route: self.route.clone(),
+            tenant: hook.tenant.clone(),
+            upstream: (!self.upstream.is_empty()).then(|| self.upstream.clone()),
+            duration: self.start.elapsed(),
+            bytes_from_client: bytes_in,
+            bytes_to_client: bytes_out,
+            reason,
+        };
+        tokio::spawn(async move { hook.chain.on_close(&info).await });
+    }
 }
 
 impl Record {
     /// Emits the event for a plain request.
     pub fn log_http(&self, bytes_out: u64) {
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let reason = match self.status {
+            502 | 504 => PluginCloseReason::UpstreamError,
+            _ if self.upstream.is_empty() => PluginCloseReason::Denied,
+            _ => PluginCloseReason::Completed,
+        };
+        self.notify(bytes_in, bytes_out, reason);
         tracing::info!(
             target: TARGET,
             kind = self.kind,
@@ -54,15 +99,24 @@ impl Record {
             method = %self.method,
             path = %self.path,
             status = self.status,
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_in,
             bytes_out,
             duration_ms = self.start.elapsed().as_millis() as u64,
+            tags = %self.tags,
             "access"
         );
     }
 
     /// Emits the event for a finished tunnel.
     pub fn log_tunnel(&self, report: &crate::tunnel::Report) {
+        let reason = match report.reason {
+            CloseReason::ClientClosed => PluginCloseReason::ClientClosed,
+            CloseReason::ServerClosed => PluginCloseReason::UpstreamClosed,
+            CloseReason::IdleTimeout => PluginCloseReason::IdleTimeout,
+            CloseReason::Shutdown => PluginCloseReason::Shutdown,
+            CloseReason::Error => PluginCloseReason::UpstreamError,
+        };
+        self.notify(report.bytes_in, report.bytes_out, reason);
         tracing::info!(
             target: TARGET,
             kind = "tunnel",
@@ -78,6 +132,7 @@ impl Record {
             duration_ms = self.start.elapsed().as_millis() as u64,
             reason = report.reason.as_str(),
             error = report.error.as_ref().map(|e| e.to_string()),
+            tags = %self.tags,
             "access"
         );
     }

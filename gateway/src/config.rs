@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::plugin::{Limits, PluginSpec};
+
 /// A validated configuration, ready to build a snapshot from.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -24,6 +26,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes, in file order.
     pub routes: Vec<RouteConfig>,
+    /// Policy plugins, in name order.
+    pub plugins: Vec<PluginSpec>,
 }
 
 /// Logging settings (`[log]`).
@@ -163,6 +167,22 @@ pub struct RouteConfig {
     pub handshake_timeout: Duration,
     /// Deadline for the upstream to answer a plain request's head (then `504`).
     pub request_timeout: Duration,
+    /// Plugin chain run before upstream selection, in order.
+    pub plugins: Vec<String>,
+    /// Pools a plugin may switch this route to, besides its own.
+    pub pools: Vec<String>,
+    /// Tenant this route belongs to, told to plugins.
+    pub tenant: Option<String>,
+}
+
+impl RouteConfig {
+    /// The pool this route proxies to, if it proxies.
+    pub fn action_pool(&self) -> Option<&str> {
+        match &self.action {
+            RouteAction::Proxy(p) => Some(p),
+            RouteAction::Respond { .. } => None,
+        }
+    }
 }
 
 /// How a route's host matches.
@@ -242,7 +262,8 @@ impl Config {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
             at(offset, e.message().trim().to_string())
         })?;
-        raw.validate(&|span: std::ops::Range<usize>, msg: String| at(span.start, msg))
+        let base_dir = Path::new(file).parent().unwrap_or(Path::new("."));
+        raw.validate(base_dir, &|span: std::ops::Range<usize>, msg: String| at(span.start, msg))
     }
 }
 
@@ -263,6 +284,20 @@ struct RawConfig {
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    plugins: BTreeMap<String, Spanned<RawPlugin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    path: Spanned<String>,
+    #[serde(default)]
+    config: toml::Table,
+    fail_open: Option<bool>,
+    cpu_deadline: Option<Dur>,
+    memory: Option<Spanned<Size>>,
+    max_instances: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -343,10 +378,13 @@ struct RawRoute {
     idle_timeout: Option<Dur>,
     handshake_timeout: Option<Dur>,
     request_timeout: Option<Dur>,
+    plugins: Option<Vec<Spanned<String>>>,
+    pools: Option<Vec<Spanned<String>>>,
+    tenant: Option<String>,
 }
 
 impl RawConfig {
-    fn validate(self, err: &ErrAt<'_>) -> Result<Config, ConfigError> {
+    fn validate(self, base_dir: &Path, err: &ErrAt<'_>) -> Result<Config, ConfigError> {
         let mut listeners = Vec::new();
         for (name, l) in self.listeners {
             let span = l.span();
@@ -406,13 +444,21 @@ impl RawConfig {
             upstreams.push(u.validate(name, span, err)?);
         }
 
+        let mut plugins = Vec::new();
+        for (name, p) in self.plugins {
+            check_name(&name, p.span(), err)?;
+            plugins.push(p.into_inner().validate(name, base_dir, err)?);
+        }
+
         let mut routes = Vec::new();
         for (i, r) in self.routes.into_iter().enumerate() {
             let span = r.span();
-            routes.push(
-                r.into_inner()
-                    .validate(i, span, &listeners, &upstreams, err)?,
-            );
+            let known = Known {
+                listeners: &listeners,
+                upstreams: &upstreams,
+                plugins: &plugins,
+            };
+            routes.push(r.into_inner().validate(i, span, &known, err)?);
         }
         if routes.is_empty() {
             return Err(err(
@@ -440,6 +486,7 @@ impl RawConfig {
             listeners,
             upstreams,
             routes,
+            plugins,
         })
     }
 }
@@ -586,10 +633,14 @@ impl RawRoute {
         self,
         index: usize,
         span: std::ops::Range<usize>,
-        listeners: &[ListenerConfig],
-        upstreams: &[UpstreamConfig],
+        known: &Known<'_>,
         err: &ErrAt<'_>,
     ) -> Result<RouteConfig, ConfigError> {
+        let (listeners, upstreams) = (known.listeners, known.upstreams);
+        let plugin_names: Vec<&str> = known.plugins.iter().map(|p| p.name.as_str()).collect();
+        let pool_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+        let route_plugins = known_names(self.plugins, &plugin_names, "plugin", err)?;
+        let route_pools = known_names(self.pools, &pool_names, "upstream", err)?;
         let route_listeners = match self.listeners {
             None => None,
             Some(ls) => {
@@ -709,6 +760,69 @@ impl RawRoute {
             idle_timeout,
             handshake_timeout: nonzero(self.handshake_timeout, Duration::from_secs(10), err)?,
             request_timeout: nonzero(self.request_timeout, Duration::from_secs(60), err)?,
+            plugins: route_plugins,
+            pools: route_pools,
+            tenant: self.tenant,
+        })
+    }
+}
+
+/// What routes may refer to.
+struct Known<'a> {
+    listeners: &'a [ListenerConfig],
+    upstreams: &'a [UpstreamConfig],
+    plugins: &'a [PluginSpec],
+}
+
+/// Checks that each name is one of `known` (`what` names the kind in the error).
+fn known_names(
+    list: Option<Vec<Spanned<String>>>,
+    known: &[&str],
+    what: &str,
+    err: &ErrAt<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for n in list.unwrap_or_default() {
+        if !known.contains(&n.get_ref().as_str()) {
+            return Err(err(
+                n.span(),
+                format!("unknown {what} `{}` (defined: {})", n.get_ref(), known.join(", ")),
+            ));
+        }
+        out.push(n.into_inner());
+    }
+    Ok(out)
+}
+
+impl RawPlugin {
+    fn validate(self, name: String, base_dir: &Path, err: &ErrAt<'_>) -> Result<PluginSpec, ConfigError> {
+        let defaults = Limits::default();
+        let memory_bytes = match self.memory {
+            Some(m) if m.get_ref().0 < 1 << 16 || m.get_ref().0 > 1 << 30 => {
+                return Err(err(m.span(), "must be between 64KiB and 1GiB".into()));
+            }
+            Some(m) => m.into_inner().0 as usize,
+            None => defaults.memory_bytes,
+        };
+        let max_instances = match self.max_instances {
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 256 => {
+                return Err(err(n.span(), "must be between 1 and 256".into()));
+            }
+            Some(n) => n.into_inner() as usize,
+            None => defaults.max_instances,
+        };
+        let config_json = serde_json::to_string(&self.config)
+            .map_err(|e| err(self.path.span(), format!("config table is not JSON-compatible: {e}")))?;
+        Ok(PluginSpec {
+            name,
+            wasm: base_dir.join(self.path.get_ref()),
+            config_json,
+            limits: Limits {
+                cpu_deadline: nonzero(self.cpu_deadline, defaults.cpu_deadline, err)?,
+                memory_bytes,
+                max_instances,
+            },
+            fail_open: self.fail_open.unwrap_or(false),
         })
     }
 }

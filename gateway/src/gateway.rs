@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::accept;
 use crate::config::{Config, LogFormat};
 use crate::forward::UpstreamConns;
+use crate::plugin::{PluginError, PluginHost};
 use crate::snapshot::Snapshot;
 
 /// State shared by every connection of the process.
@@ -24,6 +25,8 @@ pub struct Gateway {
     /// Cancelled when the drain deadline passes: close the remaining tunnels.
     closing: CancellationToken,
     tracker: TaskTracker,
+    /// The wasmtime engine, created the first time a config lists plugins.
+    plugin_host: OnceLock<PluginHost>,
 }
 
 impl Gateway {
@@ -52,9 +55,18 @@ impl Gateway {
         &self.tracker
     }
 
+    /// Builds a snapshot, creating the plugin host first if the config needs one.
+    async fn load(&self, config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, PluginError> {
+        if !config.plugins.is_empty() && self.plugin_host.get().is_none() {
+            let _ = self.plugin_host.set(PluginHost::new()?);
+        }
+        Snapshot::load(config, previous, self.plugin_host.get()).await
+    }
+
     /// Re-reads the config file and swaps in a new snapshot; on error the old one keeps
-    /// serving. Listener changes need a restart.
-    pub fn reload(&self, path: &PathBuf) {
+    /// serving. New plugins are compiled and initialised here, off the request path.
+    /// Listener changes need a restart.
+    pub async fn reload(&self, path: &PathBuf) {
         let config = match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
@@ -72,7 +84,13 @@ impl Gateway {
         if !same_listeners {
             tracing::warn!("listener changes take effect on restart; other changes apply now");
         }
-        let new = Arc::new(Snapshot::build(config, Some(&old)));
+        let new = match self.load(config, Some(&old)).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; still serving the previous config");
+                return;
+            }
+        };
         self.snapshot.store(new);
         old.retire();
         tracing::info!(config = %path.display(), "config reloaded");
@@ -88,12 +106,18 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("listener `{}`: cannot bind {}: {e}", l.name, l.bind))?;
         bound.push((l.name.clone(), l.max_connections, listener));
     }
+    let plugin_host = OnceLock::new();
+    if !config.plugins.is_empty() {
+        let _ = plugin_host.set(PluginHost::new()?);
+    }
+    let first = Snapshot::load(config, None, plugin_host.get()).await?;
     let gw = Arc::new(Gateway {
-        snapshot: ArcSwap::from_pointee(Snapshot::build(config, None)),
+        snapshot: ArcSwap::from_pointee(first),
         conns: Arc::default(),
         stopping: CancellationToken::new(),
         closing: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        plugin_host,
     });
     let accepting = TaskTracker::new();
     {
@@ -113,7 +137,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => gw.reload(&path),
+            _ = hup.recv() => gw.reload(&path).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

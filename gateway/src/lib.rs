@@ -16,6 +16,7 @@ pub mod handshake;
 pub mod headers;
 pub mod health;
 pub mod plugin;
+pub mod policy;
 pub mod route;
 pub mod serve;
 pub mod snapshot;

@@ -39,11 +39,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Command::Check { .. } = cli.command {
-        println!("{}: ok", path.display());
-        return ExitCode::SUCCESS;
-    }
-    sluice::gateway::init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -54,6 +49,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Check { .. } = cli.command {
+        // Plugins are compiled and their `init` run with their config, as `run` would.
+        if let Err(e) = runtime.block_on(sluice::snapshot::Snapshot::check_plugins(&config)) {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    sluice::gateway::init_logging(&config);
     match runtime.block_on(sluice::gateway::run(path.clone(), config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::balance::Pool;
 use crate::config::{HostMatch, RouteAction, RouteConfig};
+use crate::plugin::{Chain, Plugin};
 
 /// A route with its pool resolved.
 #[derive(Debug)]
@@ -14,6 +15,8 @@ pub struct Route {
     pub config: RouteConfig,
     /// The pool it proxies to (`None` for fixed-answer routes).
     pub pool: Option<Arc<Pool>>,
+    /// Its plugin chain (empty when it lists none).
+    pub chain: Chain,
 }
 
 /// All routes of a snapshot.
@@ -23,8 +26,13 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Resolves each route's pool by name (names were checked by config validation).
-    pub fn new(routes: &[RouteConfig], pools: &HashMap<String, Arc<Pool>>) -> RouteTable {
+    /// Resolves each route's pool and plugins by name (names were checked by config
+    /// validation).
+    pub fn new(
+        routes: &[RouteConfig],
+        pools: &HashMap<String, Arc<Pool>>,
+        plugins: &HashMap<String, Plugin>,
+    ) -> RouteTable {
         RouteTable {
             routes: routes
                 .iter()
@@ -33,9 +41,11 @@ impl RouteTable {
                         RouteAction::Proxy(name) => pools.get(name).cloned(),
                         RouteAction::Respond { .. } => None,
                     };
+                    let chain = r.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect();
                     Arc::new(Route {
                         config: r.clone(),
                         pool,
+                        chain: Chain::new(chain),
                     })
                 })
                 .collect(),

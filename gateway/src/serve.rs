@@ -19,13 +19,15 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::access::{Counted, Record};
+use crate::access::{CloseHook, Counted, Record};
 use crate::balance::Pool;
 use crate::config::{HashKey, RouteAction};
 use crate::connect::{self, with_failover};
 use crate::forward::{self, Conn, Pooled};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Outcome};
+use crate::plugin::{Denial, RequestKind};
+use crate::policy::{self, Verdict};
 use crate::headers::{add_forwarded, strip_hop_by_hop};
 use crate::route::{Route, normalize_path, request_host};
 use crate::snapshot::Snapshot;
@@ -103,6 +105,8 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
         start: Instant::now(),
         bytes_in: Arc::new(AtomicU64::new(0)),
         hold: None,
+        tags: String::new(),
+        close_hook: None,
     };
     let host = request_host(&req);
     let path = normalize_path(req.uri().path());
@@ -130,20 +134,72 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
             return respond(rec, StatusCode::BAD_GATEWAY, "route has no pool\n", &[]);
         }
     };
-    // The policy stage (plugin chain) slots in here: it sees the routed request before a
-    // server is chosen, and may deny it or adjust headers, pool and sticky key.
-    let key = hash_key(&pool, &req, ctx.peer);
-    match upgrade::classify(req.method(), req.version(), req.headers()) {
+    let upgrade = upgrade::classify(req.method(), req.version(), req.headers());
+    let kind = match &upgrade {
         Upgrade::Refused(r) => {
-            let headers = upgrade::refusal_headers(&r);
-            respond(rec, r.status, &format!("{}\n", r.reason), &headers)
+            let headers = upgrade::refusal_headers(r);
+            return respond(rec, r.status, &format!("{}\n", r.reason), &headers);
         }
+        Upgrade::WebSocket { .. } => RequestKind::WebSocket,
+        Upgrade::None => RequestKind::Http,
+    };
+    if !route.chain.is_empty() {
+        rec.close_hook = Some(Arc::new(CloseHook {
+            chain: route.chain.clone(),
+            kind,
+            tenant: route.config.tenant.clone(),
+        }));
+    }
+    let verdict = match policy::decide(&route, &pool, &ctx.snapshot, &req, kind, ctx.peer).await {
+        Ok(v) => v,
+        Err(denial) => return deny(rec, denial),
+    };
+    rec.tags = verdict.tags.clone();
+    if let (Some(hook), Some(tenant)) = (&mut rec.close_hook, &verdict.tenant) {
+        Arc::make_mut(hook).tenant = Some(tenant.clone());
+    }
+    let key = match (&verdict.sticky_key, verdict.pool.hash_key()) {
+        (Some(k), Some(_)) => k.as_bytes().to_vec(),
+        _ => hash_key(&verdict.pool, &req, ctx.peer),
+    };
+    let plan = Plan {
+        route,
+        key,
+        verdict,
+    };
+    match upgrade {
         Upgrade::WebSocket { key: ws_key } => {
             let on_upgrade = hyper::upgrade::on(&mut req);
-            websocket(req, ws_key, on_upgrade, &route, &pool, &key, rec, ctx).await
+            websocket(req, ws_key, on_upgrade, plan, rec, ctx).await
         }
-        Upgrade::None => forward(req, &route, &pool, &key, rec, &ctx).await,
+        _ => forward(req, plan, rec, &ctx).await,
     }
+}
+
+/// Where a routed, policy-approved request goes.
+struct Plan {
+    route: Arc<Route>,
+    /// The consistent-hash key (empty unless the pool hashes).
+    key: Vec<u8>,
+    verdict: Verdict,
+}
+
+/// A plugin's refusal, sent as the plugin wrote it.
+fn deny(mut rec: Record, denial: Denial) -> Response<ResponseBody> {
+    let status = StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN);
+    if !denial.plugin.is_empty() {
+        rec.tags = format!("denied_by={}", denial.plugin);
+    }
+    let mut resp = respond(rec, status, &denial.body, &[]);
+    for (name, value) in &denial.headers {
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp
 }
 
 /// A response of Sluice's own, logged at once.
@@ -215,10 +271,11 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 fn upstream_head(
     uri: &Uri,
     headers: &HeaderMap,
-    route: &Route,
+    plan: &Plan,
     authority: &str,
     peer: SocketAddr,
 ) -> (Uri, HeaderMap) {
+    let route = &plan.route;
     let uri = uri
         .path_and_query()
         .map(|pq| Uri::from(pq.clone()))
@@ -232,21 +289,20 @@ fn upstream_head(
             headers.insert(header::HOST, v);
         }
     }
+    policy::apply(&plan.verdict, &mut headers);
     (uri, headers)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn websocket(
     req: Request<Incoming>,
     ws_key: String,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    route: &Arc<Route>,
-    pool: &Arc<Pool>,
-    key: &[u8],
+    plan: Plan,
     mut rec: Record,
     ctx: Arc<ClientConn>,
 ) -> Response<ResponseBody> {
-    let (server, stream) = match with_failover(pool, key, connect::Tcp(pool)).await {
+    let (route, pool) = (&plan.route, &plan.verdict.pool);
+    let (server, stream) = match with_failover(pool, &plan.key, connect::Tcp(pool)).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(route = %route.config.name, error = %e, "no upstream for WebSocket");
@@ -263,7 +319,7 @@ async fn websocket(
     let (uri, mut headers) = upstream_head(
         req.uri(),
         req.headers(),
-        route,
+        &plan,
         &server.config.authority,
         ctx.peer,
     );
@@ -338,15 +394,14 @@ async fn websocket(
 
 async fn forward(
     req: Request<Incoming>,
-    route: &Arc<Route>,
-    pool: &Arc<Pool>,
-    key: &[u8],
+    plan: Plan,
     mut rec: Record,
     ctx: &ClientConn,
 ) -> Response<ResponseBody> {
+    let (route, pool) = (&plan.route, &plan.verdict.pool);
     let conns = ctx.gw.upstream_conns();
     let attempt = Pooled { pool, conns };
-    let (server, Conn { mut sender, reused }) = match with_failover(pool, key, attempt).await {
+    let (server, Conn { mut sender, reused }) = match with_failover(pool, &plan.key, attempt).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(route = %route.config.name, error = %e, "no upstream for request");
@@ -365,7 +420,7 @@ async fn forward(
     let (uri, headers) = upstream_head(
         &parts.uri,
         &parts.headers,
-        route,
+        &plan,
         &server.config.authority,
         ctx.peer,
     );

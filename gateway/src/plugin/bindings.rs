@@ -1,0 +1,164 @@
+//! The one `bindgen!` site, and conversions between the generated WIT types
+//! and the gateway's own plain types (so no wasmtime type leaves `plugin`).
+
+use super::types::{
+    ChainDecision, CloseInfo, CloseReason, Denial, HeaderOp, Mutations, RequestInfo, RequestKind,
+};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        // Exports run on a fiber so a long hook yields to tokio at every epoch
+        // tick instead of holding a worker (see the numbers in `mod.rs`).
+        exports: { default: async },
+    });
+}
+
+pub(super) use generated::sluice::plugin::{host, types as wit};
+pub(super) use generated::{Plugin, PluginPre};
+pub(super) use wit::{Decision, Request};
+
+impl From<RequestKind> for wit::RequestKind {
+    fn from(kind: RequestKind) -> Self {
+        match kind {
+            RequestKind::WebSocket => wit::RequestKind::Websocket,
+            RequestKind::Http => wit::RequestKind::Http,
+        }
+    }
+}
+
+fn header(name: &str, value: &str) -> wit::Header {
+    wit::Header {
+        name: name.to_ascii_lowercase(),
+        value: value.to_owned(),
+    }
+}
+
+impl From<&RequestInfo> for Request {
+    fn from(req: &RequestInfo) -> Self {
+        Request {
+            kind: req.kind.into(),
+            method: req.method.clone(),
+            scheme: req.scheme.clone(),
+            authority: req.authority.clone(),
+            path: req.path.clone(),
+            query: req.query.clone(),
+            headers: req.headers.iter().map(|(n, v)| header(n, v)).collect(),
+            client_addr: req.client_addr.to_string(),
+            tls: req.tls.as_ref().map(|t| wit::TlsInfo {
+                sni: t.sni.clone(),
+                alpn: t.alpn.clone(),
+                client_cert_subject: t.client_cert_subject.clone(),
+            }),
+            route: req.route.clone(),
+            tenant: req.tenant.clone(),
+            subprotocols: req.subprotocols.clone(),
+        }
+    }
+}
+
+impl From<&CloseInfo> for wit::CloseInfo {
+    fn from(info: &CloseInfo) -> Self {
+        wit::CloseInfo {
+            kind: info.kind.into(),
+            route: info.route.clone(),
+            tenant: info.tenant.clone(),
+            upstream: info.upstream.clone(),
+            duration_ms: u64::try_from(info.duration.as_millis()).unwrap_or(u64::MAX),
+            bytes_from_client: info.bytes_from_client,
+            bytes_to_client: info.bytes_to_client,
+            reason: match info.reason {
+                CloseReason::Completed => wit::CloseReason::Completed,
+                CloseReason::ClientClosed => wit::CloseReason::ClientClosed,
+                CloseReason::UpstreamClosed => wit::CloseReason::UpstreamClosed,
+                CloseReason::IdleTimeout => wit::CloseReason::IdleTimeout,
+                CloseReason::Denied => wit::CloseReason::Denied,
+                CloseReason::UpstreamError => wit::CloseReason::UpstreamError,
+                CloseReason::Shutdown => wit::CloseReason::Shutdown,
+            },
+        }
+    }
+}
+
+fn valid_header(h: &wit::Header) -> Result<(), String> {
+    http::HeaderName::from_bytes(h.name.as_bytes())
+        .map_err(|_| format!("invalid header name {:?}", h.name))?;
+    http::HeaderValue::from_str(&h.value)
+        .map_err(|_| format!("invalid value for header {:?}", h.name))?;
+    Ok(())
+}
+
+/// Check a plugin's decision before the gateway acts on it: a bad header or
+/// status from a plugin is a plugin fault, never a gateway error.
+pub(super) fn validate(decision: &Decision) -> Result<(), String> {
+    match decision {
+        Decision::Continue(m) => {
+            for op in &m.headers {
+                match op {
+                    wit::HeaderOp::Set(h) | wit::HeaderOp::Append(h) => valid_header(h)?,
+                    wit::HeaderOp::Remove(name) => {
+                        http::HeaderName::from_bytes(name.as_bytes())
+                            .map_err(|_| format!("invalid header name {name:?}"))?;
+                    }
+                }
+            }
+            m.log_fields.iter().try_for_each(valid_header)
+        }
+        Decision::Deny(d) if !(300..=599).contains(&d.status) => {
+            Err(format!("deny status {} is not 300-599", d.status))
+        }
+        Decision::Deny(d) => d.headers.iter().try_for_each(valid_header),
+    }
+}
+
+/// Apply a plugin's `continue` to the request the next plugin sees (headers
+/// and tenant), and fold it into the chain's accumulated mutations.
+pub(super) fn accumulate(m: wit::Mutations, req: &mut Request, acc: &mut Mutations) {
+    for op in m.headers {
+        let op = match op {
+            wit::HeaderOp::Set(h) => {
+                req.headers.retain(|x| x.name != h.name);
+                req.headers.push(h.clone());
+                HeaderOp::Set(h.name, h.value)
+            }
+            wit::HeaderOp::Append(h) => {
+                req.headers.push(h.clone());
+                HeaderOp::Append(h.name, h.value)
+            }
+            wit::HeaderOp::Remove(name) => {
+                let name = name.to_ascii_lowercase();
+                req.headers.retain(|x| x.name != name);
+                HeaderOp::Remove(name)
+            }
+        };
+        acc.headers.push(op);
+    }
+    if m.tenant.is_some() {
+        req.tenant.clone_from(&m.tenant);
+    }
+    let later = [
+        (&mut acc.pool, m.pool),
+        (&mut acc.tenant, m.tenant),
+        (&mut acc.sticky_key, m.sticky_key),
+        (&mut acc.subprotocol, m.subprotocol),
+    ];
+    for (slot, value) in later {
+        if value.is_some() {
+            *slot = value;
+        }
+    }
+    acc.log_fields
+        .extend(m.log_fields.into_iter().map(|h| (h.name, h.value)));
+}
+
+/// A plugin's `deny`, as the gateway's type.
+pub(super) fn denial(d: wit::Denial, plugin: &str) -> ChainDecision {
+    ChainDecision::Deny(Denial {
+        status: d.status,
+        headers: d.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        body: d.body,
+        plugin: plugin.to_owned(),
+        fault: None,
+    })
+}

@@ -1,0 +1,88 @@
+//! A route's plugin chain: the first deny wins, mutations accumulate in
+//! order, and each plugin sees the headers and tenant as the plugins before
+//! it left them.
+
+use super::Plugin;
+use super::bindings::{self, Decision, Request};
+use super::types::{ChainDecision, CloseInfo, Denial, Fault, Mutations, RequestInfo};
+
+/// Status answered when a fail-closed plugin faults.
+const FAULT_STATUS: u16 = 503;
+
+/// An ordered list of plugins run for one route.
+#[derive(Debug, Clone, Default)]
+pub struct Chain {
+    plugins: Vec<Plugin>,
+}
+
+impl Chain {
+    /// A chain running `plugins` in this order.
+    pub fn new(plugins: Vec<Plugin>) -> Self {
+        Self { plugins }
+    }
+
+    /// Whether the chain has no plugins (the request path can skip it).
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+
+    /// The plugins, in order.
+    pub fn plugins(&self) -> &[Plugin] {
+        &self.plugins
+    }
+
+    /// Run `on-request` through the chain.
+    pub async fn on_request(&self, req: &RequestInfo) -> ChainDecision {
+        let mut acc = Mutations::default();
+        if self.plugins.is_empty() {
+            return ChainDecision::Continue(acc);
+        }
+        let mut view = Request::from(req);
+        for plugin in &self.plugins {
+            match plugin.pool.on_request(&view).await {
+                Ok(Decision::Continue(m)) => bindings::accumulate(m, &mut view, &mut acc),
+                Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name()),
+                Err(fault) => {
+                    report(plugin, "on-request", &fault);
+                    if !plugin.fail_open() {
+                        return fail_closed(plugin, fault);
+                    }
+                }
+            }
+        }
+        ChainDecision::Continue(acc)
+    }
+
+    /// Run `on-close` on every plugin; faults are logged and counted only.
+    pub async fn on_close(&self, info: &CloseInfo) {
+        if self.plugins.is_empty() {
+            return;
+        }
+        let info = info.into();
+        for plugin in &self.plugins {
+            if let Err(fault) = plugin.pool.on_close(&info).await {
+                report(plugin, "on-close", &fault);
+            }
+        }
+    }
+}
+
+fn report(plugin: &Plugin, hook: &str, fault: &Fault) {
+    tracing::warn!(
+        plugin = plugin.name(),
+        hook,
+        fail_open = plugin.fail_open(),
+        %fault,
+        "plugin fault"
+    );
+}
+
+fn fail_closed(plugin: &Plugin, fault: Fault) -> ChainDecision {
+    ChainDecision::Deny(Denial {
+        status: FAULT_STATUS,
+        headers: vec![("retry-after".into(), "1".into())],
+        body: "service unavailable: policy check failed\n".into(),
+        plugin: plugin.name().to_owned(),
+        fault: Some(fault),
+    })
+}

@@ -1,0 +1,409 @@
+//! Instances of one loaded plugin: the store state, its limits, the host
+//! imports, and the bounded pool of reused instances.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::{self, Decision, Request, host, wit};
+use super::types::{Fault, Limits, PluginStats};
+
+/// Longest a call waits for a free instance before it is an `Overloaded` fault.
+/// Each busy instance frees itself within its CPU deadline, so this only
+/// trips when the plugin is swamped.
+fn queue_wait(limits: &Limits) -> Duration {
+    (limits.cpu_deadline * 4).max(Duration::from_millis(50))
+}
+
+/// Longest a log message from a plugin may be; the rest is cut.
+const MAX_LOG_BYTES: usize = 2048;
+
+/// Windowed counters shared by all instances of a plugin (scoped by plugin
+/// name), for rate limits and quotas.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    map: DashMap<(Arc<str>, String), Window>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start_ms: u64,
+    len_ms: u64,
+    count: u64,
+}
+
+/// Distinct keys kept before expired windows are swept.
+const MAX_COUNTER_KEYS: usize = 100_000;
+/// Longest counter key kept; longer keys are cut.
+const MAX_COUNTER_KEY_BYTES: usize = 256;
+
+impl Counters {
+    fn add(&self, scope: &Arc<str>, mut key: String, delta: u64, window_ms: u64) -> u64 {
+        let now = now_ms();
+        let len_ms = window_ms.max(1);
+        let start_ms = now / len_ms * len_ms;
+        if self.map.len() >= MAX_COUNTER_KEYS {
+            self.map
+                .retain(|_, w| w.start_ms.saturating_add(w.len_ms) > now);
+        }
+        truncate(&mut key, MAX_COUNTER_KEY_BYTES);
+        let fresh = Window {
+            start_ms,
+            len_ms,
+            count: 0,
+        };
+        let mut slot = self.map.entry((scope.clone(), key)).or_insert(fresh);
+        if slot.start_ms != start_ms || slot.len_ms != len_ms {
+            *slot = fresh;
+        }
+        slot.count = slot.count.saturating_add(delta);
+        slot.count
+    }
+}
+
+fn now_ms() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+/// What every instance of one plugin shares with the host imports.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) name: Arc<str>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) origin: Instant,
+}
+
+/// Memory cap of one instance; remembers whether it was hit.
+struct MemoryCap {
+    cap: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.hit = true;
+            wasmtime::bail!("memory cap of {} bytes exceeded", self.cap);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// The data of one instance's store.
+pub(super) struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory: MemoryCap,
+    /// Epoch ticks the current call may still run.
+    ticks_left: u64,
+    timed_out: bool,
+    shared: Arc<Shared>,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit::Host for State {}
+
+impl host::Host for State {
+    fn log(&mut self, level: host::Level, mut message: String, fields: Vec<(String, String)>) {
+        truncate(&mut message, MAX_LOG_BYTES);
+        let plugin = &*self.shared.name;
+        match level {
+            host::Level::Trace => tracing::trace!(plugin, ?fields, "{message}"),
+            host::Level::Debug => tracing::debug!(plugin, ?fields, "{message}"),
+            host::Level::Info => tracing::info!(plugin, ?fields, "{message}"),
+            host::Level::Warn => tracing::warn!(plugin, ?fields, "{message}"),
+            host::Level::Error => tracing::error!(plugin, ?fields, "{message}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        now_ms()
+    }
+
+    fn monotonic_ns(&mut self) -> u64 {
+        u64::try_from(self.shared.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn counter_add(&mut self, key: String, delta: u64, window_ms: u64) -> u64 {
+        self.shared
+            .counters
+            .add(&self.shared.name, key, delta, window_ms)
+    }
+}
+
+/// One live instance and its store.
+struct Instance {
+    store: Store<State>,
+    plugin: bindings::Plugin,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    calls: AtomicU64,
+    denies: AtomicU64,
+    faults: AtomicU64,
+    timeouts: AtomicU64,
+    memory_faults: AtomicU64,
+    instances_created: AtomicU64,
+}
+
+/// A loaded plugin: its pre-linked component and a bounded pool of
+/// initialised instances, each used by one call at a time.
+pub(super) struct Pool {
+    pub(super) shared: Arc<Shared>,
+    pub(super) limits: Limits,
+    pub(super) fail_open: bool,
+    engine: Engine,
+    pre: bindings::PluginPre<State>,
+    config_json: String,
+    /// Ticks in one CPU deadline (plus one for the partial first tick).
+    budget_ticks: u64,
+    idle: Mutex<Vec<Instance>>,
+    permits: Arc<Semaphore>,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.shared.name)
+            .field("limits", &self.limits)
+            .field("fail_open", &self.fail_open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub(super) fn new(
+        engine: Engine,
+        pre: bindings::PluginPre<State>,
+        shared: Arc<Shared>,
+        limits: Limits,
+        fail_open: bool,
+        config_json: String,
+        tick: Duration,
+    ) -> Self {
+        let ticks = limits
+            .cpu_deadline
+            .as_nanos()
+            .div_ceil(tick.as_nanos().max(1));
+        Self {
+            shared,
+            limits,
+            fail_open,
+            engine,
+            pre,
+            config_json,
+            budget_ticks: u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(limits.max_instances)),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Create and initialise the first instance (at load: this is where a bad
+    /// config, a slow init or a too-small memory cap shows up).
+    pub(super) async fn warm_up(&self) -> Result<(), Fault> {
+        let instance = self.instantiate().await?;
+        self.checkin(instance);
+        Ok(())
+    }
+
+    /// Call `on-request`.
+    pub(super) async fn on_request(&self, req: &Request) -> Result<Decision, Fault> {
+        let (_permit, mut inst) = self.checkout().await?;
+        arm(&mut inst.store, self.budget_ticks);
+        let result = inst.plugin.call_on_request(&mut inst.store, req).await;
+        let decision = self.settle(inst, result)?;
+        if let Err(reason) = bindings::validate(&decision) {
+            return Err(self.fault(Fault::InvalidDecision(reason)));
+        }
+        if matches!(decision, Decision::Deny(_)) {
+            self.stats.denies.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(decision)
+    }
+
+    /// Call `on-close`.
+    pub(super) async fn on_close(&self, info: &wit::CloseInfo) -> Result<(), Fault> {
+        let (_permit, mut inst) = self.checkout().await?;
+        arm(&mut inst.store, self.budget_ticks);
+        let result = inst.plugin.call_on_close(&mut inst.store, info).await;
+        self.settle(inst, result)
+    }
+
+    pub(super) fn stats(&self) -> PluginStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PluginStats {
+            calls: get(&self.stats.calls),
+            denies: get(&self.stats.denies),
+            faults: get(&self.stats.faults),
+            timeouts: get(&self.stats.timeouts),
+            memory_faults: get(&self.stats.memory_faults),
+            instances_created: get(&self.stats.instances_created),
+        }
+    }
+
+    /// Wait for a permit, then reuse an idle instance or make a new one.
+    async fn checkout(&self) -> Result<(OwnedSemaphorePermit, Instance), Fault> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let wait = queue_wait(&self.limits);
+        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| self.fault(Fault::Overloaded(wait)))?;
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let instance = match idle {
+            Some(instance) => instance,
+            None => self.instantiate().await.map_err(|f| self.fault(f))?,
+        };
+        Ok((permit, instance))
+    }
+
+    fn checkin(&self, instance: Instance) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(instance);
+    }
+
+    /// Return a healthy instance to the pool; drop one that failed (a trapped
+    /// instance refuses further calls, and its state is suspect anyway).
+    fn settle<R>(&self, inst: Instance, result: wasmtime::Result<R>) -> Result<R, Fault> {
+        match result {
+            Ok(value) => {
+                self.checkin(inst);
+                Ok(value)
+            }
+            Err(err) => Err(self.fault(self.classify(&inst.store, &err))),
+        }
+    }
+
+    fn classify(&self, store: &Store<State>, err: &wasmtime::Error) -> Fault {
+        let state = store.data();
+        if state.timed_out {
+            Fault::Timeout(self.limits.cpu_deadline)
+        } else if state.memory.hit {
+            Fault::Memory(self.limits.memory_bytes)
+        } else {
+            let mut text = match err.downcast_ref::<wasmtime::Trap>() {
+                Some(trap) => trap.to_string(),
+                None => format!("{:#}", err.root_cause()),
+            };
+            truncate(&mut text, 512);
+            Fault::Trap(text)
+        }
+    }
+
+    /// Count a fault (by kind) and pass it on.
+    fn fault(&self, fault: Fault) -> Fault {
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        match fault {
+            Fault::Timeout(_) => self.stats.timeouts.fetch_add(1, Ordering::Relaxed),
+            Fault::Memory(_) => self.stats.memory_faults.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        fault
+    }
+
+    /// Instantiate from the `InstancePre` and run `init` with the config,
+    /// both under the CPU deadline and memory cap.
+    async fn instantiate(&self) -> Result<Instance, Fault> {
+        self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
+        let state = State {
+            // No preopened dirs, env, args, network or stdio: a plugin gets
+            // only what the `host` interface lends it.
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            memory: MemoryCap {
+                cap: self.limits.memory_bytes,
+                hit: false,
+            },
+            ticks_left: 0,
+            timed_out: false,
+            shared: self.shared.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.memory);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            state.ticks_left = state.ticks_left.saturating_sub(1);
+            if state.ticks_left == 0 {
+                state.timed_out = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            // Let other tasks on this tokio worker run, then keep counting.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        arm(&mut store, self.budget_ticks);
+        let plugin = match self.pre.instantiate_async(&mut store).await {
+            Ok(plugin) => plugin,
+            Err(err) => return Err(start_fault(self.classify(&store, &err))),
+        };
+        arm(&mut store, self.budget_ticks);
+        match plugin.call_init(&mut store, &self.config_json).await {
+            Ok(Ok(())) => Ok(Instance { store, plugin }),
+            Ok(Err(reason)) => Err(Fault::InitRefused(reason)),
+            Err(err) => Err(start_fault(self.classify(&store, &err))),
+        }
+    }
+}
+
+/// Faults while starting an instance keep their kind except traps, which
+/// are reported as start failures (instantiation errors land there too).
+fn start_fault(fault: Fault) -> Fault {
+    match fault {
+        Fault::Trap(text) => Fault::Start(text),
+        other => other,
+    }
+}
+
+/// Give the next call a fresh CPU budget.
+fn arm(store: &mut Store<State>, budget_ticks: u64) {
+    let state = store.data_mut();
+    state.ticks_left = budget_ticks;
+    state.timed_out = false;
+    store.set_epoch_deadline(1);
+}

@@ -1,0 +1,379 @@
+//! The plugin host: runs policy plugins (WebAssembly components of the
+//! `sluice:plugin@0.1.0` world in `wit/`) with hard limits, and chains them.
+//!
+//! ```text
+//! PluginHost::new()            one engine: epoch interruption, pooling allocator,
+//!                              compilation cache; one linker (host imports + WASI)
+//!   └─ load(&PluginSpec)       read → compile once → InstancePre → instantiate + init
+//!        └─ Plugin             bounded pool of initialised, reused instances
+//! Chain::new(vec![plugin…])
+//!   ├─ on_request(&RequestInfo) → ChainDecision   first deny wins, mutations accumulate
+//!   └─ on_close(&CloseInfo)
+//! ```
+//!
+//! # Instance model and call model, by measurement
+//!
+//! Measured on the 2-core dev machine (release build, pooling allocator,
+//! medians; `cargo test --release -p sluice --test plugin_host -- --ignored
+//! --nocapture measure` prints them; DESIGN.md has the guest-side table):
+//!
+//! | what (Rust `origin-allowlist` guest unless noted)           | cost   |
+//! |--------------------------------------------------------------|--------|
+//! | reused instance, one `on-request` through `Chain` (async)    | MEASURE_REUSED |
+//! | same, JavaScript guest (`api-key-js`)                        | MEASURE_JS |
+//! | 4-plugin chain, one request                                  | MEASURE_CHAIN4 |
+//! | fresh instance per request (instantiate + init + call)       | MEASURE_FRESH |
+//! | `tokio::task::spawn_blocking` round trip of an empty closure | MEASURE_BLOCKING |
+//!
+//! So instances are **reused**: a bounded pool per plugin (`max_instances`),
+//! each instance serving one call at a time, thrown away after any fault. And
+//! hooks run with wasmtime's **async** support on the calling task rather than
+//! on a blocking pool: the fiber switch costs less than a `spawn_blocking`
+//! hand-off, and with an epoch tick of 1 ms a runaway plugin yields to the
+//! tokio scheduler every tick and is interrupted once it has run for its CPU
+//! deadline, so it never holds a worker for long. (WASI p2 linking needs
+//! wasmtime's `async` feature anyway.)
+//!
+//! # Failure model
+//!
+//! A trap, a CPU timeout, a memory-cap hit, an invalid decision or an
+//! exhausted pool is a [`Fault`]: logged with `tracing`, counted in
+//! [`PluginStats`], and answered per the plugin's mode — deny 503 (default,
+//! fail closed) or skip the plugin (`fail_open`). Other connections never
+//! notice: every call has its own store, and instances are never shared.
+
+mod bindings;
+mod chain;
+mod instance;
+mod types;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+pub use chain::Chain;
+pub use types::{
+    ChainDecision, CloseInfo, CloseReason, Denial, Fault, HeaderOp, Limits, Mutations, PluginSpec,
+    PluginStats, RequestInfo, RequestKind, TlsInfo,
+};
+
+use instance::{Counters, Pool, Shared, State};
+
+/// Why a plugin could not be loaded. Every variant names the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The `.wasm` file could not be read.
+    #[error("plugin `{plugin}`: cannot read {}: {source}", path.display())]
+    Read {
+        /// Plugin name.
+        plugin: String,
+        /// Path tried.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a WebAssembly component (or does not compile).
+    #[error("plugin `{plugin}`: {} is not a usable WebAssembly component: {reason}", path.display())]
+    NotComponent {
+        /// Plugin name.
+        plugin: String,
+        /// Path of the file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The component does not target the `sluice:plugin@0.1.0` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.1.0 plugin: {reason}")]
+    WrongWorld {
+        /// Plugin name.
+        plugin: String,
+        /// Missing export or unsatisfiable import.
+        reason: String,
+    },
+    /// `init` returned an error for the given config.
+    #[error("plugin `{plugin}`: init rejected the config: {reason}")]
+    Init {
+        /// Plugin name.
+        plugin: String,
+        /// The plugin's own message.
+        reason: String,
+    },
+    /// The first instance faulted while starting (slow init, memory cap
+    /// below the guest's initial memory, trap in init…).
+    #[error("plugin `{plugin}`: failed to start: {fault}")]
+    Start {
+        /// Plugin name.
+        plugin: String,
+        /// What went wrong.
+        fault: Fault,
+    },
+    /// The spec's limits are unusable.
+    #[error("plugin `{plugin}`: invalid limits: {reason}")]
+    Limits {
+        /// Plugin name.
+        plugin: String,
+        /// Which limit and why.
+        reason: String,
+    },
+    /// The host itself could not be set up.
+    #[error("plugin host: {0}")]
+    Host(String),
+}
+
+/// Host-wide settings; [`PluginHost::new`] uses the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostOptions {
+    /// Directory of wasmtime's compilation cache (so a restart does not
+    /// recompile); `None` uses wasmtime's default (`~/.cache/wasmtime`).
+    pub cache_dir: Option<PathBuf>,
+    /// Turn the compilation cache off.
+    pub disable_cache: bool,
+    /// Epoch tick: the granularity of CPU deadlines and of yields.
+    pub tick: Duration,
+    /// Largest memory cap any plugin may ask for (sizes pooling slots).
+    pub max_memory_bytes: usize,
+    /// Component instances the pooling allocator holds, over all plugins.
+    pub pool_instances: u32,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            disable_cache: false,
+            tick: Duration::from_millis(1),
+            max_memory_bytes: 1 << 30,
+            pool_instances: 1000,
+        }
+    }
+}
+
+/// Loads plugins. Owns the wasmtime engine (and its epoch ticker thread),
+/// the linker, the compiled-component cache and the shared counters.
+#[derive(Clone)]
+pub struct PluginHost {
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    options: HostOptions,
+    counters: Arc<Counters>,
+    /// Components compiled by this host, by content hash.
+    compiled: Arc<DashMap<u128, Component>>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginHost {
+    /// A host with default [`HostOptions`].
+    pub fn new() -> Result<Self, PluginError> {
+        Self::with_options(HostOptions::default())
+    }
+
+    /// A host with these options. Falls back to on-demand allocation when
+    /// the pooling allocator cannot reserve its memory.
+    pub fn with_options(options: HostOptions) -> Result<Self, PluginError> {
+        let host_err = |e: wasmtime::Error| PluginError::Host(format!("{e:#}"));
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        if !options.disable_cache {
+            let mut cache = wasmtime::CacheConfig::new();
+            if let Some(dir) = &options.cache_dir {
+                cache.with_directory(dir);
+            }
+            match wasmtime::Cache::new(cache) {
+                Ok(cache) => {
+                    config.cache(Some(cache));
+                }
+                Err(e) => tracing::warn!(error = %e, "plugin compilation cache disabled"),
+            }
+        }
+        let mut pooling = PoolingAllocationConfig::new();
+        pooling
+            .total_component_instances(options.pool_instances)
+            .total_core_instances(options.pool_instances.saturating_mul(4))
+            .total_memories(options.pool_instances.saturating_mul(2))
+            .total_tables(options.pool_instances.saturating_mul(2))
+            .total_stacks(options.pool_instances)
+            .max_memory_size(options.max_memory_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        let engine = match Engine::new(&config) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::warn!(error = %e, "pooling allocator unavailable; allocating on demand");
+                config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+                Engine::new(&config).map_err(host_err)?
+            }
+        };
+        spawn_ticker(&engine, options.tick);
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(host_err)?;
+        bindings::Plugin::add_to_linker::<_, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(host_err)?;
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            options,
+            counters: Arc::default(),
+            compiled: Arc::default(),
+        })
+    }
+
+    /// Load a plugin: read and compile the component (once per content, off
+    /// the async workers; cached on disk across restarts), check it targets
+    /// the plugin world, then start one instance and run `init` with the
+    /// spec's config, so a bad config fails here, not on the request path.
+    pub async fn load(&self, spec: &PluginSpec) -> Result<Plugin, PluginError> {
+        let plugin = spec.name.clone();
+        self.check_limits(spec)?;
+        let bytes = tokio::fs::read(&spec.wasm)
+            .await
+            .map_err(|source| PluginError::Read {
+                plugin: plugin.clone(),
+                path: spec.wasm.clone(),
+                source,
+            })?;
+        let component = self.compile(&plugin, &spec.wasm, bytes).await?;
+        let wrong_world = |e: wasmtime::Error| PluginError::WrongWorld {
+            plugin: plugin.clone(),
+            reason: format!("{e:#}"),
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
+        let pre = bindings::PluginPre::new(pre).map_err(wrong_world)?;
+        let shared = Arc::new(Shared {
+            name: Arc::from(spec.name.as_str()),
+            counters: self.counters.clone(),
+            origin: Instant::now(),
+        });
+        let pool = Pool::new(
+            self.engine.clone(),
+            pre,
+            shared,
+            spec.limits,
+            spec.fail_open,
+            spec.config_json.clone(),
+            self.options.tick,
+        );
+        pool.warm_up().await.map_err(|fault| match fault {
+            Fault::InitRefused(reason) => PluginError::Init {
+                plugin: plugin.clone(),
+                reason,
+            },
+            fault => PluginError::Start {
+                plugin: plugin.clone(),
+                fault,
+            },
+        })?;
+        Ok(Plugin {
+            pool: Arc::new(pool),
+        })
+    }
+
+    fn check_limits(&self, spec: &PluginSpec) -> Result<(), PluginError> {
+        let l = &spec.limits;
+        let reason = if l.max_instances == 0 {
+            "max_instances must be at least 1".to_owned()
+        } else if l.cpu_deadline < self.options.tick {
+            format!(
+                "cpu deadline {:?} is below the epoch tick {:?}",
+                l.cpu_deadline, self.options.tick
+            )
+        } else if l.memory_bytes > self.options.max_memory_bytes {
+            format!(
+                "memory cap {} exceeds the host maximum {}",
+                l.memory_bytes, self.options.max_memory_bytes
+            )
+        } else {
+            return Ok(());
+        };
+        Err(PluginError::Limits {
+            plugin: spec.name.clone(),
+            reason,
+        })
+    }
+
+    async fn compile(
+        &self,
+        plugin: &str,
+        path: &Path,
+        bytes: Vec<u8>,
+    ) -> Result<Component, PluginError> {
+        let not_component = |reason: String| PluginError::NotComponent {
+            plugin: plugin.to_owned(),
+            path: path.to_owned(),
+            reason,
+        };
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
+                return Err(not_component(
+                    "it is a core wasm module; build for wasm32-wasip2 (plugins/build.sh)".into(),
+                ));
+            }
+            Some([0, b'a', b's', b'm', ..]) => {}
+            _ => return Err(not_component("not a WebAssembly file".into())),
+        }
+        let key = xxhash_rust::xxh3::xxh3_128(&bytes);
+        if let Some(component) = self.compiled.get(&key) {
+            return Ok(component.clone());
+        }
+        let engine = self.engine.clone();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| not_component(format!("compiler task failed: {e}")))?
+            .map_err(|e| not_component(format!("{e:#}")))?;
+        self.compiled.insert(key, component.clone());
+        Ok(component)
+    }
+}
+
+/// Advance the engine's epoch every `tick` until the engine is dropped.
+fn spawn_ticker(engine: &Engine, tick: Duration) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("sluice-plugin-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(tick);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the plugin epoch ticker; CPU deadlines will not fire");
+    }
+}
+
+/// A loaded plugin (cheap to clone; clones share the instance pool).
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pool: Arc<Pool>,
+}
+
+impl Plugin {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.pool.shared.name
+    }
+
+    /// Whether faults skip this plugin instead of denying.
+    pub fn fail_open(&self) -> bool {
+        self.pool.fail_open
+    }
+
+    /// Counters since load.
+    pub fn stats(&self) -> PluginStats {
+        self.pool.stats()
+    }
+}

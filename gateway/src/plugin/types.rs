@@ -1,0 +1,227 @@
+//! The gateway-side plain types of the plugin API: what the request path
+//! hands the chain and what it gets back. No wasmtime type appears here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which kind of exchange a request opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// A WebSocket upgrade.
+    WebSocket,
+    /// A plain HTTP request.
+    Http,
+}
+
+/// TLS facts about the client connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// SNI server name.
+    pub sni: Option<String>,
+    /// Negotiated ALPN protocol.
+    pub alpn: Option<String>,
+    /// Verified client-certificate subject (mutual TLS).
+    pub client_cert_subject: Option<String>,
+}
+
+/// A request as the policy stage sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// Upgrade or plain request.
+    pub kind: RequestKind,
+    /// Method, upper-case.
+    pub method: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// `host[:port]`.
+    pub authority: String,
+    /// Path without query.
+    pub path: String,
+    /// Raw query without `?` (empty when absent).
+    pub query: String,
+    /// Headers in arrival order (names are lower-cased for plugins).
+    pub headers: Vec<(String, String)>,
+    /// Client socket address.
+    pub client_addr: SocketAddr,
+    /// TLS facts, `None` on plain-text listeners.
+    pub tls: Option<TlsInfo>,
+    /// Matched route name.
+    pub route: String,
+    /// Tenant, if the route assigns one.
+    pub tenant: Option<String>,
+    /// Offered `Sec-WebSocket-Protocol` entries.
+    pub subprotocols: Vec<String>,
+}
+
+/// Why an exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Finished normally.
+    Completed,
+    /// The client closed or reset.
+    ClientClosed,
+    /// The upstream closed or reset.
+    UpstreamClosed,
+    /// Idle timeout.
+    IdleTimeout,
+    /// Refused before reaching an upstream.
+    Denied,
+    /// No upstream reachable, or its handshake failed.
+    UpstreamError,
+    /// Gateway shutdown.
+    Shutdown,
+}
+
+/// The end of an exchange, reported to `on-close`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// Upgrade or plain request.
+    pub kind: RequestKind,
+    /// Matched route name.
+    pub route: String,
+    /// Tenant, if assigned.
+    pub tenant: Option<String>,
+    /// Upstream server address, if one was selected.
+    pub upstream: Option<String>,
+    /// Accept to close.
+    pub duration: Duration,
+    /// Bytes client → upstream.
+    pub bytes_from_client: u64,
+    /// Bytes upstream → client.
+    pub bytes_to_client: u64,
+    /// Why it ended.
+    pub reason: CloseReason,
+}
+
+/// One change to the upstream request headers (names lower-case, validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderOp {
+    /// Replace all values.
+    Set(String, String),
+    /// Add a value.
+    Append(String, String),
+    /// Remove all values.
+    Remove(String),
+}
+
+/// What the chain asks for on `continue`, accumulated over its plugins:
+/// header operations in order; for single values the last plugin to set one wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mutations {
+    /// Upstream header operations, to apply in order.
+    pub headers: Vec<HeaderOp>,
+    /// Pool to use (the caller must check the route allows it).
+    pub pool: Option<String>,
+    /// Tenant for this exchange.
+    pub tenant: Option<String>,
+    /// Consistent-hash key.
+    pub sticky_key: Option<String>,
+    /// Subprotocol to select (the caller must check it was offered).
+    pub subprotocol: Option<String>,
+    /// Extra access-log fields.
+    pub log_fields: Vec<(String, String)>,
+}
+
+/// The response for a refused request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// HTTP status (300–599).
+    pub status: u16,
+    /// Response headers (validated).
+    pub headers: Vec<(String, String)>,
+    /// Plain-text body.
+    pub body: String,
+    /// Name of the plugin that denied or faulted.
+    pub plugin: String,
+    /// Set when the denial comes from a plugin fault (fail-closed), not a decision.
+    pub fault: Option<Fault>,
+}
+
+/// The chain's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainDecision {
+    /// Proceed, with these changes.
+    Continue(Mutations),
+    /// Answer the client with this response.
+    Deny(Denial),
+}
+
+/// How a plugin call failed. The gateway survives all of these.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Fault {
+    /// The call used more CPU time than the plugin's deadline.
+    #[error("exceeded its CPU deadline of {0:?}")]
+    Timeout(Duration),
+    /// The instance tried to grow memory past its cap.
+    #[error("exceeded its memory cap of {0} bytes")]
+    Memory(usize),
+    /// The guest trapped (panic, unreachable, out-of-bounds…).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The guest returned a decision the gateway cannot use.
+    #[error("returned an invalid decision: {0}")]
+    InvalidDecision(String),
+    /// Every instance stayed busy for the whole wait.
+    #[error("no free instance within {0:?}")]
+    Overloaded(Duration),
+    /// `init` returned an error for the plugin's config.
+    #[error("init refused the config: {0}")]
+    InitRefused(String),
+    /// A new instance could not be created.
+    #[error("could not start an instance: {0}")]
+    Start(String),
+}
+
+/// Per-plugin resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// CPU time one hook call (or instantiate + init) may use.
+    pub cpu_deadline: Duration,
+    /// Linear-memory cap per instance, in bytes.
+    pub memory_bytes: usize,
+    /// Instances kept (and calls run) concurrently, at most.
+    pub max_instances: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            cpu_deadline: Duration::from_millis(10),
+            memory_bytes: 64 << 20,
+            max_instances: 4,
+        }
+    }
+}
+
+/// Everything needed to load one plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSpec {
+    /// Name used in logs, errors and metrics; also scopes its counters.
+    pub name: String,
+    /// Path of the component (`.wasm`).
+    pub wasm: PathBuf,
+    /// JSON text handed to `init`.
+    pub config_json: String,
+    /// Resource limits.
+    pub limits: Limits,
+    /// On a fault, skip this plugin (true) instead of denying with 503.
+    pub fail_open: bool,
+}
+
+/// Counters of one plugin since it was loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PluginStats {
+    /// Hook calls attempted.
+    pub calls: u64,
+    /// `deny` decisions returned.
+    pub denies: u64,
+    /// Faults of any kind.
+    pub faults: u64,
+    /// Faults that were CPU timeouts.
+    pub timeouts: u64,
+    /// Faults that were memory-cap hits.
+    pub memory_faults: u64,
+    /// Instances created (first one included).
+    pub instances_created: u64,
+}

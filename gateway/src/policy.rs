@@ -1,0 +1,169 @@
+//! Policy stage: runs the route's plugin chain on a routed, validated request before a
+//! server is chosen, and turns its decision into what the later stages use — the pool,
+//! the sticky key, upstream header changes, the subprotocol — or a denial.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request};
+
+use crate::balance::Pool;
+use crate::headers::is_hop_by_hop;
+use crate::plugin::{ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind};
+use crate::route::Route;
+use crate::snapshot::Snapshot;
+
+/// What the chain decided for a request that may proceed.
+#[derive(Debug)]
+pub struct Verdict {
+    /// The pool to select a server from (the route's, or one it allows).
+    pub pool: Arc<Pool>,
+    /// Consistent-hash key chosen by a plugin, replacing the pool's own key source.
+    pub sticky_key: Option<String>,
+    /// Upstream request header changes, in order.
+    pub headers: Vec<HeaderOp>,
+    /// The subprotocol to offer upstream, instead of the client's list.
+    pub subprotocol: Option<String>,
+    /// Tenant named by the route or a plugin.
+    pub tenant: Option<String>,
+    /// Extra access-log fields, as `key=value` pairs joined by spaces.
+    pub tags: String,
+}
+
+/// Runs the route's chain. A route without plugins costs nothing here.
+pub async fn decide<B>(
+    route: &Route,
+    pool: &Arc<Pool>,
+    snapshot: &Snapshot,
+    req: &Request<B>,
+    kind: RequestKind,
+    peer: SocketAddr,
+) -> Result<Verdict, Denial> {
+    let mut verdict = Verdict {
+        pool: pool.clone(),
+        sticky_key: None,
+        headers: Vec::new(),
+        subprotocol: None,
+        tenant: route.config.tenant.clone(),
+        tags: String::new(),
+    };
+    if route.chain.is_empty() {
+        return Ok(verdict);
+    }
+    let info = request_info(route, req, kind, peer);
+    let m: Mutations = match route.chain.on_request(&info).await {
+        ChainDecision::Continue(m) => m,
+        ChainDecision::Deny(d) => return Err(d),
+    };
+    if let Some(name) = &m.pool {
+        let allowed = route.config.action_pool() == Some(name.as_str())
+            || route.config.pools.iter().any(|p| p == name);
+        match snapshot.pools.get(name) {
+            Some(p) if allowed => verdict.pool = p.clone(),
+            _ => {
+                // A plugin steering traffic to a pool the route does not allow is a
+                // policy bug; failing closed keeps tenants apart.
+                tracing::error!(route = %route.config.name, pool = %name, "plugin chose a pool the route does not allow");
+                return Err(Denial {
+                    status: 503,
+                    headers: Vec::new(),
+                    body: "service unavailable: policy chose an unknown pool\n".into(),
+                    plugin: String::new(),
+                    fault: None,
+                });
+            }
+        }
+    }
+    verdict.sticky_key = m.sticky_key;
+    verdict.headers = m.headers;
+    verdict.subprotocol = m.subprotocol.filter(|p| info.subprotocols.contains(p));
+    if m.tenant.is_some() {
+        verdict.tenant = m.tenant;
+    }
+    verdict.tags = m
+        .log_fields
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok(verdict)
+}
+
+/// Applies the verdict's header changes to an upstream request head. Hop-by-hop headers
+/// stay the gateway's to manage and are never touched by plugins.
+pub fn apply(verdict: &Verdict, headers: &mut HeaderMap) {
+    for op in &verdict.headers {
+        let (name, value) = match op {
+            HeaderOp::Set(n, v) | HeaderOp::Append(n, v) => (n, Some(v)),
+            HeaderOp::Remove(n) => (n, None),
+        };
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if is_hop_by_hop(&name) {
+            continue;
+        }
+        let value = value.and_then(|v| HeaderValue::from_str(v).ok());
+        match (op, value) {
+            (HeaderOp::Set(..), Some(v)) => {
+                headers.insert(name, v);
+            }
+            (HeaderOp::Append(..), Some(v)) => {
+                headers.append(name, v);
+            }
+            (HeaderOp::Remove(_), _) => {
+                headers.remove(name);
+            }
+            _ => {}
+        }
+    }
+    if let Some(p) = &verdict.subprotocol {
+        if let Ok(v) = HeaderValue::from_str(p) {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+}
+
+/// What plugins see of a request.
+fn request_info<B>(route: &Route, req: &Request<B>, kind: RequestKind, peer: SocketAddr) -> RequestInfo {
+    let headers = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let subprotocols = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    RequestInfo {
+        kind,
+        method: req.method().as_str().to_string(),
+        scheme: "http".into(),
+        authority,
+        path: req.uri().path().to_string(),
+        query: req.uri().query().unwrap_or_default().to_string(),
+        headers,
+        client_addr: peer,
+        tls: None,
+        route: route.config.name.clone(),
+        tenant: route.config.tenant.clone(),
+        subprotocols,
+    }
+}
