@@ -263,7 +263,9 @@ impl Config {
             at(offset, e.message().trim().to_string())
         })?;
         let base_dir = Path::new(file).parent().unwrap_or(Path::new("."));
-        raw.validate(base_dir, &|span: std::ops::Range<usize>, msg: String| at(span.start, msg))
+        raw.validate(base_dir, &|span: std::ops::Range<usize>, msg: String| {
+            at(span.start, msg)
+        })
     }
 }
 
@@ -786,7 +788,11 @@ fn known_names(
         if !known.contains(&n.get_ref().as_str()) {
             return Err(err(
                 n.span(),
-                format!("unknown {what} `{}` (defined: {})", n.get_ref(), known.join(", ")),
+                format!(
+                    "unknown {what} `{}` (defined: {})",
+                    n.get_ref(),
+                    known.join(", ")
+                ),
             ));
         }
         out.push(n.into_inner());
@@ -795,7 +801,12 @@ fn known_names(
 }
 
 impl RawPlugin {
-    fn validate(self, name: String, base_dir: &Path, err: &ErrAt<'_>) -> Result<PluginSpec, ConfigError> {
+    fn validate(
+        self,
+        name: String,
+        base_dir: &Path,
+        err: &ErrAt<'_>,
+    ) -> Result<PluginSpec, ConfigError> {
         let defaults = Limits::default();
         let memory_bytes = match self.memory {
             Some(m) if m.get_ref().0 < 1 << 16 || m.get_ref().0 > 1 << 30 => {
@@ -811,8 +822,12 @@ impl RawPlugin {
             Some(n) => n.into_inner() as usize,
             None => defaults.max_instances,
         };
-        let config_json = serde_json::to_string(&self.config)
-            .map_err(|e| err(self.path.span(), format!("config table is not JSON-compatible: {e}")))?;
+        let config_json = serde_json::to_string(&self.config).map_err(|e| {
+            err(
+                self.path.span(),
+                format!("config table is not JSON-compatible: {e}"),
+            )
+        })?;
         Ok(PluginSpec {
             name,
             wasm: base_dir.join(self.path.get_ref()),

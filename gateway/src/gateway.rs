@@ -56,7 +56,11 @@ impl Gateway {
     }
 
     /// Builds a snapshot, creating the plugin host first if the config needs one.
-    async fn load(&self, config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, PluginError> {
+    async fn load(
+        &self,
+        config: Config,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, PluginError> {
         if !config.plugins.is_empty() && self.plugin_host.get().is_none() {
             let _ = self.plugin_host.set(PluginHost::new()?);
         }
@@ -66,7 +70,7 @@ impl Gateway {
     /// Re-reads the config file and swaps in a new snapshot; on error the old one keeps
     /// serving. New plugins are compiled and initialised here, off the request path.
     /// Listener changes need a restart.
-    pub async fn reload(&self, path: &PathBuf) {
+    pub async fn reload(&self, path: &std::path::Path) {
         let config = match Config::load(path) {
             Ok(c) => c,
             Err(e) => {

@@ -118,15 +118,22 @@ pub fn apply(verdict: &Verdict, headers: &mut HeaderMap) {
             _ => {}
         }
     }
-    if let Some(p) = &verdict.subprotocol {
-        if let Ok(v) = HeaderValue::from_str(p) {
-            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-        }
+    if let Some(v) = verdict
+        .subprotocol
+        .as_ref()
+        .and_then(|p| HeaderValue::from_str(p).ok())
+    {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
 }
 
 /// What plugins see of a request.
-fn request_info<B>(route: &Route, req: &Request<B>, kind: RequestKind, peer: SocketAddr) -> RequestInfo {
+fn request_info<B>(
+    route: &Route,
+    req: &Request<B>,
+    kind: RequestKind,
+    peer: SocketAddr,
+) -> RequestInfo {
     let headers = req
         .headers()
         .iter()

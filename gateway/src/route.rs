@@ -41,7 +41,11 @@ impl RouteTable {
                         RouteAction::Proxy(name) => pools.get(name).cloned(),
                         RouteAction::Respond { .. } => None,
                     };
-                    let chain = r.plugins.iter().filter_map(|p| plugins.get(p).cloned()).collect();
+                    let chain = r
+                        .plugins
+                        .iter()
+                        .filter_map(|p| plugins.get(p).cloned())
+                        .collect();
                     Arc::new(Route {
                         config: r.clone(),
                         pool,
@@ -59,10 +63,10 @@ impl RouteTable {
         let mut best: Option<(&Arc<Route>, (usize, usize))> = None;
         for r in &self.routes {
             let c = &r.config;
-            if let Some(ls) = &c.listeners {
-                if !ls.iter().any(|l| l == listener) {
-                    continue;
-                }
+            if let Some(ls) = &c.listeners
+                && !ls.iter().any(|l| l == listener)
+            {
+                continue;
             }
             let host_score = match (&c.host, host) {
                 (None, _) => 0,
@@ -108,12 +112,12 @@ pub fn normalize_path(path: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
             let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
-                    decoded.push(v as char);
-                    i += 3;
-                    continue;
-                }
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok())
+                && (v.is_ascii_alphanumeric() || b"-._~".contains(&v))
+            {
+                decoded.push(v as char);
+                i += 3;
+                continue;
             }
         }
         decoded.push(bytes[i] as char);

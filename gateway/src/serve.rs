@@ -26,9 +26,9 @@ use crate::connect::{self, with_failover};
 use crate::forward::{self, Conn, Pooled};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Outcome};
+use crate::headers::{add_forwarded, strip_hop_by_hop};
 use crate::plugin::{Denial, RequestKind};
 use crate::policy::{self, Verdict};
-use crate::headers::{add_forwarded, strip_hop_by_hop};
 use crate::route::{Route, normalize_path, request_host};
 use crate::snapshot::Snapshot;
 use crate::tunnel::{self, End};
@@ -284,10 +284,10 @@ fn upstream_head(
     strip_hop_by_hop(&mut headers);
     // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
     add_forwarded(&mut headers, peer, "http");
-    if !route.config.preserve_host || !headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(authority) {
-            headers.insert(header::HOST, v);
-        }
+    if (!route.config.preserve_host || !headers.contains_key(header::HOST))
+        && let Ok(v) = HeaderValue::from_str(authority)
+    {
+        headers.insert(header::HOST, v);
     }
     policy::apply(&plan.verdict, &mut headers);
     (uri, headers)
@@ -401,7 +401,8 @@ async fn forward(
     let (route, pool) = (&plan.route, &plan.verdict.pool);
     let conns = ctx.gw.upstream_conns();
     let attempt = Pooled { pool, conns };
-    let (server, Conn { mut sender, reused }) = match with_failover(pool, &plan.key, attempt).await {
+    let (server, Conn { mut sender, reused }) = match with_failover(pool, &plan.key, attempt).await
+    {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(route = %route.config.name, error = %e, "no upstream for request");
@@ -432,15 +433,15 @@ async fn forward(
     let mut result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
     // A pooled connection the server closed meanwhile hands the request back unsent:
     // retry it once on a fresh connection to the same server.
-    if let (true, Ok(Err(e))) = (reused, &mut result) {
-        if let Some(up) = e.take_message() {
-            match forward::open(pool, &server).await {
-                Ok(fresh) => {
-                    sender = fresh;
-                    result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
-                }
-                Err(e) => tracing::warn!(upstream = %rec.upstream, error = %e, "reconnect failed"),
+    if let (true, Ok(Err(e))) = (reused, &mut result)
+        && let Some(up) = e.take_message()
+    {
+        match forward::open(pool, &server).await {
+            Ok(fresh) => {
+                sender = fresh;
+                result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
             }
+            Err(e) => tracing::warn!(upstream = %rec.upstream, error = %e, "reconnect failed"),
         }
     }
     match result {

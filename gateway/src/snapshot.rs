@@ -71,8 +71,10 @@ impl Snapshot {
                 (u.name.clone(), pool)
             })
             .collect();
-        let by_name: HashMap<String, Plugin> =
-            plugins.iter().map(|(n, (_, p))| (n.clone(), p.clone())).collect();
+        let by_name: HashMap<String, Plugin> = plugins
+            .iter()
+            .map(|(n, (_, p))| (n.clone(), p.clone()))
+            .collect();
         let routes = RouteTable::new(&config.routes, &pools, &by_name);
         Ok(Snapshot {
             config,

@@ -144,8 +144,20 @@ pub async fn relay(
     let (mut reason, error) = {
         let (client_r, client_w) = client.stream.split();
         let (server_r, server_w) = server.stream.split();
-        let up = Pump { dir: &c2s, last: &last, start, first_close: &first_close, side: CLIENT_CLOSE };
-        let down = Pump { dir: &s2c, last: &last, start, first_close: &first_close, side: SERVER_CLOSE };
+        let up = Pump {
+            dir: &c2s,
+            last: &last,
+            start,
+            first_close: &first_close,
+            side: CLIENT_CLOSE,
+        };
+        let down = Pump {
+            dir: &s2c,
+            last: &last,
+            start,
+            first_close: &first_close,
+            side: SERVER_CLOSE,
+        };
         let up = up.run(client_r, server_w, std::mem::take(&mut client.early));
         let down = down.run(server_r, client_w, std::mem::take(&mut server.early));
         tokio::pin!(up, down);
@@ -242,7 +254,12 @@ impl Pump<'_> {
     /// there. The read goes through `AsyncRead`, whose short-read rule clears readiness
     /// when the socket is drained, so each message costs one read and one write syscall
     /// (no extra read that ends in `EAGAIN`).
-    async fn run(self, mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, early: Bytes) -> io::Result<()> {
+    async fn run(
+        self,
+        mut from: ReadHalf<'_>,
+        mut to: WriteHalf<'_>,
+        early: Bytes,
+    ) -> io::Result<()> {
         if !early.is_empty() {
             self.forward(&mut to, &early).await?;
         }
@@ -270,7 +287,9 @@ impl Pump<'_> {
 
     /// Accounts for `data` (bytes, activity, frame boundaries) and writes it all.
     async fn forward(&self, to: &mut WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
-        self.dir.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.dir
+            .bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.last
             .store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let closing = self

@@ -79,7 +79,8 @@ impl Frames {
 /// A Close frame with status 1001 (going away), as a server sends it (unmasked).
 pub const GOING_AWAY_TO_CLIENT: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
 /// The same Close as a client must send it (masked; RFC 6455 §5.3 allows any key).
-pub const GOING_AWAY_TO_SERVER: [u8; 8] = [0x88, 0x82, 0x5a, 0x17, 0xc3, 0x3e, 0x03 ^ 0x5a, 0xE9 ^ 0x17];
+pub const GOING_AWAY_TO_SERVER: [u8; 8] =
+    [0x88, 0x82, 0x5a, 0x17, 0xc3, 0x3e, 0x03 ^ 0x5a, 0xE9 ^ 0x17];
 
 #[cfg(test)]
 mod tests {
