@@ -80,7 +80,7 @@ pub async fn handshake(
         head,
         server: End {
             stream: parts.io.into_inner(),
-            early: parts.read_buf,
+            early: End::detach(parts.read_buf),
         },
     })
 }

@@ -379,7 +379,7 @@ async fn websocket(
         let client_end = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
             Ok(Ok(parts)) => End {
                 stream: parts.io.into_inner(),
-                early: parts.read_buf,
+                early: End::detach(parts.read_buf),
             },
             _ => {
                 tracing::warn!(client = %rec.client, "client upgrade did not complete");

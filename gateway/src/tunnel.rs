@@ -125,6 +125,19 @@ impl Direction {
     }
 }
 
+impl End {
+    /// Copies read-ahead bytes out of hyper's read buffer. The `Bytes` hyper hands over
+    /// shares its whole 8 KiB+ allocation, which a long-lived tunnel would otherwise keep
+    /// alive for nothing: measured at 16 KiB per idle tunnel (two sides).
+    pub fn detach(read_buf: Bytes) -> Bytes {
+        if read_buf.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&read_buf)
+        }
+    }
+}
+
 /// Relays until both sides have closed, the idle timeout fires, or `shutdown` is cancelled.
 ///
 /// The close reason names who closed first: the side that sent the first WebSocket Close
@@ -263,6 +276,7 @@ impl Pump<'_> {
         if !early.is_empty() {
             self.forward(&mut to, &early).await?;
         }
+        drop(early);
         loop {
             from.readable().await?;
             let mut buf = take_buf();
