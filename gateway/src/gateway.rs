@@ -104,6 +104,12 @@ impl Gateway {
 /// Runs the gateway until SIGTERM/SIGINT, then drains tunnels for the configured grace.
 pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let grace = config.shutdown_grace;
+    // Handlers first: a signal that arrives once `listening` is printed must be handled,
+    // not take its default action and kill the process.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
     let mut bound = Vec::new();
     for l in &config.listeners {
         let listener = accept::bind(l.bind)
@@ -136,9 +142,6 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     }
     accepting.close();
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hup.recv() => gw.reload(&path).await,

@@ -1,0 +1,293 @@
+//! Handshakes: what the gateway forwards from a client's upgrade request, which client
+//! requests it refuses, and which upstream answers open a tunnel. Whenever no tunnel opens,
+//! the client connection must stay plain HTTP: a request "smuggled" after the answer on the
+//! same connection is routed by the gateway (to the fixed 403 route) and never reaches the
+//! backend.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_forwards_end_to_end_headers_and_strips_hop_by_hop_ones() {
+    let (backend, gateway) = start_echo_gateway(|c| c).await;
+    let head = with_hop_by_hop(Head::websocket("/chat/room?x=1"), "keep-alive, Upgrade")
+        .set("Host", "chat.example:8443")
+        .header("Origin", "https://app.example")
+        .header("Sec-WebSocket-Protocol", "chat, superchat")
+        .header(
+            "Sec-WebSocket-Extensions",
+            "permessage-deflate; client_max_window_bits",
+        )
+        .header("X-Forwarded-For", "1.2.3.4")
+        .header("X-End-To-End", "kept");
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let answer = client.request(&head).await;
+
+    assert_eq!(answer.status, 101, "{answer:?}");
+    assert_eq!(
+        answer.header("sec-websocket-accept"),
+        Some(head.expected_accept().as_str())
+    );
+    assert!(
+        answer
+            .header("upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket")),
+        "{answer:?}"
+    );
+    assert_eq!(
+        answer.header("sec-websocket-protocol"),
+        Some("chat"),
+        "chosen subprotocol relayed"
+    );
+    let mut ws = client.into_websocket().await;
+    assert_eq!(
+        whoami(&mut ws).await,
+        "a",
+        "the tunnel works after the relayed 101"
+    );
+
+    let requests = backend.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let seen = &requests[0];
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.target, "/chat/room?x=1");
+    assert_eq!(seen.values("host"), ["chat.example:8443"], "Host preserved");
+    assert_eq!(seen.header("origin"), Some("https://app.example"));
+    assert_eq!(
+        seen.header("sec-websocket-protocol"),
+        Some("chat, superchat")
+    );
+    assert_eq!(
+        seen.header("sec-websocket-extensions"),
+        Some("permessage-deflate; client_max_window_bits")
+    );
+    assert_eq!(seen.header("sec-websocket-version"), Some("13"));
+    assert_eq!(
+        seen.header("sec-websocket-key").map(str::len),
+        Some(24),
+        "{seen:?}"
+    );
+    assert_eq!(seen.header("x-end-to-end"), Some("kept"));
+    let connection: Vec<String> = seen
+        .values("connection")
+        .iter()
+        .map(|v| v.to_ascii_lowercase())
+        .collect();
+    assert_eq!(
+        connection,
+        ["upgrade"],
+        "only `Connection: Upgrade` goes upstream"
+    );
+    let upgrade: Vec<String> = seen
+        .values("upgrade")
+        .iter()
+        .map(|v| v.to_ascii_lowercase())
+        .collect();
+    assert_eq!(upgrade, ["websocket"]);
+    assert_forwarded_cleanly(seen, "1.2.3.4, 127.0.0.1", "chat.example:8443");
+    close_ws(ws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_preserve_host_the_server_address_is_sent_as_host() {
+    let (backend, gateway) = start_echo_gateway(|c| c.route_toml("preserve_host = false")).await;
+    let head = Head::websocket("/").set("Host", "chat.example");
+    let mut client = RawClient::connect(gateway.addr()).await;
+    assert_eq!(client.request(&head).await.status, 101);
+    let seen = &backend.requests()[0];
+    assert_eq!(seen.values("host"), [backend.addr.to_string()]);
+    assert_eq!(seen.values("x-forwarded-host"), ["chat.example"]);
+}
+
+/// Sends `head` to a gateway in front of an echo backend, asserts the answer's status,
+/// and that the backend never received a request. Returns the answer.
+async fn assert_refused(head: Head, status: u16) -> Response {
+    let (backend, gateway) = start_echo_gateway(|c| c).await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let answer = client.request(&head).await;
+    assert_eq!(answer.status, status, "answer to {head:?}: {answer:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        backend.requests().is_empty(),
+        "backend was contacted: {:?}",
+        backend.requests()
+    );
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_without_a_key_is_400() {
+    assert_refused(Head::websocket("/").without("Sec-WebSocket-Key"), 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_a_malformed_key_is_400() {
+    for key in [
+        "not base64 at all!",
+        "AAAAAAAAAAAAAAAAAAAA",         // 15 bytes
+        "AAAAAAAAAAAAAAAAAAAAAAAAAA==", // 19 bytes
+        "",
+    ] {
+        assert_refused(Head::websocket("/").set("Sec-WebSocket-Key", key), 400).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_the_wrong_version_is_426_naming_version_13() {
+    let answer = assert_refused(Head::websocket("/").set("Sec-WebSocket-Version", "8"), 426).await;
+    assert_eq!(
+        answer.header("sec-websocket-version"),
+        Some("13"),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_with_upgrade_websocket_is_400_and_never_tunneled() {
+    let head = Head::websocket("/")
+        .method("POST")
+        .header("Content-Length", "0");
+    assert_refused(head, 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_upgrade_is_served_as_a_plain_request() {
+    let (backend, gateway) = start_echo_gateway(|c| c).await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let head = Head::get("/plain")
+        .header("Upgrade", "h2c")
+        .header("Connection", "Upgrade, HTTP2-Settings")
+        .header("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA");
+    let answer = client.request(&head).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.text(), "a");
+    // No tunnel: the same connection carries another ordinary request.
+    let again = client.request(&Head::get("/again")).await;
+    assert_eq!((again.status, again.text()), (200, "a".to_string()));
+
+    let seen = &backend.requests()[0];
+    assert_eq!(seen.target, "/plain");
+    assert!(
+        seen.values("upgrade").is_empty(),
+        "Upgrade forwarded: {seen:?}"
+    );
+    assert!(seen.values("http2-settings").is_empty(), "{seen:?}");
+    assert!(
+        seen.values("connection")
+            .iter()
+            .all(|v| !v.to_ascii_lowercase().contains("upgrade")),
+        "{seen:?}"
+    );
+    assert_eq!(backend.upgrades(), 0);
+}
+
+/// A gateway whose only server answers every request head with `reply`, and a valid
+/// upgrade sent to it; asserts the client gets `status`, then smuggles `GET /internal` on
+/// the same connection: the gateway must answer it (403) and the backend must never see it.
+async fn assert_answer_keeps_connection_http(reply: &str, status: u16) -> Response {
+    let backend = ScriptedBackend::start(Script::Reply(reply.to_string())).await;
+    let gateway = ConfigBuilder::new(&[backend.addr]).start().await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let answer = client.request(&Head::websocket("/chat")).await;
+    assert_eq!(answer.status, status, "{answer:?}");
+
+    let smuggled = client.request(&Head::get("/internal/admin")).await;
+    assert_eq!(smuggled.status, 403, "smuggled request: {smuggled:?}");
+    assert_eq!(smuggled.text(), "forbidden");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = backend.received_text();
+    assert!(
+        !seen.contains("/internal"),
+        "the backend received the smuggled request:\n{seen}"
+    );
+    assert_eq!(seen.matches("GET /chat HTTP/1.1").count(), 1, "{seen}");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_200_is_relayed_and_no_tunnel_opens() {
+    let answer = assert_answer_keeps_connection_http(
+        "HTTP/1.1 200 OK\r\nContent-Length: 12\r\nX-Backend: scripted\r\n\r\nnot a socket",
+        200,
+    )
+    .await;
+    assert_eq!(answer.text(), "not a socket");
+    assert_eq!(answer.header("x-backend"), Some("scripted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_426_is_relayed_and_no_tunnel_opens() {
+    let answer = assert_answer_keeps_connection_http(
+        "HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n",
+        426,
+    )
+    .await;
+    assert_eq!(answer.header("sec-websocket-version"), Some("13"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_302_is_relayed_and_no_tunnel_opens() {
+    let answer = assert_answer_keeps_connection_http(
+        "HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 0\r\n\r\n",
+        302,
+    )
+    .await;
+    assert_eq!(answer.header("location"), Some("/login"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_101_with_a_wrong_accept_is_502() {
+    assert_answer_keeps_connection_http(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+        502,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_101_without_an_accept_is_502() {
+    assert_answer_keeps_connection_http(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        502,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_101_without_upgrade_websocket_is_502() {
+    assert_answer_keeps_connection_http(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n",
+        502,
+    )
+    .await;
+    assert_answer_keeps_connection_http(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n",
+        502,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_silent_past_the_handshake_timeout_gets_a_gateway_error() {
+    let backend = ScriptedBackend::start(Script::Silent).await;
+    let gateway = ConfigBuilder::new(&[backend.addr])
+        .route_toml("handshake_timeout = \"1s\"")
+        .start()
+        .await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let started = Instant::now();
+    let answer = client.request(&Head::websocket("/slow")).await;
+    let waited = started.elapsed();
+    // The contract names no status for this case; a gateway error is what a user expects.
+    assert!(matches!(answer.status, 502 | 504), "{answer:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited <= Duration::from_secs(5),
+        "answered after {waited:?}, handshake_timeout is 1s"
+    );
+}

@@ -1,0 +1,231 @@
+//! Limits and shutdown: slow request heads are cut off, oversized heads get 431,
+//! connections over `max_connections` wait their turn, and SIGTERM drains tunnels for the
+//! grace period before the process exits 0.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_client_is_cut_off_while_others_are_served() {
+    let (_backend, gateway) =
+        start_echo_gateway(|c| c.listener_toml("header_read_timeout = \"1s\"")).await;
+    let mut slow = RawClient::connect(gateway.addr()).await;
+    let started = Instant::now();
+    slow.send("GET / HTTP/1.1\r\nHost: slow.example\r\n").await;
+
+    // One byte every 200 ms (never finishing the head) until the gateway hangs up.
+    let dribble = async {
+        for byte in b"X-Dribble: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+            match slow.read_some(Duration::from_millis(200)).await {
+                None => {
+                    if slow.writer.write_all(&[*byte]).await.is_err() {
+                        return started.elapsed();
+                    }
+                }
+                Some(Ok(bytes)) if bytes.is_empty() => return started.elapsed(),
+                Some(Err(_)) => return started.elapsed(),
+                // An error answer such as 408 may come first; the close must follow.
+                Some(Ok(_)) => continue,
+            }
+        }
+        panic!(
+            "the slow client was still connected after {:?}",
+            started.elapsed()
+        );
+    };
+    let others = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_answered(gateway.addr(), &Head::get("/"), "a").await;
+        let mut ws = ws_connect(gateway.addr(), "/").await;
+        assert_eq!(whoami(&mut ws).await, "a");
+        close_ws(ws).await;
+    };
+    let (cut_after, ()) = tokio::join!(dribble, others);
+    assert!(
+        cut_after >= Duration::from_millis(800) && cut_after <= Duration::from_secs(5),
+        "slow client cut off after {cut_after:?}, header_read_timeout is 1s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_gets_431_and_the_next_client_is_served() {
+    let (backend, gateway) =
+        start_echo_gateway(|c| c.listener_toml("max_header_size = \"8KiB\"")).await;
+    let mut big = RawClient::connect(gateway.addr()).await;
+    let answer = big
+        .request(&Head::get("/").header("X-Big", &"a".repeat(12 * 1024)))
+        .await;
+    assert_eq!(answer.status, 431, "{answer:?}");
+
+    let mut next = RawClient::connect(gateway.addr()).await;
+    let answer = next
+        .request(&Head::get("/").header("X-Fine", &"b".repeat(2 * 1024)))
+        .await;
+    assert_eq!((answer.status, answer.text()), (200, "a".to_string()));
+    let requests = backend.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert!(requests[0].header("x-big").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_over_max_connections_waits_instead_of_being_refused() {
+    let (_backend, gateway) = start_echo_gateway(|c| c.listener_toml("max_connections = 2")).await;
+    let (first, _) = ws_whoami(gateway.addr(), "/1", &[]).await;
+    let (mut second, _) = ws_whoami(gateway.addr(), "/2", &[]).await;
+
+    let mut third = RawClient::connect(gateway.addr()).await;
+    let head = Head::websocket("/3");
+    third.send(head.to_bytes()).await;
+    match third.read_some(Duration::from_secs(1)).await {
+        None => {}
+        Some(Ok(bytes)) if bytes.is_empty() => {
+            panic!("third connection was closed instead of waiting")
+        }
+        Some(Ok(bytes)) => panic!(
+            "third connection served while two were open: {:?}",
+            String::from_utf8_lossy(&bytes)
+        ),
+        Some(Err(e)) => panic!("third connection failed instead of waiting: {e}"),
+    }
+
+    close_ws(first).await;
+    let answer = third.response().await;
+    assert_eq!(answer.status, 101, "{answer:?}");
+    let mut third = third.into_websocket().await;
+    assert_eq!(whoami(&mut third).await, "a");
+    assert_eq!(
+        whoami(&mut second).await,
+        "a",
+        "the second connection is still served"
+    );
+}
+
+/// Asserts that a new client gets no service: the connect is refused or hangs, or the
+/// connection gives no answer to a request within a second.
+async fn assert_not_served(addr: SocketAddr) {
+    let Ok(Ok(mut stream)) =
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+    else {
+        return;
+    };
+    if stream.write_all(&Head::get("/").to_bytes()).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 4096];
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+        assert_eq!(
+            n,
+            0,
+            "a new connection was served after SIGTERM: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+}
+
+/// A gateway with one open tunnel, just sent SIGTERM.
+struct Draining {
+    backend: Backend,
+    gateway: Gateway,
+    ws: Ws,
+    /// The tunnel's client address, as the access log names it.
+    client: String,
+    /// When SIGTERM was sent.
+    signalled: Instant,
+}
+
+impl Draining {
+    /// Starts a gateway with `[shutdown] grace`, opens a tunnel, sends SIGTERM.
+    async fn start(grace: &str) -> Draining {
+        let (backend, gateway) = start_echo_gateway(|c| c.grace(grace)).await;
+        let mut ws = ws_connect(gateway.addr(), "/").await;
+        let client = ws.get_ref().local_addr().expect("local addr").to_string();
+        assert_eq!(whoami(&mut ws).await, "a");
+        gateway.signal("TERM");
+        Draining {
+            backend,
+            gateway,
+            ws,
+            client,
+            signalled: Instant::now(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_drains_tunnels_for_the_grace_period_and_exits_0() {
+    let Draining {
+        backend: _backend,
+        mut gateway,
+        mut ws,
+        client,
+        signalled,
+    } = Draining::start("2s").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_not_served(gateway.addr()).await;
+
+    // Well inside the grace period the tunnel still echoes.
+    let msg = Message::text("still draining");
+    assert_eq!(roundtrip(&mut ws, msg.clone()).await, msg);
+    assert!(
+        signalled.elapsed() < Duration::from_millis(1800),
+        "test too slow to check the grace period"
+    );
+
+    ws_closed_within(&mut ws, Duration::from_secs(6)).await;
+    let closed_after = signalled.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(1500) && closed_after <= Duration::from_secs(5),
+        "tunnel closed {closed_after:?} after SIGTERM, grace is 2s"
+    );
+    let status = gateway.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        signalled.elapsed() <= Duration::from_secs(6),
+        "exited {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    let line = gateway
+        .wait_access_log("the drained tunnel's access log", |l| l.client == client)
+        .await;
+    assert_eq!(line.reason.as_deref(), Some("shutdown"), "{line:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_as_soon_as_the_last_tunnel_ends() {
+    let Draining {
+        backend: _backend,
+        mut gateway,
+        ws,
+        client,
+        signalled,
+    } = Draining::start("30s").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(ws); // the client closes its TCP connection first
+    let status = gateway.wait_exit(Duration::from_secs(8)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(8),
+        "exited {:?} after SIGTERM although the only tunnel ended after 0.5s (grace 30s)",
+        signalled.elapsed()
+    );
+    let line = gateway
+        .wait_access_log("the tunnel's access log", |l| l.client == client)
+        .await;
+    assert_eq!(line.reason.as_deref(), Some("client_closed"), "{line:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_without_tunnels_exits_0_promptly() {
+    let (_backend, mut gateway) = start_echo_gateway(|c| c.grace("30s")).await;
+    assert_answered(gateway.addr(), &Head::get("/"), "a").await;
+    gateway.signal("INT");
+    let status = gateway.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
