@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sluice stopped with an error");
-            eprintln!("error: {e}");
+            eprintln!("error: {}: {e}", path.display());
             ExitCode::FAILURE
         }
     }

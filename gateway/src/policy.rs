@@ -69,7 +69,8 @@ pub async fn decide<B>(
                     status: 503,
                     headers: Vec::new(),
                     body: "service unavailable: policy chose an unknown pool\n".into(),
-                    plugin: String::new(),
+                    // Logged as `denied_by=pool:NAME`: the chain's choice was refused.
+                    plugin: format!("pool:{name}"),
                     fault: None,
                 });
             }
