@@ -1,0 +1,77 @@
+//! The load generator's WebSocket client: open (TCP connect + upgrade), round trips, close.
+
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::ws::{self, OP_CLOSE, OP_PONG, Reader, Rng};
+
+/// One client connection whose opening handshake has completed.
+#[derive(Debug)]
+pub struct Conn {
+    reader: Reader<TcpStream>,
+    out: Vec<u8>,
+    rng: Rng,
+}
+
+impl Conn {
+    /// Connects to `addr`, sends the upgrade request and checks the `101` answer,
+    /// including `Sec-WebSocket-Accept`.
+    pub async fn open(addr: SocketAddr, mut rng: Rng) -> io::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let key = ws::client_key(&mut rng);
+        let request = format!(
+            "GET /bench HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let mut reader = Reader::new(stream);
+        reader.get_mut().write_all(request.as_bytes()).await?;
+        let head = reader.read_head().await?;
+        if !head.starts_with("HTTP/1.1 101") {
+            let status = head.lines().next().unwrap_or_default();
+            return Err(ws::invalid(&format!("upgrade refused: {status}")));
+        }
+        if ws::header(&head, "sec-websocket-accept") != Some(ws::accept_key(&key).as_str()) {
+            return Err(ws::invalid("wrong Sec-WebSocket-Accept"));
+        }
+        Ok(Conn {
+            reader,
+            out: Vec::new(),
+            rng,
+        })
+    }
+
+    /// Sends one masked frame and waits for the reply with opcode `expect`, which must
+    /// carry a payload of the same length (stray pongs are skipped).
+    pub async fn round_trip(&mut self, opcode: u8, payload: &[u8], expect: u8) -> io::Result<()> {
+        self.out.clear();
+        ws::encode_frame(&mut self.out, opcode, payload, Some(self.rng.mask()));
+        self.reader.get_mut().write_all(&self.out).await?;
+        loop {
+            match self.reader.read_frame().await? {
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Some((frame, reply)) if frame.opcode == expect => {
+                    return if reply.len() == payload.len() {
+                        Ok(())
+                    } else {
+                        Err(ws::invalid("reply length differs"))
+                    };
+                }
+                Some((frame, _)) if frame.opcode == OP_PONG => {}
+                Some(_) => return Err(ws::invalid("unexpected frame")),
+            }
+        }
+    }
+
+    /// The closing handshake: sends a close, awaits the echoed close, then waits for the
+    /// server to close TCP first (so TIME_WAIT stays on the server side).
+    pub async fn close(mut self) -> io::Result<()> {
+        let normal = 1000u16.to_be_bytes();
+        self.round_trip(OP_CLOSE, &normal, OP_CLOSE).await?;
+        while self.reader.fill().await? != 0 {}
+        Ok(())
+    }
+}

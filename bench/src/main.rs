@@ -1,0 +1,55 @@
+//! `sluice-bench`: side-by-side WebSocket benchmarks of the direct path, Sluice, nginx and
+//! HAProxy, with its own load generator and echo backend. See `bench/README.md`.
+
+mod backend;
+mod client;
+mod report;
+mod run;
+mod scenario;
+mod sys;
+mod targets;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Side-by-side WebSocket benchmarks: direct, Sluice, nginx, HAProxy.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run scenarios against targets (defaults: everything, 3 repetitions).
+    #[command(alias = "all")]
+    Run(run::RunArgs),
+    /// Print the Markdown report of a results file (`results/*.jsonl`).
+    Report {
+        /// A JSON-lines file written by `run`.
+        file: PathBuf,
+    },
+    /// The echo backend (started by `run` as a separate process).
+    #[command(hide = true)]
+    Backend {
+        /// Address to listen on; prints `listening ADDR` when ready.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Runtime threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Run(args) => run::run(args),
+        Cmd::Report { file } => run::report(&file),
+        Cmd::Backend { listen, threads } => backend::serve(listen, threads),
+    }
+}

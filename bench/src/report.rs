@@ -1,0 +1,526 @@
+//! Results: one JSON line per run, and a Markdown report of medians with ratios against
+//! the direct path and between peers.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::{Outcome, Scenario};
+use crate::targets::Target;
+
+/// The measurements of one run (one scenario, one target, one repetition).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Always `"run"`, to tell these lines from the session's `"meta"` line.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Repetition number, from 1.
+    pub rep: usize,
+    /// Scenario name (`echo-32`, `echo-16k`, `handshake`, `idle`).
+    pub scenario: String,
+    /// Target name (`direct`, `sluice`, `nginx`, `haproxy`).
+    pub target: String,
+    /// Connections (echo), workers (handshake) or open/ping concurrency (idle).
+    pub conns: usize,
+    /// Message size in bytes (echo only).
+    pub size: Option<usize>,
+    /// Tunnels held (idle only).
+    pub tunnels: Option<usize>,
+    /// Length of the measured window in seconds.
+    pub seconds: f64,
+    /// Operations completed in the window.
+    pub ops: u64,
+    /// Operations per second.
+    pub ops_per_s: f64,
+    /// Median round trip, microseconds.
+    pub rtt_p50_us: Option<f64>,
+    /// 99th percentile round trip, microseconds.
+    pub rtt_p99_us: Option<f64>,
+    /// 99.9th percentile round trip, microseconds.
+    pub rtt_p999_us: Option<f64>,
+    /// Proxy CPU (user + system, all processes) in the window, seconds.
+    pub proxy_cpu_s: Option<f64>,
+    /// Proxy CPU per operation, microseconds.
+    pub cpu_us_per_op: Option<f64>,
+    /// Load generator CPU in the window, seconds.
+    pub loadgen_cpu_s: f64,
+    /// Echo backend CPU in the window, seconds.
+    pub backend_cpu_s: f64,
+    /// Busy CPU of the whole machine in the window, seconds (all cores; whatever exceeds
+    /// proxy + load generator + backend is someone else's work competing for the cores).
+    pub host_busy_cpu_s: f64,
+    /// CPU stolen by the hypervisor in the window, seconds.
+    pub host_steal_s: f64,
+    /// Proxy system calls per operation (only with `--perf`).
+    pub syscalls_per_op: Option<f64>,
+    /// Proxy context switches per operation (only with `--perf`).
+    pub context_switches_per_op: Option<f64>,
+    /// Proxy system calls per operation by name (only with `--perf`).
+    pub syscall_mix_per_op: Option<BTreeMap<String, f64>>,
+    /// Proxy resident memory before opening the idle tunnels, KiB (summed `VmRSS`).
+    pub rss_before_kib: Option<u64>,
+    /// Proxy resident memory with the idle tunnels open, KiB.
+    pub rss_after_kib: Option<u64>,
+    /// Resident memory growth per idle tunnel, bytes.
+    pub rss_per_tunnel_b: Option<f64>,
+    /// Proportional set size growth per idle tunnel, bytes (`smaps_rollup` `Pss`).
+    pub pss_per_tunnel_b: Option<f64>,
+    /// Failed operations.
+    pub errors: u64,
+    /// Why the run produced no measurements, if it failed outright.
+    pub error: Option<String>,
+}
+
+impl RunRecord {
+    /// A record for a completed run.
+    pub fn new(
+        rep: usize,
+        scenario: Scenario,
+        target: Target,
+        conns: usize,
+        outcome: &Outcome,
+    ) -> RunRecord {
+        let percentile = |q: f64| percentile_us(&outcome.rtt_ns, q);
+        let per_tunnel = |kib: fn(&crate::sys::Memory) -> u64| {
+            let idle = outcome.idle?;
+            (idle.tunnels > 0).then(|| {
+                (kib(&idle.after) as f64 - kib(&idle.before) as f64) * 1024.0 / idle.tunnels as f64
+            })
+        };
+        let per_op = |count: fn(&crate::sys::Counts) -> u64| {
+            let counts = outcome.cpu.proxy_counts.as_ref()?;
+            (outcome.ops > 0).then(|| count(counts) as f64 / outcome.ops as f64)
+        };
+        RunRecord {
+            ops: outcome.ops,
+            seconds: outcome.seconds,
+            ops_per_s: if outcome.seconds > 0.0 {
+                outcome.ops as f64 / outcome.seconds
+            } else {
+                0.0
+            },
+            rtt_p50_us: percentile(0.5),
+            rtt_p99_us: percentile(0.99),
+            rtt_p999_us: percentile(0.999),
+            proxy_cpu_s: outcome.cpu.proxy,
+            cpu_us_per_op: outcome
+                .cpu
+                .proxy
+                .filter(|_| outcome.ops > 0)
+                .map(|s| s * 1e6 / outcome.ops as f64),
+            loadgen_cpu_s: outcome.cpu.loadgen,
+            backend_cpu_s: outcome.cpu.backend,
+            host_busy_cpu_s: outcome.cpu.host_busy,
+            host_steal_s: outcome.cpu.host_steal,
+            syscalls_per_op: per_op(|c| c.syscalls),
+            context_switches_per_op: per_op(|c| c.context_switches),
+            syscall_mix_per_op: outcome
+                .cpu
+                .proxy_counts
+                .as_ref()
+                .filter(|_| outcome.ops > 0)
+                .map(|c| {
+                    c.by_syscall
+                        .iter()
+                        .map(|(name, n)| (name.clone(), *n as f64 / outcome.ops as f64))
+                        .collect()
+                }),
+            rss_before_kib: outcome.idle.map(|m| m.before.rss_kib),
+            rss_after_kib: outcome.idle.map(|m| m.after.rss_kib),
+            rss_per_tunnel_b: per_tunnel(|m| m.rss_kib),
+            pss_per_tunnel_b: per_tunnel(|m| m.pss_kib),
+            tunnels: outcome.idle.map(|m| m.tunnels),
+            errors: outcome.errors,
+            ..RunRecord::failed(rep, scenario, target, conns, None)
+        }
+    }
+
+    /// A record for a run that could not be measured (`error` says why).
+    pub fn failed(
+        rep: usize,
+        scenario: Scenario,
+        target: Target,
+        conns: usize,
+        error: Option<String>,
+    ) -> RunRecord {
+        RunRecord {
+            kind: "run".into(),
+            rep,
+            scenario: scenario.to_string(),
+            target: target.to_string(),
+            conns,
+            size: match scenario {
+                Scenario::Echo { size } => Some(size),
+                _ => None,
+            },
+            tunnels: None,
+            seconds: 0.0,
+            ops: 0,
+            ops_per_s: 0.0,
+            rtt_p50_us: None,
+            rtt_p99_us: None,
+            rtt_p999_us: None,
+            proxy_cpu_s: None,
+            cpu_us_per_op: None,
+            loadgen_cpu_s: 0.0,
+            backend_cpu_s: 0.0,
+            host_busy_cpu_s: 0.0,
+            host_steal_s: 0.0,
+            syscalls_per_op: None,
+            context_switches_per_op: None,
+            syscall_mix_per_op: None,
+            rss_before_kib: None,
+            rss_after_kib: None,
+            rss_per_tunnel_b: None,
+            pss_per_tunnel_b: None,
+            errors: 0,
+            error,
+        }
+    }
+}
+
+impl RunRecord {
+    /// Cores' worth of CPU that neither the proxy, the load generator nor the backend used
+    /// during the window: other work competing for the machine.
+    fn other_cores(&self) -> Option<f64> {
+        let ours = self.proxy_cpu_s.unwrap_or(0.0) + self.loadgen_cpu_s + self.backend_cpu_s;
+        (self.seconds > 0.0).then(|| ((self.host_busy_cpu_s - ours) / self.seconds).max(0.0))
+    }
+}
+
+/// The `q` quantile of sorted nanosecond samples, in microseconds (nearest rank).
+fn percentile_us(sorted_ns: &[u64], q: f64) -> Option<f64> {
+    if sorted_ns.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted_ns.len() as f64).ceil() as usize).clamp(1, sorted_ns.len());
+    Some(sorted_ns[rank - 1] as f64 / 1000.0)
+}
+
+/// The median of the values present (mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// Medians over the repetitions of one scenario and target.
+#[derive(Debug, Clone, Default)]
+struct Summary {
+    reps: usize,
+    errors: u64,
+    ops_per_s: Option<f64>,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    p999: Option<f64>,
+    cpu_us_per_op: Option<f64>,
+    rss_per_tunnel: Option<f64>,
+    pss_per_tunnel: Option<f64>,
+    other_cores: Option<f64>,
+    syscalls_per_op: Option<f64>,
+    context_switches_per_op: Option<f64>,
+    /// The first repetition's leading syscalls per op, e.g. `recvfrom 2.0, sendto 2.0`.
+    syscall_mix: String,
+}
+
+impl Summary {
+    fn of(runs: &[&RunRecord]) -> Summary {
+        let ok: Vec<&&RunRecord> = runs.iter().filter(|r| r.error.is_none()).collect();
+        let med =
+            |f: fn(&RunRecord) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
+        Summary {
+            reps: ok.len(),
+            errors: runs.iter().map(|r| r.errors).sum::<u64>() + (runs.len() - ok.len()) as u64,
+            ops_per_s: med(|r| Some(r.ops_per_s)),
+            p50: med(|r| r.rtt_p50_us),
+            p99: med(|r| r.rtt_p99_us),
+            p999: med(|r| r.rtt_p999_us),
+            cpu_us_per_op: med(|r| r.cpu_us_per_op),
+            rss_per_tunnel: med(|r| r.rss_per_tunnel_b),
+            pss_per_tunnel: med(|r| r.pss_per_tunnel_b),
+            other_cores: med(RunRecord::other_cores),
+            syscalls_per_op: med(|r| r.syscalls_per_op),
+            context_switches_per_op: med(|r| r.context_switches_per_op),
+            syscall_mix: ok
+                .iter()
+                .find_map(|r| r.syscall_mix_per_op.as_ref())
+                .map(|mix| {
+                    let mut top: Vec<(&String, &f64)> =
+                        mix.iter().filter(|(_, n)| **n >= 0.05).collect();
+                    top.sort_by(|a, b| b.1.total_cmp(a.1));
+                    top.iter()
+                        .map(|(name, n)| format!("{name} {n:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A figure read from a summary.
+type Metric = fn(&Summary) -> Option<f64>;
+
+/// One of issue #4's goals: Sluice's `metric` in `scenario` at most `limit` times the
+/// better peer's (or HAProxy's).
+struct Goal {
+    scenario: &'static str,
+    label: &'static str,
+    metric: Metric,
+    limit: f64,
+    haproxy_only: bool,
+}
+
+/// A Markdown report of `records`: medians per scenario and target, ratios against
+/// direct and between peers, and the issue's goals for Sluice.
+pub fn markdown(records: &[RunRecord]) -> String {
+    // Scenario order as first seen; targets in the fixed report order.
+    let mut scenarios: Vec<String> = Vec::new();
+    for r in records {
+        if !scenarios.contains(&r.scenario) {
+            scenarios.push(r.scenario.clone());
+        }
+    }
+    let mut groups: BTreeMap<(usize, Target), Vec<&RunRecord>> = BTreeMap::new();
+    for r in records {
+        let (Some(s), Ok(t)) = (
+            scenarios.iter().position(|s| *s == r.scenario),
+            r.target.parse(),
+        ) else {
+            continue;
+        };
+        groups.entry((s, t)).or_default().push(r);
+    }
+    let summaries: BTreeMap<(usize, Target), Summary> = groups
+        .iter()
+        .map(|(k, runs)| (*k, Summary::of(runs)))
+        .collect();
+    let get = |s: usize, t: Target| summaries.get(&(s, t));
+
+    let mut out = String::new();
+    let reps = records.iter().map(|r| r.rep).max().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "Medians of {reps} repetition(s). CPU and memory are the proxy's own (all its processes); latency is the client's round trip.\n"
+    );
+    out.push_str("| scenario | target | ops/s | RTT p50 µs | p99 µs | p99.9 µs | proxy CPU µs/op | RSS B/tunnel | PSS B/tunnel | ops/s ÷ direct | p50 ÷ direct | other load (cores) | errors |\n");
+    out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    for (&(s, t), sum) in &summaries {
+        let direct = get(s, Target::Direct);
+        let vs_direct = |f: fn(&Summary) -> Option<f64>| match t {
+            Target::Direct => "1".to_string(),
+            _ => num(ratio(f(sum), direct.and_then(f)), 2),
+        };
+        let errors = match sum.reps {
+            0 => format!("{} (no run succeeded)", sum.errors),
+            _ => sum.errors.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} |",
+            scenarios[s],
+            num(sum.ops_per_s, 0),
+            num(sum.p50, 0),
+            num(sum.p99, 0),
+            num(sum.p999, 0),
+            num(sum.cpu_us_per_op, 1),
+            num(sum.rss_per_tunnel, 0),
+            num(sum.pss_per_tunnel, 0),
+            vs_direct(|x| x.ops_per_s),
+            vs_direct(|x| x.p50),
+            num(sum.other_cores, 2),
+        );
+    }
+
+    if summaries.values().any(|x| x.syscalls_per_op.is_some()) {
+        out.push_str(
+            "\nProfiled with perf (which slows the proxy; counts, not times, are the point):\n\n",
+        );
+        out.push_str(
+            "| scenario | target | syscalls/op | context switches/op | most frequent syscalls per op |\n|---|---|--:|--:|---|\n",
+        );
+        for (&(s, t), sum) in summaries
+            .iter()
+            .filter(|(_, x)| x.syscalls_per_op.is_some())
+        {
+            let _ = writeln!(
+                out,
+                "| {} | {t} | {} | {} | {} |",
+                scenarios[s],
+                num(sum.syscalls_per_op, 1),
+                num(sum.context_switches_per_op, 2),
+                sum.syscall_mix
+            );
+        }
+    }
+
+    let pairs = [
+        (Target::Sluice, Target::Nginx),
+        (Target::Sluice, Target::Haproxy),
+        (Target::Nginx, Target::Haproxy),
+    ];
+    let metrics: [(&str, Metric); 4] = [
+        ("proxy CPU µs/op", |x| x.cpu_us_per_op),
+        ("RSS B/tunnel", |x| x.rss_per_tunnel),
+        ("ops/s", |x| x.ops_per_s),
+        ("RTT p50", |x| x.p50),
+    ];
+    out.push_str(
+        "\nRatios between peers (below 1 means the first uses less, or for ops/s is slower):\n\n",
+    );
+    out.push_str("| scenario | metric | sluice ÷ nginx | sluice ÷ haproxy | nginx ÷ haproxy |\n|---|---|--:|--:|--:|\n");
+    for (s, name) in scenarios.iter().enumerate() {
+        for (metric, f) in metrics {
+            let cells: Vec<Option<f64>> = pairs
+                .iter()
+                .map(|&(a, b)| ratio(get(s, a).and_then(f), get(s, b).and_then(f)))
+                .collect();
+            if cells.iter().all(Option::is_none) {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "| {name} | {metric} | {} | {} | {} |",
+                num(cells[0], 2),
+                num(cells[1], 2),
+                num(cells[2], 2)
+            );
+        }
+    }
+
+    let cpu: Metric = |x| x.cpu_us_per_op;
+    let goals = [
+        Goal {
+            scenario: "echo-32",
+            label: "proxy CPU per 32 B echo",
+            metric: cpu,
+            limit: 0.8,
+            haproxy_only: false,
+        },
+        Goal {
+            scenario: "echo-16k",
+            label: "proxy CPU per 16 KiB echo",
+            metric: cpu,
+            limit: 0.8,
+            haproxy_only: false,
+        },
+        Goal {
+            scenario: "handshake",
+            label: "proxy CPU per upgrade",
+            metric: cpu,
+            limit: 1.0,
+            haproxy_only: false,
+        },
+        Goal {
+            scenario: "idle",
+            label: "RSS per idle tunnel (vs HAProxy)",
+            metric: |x| x.rss_per_tunnel,
+            limit: 0.6,
+            haproxy_only: true,
+        },
+    ];
+    out.push_str("\nIssue #4 goals for Sluice (ratio to the better of nginx and HAProxy, or to HAProxy where stated):\n\n");
+    out.push_str(
+        "| goal | sluice | reference | ratio | limit | met |\n|---|--:|--:|--:|--:|---|\n",
+    );
+    for Goal {
+        scenario,
+        label,
+        metric: f,
+        limit,
+        haproxy_only,
+    } in goals
+    {
+        let Some(s) = scenarios.iter().position(|n| n == scenario) else {
+            continue;
+        };
+        let sluice = get(s, Target::Sluice).and_then(f);
+        let haproxy = get(s, Target::Haproxy).and_then(f);
+        let reference = if haproxy_only {
+            haproxy
+        } else {
+            [get(s, Target::Nginx).and_then(f), haproxy]
+                .into_iter()
+                .flatten()
+                .min_by(f64::total_cmp)
+        };
+        let r = ratio(sluice, reference);
+        let met = match r {
+            Some(r) if r <= limit => "yes",
+            Some(_) => "**no**",
+            None => "n/a",
+        };
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | ≤ {limit} | {met} |",
+            num(sluice, 1),
+            num(reference, 1),
+            num(r, 2)
+        );
+    }
+    out
+}
+
+/// `a ÷ b` when both are known and `b` is positive.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// A table cell: the value with `decimals` places, or a dash.
+fn num(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "–".into(), |v| format!("{v:.decimals$}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let ns: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        assert_eq!(percentile_us(&ns, 0.5), Some(500.0));
+        assert_eq!(percentile_us(&ns, 0.99), Some(990.0));
+        assert_eq!(percentile_us(&ns, 0.999), Some(999.0));
+        assert_eq!(percentile_us(&[], 0.5), None);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn report_has_ratios_and_goals() {
+        let mut records = Vec::new();
+        for (target, cpu) in [
+            (Target::Direct, None),
+            (Target::Sluice, Some(8.0)),
+            (Target::Nginx, Some(11.0)),
+            (Target::Haproxy, Some(12.0)),
+        ] {
+            let mut r = RunRecord::failed(1, Scenario::Echo { size: 32 }, target, 64, None);
+            r.ops_per_s = 1000.0;
+            r.cpu_us_per_op = cpu;
+            records.push(r);
+        }
+        let md = markdown(&records);
+        assert!(
+            md.contains("| echo-32 | proxy CPU µs/op | 0.73 | 0.67 | 0.92 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| proxy CPU per 32 B echo | 8.0 | 11.0 | 0.73 | ≤ 0.8 | yes |"),
+            "{md}"
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! The session: start the backend, then for each repetition, scenario and target start a
+//! fresh target, run the scenario, stop the target and record one JSON line; finally
+//! print and save the Markdown report.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::report::{self, RunRecord};
+use crate::scenario::{self, Params, Probe, Scenario};
+use crate::sys;
+use crate::targets::{self, Env, Target};
+
+/// Options of `sluice-bench run` (alias `all`); the defaults run everything.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RunArgs {
+    /// Targets, comma-separated: direct, sluice, nginx, haproxy.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,sluice,nginx,haproxy"
+    )]
+    pub targets: Vec<Target>,
+    /// Scenarios, comma-separated: echo-SIZE (e.g. echo-32, echo-16k), handshake, idle.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "echo-32,echo-16k,handshake,idle"
+    )]
+    pub scenarios: Vec<Scenario>,
+    /// Repetitions of every scenario and target; the report shows medians.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Measured window of echo and handshake runs, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Warm-up before each measured window, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Connections in the echo loop.
+    #[arg(long, default_value_t = 64)]
+    pub echo_conns: usize,
+    /// Concurrent connect-upgrade-close workers.
+    #[arg(long, default_value_t = 32)]
+    pub handshake_conns: usize,
+    /// Tunnels held open in the idle scenario.
+    #[arg(long, default_value_t = 9000)]
+    pub tunnels: usize,
+    /// Concurrency for opening and pinging idle tunnels.
+    #[arg(long, default_value_t = 64)]
+    pub idle_conns: usize,
+    /// Worker threads (Sluice, HAProxy) or worker processes (nginx) of every proxy.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Threads of the load generator (1 = a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    pub loadgen_threads: usize,
+    /// Threads of the echo backend process.
+    #[arg(long, default_value_t = 1)]
+    pub backend_threads: usize,
+    /// The sluice executable [default: `sluice` beside this program].
+    #[arg(long)]
+    pub sluice: Option<PathBuf>,
+    /// Directory for JSON lines, reports and profiles.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    pub out: PathBuf,
+    /// Record each proxy's measured window with `perf record` (slows the proxy: for
+    /// finding where CPU goes, not for the table).
+    #[arg(long)]
+    pub perf: bool,
+    /// Quick look: 1 repetition, 3 s windows, 1 s warm-up, 1,000 idle tunnels.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+impl RunArgs {
+    fn apply_quick(&mut self) {
+        if self.quick {
+            self.reps = 1;
+            self.duration = 3.0;
+            self.warmup = 1.0;
+            self.tunnels = self.tunnels.min(1000);
+        }
+    }
+
+    fn params(&self) -> Params {
+        Params {
+            warmup: Duration::from_secs_f64(self.warmup),
+            duration: Duration::from_secs_f64(self.duration),
+            echo_conns: self.echo_conns,
+            handshake_conns: self.handshake_conns,
+            tunnels: self.tunnels,
+            idle_conns: self.idle_conns,
+        }
+    }
+}
+
+/// Runs the session described by `args`.
+pub fn run(mut args: RunArgs) -> Result<()> {
+    args.apply_quick();
+    ensure!(
+        args.reps >= 1 && args.duration > 0.0 && args.workers >= 1,
+        "reps, duration and workers must be positive"
+    );
+    let nofile = sys::raise_nofile_limit();
+    ensure!(
+        (args.tunnels + args.echo_conns + 200) as u64 <= nofile,
+        "{} tunnels need more descriptors than this process may open ({nofile})",
+        args.tunnels
+    );
+    let sluice_bin = match &args.sluice {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("sluice"),
+    };
+    if args.targets.contains(&Target::Sluice) && !sluice_bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p sluice`, pass --sluice PATH, or leave sluice out of --targets",
+            sluice_bin.display()
+        );
+    }
+    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let started = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let stamp = format!("run-{started}");
+    let jsonl_path = args.out.join(format!("{stamp}.jsonl"));
+    let mut jsonl = fs::File::create(&jsonl_path)?;
+
+    let backend = Backend::spawn(args.backend_threads)?;
+    let work_dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    fs::create_dir_all(&work_dir)?;
+    let env = Env {
+        backend: backend.addr,
+        backend_pid: backend.pid(),
+        workers: args.workers,
+        sluice_bin: sluice_bin.clone(),
+        work_dir: work_dir.clone(),
+    };
+
+    let meta = serde_json::json!({
+        "type": "meta",
+        "started_unix": started,
+        "machine": machine(),
+        "versions": {
+            "sluice": sys::version_of(&sluice_bin.to_string_lossy(), &["--version"]),
+            "nginx": sys::version_of("nginx", &["-v"]),
+            "haproxy": sys::version_of("haproxy", &["-v"]),
+            "kernel": sys::version_of("uname", &["-r"]),
+        },
+        "open_file_limit": nofile,
+        "settings": &args,
+    });
+    writeln!(jsonl, "{meta}")?;
+    println!("{meta}");
+
+    let rt = sys::runtime(args.loadgen_threads)?;
+    let params = args.params();
+    let mut records = Vec::new();
+    for rep in 1..=args.reps {
+        // Rotate the target order each repetition so no target always runs first.
+        let mut order = args.targets.clone();
+        let turn = (rep - 1) % order.len().max(1);
+        order.rotate_left(turn);
+        for &scenario in &args.scenarios {
+            for &target in &order {
+                eprintln!("[rep {rep}/{}] {scenario} via {target}", args.reps);
+                let conns = params.conns(scenario);
+                let perf = (args.perf && target != Target::Direct).then(|| {
+                    args.out
+                        .join(format!("{stamp}-{scenario}-{target}-rep{rep}.perf.data"))
+                });
+                let record = run_one(&rt, &env, &params, scenario, target, perf)
+                    .map(|outcome| RunRecord::new(rep, scenario, target, conns, &outcome))
+                    .unwrap_or_else(|e| {
+                        eprintln!("  failed: {e:#}");
+                        RunRecord::failed(rep, scenario, target, conns, Some(format!("{e:#}")))
+                    });
+                let line = serde_json::to_string(&record)?;
+                writeln!(jsonl, "{line}")?;
+                println!("{line}");
+                records.push(record);
+                // Let sockets in TIME_WAIT and the backend's closing tasks settle.
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    drop(backend);
+    let _ = fs::remove_dir_all(&work_dir);
+
+    let md = report::markdown(&records);
+    println!("\n{md}");
+    let md_path = args.out.join(format!("{stamp}.md"));
+    fs::write(&md_path, &md)?;
+    fs::write(args.out.join("latest.md"), &md)?;
+    fs::copy(&jsonl_path, args.out.join("latest.jsonl"))?;
+    eprintln!("wrote {} and {}", jsonl_path.display(), md_path.display());
+    Ok(())
+}
+
+/// Starts `target`, runs `scenario` through it, and stops it.
+fn run_one(
+    rt: &tokio::runtime::Runtime,
+    env: &Env,
+    params: &Params,
+    scenario: Scenario,
+    target: Target,
+    perf: Option<PathBuf>,
+) -> Result<scenario::Outcome> {
+    let running = targets::start(target, env)?;
+    let mut probe = Probe::new(running.pid(), env.backend_pid, perf);
+    let outcome = rt.block_on(scenario::run(scenario, running.addr, params, &mut probe))?;
+    running.stop()?;
+    Ok(outcome)
+}
+
+/// Re-renders the Markdown report from a JSON-lines results file.
+pub fn report(path: &Path) -> Result<()> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        if value["type"] == "run" {
+            records.push(serde_json::from_value::<RunRecord>(value)?);
+        }
+    }
+    println!("{}", report::markdown(&records));
+    Ok(())
+}
+
+/// CPU model and count, memory, for the meta line.
+fn machine() -> serde_json::Value {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| {
+        l.strip_prefix("model name")?
+            .split_once(':')
+            .map(|(_, m)| m.trim().to_string())
+    });
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib = meminfo.lines().find_map(|l| {
+        l.strip_prefix("MemTotal:")?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
+    serde_json::json!({
+        "cpu": model,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "mem_kib": mem_kib,
+    })
+}

@@ -1,0 +1,494 @@
+//! The load patterns (closed-loop echo, handshake rate, idle hold) and their measurement
+//! windows. Every loop is bounded by time, every operation by a timeout, and every
+//! connection count by the parameters.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, sleep_until, timeout};
+
+use crate::client::Conn;
+use crate::sys::{Counts, CpuMark, HostCpu, Memory, Profiler};
+use crate::ws::{OP_BINARY, OP_PING, OP_PONG, Rng};
+
+/// Longest any single operation (an echo, a handshake cycle, a ping) may take.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker whose operations keep failing gives up after this many errors.
+const MAX_ERRORS_PER_WORKER: u64 = 1000;
+/// Longest the idle scenario may spend opening, or pinging, all its tunnels.
+const SWEEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connections opened before an idle baseline so lazy start-up costs are already paid.
+const IDLE_WARMUP_TUNNELS: usize = 64;
+
+/// One benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Closed loop: each connection sends a `size`-byte binary message and awaits its echo.
+    Echo {
+        /// Payload bytes per message.
+        size: usize,
+    },
+    /// Handshake rate: each worker connects, upgrades, closes, and repeats.
+    Handshake,
+    /// Idle hold: open many tunnels, measure memory, then ping each once end to end.
+    Idle,
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scenario::Echo { size } if size % 1024 == 0 => write!(f, "echo-{}k", size / 1024),
+            Scenario::Echo { size } => write!(f, "echo-{size}"),
+            Scenario::Handshake => f.write_str("handshake"),
+            Scenario::Idle => f.write_str("idle"),
+        }
+    }
+}
+
+impl serde::Serialize for Scenario {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Scenario, String> {
+        match s {
+            "handshake" => Ok(Scenario::Handshake),
+            "idle" => Ok(Scenario::Idle),
+            _ => {
+                let size = s
+                    .strip_prefix("echo-")
+                    .and_then(|n| match n.strip_suffix(['k', 'K']) {
+                        Some(k) => k.parse::<usize>().ok()?.checked_mul(1024),
+                        None => n.parse().ok(),
+                    })
+                    .filter(|size| *size <= 1 << 20)
+                    .ok_or_else(|| {
+                        format!("unknown scenario {s:?}: expected echo-SIZE (e.g. echo-32, echo-16k), handshake or idle")
+                    })?;
+                Ok(Scenario::Echo { size })
+            }
+        }
+    }
+}
+
+/// Load parameters shared by all scenarios.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Load before the measured window (connections warm, caches filled).
+    pub warmup: Duration,
+    /// Length of the measured window for echo and handshake.
+    pub duration: Duration,
+    /// Connections in the echo loop.
+    pub echo_conns: usize,
+    /// Concurrent workers in the handshake loop.
+    pub handshake_conns: usize,
+    /// Tunnels held open in the idle scenario.
+    pub tunnels: usize,
+    /// Concurrency for opening and pinging idle tunnels.
+    pub idle_conns: usize,
+}
+
+impl Params {
+    /// The connection count a scenario runs with.
+    pub fn conns(&self, scenario: Scenario) -> usize {
+        match scenario {
+            Scenario::Echo { .. } => self.echo_conns,
+            Scenario::Handshake => self.handshake_conns,
+            Scenario::Idle => self.idle_conns,
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Operations completed inside the measured window.
+    pub ops: u64,
+    /// Length of the measured window.
+    pub seconds: f64,
+    /// Round-trip times of those operations, in nanoseconds, sorted.
+    pub rtt_ns: Vec<u64>,
+    /// Failed operations (including warm-up and, for idle, tunnels that did not open).
+    pub errors: u64,
+    /// CPU used inside the window.
+    pub cpu: CpuUse,
+    /// Idle scenario: proxy memory before and after opening the tunnels, and how many opened.
+    pub idle: Option<IdleMemory>,
+}
+
+/// Proxy memory around the idle scenario's tunnel opening.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleMemory {
+    /// Before any tunnel of the measured batch was opened.
+    pub before: Memory,
+    /// With all tunnels open and settled.
+    pub after: Memory,
+    /// Tunnels that opened.
+    pub tunnels: usize,
+}
+
+/// CPU seconds spent inside a measured window, by whom.
+#[derive(Debug, Clone, Default)]
+pub struct CpuUse {
+    /// The proxy's process tree (user + system); `None` for the direct target.
+    pub proxy: Option<f64>,
+    /// This process (the load generator).
+    pub loadgen: f64,
+    /// The echo backend process.
+    pub backend: f64,
+    /// The whole machine, all cores (busy time, including other users of the machine).
+    pub host_busy: f64,
+    /// Time the hypervisor took away from this machine's cores.
+    pub host_steal: f64,
+    /// The proxy's system calls and context switches, when profiled.
+    pub proxy_counts: Option<Counts>,
+}
+
+/// Measurement hooks: CPU of the proxy, load generator, backend and machine over a
+/// window, and memory of the proxy.
+#[derive(Debug)]
+pub struct Probe {
+    proxy: Option<u32>,
+    backend: u32,
+    perf_output: Option<PathBuf>,
+    profiler: Option<Profiler>,
+}
+
+/// The start of a measured window.
+#[derive(Debug)]
+struct Mark {
+    at: Instant,
+    proxy: Option<CpuMark>,
+    loadgen: CpuMark,
+    backend: CpuMark,
+    host: HostCpu,
+}
+
+impl Probe {
+    /// Hooks on the proxy tree under `proxy` (`None` for the direct target) and the
+    /// backend process; with `perf_output`, the proxy's measured window is also recorded
+    /// by `perf record`.
+    pub fn new(proxy: Option<u32>, backend: u32, perf_output: Option<PathBuf>) -> Probe {
+        Probe {
+            proxy,
+            backend,
+            perf_output,
+            profiler: None,
+        }
+    }
+
+    fn begin(&mut self) -> Result<Mark> {
+        if let (Some(root), Some(path)) = (self.proxy, &self.perf_output) {
+            self.profiler = Some(Profiler::start(root, path)?);
+            // perf needs a moment to attach before the window counts.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(Mark {
+            at: Instant::now(),
+            proxy: self.proxy.map(CpuMark::tree),
+            loadgen: CpuMark::process(std::process::id()),
+            backend: CpuMark::process(self.backend),
+            host: HostCpu::take(),
+        })
+    }
+
+    /// Ends the window opened by `begin`: its end instant and the CPU used in it.
+    fn end(&mut self, mark: &Mark) -> Result<(Instant, CpuUse)> {
+        let at = Instant::now();
+        let (host_busy, host_steal) = HostCpu::take().seconds_since(&mark.host);
+        let cpu = CpuUse {
+            proxy: self
+                .proxy
+                .zip(mark.proxy.as_ref())
+                .map(|(root, before)| CpuMark::tree(root).seconds_since(before)),
+            loadgen: CpuMark::process(std::process::id()).seconds_since(&mark.loadgen),
+            backend: CpuMark::process(self.backend).seconds_since(&mark.backend),
+            host_busy,
+            host_steal,
+            proxy_counts: self.profiler.take().map(Profiler::stop).transpose()?,
+        };
+        Ok((at, cpu))
+    }
+
+    fn memory(&self) -> Option<Memory> {
+        self.proxy.map(Memory::take)
+    }
+}
+
+/// Runs `scenario` against `addr` with the proxy observed through `probe`.
+pub async fn run(
+    scenario: Scenario,
+    addr: SocketAddr,
+    params: &Params,
+    probe: &mut Probe,
+) -> Result<Outcome> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x5EED, |d| d.as_nanos() as u64);
+    match scenario {
+        Scenario::Echo { size } => {
+            let (conns, errors) = open_many(addr, params.echo_conns, params.echo_conns, seed).await;
+            if errors > 0 {
+                bail!(
+                    "{errors} of {} echo connections failed to open",
+                    params.echo_conns
+                );
+            }
+            let payload: Arc<[u8]> = (0..size).map(|i| i as u8).collect();
+            let workers = conns
+                .into_iter()
+                .map(|conn| Echo {
+                    conn,
+                    payload: payload.clone(),
+                })
+                .collect();
+            closed_loop(workers, params, probe).await
+        }
+        Scenario::Handshake => {
+            let workers = (0..params.handshake_conns)
+                .map(|i| Cycle {
+                    addr,
+                    rng: Rng::new(seed.wrapping_add(i as u64 * 0x9E37_79B9)),
+                })
+                .collect();
+            closed_loop(workers, params, probe).await
+        }
+        Scenario::Idle => idle(addr, params, probe, seed).await,
+    }
+}
+
+/// One repeatable operation of a closed loop, run by one worker.
+trait Op: Send + 'static {
+    /// Performs the operation once.
+    fn run(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Whether the worker may go on after a failed operation.
+    fn recoverable(&self) -> bool;
+}
+
+/// An echo round trip on a held connection.
+struct Echo {
+    conn: Conn,
+    payload: Arc<[u8]>,
+}
+
+impl Op for Echo {
+    async fn run(&mut self) -> io::Result<()> {
+        self.conn
+            .round_trip(OP_BINARY, &self.payload, OP_BINARY)
+            .await
+    }
+
+    fn recoverable(&self) -> bool {
+        false // the connection is gone
+    }
+}
+
+/// A whole connection lifetime: connect, upgrade, close handshake, TCP close.
+struct Cycle {
+    addr: SocketAddr,
+    rng: Rng,
+}
+
+impl Op for Cycle {
+    async fn run(&mut self) -> io::Result<()> {
+        let rng = Rng::new(self.rng.next_u64());
+        Conn::open(self.addr, rng).await?.close().await
+    }
+
+    fn recoverable(&self) -> bool {
+        true
+    }
+}
+
+/// Runs every worker's operation back to back for warm-up plus duration; counts the
+/// operations that complete inside the measured window.
+async fn closed_loop<O: Op>(
+    workers: Vec<O>,
+    params: &Params,
+    probe: &mut Probe,
+) -> Result<Outcome> {
+    let warm_end = tokio::time::Instant::now() + params.warmup;
+    let end = warm_end + params.duration;
+    let mut tasks = JoinSet::new();
+    for mut worker in workers {
+        tasks.spawn(async move {
+            let mut done = Vec::new();
+            let mut errors = 0u64;
+            while tokio::time::Instant::now() < end {
+                let start = Instant::now();
+                match timeout(OP_TIMEOUT, worker.run()).await {
+                    Ok(Ok(())) => done.push((start, Instant::now())),
+                    _ => {
+                        errors += 1;
+                        if !worker.recoverable() || errors >= MAX_ERRORS_PER_WORKER {
+                            break;
+                        }
+                        sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (done, errors)
+        });
+    }
+    sleep_until(warm_end).await;
+    let mark = probe.begin()?;
+    sleep_until(end).await;
+    let (window_end, cpu) = probe.end(&mark)?;
+
+    let mut outcome = Outcome {
+        seconds: (window_end - mark.at).as_secs_f64(),
+        cpu,
+        ..Outcome::default()
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let (done, errors) = joined?;
+        outcome.errors += errors;
+        outcome.rtt_ns.extend(
+            done.iter()
+                .filter(|(_, finished)| (mark.at..=window_end).contains(finished))
+                .map(|(start, finished)| (*finished - *start).as_nanos() as u64),
+        );
+    }
+    outcome.rtt_ns.sort_unstable();
+    outcome.ops = outcome.rtt_ns.len() as u64;
+    Ok(outcome)
+}
+
+/// Idle hold: warm up, take a memory baseline, open `tunnels` tunnels, let them settle,
+/// measure memory again, then ping every tunnel once end to end inside the CPU window.
+async fn idle(addr: SocketAddr, params: &Params, probe: &mut Probe, seed: u64) -> Result<Outcome> {
+    let warm_count = IDLE_WARMUP_TUNNELS.min(params.tunnels);
+    let (warm, _) = open_many(addr, warm_count, params.idle_conns, seed).await;
+    let (warm, _, _) = ping_all(warm, params.idle_conns).await;
+    drop(warm);
+    sleep(Duration::from_millis(500)).await;
+
+    let before = probe.memory();
+    let (tunnels, _) = open_many(addr, params.tunnels, params.idle_conns, seed ^ 0xA5A5).await;
+    sleep(Duration::from_secs(1)).await;
+    let after = probe.memory();
+
+    let mark = probe.begin()?;
+    let (tunnels, rtt_ns, ping_errors) = ping_all(tunnels, params.idle_conns).await;
+    let (window_end, cpu) = probe.end(&mark)?;
+    let opened = tunnels.len();
+    drop(tunnels);
+
+    Ok(Outcome {
+        ops: rtt_ns.len() as u64,
+        seconds: (window_end - mark.at).as_secs_f64(),
+        rtt_ns,
+        errors: params.tunnels.saturating_sub(opened) as u64 + ping_errors,
+        cpu,
+        idle: before.zip(after).map(|(before, after)| IdleMemory {
+            before,
+            after,
+            tunnels: opened,
+        }),
+    })
+}
+
+/// Opens `count` connections, `concurrency` at a time; returns those that opened and the
+/// number that failed.
+async fn open_many(
+    addr: SocketAddr,
+    count: usize,
+    concurrency: usize,
+    seed: u64,
+) -> (Vec<Conn>, u64) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + SWEEP_TIMEOUT;
+    let mut tasks = JoinSet::new();
+    for _ in 0..concurrency.clamp(1, count.max(1)) {
+        let next = next.clone();
+        tasks.spawn(async move {
+            let mut opened = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count || Instant::now() > deadline {
+                    break;
+                }
+                let rng = Rng::new(seed.wrapping_add((i as u64 + 1) * 0x9E37_79B9_7F4A_7C15));
+                match timeout(OP_TIMEOUT, Conn::open(addr, rng)).await {
+                    Ok(Ok(conn)) => opened.push(conn),
+                    _ => errors += 1,
+                }
+            }
+            (opened, errors)
+        });
+    }
+    let mut conns = Vec::with_capacity(count);
+    let mut errors = 0;
+    while let Some(Ok((opened, failed))) = tasks.join_next().await {
+        conns.extend(opened);
+        errors += failed;
+    }
+    (conns, errors)
+}
+
+/// Pings every connection once, `concurrency` at a time; returns the connections (still
+/// open), the sorted round-trip times in nanoseconds, and the number of failed pings.
+async fn ping_all(conns: Vec<Conn>, concurrency: usize) -> (Vec<Conn>, Vec<u64>, u64) {
+    let groups = concurrency.max(1);
+    let mut split: Vec<Vec<Conn>> = (0..groups).map(|_| Vec::new()).collect();
+    for (i, conn) in conns.into_iter().enumerate() {
+        split[i % groups].push(conn);
+    }
+    let deadline = Instant::now() + SWEEP_TIMEOUT;
+    let mut tasks = JoinSet::new();
+    for mut group in split {
+        tasks.spawn(async move {
+            let mut rtts = Vec::with_capacity(group.len());
+            let mut errors = 0u64;
+            for conn in &mut group {
+                if Instant::now() > deadline {
+                    errors += 1;
+                    continue;
+                }
+                let start = Instant::now();
+                match timeout(OP_TIMEOUT, conn.round_trip(OP_PING, b"sluice!!", OP_PONG)).await {
+                    Ok(Ok(())) => rtts.push(start.elapsed().as_nanos() as u64),
+                    _ => errors += 1,
+                }
+            }
+            (group, rtts, errors)
+        });
+    }
+    let (mut conns, mut rtts, mut errors) = (Vec::new(), Vec::new(), 0);
+    while let Some(Ok((group, group_rtts, group_errors))) = tasks.join_next().await {
+        conns.extend(group);
+        rtts.extend(group_rtts);
+        errors += group_errors;
+    }
+    rtts.sort_unstable();
+    (conns, rtts, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_names_round_trip() {
+        for name in ["echo-32", "echo-16k", "echo-1000", "handshake", "idle"] {
+            assert_eq!(name.parse::<Scenario>().unwrap().to_string(), name);
+        }
+        assert_eq!("echo-16K".parse(), Ok(Scenario::Echo { size: 16384 }));
+        assert!("echo-".parse::<Scenario>().is_err());
+        assert!("ping".parse::<Scenario>().is_err());
+    }
+}

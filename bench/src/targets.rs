@@ -1,0 +1,373 @@
+//! The targets a scenario runs against: the backend directly, or one of three proxies in
+//! front of it. Each proxy run gets a fresh process on an ephemeral loopback port, with its
+//! config, pid file and log in a temporary directory; it is stopped by PID afterwards.
+//! Nothing under `/etc` and no system service is involved.
+
+use std::fmt;
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::sys;
+
+/// How long a proxy may take to start accepting connections.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a proxy may take to exit after `SIGTERM` before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Open-file limit the proxies are configured for (the hard limit on the bench machine).
+const NOFILE: usize = 20_000;
+
+/// Something the load generator talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// The echo backend itself, no proxy: the floor for latency and the ceiling for rate.
+    Direct,
+    /// This project's gateway.
+    Sluice,
+    /// Debian's nginx with the standard WebSocket proxy recipe.
+    Nginx,
+    /// Debian's HAProxy in HTTP mode with a tunnel timeout.
+    Haproxy,
+}
+
+impl Target {
+    /// All targets, in report order.
+    pub const ALL: [Target; 4] = [
+        Target::Direct,
+        Target::Sluice,
+        Target::Nginx,
+        Target::Haproxy,
+    ];
+
+    /// The name used on the command line and in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Sluice => "sluice",
+            Target::Nginx => "nginx",
+            Target::Haproxy => "haproxy",
+        }
+    }
+
+    /// Processes a running instance consists of (master plus workers).
+    fn process_count(self, workers: usize) -> usize {
+        match self {
+            Target::Direct => 0,
+            Target::Sluice => 1,
+            Target::Nginx => 1 + workers,
+            Target::Haproxy => 2,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Target, String> {
+        Target::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                format!("unknown target {s:?}: expected direct, sluice, nginx or haproxy")
+            })
+    }
+}
+
+/// What every proxy start needs to know.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// The echo backend every proxy forwards to.
+    pub backend: SocketAddr,
+    /// The echo backend's process id.
+    pub backend_pid: u32,
+    /// Worker threads (Sluice, HAProxy) or worker processes (nginx).
+    pub workers: usize,
+    /// The `sluice` executable.
+    pub sluice_bin: PathBuf,
+    /// A private directory for configs, pid files and logs.
+    pub work_dir: PathBuf,
+}
+
+/// A running target, stopped when dropped.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the load generator connects.
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Running {
+    /// The proxy's root process id (`None` for the direct target).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the proxy by PID: `SIGTERM`, then `SIGKILL` after a grace period, also for
+    /// any worker that outlives its master.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop_now()
+    }
+
+    fn stop_now(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let tree = sys::process_tree(child.id());
+        sys::stop_child(&mut child, STOP_GRACE)?;
+        for pid in tree.into_iter().skip(1) {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = sys::signal(pid, rustix::process::Signal::KILL);
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines of the proxy's log, for error messages.
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop_now();
+    }
+}
+
+/// Starts `target` and waits until it accepts connections with all its processes up.
+pub fn start(target: Target, env: &Env) -> Result<Running> {
+    if target == Target::Direct {
+        return Ok(Running {
+            addr: env.backend,
+            child: None,
+            log: PathBuf::new(),
+        });
+    }
+    let addr = free_port()?;
+    let dir = env.work_dir.join(format!("{target}-{}", addr.port()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = dir.join(format!("{target}.log"));
+    let (mut command, pid_file) = command(target, env, addr, &dir)?;
+    let log_file = fs::File::create(&log)?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {target} (run bench/setup.sh?)"))?;
+    let mut running = Running {
+        addr,
+        child: Some(child),
+        log,
+    };
+    if let Err(e) = wait_ready(target, env, &mut running, pid_file.as_deref()) {
+        let tail = running.log_tail();
+        bail!("{target} did not start: {e:#}\n--- {target} log ---\n{tail}");
+    }
+    Ok(running)
+}
+
+/// Polls until the listener accepts, the expected processes exist and the pid file (if
+/// the proxy writes one) names our child.
+fn wait_ready(
+    target: Target,
+    env: &Env,
+    running: &mut Running,
+    pid_file: Option<&Path>,
+) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let child = running.child.as_mut().expect("a proxy has a child");
+    let pid = child.id();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("exited with {status}");
+        }
+        let listening =
+            TcpStream::connect_timeout(&running.addr, Duration::from_millis(200)).is_ok();
+        let processes = sys::process_tree(pid).len() >= target.process_count(env.workers);
+        let pid_ok = match pid_file {
+            None => true,
+            Some(path) => fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string()),
+        };
+        if listening && processes && pid_ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not ready after {START_TIMEOUT:?} (listening {listening}, processes {processes}, pid file {pid_ok})"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?)
+}
+
+/// Writes the target's config into `dir`; returns the command to run and its pid file.
+fn command(
+    target: Target,
+    env: &Env,
+    addr: SocketAddr,
+    dir: &Path,
+) -> Result<(Command, Option<PathBuf>)> {
+    let backend = env.backend;
+    let workers = env.workers;
+    let d = dir.display();
+    match target {
+        Target::Direct => unreachable!("the direct target runs no process"),
+        Target::Sluice => {
+            let config = dir.join("sluice.toml");
+            fs::write(
+                &config,
+                format!(
+                    r#"# Generated by sluice-bench. Logs at warn keep per-connection lines off the hot path.
+[log]
+level = "warn"
+
+[listeners.bench]
+bind = "{addr}"
+max_connections = {NOFILE}
+
+[upstreams.echo]
+servers = ["{backend}"]
+
+[[routes]]
+path_prefix = "/"
+upstream = "echo"
+"#
+                ),
+            )?;
+            let mut cmd = Command::new(&env.sluice_bin);
+            cmd.arg("run").arg(&config);
+            // tokio's runtime reads its worker count from here; RUST_LOG would override [log].
+            cmd.env("TOKIO_WORKER_THREADS", workers.to_string())
+                .env_remove("RUST_LOG");
+            Ok((cmd, None))
+        }
+        Target::Nginx => {
+            let config = dir.join("nginx.conf");
+            let pid = dir.join("nginx.pid");
+            // One tunnel is two connections; a single worker may end up holding all of them.
+            let connections = NOFILE - 1000;
+            fs::write(
+                &config,
+                format!(
+                    r#"# Generated by sluice-bench: the standard nginx WebSocket proxy recipe.
+daemon off;
+worker_processes {workers};
+worker_rlimit_nofile {NOFILE};
+pid {d}/nginx.pid;
+error_log {d}/nginx.log warn;
+
+events {{
+    worker_connections {connections};
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      close;
+    }}
+
+    upstream echo {{
+        server {backend};
+    }}
+
+    server {{
+        listen {addr};
+        location / {{
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }}
+    }}
+}}
+"#
+                ),
+            )?;
+            let mut cmd = Command::new("nginx");
+            cmd.arg("-p")
+                .arg(dir)
+                .arg("-c")
+                .arg(&config)
+                .arg("-e")
+                .arg(dir.join("nginx.log"));
+            Ok((cmd, Some(pid)))
+        }
+        Target::Haproxy => {
+            let config = dir.join("haproxy.cfg");
+            let pid = dir.join("haproxy.pid");
+            // HAProxy reserves two descriptors per connection slot; stay under the limit.
+            let maxconn = NOFILE / 2 - 200;
+            fs::write(
+                &config,
+                format!(
+                    r#"# Generated by sluice-bench: HTTP mode, WebSocket-friendly timeouts, no logging.
+global
+    nbthread {workers}
+    maxconn {maxconn}
+    pidfile {d}/haproxy.pid
+
+defaults
+    mode http
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout tunnel 1h
+
+frontend bench
+    bind {addr}
+    default_backend echo
+
+backend echo
+    server echo1 {backend}
+"#
+                ),
+            )?;
+            let mut cmd = Command::new("haproxy");
+            // Master-worker in the foreground, as systemd runs it (-Ws), minus systemd.
+            cmd.args(["-W", "-db", "-f"])
+                .arg(&config)
+                .arg("-p")
+                .arg(&pid);
+            Ok((cmd, Some(pid)))
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Builders and readers on [`Decision`].
+//!
+//! Header builders act on the upstream request of a `continue` decision and on
+//! the response headers of a `deny` decision, so one chain of calls reads the
+//! same either way: `Decision::deny(401, "…").set_header("www-authenticate", "Bearer")`.
+
+use crate::{Decision, Denial, Header, HeaderOp, Mutations};
+
+fn header(name: &str, value: &str) -> Header {
+    Header {
+        name: name.to_ascii_lowercase(),
+        value: value.to_owned(),
+    }
+}
+
+// wit-bindgen's derives apply to every generated type, and enums cannot derive
+// `Default`, so this record gets it by hand.
+#[allow(clippy::derivable_impls)]
+impl Default for Mutations {
+    fn default() -> Self {
+        Mutations {
+            headers: Vec::new(),
+            pool: None,
+            tenant: None,
+            sticky_key: None,
+            subprotocol: None,
+            log_fields: Vec::new(),
+        }
+    }
+}
+
+impl Decision {
+    /// Let the request through unchanged.
+    pub fn allow() -> Self {
+        Decision::Continue(Mutations::default())
+    }
+
+    /// Refuse the request with `status` and a plain-text `body`.
+    pub fn deny(status: u16, body: impl Into<String>) -> Self {
+        Decision::Deny(Denial {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        })
+    }
+
+    /// Replace a header: upstream on `continue`, in the response on `deny`.
+    pub fn set_header(mut self, name: &str, value: &str) -> Self {
+        match &mut self {
+            Decision::Continue(m) => m.headers.push(HeaderOp::Set(header(name, value))),
+            Decision::Deny(d) => {
+                d.headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
+                d.headers.push(header(name, value));
+            }
+        }
+        self
+    }
+
+    /// Add a header value, keeping existing ones (upstream or response).
+    pub fn append_header(mut self, name: &str, value: &str) -> Self {
+        match &mut self {
+            Decision::Continue(m) => m.headers.push(HeaderOp::Append(header(name, value))),
+            Decision::Deny(d) => d.headers.push(header(name, value)),
+        }
+        self
+    }
+
+    /// Remove a header (upstream or response).
+    pub fn remove_header(mut self, name: &str) -> Self {
+        match &mut self {
+            Decision::Continue(m) => m.headers.push(HeaderOp::Remove(name.to_ascii_lowercase())),
+            Decision::Deny(d) => d.headers.retain(|h| !h.name.eq_ignore_ascii_case(name)),
+        }
+        self
+    }
+
+    /// Choose the upstream pool (among those the route allows). No effect on `deny`.
+    pub fn pool(self, pool: impl Into<String>) -> Self {
+        self.with_mutations(|m| m.pool = Some(pool.into()))
+    }
+
+    /// Assign the tenant (later plugins see it in `req.tenant`). No effect on `deny`.
+    pub fn tenant(self, tenant: impl Into<String>) -> Self {
+        self.with_mutations(|m| m.tenant = Some(tenant.into()))
+    }
+
+    /// Set the consistent-hash key. No effect on `deny`.
+    pub fn sticky_key(self, key: impl Into<String>) -> Self {
+        self.with_mutations(|m| m.sticky_key = Some(key.into()))
+    }
+
+    /// Select one of the client's offered subprotocols. No effect on `deny`.
+    pub fn subprotocol(self, protocol: impl Into<String>) -> Self {
+        self.with_mutations(|m| m.subprotocol = Some(protocol.into()))
+    }
+
+    /// Add a field to the access-log line. No effect on `deny`.
+    pub fn log_field(self, name: &str, value: &str) -> Self {
+        self.with_mutations(|m| m.log_fields.push(header(name, value)))
+    }
+
+    fn with_mutations(mut self, f: impl FnOnce(&mut Mutations)) -> Self {
+        if let Decision::Continue(m) = &mut self {
+            f(m);
+        }
+        self
+    }
+
+    /// Whether this decision refuses the request.
+    pub fn is_deny(&self) -> bool {
+        matches!(self, Decision::Deny(_))
+    }
+
+    /// The denial status, or `None` for `continue`.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Decision::Deny(d) => Some(d.status),
+            Decision::Continue(_) => None,
+        }
+    }
+
+    /// The mutations of a `continue` decision.
+    pub fn mutations(&self) -> Option<&Mutations> {
+        match self {
+            Decision::Continue(m) => Some(m),
+            Decision::Deny(_) => None,
+        }
+    }
+
+    /// The value a header ends up with upstream after this decision's
+    /// operations, starting from no value (for tests and assertions).
+    pub fn upstream_header(&self, name: &str) -> Option<&str> {
+        let mut value = None;
+        for op in self.mutations()?.headers.iter() {
+            match op {
+                HeaderOp::Set(h) if h.name.eq_ignore_ascii_case(name) => {
+                    value = Some(h.value.as_str());
+                }
+                HeaderOp::Append(h) if value.is_none() && h.name.eq_ignore_ascii_case(name) => {
+                    value = Some(h.value.as_str());
+                }
+                HeaderOp::Remove(n) if n.eq_ignore_ascii_case(name) => value = None,
+                _ => {}
+            }
+        }
+        value
+    }
+
+    /// A response header of a `deny` decision.
+    pub fn response_header(&self, name: &str) -> Option<&str> {
+        match self {
+            Decision::Deny(d) => d
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value.as_str()),
+            Decision::Continue(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continue_builders_accumulate() {
+        let d = Decision::allow()
+            .set_header("X-User", "alice")
+            .append_header("x-role", "a")
+            .remove_header("x-secret")
+            .pool("blue")
+            .tenant("acme")
+            .sticky_key("alice")
+            .subprotocol("chat")
+            .log_field("user", "alice");
+        let m = d.mutations().unwrap();
+        assert_eq!(m.headers.len(), 3);
+        assert_eq!(m.pool.as_deref(), Some("blue"));
+        assert_eq!(m.sticky_key.as_deref(), Some("alice"));
+        assert_eq!(m.tenant.as_deref(), Some("acme"));
+        assert_eq!(m.subprotocol.as_deref(), Some("chat"));
+        assert_eq!(d.upstream_header("x-user"), Some("alice"));
+        assert_eq!(d.upstream_header("x-secret"), None);
+        assert!(!d.is_deny());
+        assert_eq!(d.status(), None);
+    }
+
+    #[test]
+    fn deny_builders_shape_the_response() {
+        let d = Decision::deny(401, "no")
+            .set_header("WWW-Authenticate", "Bearer")
+            .set_header("www-authenticate", "Basic")
+            .append_header("x-a", "1")
+            .remove_header("x-a")
+            .pool("ignored")
+            .sticky_key("ignored");
+        assert!(d.is_deny());
+        assert_eq!(d.status(), Some(401));
+        assert_eq!(d.response_header("www-authenticate"), Some("Basic"));
+        assert_eq!(d.response_header("x-a"), None);
+        assert_eq!(d.mutations(), None);
+        assert_eq!(d.upstream_header("www-authenticate"), None);
+    }
+}

@@ -1,0 +1,256 @@
+//! Native test helpers: build requests, run a plugin's hooks, control the
+//! clock and inspect logs and counters, all without wasm. Native builds only.
+//!
+//! ```
+//! use sluice_plugin_sdk::testing::{request, set_now_ms};
+//! set_now_ms(1_700_000_000_000);
+//! let req = request().path("/chat?room=1").header("origin", "https://a.example").build();
+//! assert_eq!(req.query("room").as_deref(), Some("1"));
+//! assert_eq!(sluice_plugin_sdk::host::now_secs(), 1_700_000_000);
+//! ```
+
+use crate::{CloseInfo, CloseReason, Config, Header, Plugin, Request, RequestKind, TlsInfo};
+
+/// Run a plugin's `init` with a JSON config, as the gateway does at load.
+pub fn init<P: Plugin>(config_json: &str) -> Result<P, String> {
+    P::init(Config::new(config_json))
+}
+
+/// Start a request: `GET ws://example.com/`, a WebSocket upgrade on route
+/// `default` from `127.0.0.1:40000`, no headers.
+pub fn request() -> RequestBuilder {
+    RequestBuilder(Request {
+        kind: RequestKind::Websocket,
+        method: "GET".into(),
+        scheme: "http".into(),
+        authority: "example.com".into(),
+        path: "/".into(),
+        query: String::new(),
+        headers: Vec::new(),
+        client_addr: "127.0.0.1:40000".into(),
+        tls: None,
+        route: "default".into(),
+        tenant: None,
+        subprotocols: Vec::new(),
+    })
+}
+
+/// Builder for a [`Request`]; see [`request`].
+#[derive(Debug, Clone)]
+pub struct RequestBuilder(Request);
+
+impl RequestBuilder {
+    /// Make it a plain HTTP request instead of an upgrade.
+    pub fn http(mut self) -> Self {
+        self.0.kind = RequestKind::Http;
+        self
+    }
+
+    /// Set the method.
+    pub fn method(mut self, method: &str) -> Self {
+        self.0.method = method.into();
+        self
+    }
+
+    /// Set the authority (`host[:port]`).
+    pub fn authority(mut self, authority: &str) -> Self {
+        self.0.authority = authority.into();
+        self
+    }
+
+    /// Set path and query from `"/path?query"`.
+    pub fn path(mut self, path_and_query: &str) -> Self {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        self.0.path = path.into();
+        self.0.query = query.into();
+        self
+    }
+
+    /// Add a header (name lower-cased, as the gateway delivers them).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.0.headers.push(Header {
+            name: name.to_ascii_lowercase(),
+            value: value.into(),
+        });
+        if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            let offered = value.split(',').map(|p| p.trim().to_owned());
+            self.0.subprotocols.extend(offered);
+        }
+        self
+    }
+
+    /// Mark the request as arriving over TLS with this SNI.
+    pub fn tls_sni(mut self, sni: &str) -> Self {
+        self.0.scheme = "https".into();
+        self.0.tls = Some(TlsInfo {
+            sni: Some(sni.into()),
+            alpn: Some("http/1.1".into()),
+            client_cert_subject: None,
+        });
+        self
+    }
+
+    /// Set the client address.
+    pub fn client(mut self, addr: &str) -> Self {
+        self.0.client_addr = addr.into();
+        self
+    }
+
+    /// Set the route name.
+    pub fn route(mut self, route: &str) -> Self {
+        self.0.route = route.into();
+        self
+    }
+
+    /// Set the tenant name.
+    pub fn tenant(mut self, tenant: &str) -> Self {
+        self.0.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Finish.
+    pub fn build(self) -> Request {
+        self.0
+    }
+}
+
+/// A close report for a WebSocket on route `default` that ended normally.
+pub fn close_info() -> CloseInfo {
+    CloseInfo {
+        kind: RequestKind::Websocket,
+        route: "default".into(),
+        tenant: None,
+        upstream: Some("127.0.0.1:9000".into()),
+        duration_ms: 1_000,
+        bytes_from_client: 0,
+        bytes_to_client: 0,
+        reason: CloseReason::Completed,
+    }
+}
+
+/// A log record captured by the native host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Severity.
+    pub level: crate::Level,
+    /// Message text.
+    pub message: String,
+    /// Key/value fields.
+    pub fields: Vec<(String, String)>,
+}
+
+/// Set the native host's wall clock (milliseconds since the Unix epoch).
+/// Until set, the real system clock is used.
+pub fn set_now_ms(ms: u64) {
+    host::STATE.with(|s| s.borrow_mut().now_ms = Some(ms));
+}
+
+/// Take the log records written on this thread so far.
+pub fn take_logs() -> Vec<LogRecord> {
+    host::STATE.with(|s| std::mem::take(&mut s.borrow_mut().logs))
+}
+
+/// Forget this thread's logs, counters and clock override.
+pub fn reset() {
+    host::STATE.with(|s| *s.borrow_mut() = host::State::default());
+}
+
+/// The native stand-in for the gateway's host imports (per test thread).
+pub(crate) mod host {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+    use super::LogRecord;
+    use crate::Level;
+
+    #[derive(Default)]
+    pub(crate) struct State {
+        pub(crate) now_ms: Option<u64>,
+        pub(crate) logs: Vec<LogRecord>,
+        /// key → (window start, count).
+        counters: HashMap<String, (u64, u64)>,
+    }
+
+    thread_local! {
+        pub(crate) static STATE: RefCell<State> = RefCell::new(State::default());
+        static ORIGIN: Instant = Instant::now();
+    }
+
+    pub(crate) fn log(level: Level, message: &str, fields: &[(String, String)]) {
+        STATE.with(|s| {
+            s.borrow_mut().logs.push(LogRecord {
+                level,
+                message: message.to_owned(),
+                fields: fields.to_vec(),
+            })
+        });
+    }
+
+    pub(crate) fn now_ms() -> u64 {
+        STATE.with(|s| s.borrow().now_ms).unwrap_or_else(|| {
+            let since = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+    }
+
+    pub(crate) fn monotonic_ns() -> u64 {
+        ORIGIN.with(|o| u64::try_from(o.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    pub(crate) fn counter_add(key: &str, delta: u64, window_ms: u64) -> u64 {
+        let start = now_ms() / window_ms * window_ms;
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let slot = s.counters.entry(key.to_owned()).or_insert((start, 0));
+            if slot.0 != start {
+                *slot = (start, 0);
+            }
+            slot.1 = slot.1.saturating_add(delta);
+            slot.1
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::host;
+
+    #[test]
+    fn counters_reset_per_window() {
+        reset();
+        set_now_ms(10_000);
+        let w = Duration::from_secs(1);
+        assert_eq!(host::counter_add("k", 1, w), 1);
+        assert_eq!(host::counter_add("k", 2, w), 3);
+        assert_eq!(host::counter_add("other", 0, w), 0);
+        set_now_ms(11_000);
+        assert_eq!(host::counter_add("k", 1, w), 1);
+    }
+
+    #[test]
+    fn logs_are_captured() {
+        reset();
+        host::log(crate::Level::Warn, "hi", &[("a", "b")]);
+        host::info("there");
+        let logs = take_logs();
+        assert_eq!(logs.len(), 2);
+        assert_eq!(logs[0].fields, [("a".to_owned(), "b".to_owned())]);
+        assert!(take_logs().is_empty());
+    }
+
+    #[test]
+    fn subprotocols_follow_the_header() {
+        let req = request()
+            .header("Sec-WebSocket-Protocol", "chat, bearer.abc")
+            .build();
+        assert_eq!(req.subprotocols, ["chat", "bearer.abc"]);
+    }
+}

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Build every Sluice plugin to a WebAssembly component.
+#
+#   plugins/build.sh            # from anywhere
+#
+# Output (fixed): target/plugins/NAME.wasm under the workspace root, for
+#   jwt-auth origin-allowlist tenant-router sticky-key hostile   (Rust, wasm32-wasip2)
+#   api-key-js                                                     (JavaScript, componentize-js)
+#
+# Needs: rustup (adds the wasm32-wasip2 target if missing), Node.js >= 18 and
+# npm (installs the pinned componentize-js from plugins/api-key-js/package-lock.json
+# into target/plugin-toolchain/js). No wasm-tools needed: cargo emits
+# components directly for wasm32-wasip2.
+#
+# Idempotent and quick on re-run: cargo rebuilds only what changed, the JS
+# component is rebuilt only when its sources, lock file or the WIT change,
+# and outputs are rewritten only when their bytes change.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="$root/target/plugins"
+rust_plugins=(jwt-auth origin-allowlist tenant-router sticky-key hostile)
+mkdir -p "$out"
+
+log() { printf 'plugins/build.sh: %s\n' "$*" >&2; }
+
+# Copy only when the bytes differ, so unchanged outputs keep their mtime.
+install_if_changed() {
+  if ! cmp -s "$1" "$2"; then
+    cp "$1" "$2.tmp" && mv "$2.tmp" "$2"
+    log "wrote ${2#"$root"/}"
+  fi
+}
+
+# --- Rust plugins -------------------------------------------------------------
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  log "adding the wasm32-wasip2 target"
+  rustup target add wasm32-wasip2
+fi
+packages=()
+for p in "${rust_plugins[@]}"; do packages+=(-p "$p"); done
+(cd "$root" && cargo build --quiet --profile plugin --target wasm32-wasip2 "${packages[@]}")
+for p in "${rust_plugins[@]}"; do
+  install_if_changed "$root/target/wasm32-wasip2/plugin/${p//-/_}.wasm" "$out/$p.wasm"
+done
+
+# --- JavaScript plugin (componentize-js) ----------------------------------------
+js_src="$root/plugins/api-key-js"
+js_tool="$root/target/plugin-toolchain/js"
+js_out="$out/api-key-js.wasm"
+command -v node >/dev/null && command -v npm >/dev/null || {
+  log "node and npm are required for the JavaScript plugin (apt-get install nodejs npm)"
+  exit 1
+}
+inputs_hash="$(cat "$js_src"/package.json "$js_src"/package-lock.json "$js_src"/build.mjs \
+  "$js_src"/plugin.js "$root"/wit/*.wit | sha256sum | cut -d' ' -f1)"
+if [[ -f "$js_out" && "$(cat "$js_tool/.built" 2>/dev/null)" == "$inputs_hash" ]]; then
+  exit 0
+fi
+mkdir -p "$js_tool"
+if ! cmp -s "$js_src/package-lock.json" "$js_tool/package-lock.json" \
+  || [[ ! -d "$js_tool/node_modules/@bytecodealliance/componentize-js" ]]; then
+  log "installing componentize-js into ${js_tool#"$root"/}"
+  cp "$js_src/package.json" "$js_src/package-lock.json" "$js_tool/"
+  (cd "$js_tool" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+# Node resolves packages next to the importing file, so the build script and
+# the plugin source run from the toolchain directory.
+cp "$js_src/build.mjs" "$js_src/plugin.js" "$js_tool/"
+log "componentizing api-key-js (takes a minute)"
+(cd "$js_tool" && node build.mjs "$root/wit" "$js_tool/api-key-js.wasm")
+install_if_changed "$js_tool/api-key-js.wasm" "$js_out"
+echo "$inputs_hash" >"$js_tool/.built"

@@ -1,0 +1,264 @@
+//! `jwt-auth`: admit requests carrying a valid JWT (HS256, RS256 or ES256),
+//! forward chosen claims upstream as headers, refuse the rest with 401.
+//!
+//! The token is read from `Authorization: Bearer`, a `Sec-WebSocket-Protocol`
+//! entry (`bearer.<token>` by default) or a query parameter (`access_token`),
+//! since browsers cannot set headers on a WebSocket. A token found in the
+//! subprotocol list is removed from the list sent upstream.
+//!
+//! Config:
+//!
+//! ```json
+//! {
+//!   "keys": [
+//!     {"alg": "HS256", "secret": "dev-secret"},
+//!     {"alg": "RS256", "public_key_pem": "-----BEGIN PUBLIC KEY-----\n..."},
+//!     {"alg": "ES256", "public_key_pem": "-----BEGIN PUBLIC KEY-----\n..."}
+//!   ],
+//!   "issuer": "https://auth.example.com",
+//!   "audience": "sluice",
+//!   "leeway_secs": 30,
+//!   "require_exp": true,
+//!   "sources": {"header": true, "protocol_prefix": "bearer.", "query_param": "access_token"},
+//!   "forward_claims": {"sub": "x-user", "tenant": "x-tenant"}
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use sluice_jwt::token::{TokenFrom, TokenSources};
+use sluice_jwt::{Key, Validation, claim_str, verify};
+use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export, host};
+
+/// One verification key as written in the config.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "alg", deny_unknown_fields)]
+enum KeyConfig {
+    #[serde(rename = "HS256")]
+    Hs256 { secret: String },
+    #[serde(rename = "RS256")]
+    Rs256 { public_key_pem: String },
+    #[serde(rename = "ES256")]
+    Es256 { public_key_pem: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    keys: Vec<KeyConfig>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    #[serde(default = "default_leeway")]
+    leeway_secs: u64,
+    #[serde(default = "default_true")]
+    require_exp: bool,
+    #[serde(default)]
+    sources: TokenSources,
+    /// claim → upstream header.
+    #[serde(default)]
+    forward_claims: BTreeMap<String, String>,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The plugin: keys, claim checks, and the claims to forward.
+pub struct JwtAuth {
+    keys: Vec<Key>,
+    validation: Validation,
+    sources: TokenSources,
+    forward_claims: BTreeMap<String, String>,
+}
+
+impl Plugin for JwtAuth {
+    fn init(config: Config) -> Result<Self, String> {
+        let raw: RawConfig = config.parse()?;
+        if raw.keys.is_empty() {
+            return Err("`keys` must list at least one key".into());
+        }
+        let keys = raw
+            .keys
+            .into_iter()
+            .map(|k| match k {
+                KeyConfig::Hs256 { secret } if secret.len() < 16 => {
+                    Err("HS256 secret must be at least 16 bytes".to_owned())
+                }
+                KeyConfig::Hs256 { secret } => Ok(Key::hs256(secret.as_bytes())),
+                KeyConfig::Rs256 { public_key_pem } => Key::rs256_pem(&public_key_pem),
+                KeyConfig::Es256 { public_key_pem } => Key::es256_pem(&public_key_pem),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(JwtAuth {
+            keys,
+            validation: Validation {
+                issuer: raw.issuer,
+                audience: raw.audience,
+                leeway_secs: raw.leeway_secs,
+                require_exp: raw.require_exp,
+            },
+            sources: raw.sources,
+            forward_claims: raw.forward_claims,
+        })
+    }
+
+    fn on_request(&self, req: &Request) -> Decision {
+        let Some((token, from)) = self.sources.find(req) else {
+            return unauthorized("missing token", "invalid_request");
+        };
+        let claims = match verify(&token, &self.keys, &self.validation, host::now_secs()) {
+            Ok(claims) => claims,
+            Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
+        };
+        let mut decision = Decision::allow();
+        for (claim, header) in &self.forward_claims {
+            // Set from the token or removed, so a client cannot supply its own.
+            decision = match claim_str(&claims, claim) {
+                Some(value) => decision.set_header(header, &value),
+                None => decision.remove_header(header),
+            };
+        }
+        if let TokenFrom::Protocol(entry) = from {
+            let rest: Vec<&str> = req
+                .subprotocols
+                .iter()
+                .map(String::as_str)
+                .filter(|p| *p != entry)
+                .collect();
+            decision = match rest.is_empty() {
+                true => decision.remove_header("sec-websocket-protocol"),
+                false => decision.set_header("sec-websocket-protocol", &rest.join(", ")),
+            };
+        }
+        match claim_str(&claims, "sub") {
+            Some(sub) => decision.log_field("jwt_sub", &sub),
+            None => decision,
+        }
+    }
+}
+
+fn unauthorized(reason: &str, code: &str) -> Decision {
+    Decision::deny(401, format!("unauthorized: {reason}\n")).set_header(
+        "www-authenticate",
+        &format!("Bearer error=\"{code}\", error_description=\"{reason}\""),
+    )
+}
+
+export!(JwtAuth);
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use sluice_jwt::mint;
+    use sluice_plugin_sdk::testing::{init, request, set_now_ms};
+
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef-test";
+    const EC_PRIVATE: &str = include_str!("../../jwt/testdata/ec_private.pem");
+    const EC_PUBLIC: &str = include_str!("../../jwt/testdata/ec_public.pem");
+
+    fn plugin() -> JwtAuth {
+        set_now_ms(1_000_000);
+        let config = json!({
+            "keys": [{"alg": "HS256", "secret": SECRET}, {"alg": "ES256", "public_key_pem": EC_PUBLIC}],
+            "issuer": "iss", "audience": "sluice",
+            "forward_claims": {"sub": "x-user", "tenant": "x-tenant"}
+        });
+        init(&config.to_string()).unwrap()
+    }
+
+    fn claims() -> serde_json::Value {
+        json!({"sub": "alice", "tenant": "acme", "iss": "iss", "aud": "sluice", "exp": 1_100})
+    }
+
+    #[test]
+    fn bearer_header_admits_and_forwards_claims() {
+        let p = plugin();
+        let token = mint::hs256(&claims(), SECRET.as_bytes());
+        let req = request()
+            .header("authorization", &format!("Bearer {token}"))
+            .header("x-user", "spoofed")
+            .build();
+        let d = p.on_request(&req);
+        assert_eq!(d.upstream_header("x-user"), Some("alice"));
+        assert_eq!(d.upstream_header("x-tenant"), Some("acme"));
+    }
+
+    #[test]
+    fn subprotocol_token_is_stripped() {
+        let p = plugin();
+        let token = mint::es256(&claims(), EC_PRIVATE).unwrap();
+        let req = request()
+            .header("sec-websocket-protocol", &format!("chat, bearer.{token}"))
+            .build();
+        let d = p.on_request(&req);
+        assert!(!d.is_deny(), "{d:?}");
+        assert_eq!(d.upstream_header("sec-websocket-protocol"), Some("chat"));
+    }
+
+    #[test]
+    fn query_token_and_missing_claim_removes_header() {
+        let p = plugin();
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("tenant");
+        let token = mint::hs256(&c, SECRET.as_bytes());
+        let d = p.on_request(&request().path(&format!("/ws?access_token={token}")).build());
+        assert!(!d.is_deny());
+        let ops = &d.mutations().unwrap().headers;
+        assert!(ops.contains(&sluice_plugin_sdk::HeaderOp::Remove("x-tenant".into())));
+    }
+
+    #[test]
+    fn refusals_are_401_with_reason() {
+        let p = plugin();
+        let missing = p.on_request(&request().build());
+        assert_eq!(missing.status(), Some(401));
+        assert!(
+            missing
+                .response_header("www-authenticate")
+                .unwrap()
+                .contains("missing token")
+        );
+        let mut c = claims();
+        c["exp"] = json!(900);
+        let expired = mint::hs256(&c, SECRET.as_bytes());
+        let d = p.on_request(
+            &request()
+                .header("authorization", &format!("Bearer {expired}"))
+                .build(),
+        );
+        assert_eq!(d.status(), Some(401));
+        assert!(
+            d.response_header("www-authenticate")
+                .unwrap()
+                .contains("expired")
+        );
+        let wrong_key = mint::hs256(&claims(), b"another-secret-of-16");
+        let d = p.on_request(
+            &request()
+                .header("authorization", &format!("Bearer {wrong_key}"))
+                .build(),
+        );
+        assert!(
+            d.response_header("www-authenticate")
+                .unwrap()
+                .contains("bad signature")
+        );
+    }
+
+    #[test]
+    fn bad_configs_are_rejected() {
+        let err = |c: serde_json::Value| init::<JwtAuth>(&c.to_string()).err().unwrap();
+        assert!(err(json!({"keys": []})).contains("at least one key"));
+        assert!(err(json!({"keys": [{"alg": "HS256", "secret": "short"}]})).contains("16 bytes"));
+        assert!(err(json!({"keys": [{"alg": "RS256", "public_key_pem": "x"}]})).contains("RS256"));
+        assert!(err(json!({"keys": [{"alg": "none"}]})).contains("invalid config"));
+        assert!(err(json!({})).contains("missing field `keys`"));
+    }
+}

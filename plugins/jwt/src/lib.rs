@@ -1,0 +1,341 @@
+//! JSON Web Tokens for Sluice plugins: decoding, verification (HS256, RS256,
+//! ES256) with `exp`/`nbf`/`iss`/`aud` checks and leeway, and minting for tests
+//! and examples.
+//!
+//! Shared by the `jwt-auth` plugin (verifies) and the `sticky-key` plugin
+//! (reads a claim of a token an earlier plugin verified).
+//!
+//! ```
+//! use sluice_jwt::{Key, Validation, mint, verify};
+//! let token = mint::hs256(&serde_json::json!({"sub": "alice", "exp": 2_000}), b"secret");
+//! let claims = verify(&token, &[Key::hs256(b"secret")], &Validation::default(), 1_000).unwrap();
+//! assert_eq!(sluice_jwt::claim_str(&claims, "sub").as_deref(), Some("alice"));
+//! ```
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use p256::ecdsa::signature::Verifier as _;
+use p256::pkcs8::DecodePublicKey as _;
+use serde_json::{Map, Value};
+use sha2::Sha256;
+
+pub mod mint;
+pub mod token;
+
+/// The claims of a token: its JSON payload object.
+pub type Claims = Map<String, Value>;
+
+/// Why a token was refused. The text is safe to show a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtError {
+    /// Not three base64url parts with a JSON header and payload.
+    Malformed,
+    /// The header's `alg` is not one of the configured keys' algorithms.
+    UnsupportedAlgorithm(String),
+    /// No configured key verifies the signature.
+    BadSignature,
+    /// `exp` is in the past (beyond leeway).
+    Expired,
+    /// `nbf` is in the future (beyond leeway).
+    NotYetValid,
+    /// `iss` is missing or not the expected issuer.
+    WrongIssuer,
+    /// `aud` is missing or does not contain the expected audience.
+    WrongAudience,
+}
+
+impl std::fmt::Display for JwtError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwtError::Malformed => f.write_str("malformed token"),
+            JwtError::UnsupportedAlgorithm(alg) => write!(f, "unsupported algorithm {alg:?}"),
+            JwtError::BadSignature => f.write_str("bad signature"),
+            JwtError::Expired => f.write_str("token expired"),
+            JwtError::NotYetValid => f.write_str("token not yet valid"),
+            JwtError::WrongIssuer => f.write_str("wrong issuer"),
+            JwtError::WrongAudience => f.write_str("wrong audience"),
+        }
+    }
+}
+
+impl std::error::Error for JwtError {}
+
+/// A token split into its parts, signature not yet checked.
+#[derive(Debug, Clone)]
+pub struct Decoded<'a> {
+    /// The `alg` header field.
+    pub alg: String,
+    /// The payload object.
+    pub claims: Claims,
+    /// `header.payload`, the bytes the signature covers.
+    pub signing_input: &'a str,
+    /// The raw signature bytes.
+    pub signature: Vec<u8>,
+}
+
+/// Split and decode a token without checking its signature. Use only for
+/// tokens already verified (e.g. by `jwt-auth` earlier in the chain).
+pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
+    let (signing_input, signature) = token.rsplit_once('.').ok_or(JwtError::Malformed)?;
+    let (header, payload) = signing_input.split_once('.').ok_or(JwtError::Malformed)?;
+    let json = |part: &str| -> Result<Map<String, Value>, JwtError> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| JwtError::Malformed)?;
+        serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)
+    };
+    let alg = json(header)?
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(JwtError::Malformed)?
+        .to_owned();
+    Ok(Decoded {
+        alg,
+        claims: json(payload)?,
+        signing_input,
+        signature: URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| JwtError::Malformed)?,
+    })
+}
+
+/// A verification key.
+#[derive(Debug, Clone)]
+pub enum Key {
+    /// HMAC-SHA256 shared secret.
+    Hs256(Vec<u8>),
+    /// RSA public key (PKCS#1 v1.5, SHA-256).
+    Rs256(rsa::pkcs1v15::VerifyingKey<Sha256>),
+    /// P-256 ECDSA public key (SHA-256).
+    Es256(p256::ecdsa::VerifyingKey),
+}
+
+impl Key {
+    /// An HS256 key from a shared secret.
+    pub fn hs256(secret: &[u8]) -> Self {
+        Key::Hs256(secret.to_vec())
+    }
+
+    /// An RS256 key from a PEM `PUBLIC KEY` (SPKI).
+    pub fn rs256_pem(pem: &str) -> Result<Self, String> {
+        let key = rsa::RsaPublicKey::from_public_key_pem(pem)
+            .map_err(|e| format!("bad RS256 public key: {e}"))?;
+        Ok(Key::Rs256(rsa::pkcs1v15::VerifyingKey::new(key)))
+    }
+
+    /// An ES256 key from a PEM `PUBLIC KEY` (SPKI).
+    pub fn es256_pem(pem: &str) -> Result<Self, String> {
+        p256::ecdsa::VerifyingKey::from_public_key_pem(pem)
+            .map(Key::Es256)
+            .map_err(|e| format!("bad ES256 public key: {e}"))
+    }
+
+    /// The JOSE algorithm name this key verifies.
+    pub fn alg(&self) -> &'static str {
+        match self {
+            Key::Hs256(_) => "HS256",
+            Key::Rs256(_) => "RS256",
+            Key::Es256(_) => "ES256",
+        }
+    }
+
+    fn verifies(&self, input: &[u8], signature: &[u8]) -> bool {
+        match self {
+            Key::Hs256(secret) => Hmac::<Sha256>::new_from_slice(secret)
+                .map(|mac| mac.chain_update(input).verify_slice(signature).is_ok())
+                .unwrap_or(false),
+            Key::Rs256(key) => rsa::pkcs1v15::Signature::try_from(signature)
+                .is_ok_and(|sig| key.verify(input, &sig).is_ok()),
+            Key::Es256(key) => p256::ecdsa::Signature::from_slice(signature)
+                .is_ok_and(|sig| key.verify(input, &sig).is_ok()),
+        }
+    }
+}
+
+/// Claim checks applied after the signature.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validation {
+    /// Required `iss`, if any.
+    pub issuer: Option<String>,
+    /// Required member of `aud` (a string or an array), if any.
+    pub audience: Option<String>,
+    /// Seconds of clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u64,
+    /// Refuse tokens without `exp`.
+    pub require_exp: bool,
+}
+
+/// Verify a token's signature against `keys` (the one whose algorithm the
+/// header names) and its claims against `validation` at time `now_secs`.
+pub fn verify(
+    token: &str,
+    keys: &[Key],
+    validation: &Validation,
+    now_secs: u64,
+) -> Result<Claims, JwtError> {
+    let decoded = decode(token)?;
+    let mut candidates = keys.iter().filter(|k| k.alg() == decoded.alg).peekable();
+    if candidates.peek().is_none() {
+        return Err(JwtError::UnsupportedAlgorithm(decoded.alg));
+    }
+    if !candidates.any(|k| k.verifies(decoded.signing_input.as_bytes(), &decoded.signature)) {
+        return Err(JwtError::BadSignature);
+    }
+    check_claims(&decoded.claims, validation, now_secs)?;
+    Ok(decoded.claims)
+}
+
+fn check_claims(claims: &Claims, v: &Validation, now: u64) -> Result<(), JwtError> {
+    let time = |name: &str| claims.get(name).and_then(Value::as_f64).map(|t| t as u64);
+    match time("exp") {
+        Some(exp) if now > exp.saturating_add(v.leeway_secs) => return Err(JwtError::Expired),
+        None if v.require_exp => return Err(JwtError::Expired),
+        _ => {}
+    }
+    if time("nbf").is_some_and(|nbf| nbf > now.saturating_add(v.leeway_secs)) {
+        return Err(JwtError::NotYetValid);
+    }
+    if let Some(iss) = &v.issuer
+        && claims.get("iss").and_then(Value::as_str) != Some(iss)
+    {
+        return Err(JwtError::WrongIssuer);
+    }
+    if let Some(aud) = &v.audience {
+        let ok = match claims.get("aud") {
+            Some(Value::String(s)) => s == aud,
+            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(aud)),
+            _ => false,
+        };
+        if !ok {
+            return Err(JwtError::WrongAudience);
+        }
+    }
+    Ok(())
+}
+
+/// A claim as text: strings as-is, numbers and booleans formatted, other
+/// JSON compactly serialised. `None` when absent or null.
+pub fn claim_str(claims: &Claims, name: &str) -> Option<String> {
+    match claims.get(name)? {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const RSA_PRIVATE: &str = include_str!("../testdata/rsa_private.pem");
+    const RSA_PUBLIC: &str = include_str!("../testdata/rsa_public.pem");
+    const EC_PRIVATE: &str = include_str!("../testdata/ec_private.pem");
+    const EC_PUBLIC: &str = include_str!("../testdata/ec_public.pem");
+
+    fn all_keys() -> Vec<Key> {
+        vec![
+            Key::hs256(b"s3cret"),
+            Key::rs256_pem(RSA_PUBLIC).unwrap(),
+            Key::es256_pem(EC_PUBLIC).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn each_algorithm_round_trips() {
+        let claims = json!({"sub": "alice", "exp": 2_000, "n": 7});
+        let tokens = [
+            mint::hs256(&claims, b"s3cret"),
+            mint::rs256(&claims, RSA_PRIVATE).unwrap(),
+            mint::es256(&claims, EC_PRIVATE).unwrap(),
+        ];
+        for token in tokens {
+            let got = verify(&token, &all_keys(), &Validation::default(), 1_000).unwrap();
+            assert_eq!(claim_str(&got, "sub").as_deref(), Some("alice"));
+            assert_eq!(claim_str(&got, "n").as_deref(), Some("7"));
+        }
+    }
+
+    #[test]
+    fn tampering_and_wrong_keys_fail() {
+        let token = mint::hs256(&json!({"sub": "alice"}), b"s3cret");
+        let keys = [Key::hs256(b"other")];
+        assert_eq!(
+            verify(&token, &keys, &Validation::default(), 0),
+            Err(JwtError::BadSignature)
+        );
+        let forged = mint::hs256(&json!({"sub": "mallory"}), b"s3cret");
+        let (_, sig) = token.rsplit_once('.').unwrap();
+        let (body, _) = forged.rsplit_once('.').unwrap();
+        let spliced = format!("{body}.{sig}");
+        let keys = all_keys();
+        assert_eq!(
+            verify(&spliced, &keys, &Validation::default(), 0),
+            Err(JwtError::BadSignature)
+        );
+        let es_only = [Key::es256_pem(EC_PUBLIC).unwrap()];
+        assert!(matches!(
+            verify(&token, &es_only, &Validation::default(), 0),
+            Err(JwtError::UnsupportedAlgorithm(a)) if a == "HS256"
+        ));
+        assert_eq!(
+            verify("a.b", &keys, &Validation::default(), 0).unwrap_err(),
+            JwtError::Malformed
+        );
+        let none_alg = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode("{}")
+        );
+        assert!(matches!(
+            verify(&none_alg, &keys, &Validation::default(), 0),
+            Err(JwtError::UnsupportedAlgorithm(_))
+        ));
+    }
+
+    #[test]
+    fn time_and_audience_claims() {
+        let key = [Key::hs256(b"k")];
+        let v = Validation {
+            issuer: Some("https://issuer".into()),
+            audience: Some("sluice".into()),
+            leeway_secs: 30,
+            require_exp: true,
+        };
+        let tok = |c: Value| mint::hs256(&c, b"k");
+        let good =
+            json!({"iss": "https://issuer", "aud": ["x", "sluice"], "exp": 1_000, "nbf": 500});
+        assert!(
+            verify(&tok(good.clone()), &key, &v, 1_020).is_ok(),
+            "within leeway"
+        );
+        assert_eq!(
+            verify(&tok(good.clone()), &key, &v, 1_031),
+            Err(JwtError::Expired)
+        );
+        assert_eq!(
+            verify(&tok(good), &key, &v, 469),
+            Err(JwtError::NotYetValid)
+        );
+        let no_exp = json!({"iss": "https://issuer", "aud": "sluice"});
+        assert_eq!(verify(&tok(no_exp), &key, &v, 0), Err(JwtError::Expired));
+        let bad_iss = json!({"iss": "evil", "aud": "sluice", "exp": 10});
+        assert_eq!(
+            verify(&tok(bad_iss), &key, &v, 0),
+            Err(JwtError::WrongIssuer)
+        );
+        let bad_aud = json!({"iss": "https://issuer", "aud": "other", "exp": 10});
+        assert_eq!(
+            verify(&tok(bad_aud), &key, &v, 0),
+            Err(JwtError::WrongAudience)
+        );
+    }
+
+    #[test]
+    fn bad_pem_is_a_clear_error() {
+        assert!(Key::rs256_pem("nope").unwrap_err().contains("RS256"));
+        assert!(Key::es256_pem(RSA_PUBLIC).unwrap_err().contains("ES256"));
+    }
+}

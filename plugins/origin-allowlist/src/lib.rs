@@ -1,0 +1,108 @@
+//! `origin-allowlist`: refuse requests whose `Origin` is not allowed, with 403.
+//! This stops cross-site WebSocket hijacking: a browser attaches the user's
+//! cookies to a WebSocket opened by any page, but always says which page.
+//!
+//! Config: `{"allowed": ["https://app.example.com", "https://*.example.org"],
+//! "allow_missing": false}`. A `*.` host matches subdomains at any depth, not
+//! the bare domain; scheme and port must match exactly. Requests without an
+//! `Origin` (non-browser clients) pass only when `allow_missing` is true.
+
+use serde::Deserialize;
+use sluice_plugin_sdk::matching::origin_matches;
+use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export};
+
+/// The plugin: the allowed origin patterns.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginAllowlist {
+    allowed: Vec<String>,
+    #[serde(default)]
+    allow_missing: bool,
+}
+
+impl Plugin for OriginAllowlist {
+    fn init(config: Config) -> Result<Self, String> {
+        let this: Self = config.parse()?;
+        match this.allowed.iter().find(|p| !origin_matches(p, p)) {
+            Some(bad) => Err(format!(
+                "{bad:?} is not an origin like \"https://host[:port]\""
+            )),
+            None => Ok(this),
+        }
+    }
+
+    fn on_request(&self, req: &Request) -> Decision {
+        match req.header("origin") {
+            None if self.allow_missing => Decision::allow(),
+            None => Decision::deny(403, "forbidden: missing Origin\n"),
+            Some(origin) if self.allowed.iter().any(|p| origin_matches(p, origin)) => {
+                Decision::allow()
+            }
+            Some(origin) => Decision::deny(403, "forbidden: origin not allowed\n")
+                .log_field("denied_origin", origin),
+        }
+    }
+}
+
+export!(OriginAllowlist);
+
+#[cfg(test)]
+mod tests {
+    use sluice_plugin_sdk::testing::{init, request};
+
+    use super::*;
+
+    fn plugin(allow_missing: bool) -> OriginAllowlist {
+        let config = format!(
+            r#"{{"allowed": ["https://app.example.com", "https://*.example.org"], "allow_missing": {allow_missing}}}"#
+        );
+        init(&config).unwrap()
+    }
+
+    fn with_origin(origin: &str) -> Request {
+        request().header("origin", origin).build()
+    }
+
+    #[test]
+    fn exact_and_wildcard() {
+        let p = plugin(false);
+        assert!(
+            !p.on_request(&with_origin("https://app.example.com"))
+                .is_deny()
+        );
+        assert!(
+            !p.on_request(&with_origin("https://a.b.example.org"))
+                .is_deny()
+        );
+        assert_eq!(
+            p.on_request(&with_origin("https://example.org")).status(),
+            Some(403)
+        );
+        assert_eq!(
+            p.on_request(&with_origin("https://evil.com")).status(),
+            Some(403)
+        );
+        assert_eq!(
+            p.on_request(&with_origin("http://app.example.com"))
+                .status(),
+            Some(403)
+        );
+    }
+
+    #[test]
+    fn missing_origin_per_config() {
+        assert_eq!(
+            plugin(false).on_request(&request().build()).status(),
+            Some(403)
+        );
+        assert!(!plugin(true).on_request(&request().build()).is_deny());
+    }
+
+    #[test]
+    fn bad_pattern_is_a_config_error() {
+        let err = init::<OriginAllowlist>(r#"{"allowed": ["app.example.com"]}"#)
+            .err()
+            .unwrap();
+        assert!(err.contains("app.example.com"), "{err}");
+    }
+}

@@ -1,0 +1,495 @@
+//! The plugin host with the real components built by `plugins/build.sh`
+//! (in `target/plugins/`): decisions, chains, load errors, hostile plugins.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice::plugin::{
+    Chain, ChainDecision, CloseInfo, CloseReason, Fault, HeaderOp, Limits, Mutations, Plugin,
+    PluginError, PluginHost, PluginSpec, RequestInfo, RequestKind,
+};
+
+const SECRET: &str = "plugin-host-test-secret";
+
+/// A component built by `plugins/build.sh`; a clear failure when it is not.
+fn wasm(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `plugins/build.sh` to build the plugin components first",
+        path.display()
+    );
+    path
+}
+
+fn spec(name: &str, config: serde_json::Value) -> PluginSpec {
+    PluginSpec {
+        name: name.to_owned(),
+        wasm: wasm(name),
+        config_json: config.to_string(),
+        limits: Limits::default(),
+        fail_open: false,
+    }
+}
+
+fn hostile(name: &str, behaviour: &str, fail_open: bool) -> PluginSpec {
+    PluginSpec {
+        name: name.to_owned(),
+        fail_open,
+        limits: Limits {
+            cpu_deadline: Duration::from_millis(50),
+            memory_bytes: 16 << 20,
+            max_instances: 2,
+        },
+        ..spec("hostile", json!({"on_request": behaviour}))
+    }
+}
+
+async fn load(host: &PluginHost, spec: &PluginSpec) -> Plugin {
+    match host.load(spec).await {
+        Ok(plugin) => plugin,
+        Err(e) => panic!("loading {}: {e}", spec.name),
+    }
+}
+
+fn request(headers: &[(&str, &str)]) -> RequestInfo {
+    RequestInfo {
+        kind: RequestKind::WebSocket,
+        method: "GET".into(),
+        scheme: "http".into(),
+        authority: "chat.acme.example".into(),
+        path: "/ws".into(),
+        query: String::new(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect(),
+        client_addr: "127.0.0.1:40000".parse().unwrap(),
+        tls: None,
+        route: "chat".into(),
+        tenant: None,
+        subprotocols: Vec::new(),
+    }
+}
+
+fn token(sub: &str) -> String {
+    let claims = json!({"sub": sub, "tenant": "acme", "exp": 4_000_000_000u64});
+    format!(
+        "Bearer {}",
+        sluice_jwt::mint::hs256(&claims, SECRET.as_bytes())
+    )
+}
+
+fn continued(decision: ChainDecision) -> Mutations {
+    match decision {
+        ChainDecision::Continue(m) => m,
+        ChainDecision::Deny(d) => panic!("expected continue, got {d:?}"),
+    }
+}
+
+fn denied(decision: &ChainDecision) -> (u16, &str, Option<&Fault>) {
+    match decision {
+        ChainDecision::Deny(d) => (d.status, d.plugin.as_str(), d.fault.as_ref()),
+        ChainDecision::Continue(m) => panic!("expected deny, got {m:?}"),
+    }
+}
+
+/// origin-allowlist → jwt-auth → tenant-router → sticky-key, as in examples/.
+async fn full_chain(host: &PluginHost) -> Chain {
+    let specs = [
+        spec(
+            "origin-allowlist",
+            json!({"allowed": ["https://*.acme.example"]}),
+        ),
+        spec(
+            "jwt-auth",
+            json!({"keys": [{"alg": "HS256", "secret": SECRET}],
+                   "forward_claims": {"sub": "x-user", "tenant": "x-tenant"}}),
+        ),
+        spec(
+            "tenant-router",
+            json!({"rules": [{"header": "x-tenant", "value": "acme", "tenant": "acme", "pool": "blue"}],
+                   "default": {"tenant": "public", "pool": "green"}}),
+        ),
+        spec(
+            "sticky-key",
+            json!({"sources": [{"jwt_claim": "sub"}], "fallback": "client_ip"}),
+        ),
+    ];
+    let mut plugins = Vec::new();
+    for s in &specs {
+        plugins.push(load(host, s).await);
+    }
+    Chain::new(plugins)
+}
+
+#[tokio::test]
+async fn chain_allows_mutates_and_denies() {
+    let host = PluginHost::new().unwrap();
+    let chain = full_chain(&host).await;
+    let alice = token("alice");
+
+    let ok = chain
+        .on_request(&request(&[
+            ("origin", "https://app.acme.example"),
+            ("authorization", &alice),
+            ("x-user", "spoofed"),
+        ]))
+        .await;
+    let m = continued(ok);
+    assert!(
+        m.headers
+            .contains(&HeaderOp::Set("x-user".into(), "alice".into()))
+    );
+    assert!(
+        m.headers
+            .contains(&HeaderOp::Set("x-sluice-tenant".into(), "acme".into()))
+    );
+    // tenant-router saw the header jwt-auth forwarded.
+    assert_eq!(m.tenant.as_deref(), Some("acme"));
+    assert_eq!(m.pool.as_deref(), Some("blue"));
+    assert_eq!(m.sticky_key.as_deref(), Some("alice"));
+    assert!(m.log_fields.contains(&("jwt_sub".into(), "alice".into())));
+
+    let cross_site = chain
+        .on_request(&request(&[
+            ("origin", "https://evil.example"),
+            ("authorization", &alice),
+        ]))
+        .await;
+    assert_eq!(denied(&cross_site), (403, "origin-allowlist", None));
+
+    let anonymous = chain
+        .on_request(&request(&[("origin", "https://app.acme.example")]))
+        .await;
+    assert_eq!(denied(&anonymous), (401, "jwt-auth", None));
+    let ChainDecision::Deny(d) = anonymous else {
+        unreachable!()
+    };
+    assert!(
+        d.headers
+            .iter()
+            .any(|(n, v)| n == "www-authenticate" && v.contains("Bearer"))
+    );
+
+    chain
+        .on_close(&CloseInfo {
+            kind: RequestKind::WebSocket,
+            route: "chat".into(),
+            tenant: Some("acme".into()),
+            upstream: Some("127.0.0.1:9000".into()),
+            duration: Duration::from_secs(3),
+            bytes_from_client: 10,
+            bytes_to_client: 20,
+            reason: CloseReason::ClientClosed,
+        })
+        .await;
+    for plugin in chain.plugins() {
+        let stats = plugin.stats();
+        assert_eq!(stats.faults, 0, "{}: {stats:?}", plugin.name());
+        assert_eq!(
+            stats.instances_created, 1,
+            "instances are reused: {stats:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn javascript_plugin_runs_against_the_same_wit() {
+    let host = PluginHost::new().unwrap();
+    let config = json!({"keys": {"k-123": "alice"}, "rate_limit_per_minute": 2});
+    let plugin = load(&host, &spec("api-key-js", config)).await;
+    let chain = Chain::new(vec![plugin]);
+
+    let m = continued(chain.on_request(&request(&[("x-api-key", "k-123")])).await);
+    assert_eq!(
+        m.headers,
+        [
+            HeaderOp::Remove("x-api-key".into()),
+            HeaderOp::Set("x-client".into(), "alice".into())
+        ]
+    );
+    let missing = chain.on_request(&request(&[])).await;
+    assert_eq!(denied(&missing).0, 401);
+    let unknown = chain.on_request(&request(&[("x-api-key", "nope")])).await;
+    assert_eq!(denied(&unknown).0, 403);
+    // Third admitted request in the window: the shared counter says 429.
+    continued(chain.on_request(&request(&[("x-api-key", "k-123")])).await);
+    let limited = chain.on_request(&request(&[("x-api-key", "k-123")])).await;
+    assert_eq!(denied(&limited).0, 429);
+
+    let bad = host.load(&spec("api-key-js", json!({"keys": 7}))).await;
+    let err = bad.expect_err("bad config refused").to_string();
+    assert!(
+        err.contains("api-key-js") && err.contains("`keys` must map"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn load_errors_name_the_plugin_and_the_reason() {
+    let host = PluginHost::new().unwrap();
+    let dir = std::env::temp_dir().join(format!("sluice-plugin-host-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let with_file = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        PluginSpec {
+            wasm: path,
+            ..spec("origin-allowlist", json!({}))
+        }
+    };
+
+    let missing = PluginSpec {
+        wasm: dir.join("nope.wasm"),
+        ..spec("origin-allowlist", json!({}))
+    };
+    let err = host.load(&missing).await.unwrap_err();
+    assert!(matches!(err, PluginError::Read { .. }), "{err}");
+    assert!(err.to_string().contains("origin-allowlist") && err.to_string().contains("nope.wasm"));
+
+    let text = host
+        .load(&with_file("text.wasm", b"hello"))
+        .await
+        .unwrap_err();
+    assert!(
+        text.to_string().contains("not a WebAssembly file"),
+        "{text}"
+    );
+    let core = host
+        .load(&with_file("core.wasm", b"\0asm\x01\0\0\0"))
+        .await
+        .unwrap_err();
+    assert!(core.to_string().contains("core wasm module"), "{core}");
+    // An empty component: valid, but exports nothing of the plugin world.
+    let empty = host
+        .load(&with_file("empty.wasm", b"\0asm\x0d\0\x01\0"))
+        .await
+        .unwrap_err();
+    assert!(matches!(empty, PluginError::WrongWorld { .. }), "{empty}");
+
+    let bad_config = host.load(&spec("jwt-auth", json!({}))).await.unwrap_err();
+    assert!(
+        matches!(bad_config, PluginError::Init { .. }),
+        "{bad_config}"
+    );
+    assert!(
+        bad_config.to_string().contains("missing field `keys`"),
+        "{bad_config}"
+    );
+
+    let tiny_memory = PluginSpec {
+        limits: Limits {
+            memory_bytes: 64 << 10,
+            ..Limits::default()
+        },
+        ..spec("origin-allowlist", json!({"allowed": []}))
+    };
+    let err = host.load(&tiny_memory).await.unwrap_err();
+    assert!(
+        err.to_string().contains("origin-allowlist") && err.to_string().contains("memory"),
+        "{err}"
+    );
+
+    let zero = PluginSpec {
+        limits: Limits {
+            max_instances: 0,
+            ..Limits::default()
+        },
+        ..spec("origin-allowlist", json!({"allowed": []}))
+    };
+    assert!(matches!(
+        host.load(&zero).await,
+        Err(PluginError::Limits { .. })
+    ));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn slow_init_fails_the_load_within_the_deadline() {
+    let host = PluginHost::new().unwrap();
+    let slow = PluginSpec {
+        config_json: json!({"init_ms": 10_000}).to_string(),
+        ..hostile("slow-init", "allow", false)
+    };
+    let started = Instant::now();
+    let err = host.load(&slow).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            PluginError::Start {
+                fault: Fault::Timeout(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("slow-init"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A merely slow init within the deadline loads fine.
+    let ok = PluginSpec {
+        config_json: json!({"init_ms": 5}).to_string(),
+        ..hostile("slowish-init", "allow", false)
+    };
+    load(&host, &ok).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_fail_per_mode_while_good_traffic_flows() {
+    let host = PluginHost::new().unwrap();
+    let good = Chain::new(vec![
+        load(
+            &host,
+            &spec(
+                "origin-allowlist",
+                json!({"allowed": ["https://*.acme.example"]}),
+            ),
+        )
+        .await,
+    ]);
+    let cases = [
+        (hostile("loop", "loop", false), Some("CPU deadline")),
+        (hostile("memory-bomb", "memory", false), Some("memory cap")),
+        (hostile("trap", "trap", false), Some("trapped")),
+        (hostile("loop-open", "loop", true), None),
+    ];
+    let mut hostile_chains = Vec::new();
+    for (spec, expect) in &cases {
+        hostile_chains.push((Chain::new(vec![load(&host, spec).await]), *expect));
+    }
+
+    // Good traffic runs on its own task the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good_traffic = {
+        let (good, stop) = (good.clone(), stop.clone());
+        tokio::spawn(async move {
+            let req = request(&[("origin", "https://app.acme.example")]);
+            let (mut calls, mut slowest) = (0u32, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                continued(good.on_request(&req).await);
+                slowest = slowest.max(t.elapsed());
+                calls += 1;
+                tokio::task::yield_now().await;
+            }
+            (calls, slowest)
+        })
+    };
+
+    let mut hostile_calls = Vec::new();
+    for (chain, expect) in hostile_chains.iter().cloned() {
+        hostile_calls.push(tokio::spawn(async move {
+            for _ in 0..3 {
+                let started = Instant::now();
+                let decision = chain.on_request(&request(&[])).await;
+                let took = started.elapsed();
+                assert!(took < Duration::from_secs(2), "answered in {took:?}");
+                match expect {
+                    Some(text) => {
+                        let (status, _, fault) = denied(&decision);
+                        assert_eq!(status, 503);
+                        let fault = fault.expect("a fault").to_string();
+                        assert!(fault.contains(text), "{fault}");
+                    }
+                    None => assert_eq!(continued(decision), Mutations::default()),
+                }
+            }
+        }));
+    }
+    for call in hostile_calls {
+        call.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (calls, slowest) = good_traffic.await.unwrap();
+    assert!(calls > 10, "good traffic kept flowing: {calls} calls");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest good call {slowest:?}"
+    );
+    assert_eq!(good.plugins()[0].stats().faults, 0);
+
+    for (chain, _) in &hostile_chains {
+        let stats = chain.plugins()[0].stats();
+        assert_eq!(stats.faults, 3, "{}: {stats:?}", chain.plugins()[0].name());
+        // Each fault threw its instance away.
+        assert_eq!(stats.instances_created, 3, "{stats:?}");
+    }
+    assert_eq!(hostile_chains[0].0.plugins()[0].stats().timeouts, 3);
+    assert_eq!(hostile_chains[1].0.plugins()[0].stats().memory_faults, 3);
+}
+
+/// Per-call costs quoted in `gateway/src/plugin/mod.rs`. Run with
+/// `cargo test --release -p sluice --test plugin_host -- --ignored --nocapture measure`.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "measurement; run in release"]
+async fn measure() {
+    fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+    async fn per_call(chain: &Chain, req: &RequestInfo, n: u32) -> Duration {
+        let mut runs = Vec::new();
+        for _ in 0..7 {
+            let t = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(chain.on_request(req).await);
+            }
+            runs.push(t.elapsed() / n);
+        }
+        median(runs)
+    }
+    let host = PluginHost::new().unwrap();
+    let origin = json!({"allowed": ["https://*.acme.example"]});
+    let req = request(&[
+        ("origin", "https://app.acme.example"),
+        ("authorization", &token("alice")),
+    ]);
+    let one = Chain::new(vec![
+        load(&host, &spec("origin-allowlist", origin.clone())).await,
+    ]);
+    println!(
+        "reused instance, 1 Rust plugin: {:?}",
+        per_call(&one, &req, 20_000).await
+    );
+    let four = full_chain(&host).await;
+    println!(
+        "reused instances, 4-plugin chain: {:?}",
+        per_call(&four, &req, 5_000).await
+    );
+    let js = Chain::new(vec![
+        load(&host, &spec("api-key-js", json!({"keys": {"k": "a"}}))).await,
+    ]);
+    let js_req = request(&[("x-api-key", "k")]);
+    println!(
+        "reused instance, JS plugin: {:?}",
+        per_call(&js, &js_req, 5_000).await
+    );
+
+    let mut fresh = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let plugin = load(&host, &spec("origin-allowlist", origin.clone())).await;
+        std::hint::black_box(Chain::new(vec![plugin]).on_request(&req).await);
+        fresh.push(t.elapsed());
+    }
+    println!(
+        "fresh instance per request (load from cache + init + call): {:?}",
+        median(fresh)
+    );
+
+    let mut blocking = Vec::new();
+    for _ in 0..2_000 {
+        let t = Instant::now();
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+        blocking.push(t.elapsed());
+    }
+    println!("spawn_blocking round trip: {:?}", median(blocking));
+}
