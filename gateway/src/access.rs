@@ -89,6 +89,30 @@ impl Record {
             _ => PluginCloseReason::Completed,
         };
         self.notify(bytes_in, bytes_out, reason);
+        self.emit(bytes_in, bytes_out, None, None);
+    }
+
+    /// Emits the event for a finished tunnel.
+    pub fn log_tunnel(&self, report: &crate::tunnel::Report) {
+        let reason = match report.reason {
+            CloseReason::ClientClosed => PluginCloseReason::ClientClosed,
+            CloseReason::ServerClosed => PluginCloseReason::UpstreamClosed,
+            CloseReason::IdleTimeout => PluginCloseReason::IdleTimeout,
+            CloseReason::Shutdown => PluginCloseReason::Shutdown,
+            CloseReason::Error => PluginCloseReason::UpstreamError,
+        };
+        self.notify(report.bytes_in, report.bytes_out, reason);
+        let error = report.error.as_ref().map(|e| e.to_string());
+        self.emit(
+            report.bytes_in,
+            report.bytes_out,
+            Some(report.reason.as_str()),
+            error.as_deref(),
+        );
+    }
+
+    /// The access-log event itself; `reason` and `error` appear only when set.
+    fn emit(&self, bytes_in: u64, bytes_out: u64, reason: Option<&str>, error: Option<&str>) {
         tracing::info!(
             target: TARGET,
             kind = self.kind,
@@ -102,36 +126,8 @@ impl Record {
             bytes_in,
             bytes_out,
             duration_ms = self.start.elapsed().as_millis() as u64,
-            tags = %self.tags,
-            "access"
-        );
-    }
-
-    /// Emits the event for a finished tunnel.
-    pub fn log_tunnel(&self, report: &crate::tunnel::Report) {
-        let reason = match report.reason {
-            CloseReason::ClientClosed => PluginCloseReason::ClientClosed,
-            CloseReason::ServerClosed => PluginCloseReason::UpstreamClosed,
-            CloseReason::IdleTimeout => PluginCloseReason::IdleTimeout,
-            CloseReason::Shutdown => PluginCloseReason::Shutdown,
-            CloseReason::Error => PluginCloseReason::UpstreamError,
-        };
-        self.notify(report.bytes_in, report.bytes_out, reason);
-        tracing::info!(
-            target: TARGET,
-            kind = "tunnel",
-            client = %self.client,
-            listener = %self.listener,
-            route = %self.route,
-            upstream = %self.upstream,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            bytes_in = report.bytes_in,
-            bytes_out = report.bytes_out,
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            reason = report.reason.as_str(),
-            error = report.error.as_ref().map(|e| e.to_string()),
+            reason,
+            error,
             tags = %self.tags,
             "access"
         );

@@ -22,7 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::access::{CloseHook, Counted, Record};
 use crate::balance::Pool;
 use crate::config::{HashKey, RouteAction};
-use crate::connect::{self, with_failover};
+use crate::connect::{self, ConnectError, with_failover};
 use crate::forward::{self, Conn, Pooled};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Outcome};
@@ -226,6 +226,17 @@ fn respond(
     resp
 }
 
+/// The 502 for a request no server of its pool would take.
+fn no_upstream(rec: Record, route: &Route, e: &ConnectError) -> Response<ResponseBody> {
+    tracing::warn!(route = %route.config.name, error = %e, "no upstream server available");
+    respond(
+        rec,
+        StatusCode::BAD_GATEWAY,
+        "no upstream server is available\n",
+        &[],
+    )
+}
+
 /// Relays an upstream response head and streamed body, logging when the body ends.
 fn relay(mut rec: Record, resp: Response<Incoming>) -> Response<ResponseBody> {
     rec.status = resp.status().as_u16();
@@ -304,15 +315,7 @@ async fn websocket(
     let (route, pool) = (&plan.route, &plan.verdict.pool);
     let (server, stream) = match with_failover(pool, &plan.key, connect::Tcp(pool)).await {
         Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(route = %route.config.name, error = %e, "no upstream for WebSocket");
-            return respond(
-                rec,
-                StatusCode::BAD_GATEWAY,
-                "no upstream server is available\n",
-                &[],
-            );
-        }
+        Err(e) => return no_upstream(rec, route, &e),
     };
     rec.upstream = server.config.authority.clone();
     let guard = server.acquire();
@@ -404,15 +407,7 @@ async fn forward(
     let (server, Conn { mut sender, reused }) = match with_failover(pool, &plan.key, attempt).await
     {
         Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(route = %route.config.name, error = %e, "no upstream for request");
-            return respond(
-                rec,
-                StatusCode::BAD_GATEWAY,
-                "no upstream server is available\n",
-                &[],
-            );
-        }
+        Err(e) => return no_upstream(rec, route, &e),
     };
     rec.upstream = server.config.authority.clone();
     // Counted as active on the server until the response body is done (or dropped).
