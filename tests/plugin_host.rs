@@ -452,6 +452,9 @@ async fn measure() {
         ("origin", "https://app.acme.example"),
         ("authorization", &token("alice")),
     ]);
+    let trivial = Chain::new(vec![load(&host, &spec("hostile", json!({}))).await]);
+    let trivial_cost = per_call(&trivial, &req, 20_000).await;
+    println!("reused instance, trivial Rust plugin: {trivial_cost:?}");
     let one = Chain::new(vec![
         load(&host, &spec("origin-allowlist", origin.clone())).await,
     ]);
@@ -460,6 +463,11 @@ async fn measure() {
         per_call(&one, &req, 20_000).await
     );
     let four = full_chain(&host).await;
+    for plugin in four.plugins() {
+        let alone = Chain::new(vec![plugin.clone()]);
+        let cost = per_call(&alone, &req, 5_000).await;
+        println!("  of which {}: {cost:?}", plugin.name());
+    }
     println!(
         "reused instances, 4-plugin chain: {:?}",
         per_call(&four, &req, 5_000).await
