@@ -2,11 +2,33 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::ws::{self, OP_CLOSE, OP_PONG, Reader, Rng};
+
+/// Where the load generator connects, and what its upgrade requests carry beyond the
+/// bare WebSocket headers.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The target's listening address.
+    pub addr: SocketAddr,
+    /// Extra request header lines, each ending in CRLF (empty for none): what a target's
+    /// policy plugins need to admit the request, e.g. `Origin` and `Authorization`.
+    pub headers: Arc<str>,
+}
+
+impl Endpoint {
+    /// An endpoint whose upgrade requests carry no extra headers.
+    pub fn plain(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            headers: Arc::from(""),
+        }
+    }
+}
 
 /// One client connection whose opening handshake has completed.
 #[derive(Debug)]
@@ -17,15 +39,18 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects to `addr`, sends the upgrade request and checks the `101` answer,
-    /// including `Sec-WebSocket-Accept`.
-    pub async fn open(addr: SocketAddr, mut rng: Rng) -> io::Result<Conn> {
+    /// Connects to `endpoint`, sends the upgrade request (with the endpoint's extra
+    /// headers) and checks the `101` answer, including `Sec-WebSocket-Accept`; any other
+    /// answer, such as a plugin's 401 or 403, is an error.
+    pub async fn open(endpoint: &Endpoint, mut rng: Rng) -> io::Result<Conn> {
+        let addr = endpoint.addr;
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let key = ws::client_key(&mut rng);
+        let extra = &endpoint.headers;
         let request = format!(
             "GET /bench HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         let mut reader = Reader::new(stream);
         reader.get_mut().write_all(request.as_bytes()).await?;

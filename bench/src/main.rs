@@ -3,6 +3,7 @@
 
 mod backend;
 mod client;
+mod plugins;
 mod report;
 mod run;
 mod scenario;

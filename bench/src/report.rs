@@ -463,7 +463,66 @@ pub fn markdown(records: &[RunRecord]) -> String {
             num(r, 2)
         );
     }
+
+    plugin_chains(&mut out, &scenarios, &summaries);
     out
+}
+
+/// Most proxy CPU the 4-plugin chain may add per upgrade (the plugin issue's target), µs.
+const CHAIN4_UPGRADE_LIMIT_US: f64 = 25.0;
+
+/// The cost of Sluice's policy plugin chains: each plugin target's CPU per operation
+/// against plain Sluice's in the same run, and the 4-plugin chain's goal per upgrade.
+fn plugin_chains(
+    out: &mut String,
+    scenarios: &[String],
+    summaries: &BTreeMap<(usize, Target), Summary>,
+) {
+    let rows: Vec<(usize, Target, &Summary, &Summary)> = summaries
+        .iter()
+        .filter(|((_, t), _)| t.plugins() > 0)
+        .filter_map(|(&(s, t), sum)| Some((s, t, sum, summaries.get(&(s, Target::Sluice))?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "
+Policy plugin chains (added = Sluice with the chain minus Sluice without, same run):
+
+",
+    );
+    out.push_str("| scenario | target | plugins | proxy CPU µs/op | sluice µs/op | added µs/op | ops/s ÷ sluice |
+|---|---|--:|--:|--:|--:|--:|
+");
+    for &(s, t, sum, base) in &rows {
+        let added = sum
+            .cpu_us_per_op
+            .zip(base.cpu_us_per_op)
+            .map(|(a, b)| a - b);
+        let _ = writeln!(
+            out,
+            "| {} | {t} | {} | {} | {} | {} | {} |",
+            scenarios[s],
+            t.plugins(),
+            num(sum.cpu_us_per_op, 1),
+            num(base.cpu_us_per_op, 1),
+            num(added, 1),
+            num(ratio(sum.ops_per_s, base.ops_per_s), 2),
+        );
+        if scenarios[s] == "handshake" && t.plugins() == 4 {
+            let met = match added {
+                Some(a) if a <= CHAIN4_UPGRADE_LIMIT_US => "yes",
+                Some(_) => "**no**",
+                None => "n/a",
+            };
+            let _ = writeln!(
+                out,
+                "\nGoal: the 4-plugin chain adds ≤ {CHAIN4_UPGRADE_LIMIT_US} µs per upgrade: {} µs, met: {met}.\n",
+                num(added, 1)
+            );
+        }
+    }
 }
 
 /// `a ÷ b` when both are known and `b` is positive.
@@ -520,6 +579,34 @@ mod tests {
         );
         assert!(
             md.contains("| proxy CPU per 32 B echo | 8.0 | 11.0 | 0.73 | ≤ 0.8 | yes |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn report_has_plugin_chain_cost() {
+        let mut records = Vec::new();
+        for (target, cpu) in [
+            (Target::Sluice, 200.0),
+            (Target::Sluice1p, 205.0),
+            (Target::Sluice4p, 240.0),
+        ] {
+            let mut r = RunRecord::failed(1, Scenario::Handshake, target, 32, None);
+            r.ops_per_s = 1000.0;
+            r.cpu_us_per_op = Some(cpu);
+            records.push(r);
+        }
+        let md = markdown(&records);
+        assert!(
+            md.contains("| handshake | sluice-1p | 1 | 205.0 | 200.0 | 5.0 | 1.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| handshake | sluice-4p | 4 | 240.0 | 200.0 | 40.0 | 1.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("adds ≤ 25 µs per upgrade: 40.0 µs, met: **no**."),
             "{md}"
         );
     }

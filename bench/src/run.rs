@@ -14,13 +14,14 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::report::{self, RunRecord};
 use crate::scenario::{self, Params, Probe, Scenario};
-use crate::sys;
 use crate::targets::{self, Env, Target};
+use crate::{plugins, sys};
 
 /// Options of `sluice-bench run` (alias `all`); the defaults run everything.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RunArgs {
-    /// Targets, comma-separated: direct, sluice, nginx, haproxy.
+    /// Targets, comma-separated: direct, sluice, sluice-1p, sluice-4p, nginx, haproxy
+    /// (sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain; not in the default set).
     #[arg(
         long,
         value_delimiter = ',',
@@ -67,6 +68,10 @@ pub struct RunArgs {
     /// The sluice executable [default: `sluice` beside this program].
     #[arg(long)]
     pub sluice: Option<PathBuf>,
+    /// Directory of the plugin components for sluice-1p and sluice-4p (built by
+    /// `plugins/build.sh`).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/plugins"))]
+    pub plugins: PathBuf,
     /// Directory for JSON lines, reports and profiles.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     pub out: PathBuf,
@@ -118,12 +123,13 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         Some(path) => path.clone(),
         None => std::env::current_exe()?.with_file_name("sluice"),
     };
-    if args.targets.contains(&Target::Sluice) && !sluice_bin.exists() {
+    if args.targets.iter().any(|t| t.is_sluice()) && !sluice_bin.exists() {
         bail!(
             "{} not found: build it with `cargo build --release -p sluice`, pass --sluice PATH, or leave sluice out of --targets",
             sluice_bin.display()
         );
     }
+    let plugin_dir = plugin_dir(&args)?;
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let started = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let stamp = format!("run-{started}");
@@ -139,6 +145,8 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         workers: args.workers,
         sluice_bin: sluice_bin.clone(),
         work_dir: work_dir.clone(),
+        plugin_dir,
+        token: plugins::token(),
     };
 
     let meta = serde_json::json!({
@@ -212,9 +220,38 @@ fn run_one(
 ) -> Result<scenario::Outcome> {
     let running = targets::start(target, env)?;
     let mut probe = Probe::new(running.pid(), env.backend_pid, perf);
-    let outcome = rt.block_on(scenario::run(scenario, running.addr, params, &mut probe))?;
+    let outcome = rt.block_on(scenario::run(
+        scenario,
+        &running.endpoint,
+        params,
+        &mut probe,
+    ))?;
     running.stop()?;
     Ok(outcome)
+}
+
+/// The plugin directory made absolute (the generated configs name plugins by absolute
+/// path); when a plugin target is selected, every component its chain loads must exist.
+fn plugin_dir(args: &RunArgs) -> Result<PathBuf> {
+    let longest = args.targets.iter().map(|t| t.plugins()).max().unwrap_or(0);
+    if longest == 0 {
+        return Ok(std::path::absolute(&args.plugins)?);
+    }
+    let dir = fs::canonicalize(&args.plugins).with_context(|| {
+        format!(
+            "plugin directory {} (run `bash plugins/build.sh`, or pass --plugins DIR)",
+            args.plugins.display()
+        )
+    })?;
+    for (_, file) in &plugins::CHAIN[..longest] {
+        let path = dir.join(file);
+        ensure!(
+            path.is_file(),
+            "{} not found: run `bash plugins/build.sh`, or pass --plugins DIR",
+            path.display()
+        );
+    }
+    Ok(dir)
 }
 
 /// Re-renders the Markdown report from a JSON-lines results file.

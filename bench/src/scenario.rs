@@ -5,7 +5,6 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use anyhow::{Result, bail};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout};
 
-use crate::client::Conn;
+use crate::client::{Conn, Endpoint};
 use crate::sys::{Counts, CpuMark, HostCpu, Memory, Profiler};
 use crate::ws::{OP_BINARY, OP_PING, OP_PONG, Rng};
 
@@ -228,10 +227,10 @@ impl Probe {
     }
 }
 
-/// Runs `scenario` against `addr` with the proxy observed through `probe`.
+/// Runs `scenario` against `endpoint` with the proxy observed through `probe`.
 pub async fn run(
     scenario: Scenario,
-    addr: SocketAddr,
+    endpoint: &Endpoint,
     params: &Params,
     probe: &mut Probe,
 ) -> Result<Outcome> {
@@ -240,7 +239,8 @@ pub async fn run(
         .map_or(0x5EED, |d| d.as_nanos() as u64);
     match scenario {
         Scenario::Echo { size } => {
-            let (conns, errors) = open_many(addr, params.echo_conns, params.echo_conns, seed).await;
+            let (conns, errors) =
+                open_many(endpoint, params.echo_conns, params.echo_conns, seed).await;
             if errors > 0 {
                 bail!(
                     "{errors} of {} echo connections failed to open",
@@ -260,13 +260,13 @@ pub async fn run(
         Scenario::Handshake => {
             let workers = (0..params.handshake_conns)
                 .map(|i| Cycle {
-                    addr,
+                    endpoint: endpoint.clone(),
                     rng: Rng::new(seed.wrapping_add(i as u64 * 0x9E37_79B9)),
                 })
                 .collect();
             closed_loop(workers, params, probe).await
         }
-        Scenario::Idle => idle(addr, params, probe, seed).await,
+        Scenario::Idle => idle(endpoint, params, probe, seed).await,
     }
 }
 
@@ -298,14 +298,14 @@ impl Op for Echo {
 
 /// A whole connection lifetime: connect, upgrade, close handshake, TCP close.
 struct Cycle {
-    addr: SocketAddr,
+    endpoint: Endpoint,
     rng: Rng,
 }
 
 impl Op for Cycle {
     async fn run(&mut self) -> io::Result<()> {
         let rng = Rng::new(self.rng.next_u64());
-        Conn::open(self.addr, rng).await?.close().await
+        Conn::open(&self.endpoint, rng).await?.close().await
     }
 
     fn recoverable(&self) -> bool {
@@ -369,15 +369,20 @@ async fn closed_loop<O: Op>(
 
 /// Idle hold: warm up, take a memory baseline, open `tunnels` tunnels, let them settle,
 /// measure memory again, then ping every tunnel once end to end inside the CPU window.
-async fn idle(addr: SocketAddr, params: &Params, probe: &mut Probe, seed: u64) -> Result<Outcome> {
+async fn idle(
+    endpoint: &Endpoint,
+    params: &Params,
+    probe: &mut Probe,
+    seed: u64,
+) -> Result<Outcome> {
     let warm_count = IDLE_WARMUP_TUNNELS.min(params.tunnels);
-    let (warm, _) = open_many(addr, warm_count, params.idle_conns, seed).await;
+    let (warm, _) = open_many(endpoint, warm_count, params.idle_conns, seed).await;
     let (warm, _, _) = ping_all(warm, params.idle_conns).await;
     drop(warm);
     sleep(Duration::from_millis(500)).await;
 
     let before = probe.memory();
-    let (tunnels, _) = open_many(addr, params.tunnels, params.idle_conns, seed ^ 0xA5A5).await;
+    let (tunnels, _) = open_many(endpoint, params.tunnels, params.idle_conns, seed ^ 0xA5A5).await;
     sleep(Duration::from_secs(1)).await;
     let after = probe.memory();
 
@@ -404,7 +409,7 @@ async fn idle(addr: SocketAddr, params: &Params, probe: &mut Probe, seed: u64) -
 /// Opens `count` connections, `concurrency` at a time; returns those that opened and the
 /// number that failed.
 async fn open_many(
-    addr: SocketAddr,
+    endpoint: &Endpoint,
     count: usize,
     concurrency: usize,
     seed: u64,
@@ -414,6 +419,7 @@ async fn open_many(
     let mut tasks = JoinSet::new();
     for _ in 0..concurrency.clamp(1, count.max(1)) {
         let next = next.clone();
+        let endpoint = endpoint.clone();
         tasks.spawn(async move {
             let mut opened = Vec::new();
             let mut errors = 0u64;
@@ -423,7 +429,7 @@ async fn open_many(
                     break;
                 }
                 let rng = Rng::new(seed.wrapping_add((i as u64 + 1) * 0x9E37_79B9_7F4A_7C15));
-                match timeout(OP_TIMEOUT, Conn::open(addr, rng)).await {
+                match timeout(OP_TIMEOUT, Conn::open(&endpoint, rng)).await {
                     Ok(Ok(conn)) => opened.push(conn),
                     _ => errors += 1,
                 }

@@ -1,10 +1,11 @@
 //! The targets a scenario runs against: the backend directly, or one of three proxies in
-//! front of it. Each proxy run gets a fresh process on an ephemeral loopback port, with its
+//! front of it (Sluice also with a 1- or 4-plugin policy chain, see [`crate::plugins`]). Each proxy run gets a fresh process on an ephemeral loopback port, with its
 //! config, pid file and log in a temporary directory; it is stopped by PID afterwards.
 //! Nothing under `/etc` and no system service is involved.
 
 use std::fmt;
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::sys;
+use crate::client::Endpoint;
+use crate::{plugins, sys};
 
 /// How long a proxy may take to start accepting connections.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -29,6 +31,11 @@ pub enum Target {
     Direct,
     /// This project's gateway.
     Sluice,
+    /// Sluice with a one-plugin chain: `origin-allowlist`.
+    Sluice1p,
+    /// Sluice with a four-plugin chain: `origin-allowlist` → `jwt-auth` →
+    /// `tenant-router` → `sticky-key`.
+    Sluice4p,
     /// Debian's nginx with the standard WebSocket proxy recipe.
     Nginx,
     /// Debian's HAProxy in HTTP mode with a tunnel timeout.
@@ -37,9 +44,11 @@ pub enum Target {
 
 impl Target {
     /// All targets, in report order.
-    pub const ALL: [Target; 4] = [
+    pub const ALL: [Target; 6] = [
         Target::Direct,
         Target::Sluice,
+        Target::Sluice1p,
+        Target::Sluice4p,
         Target::Nginx,
         Target::Haproxy,
     ];
@@ -49,8 +58,24 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Sluice => "sluice",
+            Target::Sluice1p => "sluice-1p",
+            Target::Sluice4p => "sluice-4p",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
+        }
+    }
+
+    /// Whether this target runs the `sluice` executable.
+    pub fn is_sluice(self) -> bool {
+        matches!(self, Target::Sluice | Target::Sluice1p | Target::Sluice4p)
+    }
+
+    /// Length of the target's policy plugin chain (0 for all but the Sluice variants).
+    pub fn plugins(self) -> usize {
+        match self {
+            Target::Sluice1p => 1,
+            Target::Sluice4p => 4,
+            _ => 0,
         }
     }
 
@@ -58,7 +83,7 @@ impl Target {
     fn process_count(self, workers: usize) -> usize {
         match self {
             Target::Direct => 0,
-            Target::Sluice => 1,
+            Target::Sluice | Target::Sluice1p | Target::Sluice4p => 1,
             Target::Nginx => 1 + workers,
             Target::Haproxy => 2,
         }
@@ -85,7 +110,9 @@ impl FromStr for Target {
             .into_iter()
             .find(|t| t.name() == s)
             .ok_or_else(|| {
-                format!("unknown target {s:?}: expected direct, sluice, nginx or haproxy")
+                format!(
+                    "unknown target {s:?}: expected direct, sluice, sluice-1p, sluice-4p, nginx or haproxy"
+                )
             })
     }
 }
@@ -103,13 +130,17 @@ pub struct Env {
     pub sluice_bin: PathBuf,
     /// A private directory for configs, pid files and logs.
     pub work_dir: PathBuf,
+    /// Absolute directory of the plugin components (`target/plugins`).
+    pub plugin_dir: PathBuf,
+    /// The JWT the load generator presents to plugin chains ([`plugins::token`]).
+    pub token: String,
 }
 
 /// A running target, stopped when dropped.
 #[derive(Debug)]
 pub struct Running {
-    /// Where the load generator connects.
-    pub addr: SocketAddr,
+    /// Where the load generator connects, and the extra headers its upgrades carry.
+    pub endpoint: Endpoint,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -158,7 +189,7 @@ impl Drop for Running {
 pub fn start(target: Target, env: &Env) -> Result<Running> {
     if target == Target::Direct {
         return Ok(Running {
-            addr: env.backend,
+            endpoint: Endpoint::plain(env.backend),
             child: None,
             log: PathBuf::new(),
         });
@@ -176,11 +207,20 @@ pub fn start(target: Target, env: &Env) -> Result<Running> {
         .spawn()
         .with_context(|| format!("starting {target} (run bench/setup.sh?)"))?;
     let mut running = Running {
-        addr,
+        endpoint: Endpoint {
+            addr,
+            headers: plugins::headers(target.plugins(), &env.token).into(),
+        },
         child: Some(child),
         log,
     };
-    if let Err(e) = wait_ready(target, env, &mut running, pid_file.as_deref()) {
+    let ready = wait_ready(target, env, &mut running, pid_file.as_deref()).and_then(|()| {
+        match target.plugins() {
+            0 => Ok(()),
+            _ => refused_without_origin(addr),
+        }
+    });
+    if let Err(e) = ready {
         let tail = running.log_tail();
         bail!("{target} did not start: {e:#}\n--- {target} log ---\n{tail}");
     }
@@ -203,7 +243,7 @@ fn wait_ready(
             bail!("exited with {status}");
         }
         let listening =
-            TcpStream::connect_timeout(&running.addr, Duration::from_millis(200)).is_ok();
+            TcpStream::connect_timeout(&running.endpoint.addr, Duration::from_millis(200)).is_ok();
         let processes = sys::process_tree(pid).len() >= target.process_count(env.workers);
         let pid_ok = match pid_file {
             None => true,
@@ -219,6 +259,26 @@ fn wait_ready(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Checks that the plugin chain is in force: an upgrade without `Origin` (and without a
+/// token) must get `origin-allowlist`'s 403, not a `101`.
+fn refused_without_origin(addr: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET /bench HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head)?;
+    let status = String::from_utf8_lossy(&head[..n]);
+    let status = status.lines().next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 403") {
+        bail!("plugin chain not in force: an upgrade without Origin got {status:?}, not 403");
+    }
+    Ok(())
 }
 
 /// A loopback address with a port that was free a moment ago.
@@ -239,8 +299,9 @@ fn command(
     let d = dir.display();
     match target {
         Target::Direct => unreachable!("the direct target runs no process"),
-        Target::Sluice => {
+        Target::Sluice | Target::Sluice1p | Target::Sluice4p => {
             let config = dir.join("sluice.toml");
+            let chain = plugins::sluice_toml(target.plugins(), &env.plugin_dir, backend);
             fs::write(
                 &config,
                 format!(
@@ -258,7 +319,7 @@ servers = ["{backend}"]
 [[routes]]
 path_prefix = "/"
 upstream = "echo"
-"#
+{chain}"#
                 ),
             )?;
             let mut cmd = Command::new(&env.sluice_bin);

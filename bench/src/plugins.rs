@@ -1,0 +1,153 @@
+//! The policy plugin chains of the `sluice-1p` and `sluice-4p` targets: their gateway
+//! config, and what the load generator sends so that every upgrade is **allowed**.
+//!
+//! Both chains admit the bench's requests, so the measured cost is that of plugins doing
+//! their full work on the success path: `origin-allowlist` matches the `Origin` header,
+//! `jwt-auth` verifies an HS256 token from `Authorization: Bearer` (minted once per
+//! session by [`token`]) and forwards two claims as headers, `tenant-router` routes on
+//! the forwarded `x-tenant` to a second pool on the same echo backend, and `sticky-key`
+//! sets that pool's consistent-hash key from the token's `sub` claim.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The `Origin` the load generator sends; the allowlist accepts it by wildcard.
+const ORIGIN: &str = "https://app.bench.example";
+/// HS256 secret shared by the token minter and `jwt-auth` (bench-only, never reused).
+const SECRET: &str = "sluice-bench-secret-do-not-use";
+/// The token's `iss` and `aud` claims, which `jwt-auth` checks.
+const ISSUER: &str = "https://auth.bench.example";
+/// See [`ISSUER`].
+const AUDIENCE: &str = "sluice-bench";
+/// Lifetime of the session's token: longer than any session.
+const TOKEN_TTL_SECS: u64 = 24 * 3600;
+
+/// The plugin component files, in chain order, and their instance names in the config.
+pub const CHAIN: [(&str, &str); 4] = [
+    ("origin", "origin-allowlist.wasm"),
+    ("auth", "jwt-auth.wasm"),
+    ("tenants", "tenant-router.wasm"),
+    ("sticky", "sticky-key.wasm"),
+];
+
+/// Mints the session's JWT: HS256, `sub` and `tenant` claims, valid for a day.
+pub fn token() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let claims = serde_json::json!({
+        "sub": "bench-user",
+        "tenant": "bench",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + TOKEN_TTL_SECS,
+    });
+    sluice_jwt::mint::hs256(&claims, SECRET.as_bytes())
+}
+
+/// Extra upgrade-request header lines (each ending in CRLF) for a chain of `plugins`
+/// plugins: none without plugins, else `Origin` and `Authorization: Bearer`. Both chains
+/// get both headers, so the 1- and 4-plugin requests are the same bytes.
+pub fn headers(plugins: usize, token: &str) -> String {
+    match plugins {
+        0 => String::new(),
+        _ => format!("Origin: {ORIGIN}\r\nAuthorization: Bearer {token}\r\n"),
+    }
+}
+
+/// The TOML to append to the bench's Sluice config right after its one route's keys:
+/// the route's `plugins` (and `pools`) list, then the plugin tables (the first `plugins`
+/// of [`CHAIN`], loaded by absolute path from `wasm_dir`) and, for tenant-router, the
+/// pool it routes to. Empty for no plugins. Plugin limits are Sluice's defaults.
+pub fn sluice_toml(plugins: usize, wasm_dir: &Path, backend: SocketAddr) -> String {
+    if plugins == 0 {
+        return String::new();
+    }
+    let chain = &CHAIN[..plugins.min(CHAIN.len())];
+    let names: Vec<String> = chain.iter().map(|(name, _)| format!("{name:?}")).collect();
+    let mut toml = format!("plugins = [{}]\n", names.join(", "));
+    if plugins >= 3 {
+        toml.push_str(&format!(
+            r#"pools = ["hashed"]
+
+# The pool tenant-router picks: the same echo backend, balanced by sticky-key's key.
+[upstreams.hashed]
+servers = ["{backend}"]
+balance = "hash"
+"#
+        ));
+    }
+    for (name, file) in chain {
+        let path = wasm_dir.join(file);
+        let config = match *name {
+            "origin" => r#"allowed = ["https://bench.example", "https://*.bench.example"]
+allow_missing = false"#
+                .to_string(),
+            "auth" => format!(
+                r#"keys = [{{ alg = "HS256", secret = "{SECRET}" }}]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+forward_claims = {{ sub = "x-user", tenant = "x-tenant" }}"#
+            ),
+            "tenants" => r#"rules = [{ header = "x-tenant", value = "bench", tenant = "bench", pool = "hashed" }]"#
+                .to_string(),
+            _ => r#"sources = [{ jwt_claim = "sub" }]
+fallback = "client_ip""#
+                .to_string(),
+        };
+        toml.push_str(&format!(
+            "\n[plugins.{name}]\npath = {:?}\n[plugins.{name}.config]\n{config}\n",
+            path.display().to_string()
+        ));
+    }
+    toml
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_verifies_with_the_configured_key() {
+        let token = token();
+        let validation = sluice_jwt::Validation {
+            issuer: Some(ISSUER.into()),
+            audience: Some(AUDIENCE.into()),
+            leeway_secs: 0,
+            require_exp: true,
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let keys = [sluice_jwt::Key::hs256(SECRET.as_bytes())];
+        let claims = sluice_jwt::verify(&token, &keys, &validation, now).expect("valid");
+        assert_eq!(
+            sluice_jwt::claim_str(&claims, "tenant").as_deref(),
+            Some("bench")
+        );
+        assert_eq!(headers(0, &token), "");
+        assert!(headers(4, &token).contains(&format!("Authorization: Bearer {token}\r\n")));
+    }
+
+    #[test]
+    fn chains_name_their_plugins_in_order() {
+        let backend: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let dir = Path::new("/p");
+        assert_eq!(sluice_toml(0, dir, backend), "");
+        let one = sluice_toml(1, dir, backend);
+        assert!(one.starts_with("plugins = [\"origin\"]\n"), "{one}");
+        assert!(one.contains("path = \"/p/origin-allowlist.wasm\""), "{one}");
+        assert!(!one.contains("[plugins.auth]"), "{one}");
+        let four = sluice_toml(4, dir, backend);
+        assert!(
+            four.starts_with(
+                "plugins = [\"origin\", \"auth\", \"tenants\", \"sticky\"]\npools = [\"hashed\"]\n"
+            ),
+            "{four}"
+        );
+        assert!(four.contains("path = \"/p/sticky-key.wasm\""), "{four}");
+    }
+}
