@@ -113,13 +113,6 @@ impl Server {
 #[derive(Debug)]
 pub struct ActiveGuard(Arc<Server>);
 
-impl ActiveGuard {
-    /// The server this guard counts against.
-    pub fn server(&self) -> &Arc<Server> {
-        &self.0
-    }
-}
-
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);

@@ -3,7 +3,6 @@
 //! is built from. Every error names the file, the line and the field.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
@@ -453,14 +452,14 @@ impl RawConfig {
         }
 
         let mut routes = Vec::new();
-        for (i, r) in self.routes.into_iter().enumerate() {
+        for r in self.routes {
             let span = r.span();
             let known = Known {
                 listeners: &listeners,
                 upstreams: &upstreams,
                 plugins: &plugins,
             };
-            routes.push(r.into_inner().validate(i, span, &known, err)?);
+            routes.push(r.into_inner().validate(span, &known, err)?);
         }
         if routes.is_empty() {
             return Err(err(
@@ -633,7 +632,6 @@ impl RawHealth {
 impl RawRoute {
     fn validate(
         self,
-        index: usize,
         span: std::ops::Range<usize>,
         known: &Known<'_>,
         err: &ErrAt<'_>,
@@ -746,7 +744,6 @@ impl RawRoute {
                 path_prefix
             )
         });
-        let _ = index;
         let idle_timeout = match self.idle_timeout {
             Some(d) if d.value.is_zero() => None,
             Some(d) => Some(d.value),
@@ -1045,16 +1042,6 @@ fn line_starts(src: &str) -> impl Iterator<Item = (usize, &str)> {
         pos += l.len() + 1;
         (p, l)
     })
-}
-
-impl fmt::Display for Balance {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Balance::RoundRobin => f.write_str("round-robin"),
-            Balance::LeastConn => f.write_str("least-conn"),
-            Balance::Hash(_) => f.write_str("hash"),
-        }
-    }
 }
 
 #[cfg(test)]

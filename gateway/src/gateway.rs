@@ -55,40 +55,12 @@ impl Gateway {
         &self.tracker
     }
 
-    /// Builds a snapshot, creating the plugin host first if the config needs one.
-    async fn load(
-        &self,
-        config: Config,
-        previous: Option<&Snapshot>,
-    ) -> Result<Snapshot, PluginError> {
-        if !config.plugins.is_empty() && self.plugin_host.get().is_none() {
-            let _ = self.plugin_host.set(PluginHost::new()?);
-        }
-        Snapshot::load(config, previous, self.plugin_host.get()).await
-    }
-
     /// Re-reads the config file and swaps in a new snapshot; on error the old one keeps
     /// serving. New plugins are compiled and initialised here, off the request path.
     /// Listener changes need a restart.
     pub async fn reload(&self, path: &std::path::Path) {
-        let config = match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "reload failed; still serving the previous config");
-                return;
-            }
-        };
         let old = self.snapshot();
-        let same_listeners = config.listeners.len() == old.config.listeners.len()
-            && config
-                .listeners
-                .iter()
-                .zip(&old.config.listeners)
-                .all(|(a, b)| a.name == b.name && a.bind == b.bind);
-        if !same_listeners {
-            tracing::warn!("listener changes take effect on restart; other changes apply now");
-        }
-        let new = match self.load(config, Some(&old)).await {
+        let new = match self.next_snapshot(path, &old).await {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!(error = %e, "reload failed; still serving the previous config");
@@ -99,6 +71,38 @@ impl Gateway {
         old.retire();
         tracing::info!(config = %path.display(), "config reloaded");
     }
+
+    /// The snapshot a reload of `path` would publish after `old`.
+    async fn next_snapshot(
+        &self,
+        path: &std::path::Path,
+        old: &Snapshot,
+    ) -> anyhow::Result<Snapshot> {
+        let config = Config::load(path)?;
+        let same_listeners = config.listeners.len() == old.config.listeners.len()
+            && config
+                .listeners
+                .iter()
+                .zip(&old.config.listeners)
+                .all(|(a, b)| a.name == b.name && a.bind == b.bind);
+        if !same_listeners {
+            tracing::warn!("listener changes take effect on restart; other changes apply now");
+        }
+        Ok(load_snapshot(&self.plugin_host, config, Some(old)).await?)
+    }
+}
+
+/// Builds a snapshot, creating the plugin host first if the config is the first to need
+/// one (no wasmtime engine exists for configs without plugins).
+async fn load_snapshot(
+    host: &OnceLock<PluginHost>,
+    config: Config,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, PluginError> {
+    if !config.plugins.is_empty() && host.get().is_none() {
+        let _ = host.set(PluginHost::new()?);
+    }
+    Snapshot::load(config, previous, host.get()).await
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains tunnels for the configured grace.
@@ -117,10 +121,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
         bound.push((l.name.clone(), l.max_connections, listener));
     }
     let plugin_host = OnceLock::new();
-    if !config.plugins.is_empty() {
-        let _ = plugin_host.set(PluginHost::new()?);
-    }
-    let first = Snapshot::load(config, None, plugin_host.get()).await?;
+    let first = load_snapshot(&plugin_host, config, None).await?;
     let gw = Arc::new(Gateway {
         snapshot: ArcSwap::from_pointee(first),
         conns: Arc::default(),

@@ -9,7 +9,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request};
 
 use crate::balance::Pool;
-use crate::headers::is_hop_by_hop;
+use crate::headers::{is_hop_by_hop, tokens};
 use crate::plugin::{ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind};
 use crate::route::Route;
 use crate::snapshot::Snapshot;
@@ -151,14 +151,8 @@ fn request_info<B>(
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let subprotocols = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty())
+    let subprotocols = tokens(req.headers(), header::SEC_WEBSOCKET_PROTOCOL)
+        .map(str::to_string)
         .collect();
     RequestInfo {
         kind,

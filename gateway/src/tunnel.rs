@@ -10,8 +10,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -105,23 +104,23 @@ pub struct End {
     pub early: Bytes,
 }
 
-/// One direction's live state, shared between its pump and the relay.
+/// One direction's state: its pump owns it while the tunnel runs, the relay reads it
+/// once the pumps are gone.
 #[derive(Default)]
 struct Direction {
-    bytes: AtomicU64,
-    /// Frame boundaries of the bytes read so far (locked briefly per read, never across
-    /// an await).
-    frames: Mutex<Frames>,
-    /// True while a read's bytes are being written on.
-    writing: AtomicBool,
+    bytes: u64,
+    /// Frame boundaries of the bytes read so far.
+    frames: Frames,
+    /// True while a read's bytes are being written on (still true if the pump was
+    /// stopped mid-write).
+    writing: bool,
 }
 
 impl Direction {
     /// Whether a Close frame of ours may be written now: between frames, nothing
     /// half-written, and no Close already sent this way.
     fn may_inject_close(&self) -> bool {
-        let frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
-        frames.at_boundary() && !frames.saw_close() && !self.writing.load(Ordering::Relaxed)
+        self.frames.at_boundary() && !self.frames.saw_close() && !self.writing
     }
 }
 
@@ -152,20 +151,20 @@ pub async fn relay(
 ) -> Report {
     let start = Instant::now();
     let last = AtomicU64::new(0);
-    let (c2s, s2c) = (Direction::default(), Direction::default());
+    let (mut c2s, mut s2c) = (Direction::default(), Direction::default());
     let first_close = AtomicU8::new(NO_CLOSE);
     let (mut reason, error) = {
         let (client_r, client_w) = client.stream.split();
         let (server_r, server_w) = server.stream.split();
         let up = Pump {
-            dir: &c2s,
+            dir: &mut c2s,
             last: &last,
             start,
             first_close: &first_close,
             side: CLIENT_CLOSE,
         };
         let down = Pump {
-            dir: &s2c,
+            dir: &mut s2c,
             last: &last,
             start,
             first_close: &first_close,
@@ -224,8 +223,8 @@ pub async fn relay(
         CloseReason::Error => {}
     }
     Report {
-        bytes_in: c2s.bytes.load(Ordering::Relaxed),
-        bytes_out: s2c.bytes.load(Ordering::Relaxed),
+        bytes_in: c2s.bytes,
+        bytes_out: s2c.bytes,
         reason,
         error,
     }
@@ -252,7 +251,7 @@ async fn idle_expired(idle: Option<Duration>, last: &AtomicU64, start: Instant) 
 
 /// One direction's copy loop and what it reports into.
 struct Pump<'a> {
-    dir: &'a Direction,
+    dir: &'a mut Direction,
     last: &'a AtomicU64,
     start: Instant,
     first_close: &'a AtomicU8,
@@ -268,7 +267,7 @@ impl Pump<'_> {
     /// when the socket is drained, so each message costs one read and one write syscall
     /// (no extra read that ends in `EAGAIN`).
     async fn run(
-        self,
+        mut self,
         mut from: ReadHalf<'_>,
         mut to: WriteHalf<'_>,
         early: Bytes,
@@ -300,19 +299,11 @@ impl Pump<'_> {
     }
 
     /// Accounts for `data` (bytes, activity, frame boundaries) and writes it all.
-    async fn forward(&self, to: &mut WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
-        self.dir
-            .bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+    async fn forward(&mut self, to: &mut WriteHalf<'_>, data: &[u8]) -> io::Result<()> {
+        self.dir.bytes += data.len() as u64;
         self.last
             .store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let closing = self
-            .dir
-            .frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .feed(data);
-        if closing {
+        if self.dir.frames.feed(data) {
             let _ = self.first_close.compare_exchange(
                 NO_CLOSE,
                 self.side,
@@ -320,9 +311,9 @@ impl Pump<'_> {
                 Ordering::Relaxed,
             );
         }
-        self.dir.writing.store(true, Ordering::Relaxed);
+        self.dir.writing = true;
         to.write_all(data).await?;
-        self.dir.writing.store(false, Ordering::Relaxed);
+        self.dir.writing = false;
         Ok(())
     }
 }
