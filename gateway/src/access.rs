@@ -60,9 +60,15 @@ pub struct CloseHook {
 }
 
 impl Record {
-    /// Runs the chain's `on-close` hooks in the background.
+    /// Runs the chain's `on-close` hooks in the background; does nothing (no
+    /// `CloseInfo`, no task) when no plugin of the chain asked for them.
     fn notify(&self, bytes_in: u64, bytes_out: u64, reason: PluginCloseReason) {
-        let Some(hook) = self.close_hook.clone() else {
+        let Some(hook) = self
+            .close_hook
+            .as_ref()
+            .filter(|h| h.chain.wants_close())
+            .cloned()
+        else {
             return;
         };
         let info = CloseInfo {

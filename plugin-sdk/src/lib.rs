@@ -11,12 +11,18 @@
 //!
 //! ```text
 //! load ─► init(config JSON) ─► on_request(req) ─► … ─► on_close(info) ─► …
-//!          once per instance    every request            every exchange end
+//!          once per instance    every request            every exchange end,
+//!                                                        if ON_CLOSE is true
 //! ```
 //!
 //! The gateway keeps a few initialised instances per plugin and reuses them,
 //! one request at a time; state kept in `self` is per instance, state that must
 //! be shared (rate limits) goes through [`host::counter_add`].
+//!
+//! `on_request` is always called. [`Plugin::on_close`] is an opt-in hook: the
+//! gateway calls it only for plugins that set [`Plugin::ON_CLOSE`] to `true`
+//! (the export glue reports it from `init`), so a plugin that does not need
+//! it costs nothing when a connection ends.
 //!
 //! # Example: API-key auth in twenty lines
 //!
@@ -47,6 +53,22 @@
 //! }
 //!
 //! export!(ApiKeyAuth);
+//!
+//! // A plugin that wants `on_close` (metrics, quotas, audit) says so:
+//! struct CountCloses;
+//!
+//! impl Plugin for CountCloses {
+//!     const ON_CLOSE: bool = true;
+//!
+//!     fn init(_config: Config) -> Result<Self, String> {
+//!         Ok(CountCloses)
+//!     }
+//!
+//!     fn on_close(&self, info: &sluice_plugin_sdk::CloseInfo) {
+//!         let key = format!("closed:{}", info.route);
+//!         sluice_plugin_sdk::host::counter_add(&key, 1, std::time::Duration::from_secs(60));
+//!     }
+//! }
 //!
 //! // Natively, the same logic runs under `cargo test`:
 //! use sluice_plugin_sdk::testing::{init, request};
@@ -86,8 +108,8 @@ use std::rc::Rc;
 
 pub use bindings::sluice::plugin::host::Level;
 pub use bindings::sluice::plugin::types::{
-    CloseInfo, CloseReason, Decision, Denial, Header, HeaderOp, Mutations, Request, RequestKind,
-    TlsInfo,
+    CloseInfo, CloseReason, Decision, Denial, Header, HeaderOp, Hooks, Mutations, Request,
+    RequestKind, TlsInfo,
 };
 
 /// The configuration handed to [`Plugin::init`]: the JSON text of the
@@ -120,6 +142,11 @@ impl Config {
 /// A policy plugin. Override only the hooks you need; they are listed in the
 /// order the gateway calls them.
 pub trait Plugin: Sized + 'static {
+    /// Whether the gateway should call [`Plugin::on_close`]. Default `false`:
+    /// the hook is never called, and a finished connection costs the gateway
+    /// no plugin call at all. Set it to `true` when you implement `on_close`.
+    const ON_CLOSE: bool = false;
+
     /// Build an instance from its config; an `Err` makes the gateway refuse
     /// to load the plugin and report the message.
     fn init(config: Config) -> Result<Self, String>;
@@ -131,19 +158,20 @@ pub trait Plugin: Sized + 'static {
         Decision::allow()
     }
 
-    /// Observe the end of a tunnel or request. Default: nothing.
+    /// Observe the end of a tunnel or request. Called only when
+    /// [`Plugin::ON_CLOSE`] is `true`. Default: nothing.
     fn on_close(&self, info: &CloseInfo) {
         let _ = info;
     }
 }
 
 /// Object-safe view of a [`Plugin`] kept by the export glue.
-trait Hooks {
+trait DynPlugin {
     fn on_request(&self, req: &Request) -> Decision;
     fn on_close(&self, info: &CloseInfo);
 }
 
-impl<P: Plugin> Hooks for P {
+impl<P: Plugin> DynPlugin for P {
     fn on_request(&self, req: &Request) -> Decision {
         Plugin::on_request(self, req)
     }
@@ -154,7 +182,16 @@ impl<P: Plugin> Hooks for P {
 
 thread_local! {
     /// The instance built by `init` (a component instance is single-threaded).
-    static INSTANCE: RefCell<Option<Rc<dyn Hooks>>> = const { RefCell::new(None) };
+    static INSTANCE: RefCell<Option<Rc<dyn DynPlugin>>> = const { RefCell::new(None) };
+}
+
+/// The optional hooks `P` asks the gateway to call, as `init` reports them.
+pub fn hooks<P: Plugin>() -> Hooks {
+    if P::ON_CLOSE {
+        Hooks::ON_CLOSE
+    } else {
+        Hooks::empty()
+    }
 }
 
 /// Export glue behind [`export!`]; not part of the API.
@@ -162,10 +199,10 @@ thread_local! {
 pub struct Export<P>(std::marker::PhantomData<P>);
 
 impl<P: Plugin> bindings::Guest for Export<P> {
-    fn init(config: String) -> Result<(), String> {
+    fn init(config: String) -> Result<Hooks, String> {
         let plugin = P::init(Config(config))?;
         INSTANCE.with(|slot| *slot.borrow_mut() = Some(Rc::new(plugin)));
-        Ok(())
+        Ok(hooks::<P>())
     }
 
     fn on_request(req: Request) -> Decision {

@@ -19,22 +19,18 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 /// origin pattern of the same shape, whose host may be `*.domain`. Scheme
 /// and port must match exactly; `null` and malformed origins never match.
 pub fn origin_matches(pattern: &str, origin: &str) -> bool {
-    let split = |o: &str| -> Option<(String, String, String)> {
+    fn split(o: &str) -> Option<(&str, &str, &str)> {
         let (scheme, rest) = o.split_once("://")?;
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, p),
             _ => (rest, ""),
         };
-        (!host.is_empty() && !host.contains('/')).then(|| {
-            (
-                scheme.to_ascii_lowercase(),
-                host.to_owned(),
-                port.to_owned(),
-            )
-        })
-    };
+        (!host.is_empty() && !host.contains('/')).then_some((scheme, host, port))
+    }
     match (split(pattern), split(origin)) {
-        (Some((ps, ph, pp)), Some((os, oh, op))) => ps == os && pp == op && host_matches(&ph, &oh),
+        (Some((ps, ph, pp)), Some((os, oh, op))) => {
+            ps.eq_ignore_ascii_case(os) && pp == op && host_matches(ph, oh)
+        }
         _ => false,
     }
 }

@@ -13,12 +13,24 @@ const FAULT_STATUS: u16 = 503;
 #[derive(Debug, Clone, Default)]
 pub struct Chain {
     plugins: Vec<Plugin>,
+    /// Some plugin asked for `on-close`.
+    wants_close: bool,
 }
 
 impl Chain {
     /// A chain running `plugins` in this order.
     pub fn new(plugins: Vec<Plugin>) -> Self {
-        Self { plugins }
+        let wants_close = plugins.iter().any(Plugin::wants_close);
+        Self {
+            plugins,
+            wants_close,
+        }
+    }
+
+    /// Whether any plugin asked for `on-close`. When none did, the close
+    /// path need not build a [`CloseInfo`] or start a task at all.
+    pub fn wants_close(&self) -> bool {
+        self.wants_close
     }
 
     /// Whether the chain has no plugins (the request path can skip it).
@@ -53,13 +65,14 @@ impl Chain {
         ChainDecision::Continue(acc)
     }
 
-    /// Run `on-close` on every plugin; faults are logged and counted only.
+    /// Run `on-close` on every plugin that asked for it in `init`; faults
+    /// are logged and counted only.
     pub async fn on_close(&self, info: &CloseInfo) {
-        if self.plugins.is_empty() {
+        if !self.wants_close {
             return;
         }
         let info = info.into();
-        for plugin in &self.plugins {
+        for plugin in self.plugins.iter().filter(|p| p.wants_close()) {
             if let Err(fault) = plugin.pool.on_close(&info).await {
                 report(plugin, "on-close", &fault);
             }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -243,11 +243,12 @@ impl Pool {
     }
 
     /// Create and initialise the first instance (at load: this is where a bad
-    /// config, a slow init or a too-small memory cap shows up).
-    pub(super) async fn warm_up(&self) -> Result<(), Fault> {
-        let instance = self.instantiate().await?;
+    /// config, a slow init or a too-small memory cap shows up). Returns
+    /// whether the plugin asked for `on-close` (its `init` result).
+    pub(super) async fn warm_up(&self) -> Result<bool, Fault> {
+        let (instance, hooks) = self.instantiate().await?;
         self.checkin(instance);
-        Ok(())
+        Ok(hooks.contains(wit::Hooks::ON_CLOSE))
     }
 
     /// Call `on-request`.
@@ -285,21 +286,34 @@ impl Pool {
         }
     }
 
-    /// Wait for a permit, then reuse an idle instance or make a new one.
+    /// Take a permit, then reuse an idle instance or make a new one. The
+    /// common case (a permit free) takes no timer; only a full pool waits,
+    /// for at most [`queue_wait`].
     async fn checkout(&self) -> Result<(OwnedSemaphorePermit, Instance), Fault> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let wait = queue_wait(&self.limits);
-        let permit = tokio::time::timeout(wait, self.permits.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| self.fault(Fault::Overloaded(wait)))?;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => self.wait_for_permit().await?,
+            Err(TryAcquireError::Closed) => {
+                return Err(self.fault(Fault::Overloaded(Duration::ZERO)));
+            }
+        };
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let instance = match idle {
             Some(instance) => instance,
-            None => self.instantiate().await.map_err(|f| self.fault(f))?,
+            None => self.instantiate().await.map_err(|f| self.fault(f))?.0,
         };
         Ok((permit, instance))
+    }
+
+    /// Every instance is busy: wait for one, within [`queue_wait`].
+    async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit, Fault> {
+        let wait = queue_wait(&self.limits);
+        tokio::time::timeout(wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| self.fault(Fault::Overloaded(wait)))
     }
 
     fn checkin(&self, instance: Instance) {
@@ -349,8 +363,9 @@ impl Pool {
     }
 
     /// Instantiate from the `InstancePre` and run `init` with the config,
-    /// both under the CPU deadline and memory cap.
-    async fn instantiate(&self) -> Result<Instance, Fault> {
+    /// both under the CPU deadline and memory cap; also returns the hooks
+    /// `init` asked for.
+    async fn instantiate(&self) -> Result<(Instance, wit::Hooks), Fault> {
         self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
         let state = State {
             // No preopened dirs, env, args, network or stdio: a plugin gets
@@ -384,7 +399,7 @@ impl Pool {
         };
         arm(&mut store, self.budget_ticks);
         match plugin.call_init(&mut store, &self.config_json).await {
-            Ok(Ok(())) => Ok(Instance { store, plugin }),
+            Ok(Ok(hooks)) => Ok((Instance { store, plugin }, hooks)),
             Ok(Err(reason)) => Err(Fault::InitRefused(reason)),
             Err(err) => Err(start_fault(self.classify(&store, &err))),
         }

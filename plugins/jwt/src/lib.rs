@@ -17,6 +17,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::Verifier as _;
 use p256::pkcs8::DecodePublicKey as _;
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
@@ -79,20 +81,16 @@ pub struct Decoded<'a> {
 pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
     let (signing_input, signature) = token.rsplit_once('.').ok_or(JwtError::Malformed)?;
     let (header, payload) = signing_input.split_once('.').ok_or(JwtError::Malformed)?;
-    let json = |part: &str| -> Result<Map<String, Value>, JwtError> {
-        let bytes = URL_SAFE_NO_PAD
-            .decode(part)
-            .map_err(|_| JwtError::Malformed)?;
-        serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)
-    };
-    let alg = json(header)?
-        .get("alg")
-        .and_then(Value::as_str)
-        .ok_or(JwtError::Malformed)?
-        .to_owned();
+    /// Only `alg` of the header is read; the other members are skipped.
+    #[derive(Deserialize)]
+    struct Header {
+        alg: String,
+    }
+    let header: Header =
+        serde_json::from_slice(&base64(header)?).map_err(|_| JwtError::Malformed)?;
     Ok(Decoded {
-        alg,
-        claims: json(payload)?,
+        alg: header.alg,
+        claims: serde_json::from_slice(&base64(payload)?).map_err(|_| JwtError::Malformed)?,
         signing_input,
         signature: URL_SAFE_NO_PAD
             .decode(signature)
@@ -100,11 +98,79 @@ pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
     })
 }
 
+fn base64(part: &str) -> Result<Vec<u8>, JwtError> {
+    URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| JwtError::Malformed)
+}
+
+/// One claim of a token, as [`claim_str`] formats it, **without** checking
+/// the signature or any other claim: only the payload is decoded, and only
+/// the named member is kept (the rest is skipped, not built). Use only for
+/// tokens already verified, e.g. by `jwt-auth` earlier in the chain.
+/// `None` when the token is malformed or the claim is absent or null.
+pub fn peek_claim(token: &str, name: &str) -> Option<String> {
+    let mut parts = token.split('.');
+    let (_header, payload) = (parts.next()?, parts.next()?);
+    let bytes = base64(payload).ok()?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let value = de.deserialize_map(FindMember(name)).ok()??;
+    value_str(value)
+}
+
+/// Visits a JSON object and keeps the value of one member (the last one,
+/// like `serde_json::Map`, if the name repeats).
+struct FindMember<'n>(&'n str);
+
+impl<'de> Visitor<'de> for FindMember<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(is_it) = map.next_key_seed(KeyIs(self.0))? {
+            if is_it {
+                found = Some(map.next_value::<Value>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Compares an object key with a name without allocating it.
+struct KeyIs<'n>(&'n str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+        Ok(key == self.0)
+    }
+}
+
 /// A verification key.
 #[derive(Debug, Clone)]
 pub enum Key {
-    /// HMAC-SHA256 shared secret.
-    Hs256(Vec<u8>),
+    /// HMAC-SHA256 with a shared secret, kept as the keyed HMAC state (the
+    /// secret's inner and outer pads already hashed), cloned per token.
+    Hs256(Hmac<Sha256>),
     /// RSA public key (PKCS#1 v1.5, SHA-256).
     Rs256(rsa::pkcs1v15::VerifyingKey<Sha256>),
     /// P-256 ECDSA public key (SHA-256).
@@ -114,7 +180,7 @@ pub enum Key {
 impl Key {
     /// An HS256 key from a shared secret.
     pub fn hs256(secret: &[u8]) -> Self {
-        Key::Hs256(secret.to_vec())
+        Key::Hs256(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
     }
 
     /// An RS256 key from a PEM `PUBLIC KEY` (SPKI).
@@ -142,9 +208,11 @@ impl Key {
 
     fn verifies(&self, input: &[u8], signature: &[u8]) -> bool {
         match self {
-            Key::Hs256(secret) => Hmac::<Sha256>::new_from_slice(secret)
-                .map(|mac| mac.chain_update(input).verify_slice(signature).is_ok())
-                .unwrap_or(false),
+            Key::Hs256(mac) => mac
+                .clone()
+                .chain_update(input)
+                .verify_slice(signature)
+                .is_ok(),
             Key::Rs256(key) => rsa::pkcs1v15::Signature::try_from(signature)
                 .is_ok_and(|sig| key.verify(input, &sig).is_ok()),
             Key::Es256(key) => p256::ecdsa::Signature::from_slice(signature)
@@ -220,6 +288,14 @@ pub fn claim_str(claims: &Claims, name: &str) -> Option<String> {
     match claims.get(name)? {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn value_str(value: Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s),
         other => Some(other.to_string()),
     }
 }
@@ -331,6 +407,27 @@ mod tests {
             verify(&tok(bad_aud), &key, &v, 0),
             Err(JwtError::WrongAudience)
         );
+    }
+
+    #[test]
+    fn peek_reads_one_claim_without_verifying() {
+        let token = mint::hs256(
+            &json!({"sub": "alice", "n": 7, "obj": {"sub": "inner"}, "nil": null, "esc\"k": "v"}),
+            b"whatever",
+        );
+        assert_eq!(peek_claim(&token, "sub").as_deref(), Some("alice"));
+        assert_eq!(peek_claim(&token, "n").as_deref(), Some("7"));
+        assert_eq!(
+            peek_claim(&token, "obj").as_deref(),
+            Some(r#"{"sub":"inner"}"#)
+        );
+        assert_eq!(peek_claim(&token, "esc\"k").as_deref(), Some("v"));
+        assert_eq!(peek_claim(&token, "nil"), None);
+        assert_eq!(peek_claim(&token, "missing"), None);
+        assert_eq!(peek_claim("not a token", "sub"), None);
+        assert_eq!(peek_claim("a.!!!.c", "sub"), None);
+        let array = format!("x.{}.y", URL_SAFE_NO_PAD.encode("[1]"));
+        assert_eq!(peek_claim(&array, "sub"), None);
     }
 
     #[test]

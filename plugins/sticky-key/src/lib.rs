@@ -11,8 +11,8 @@
 //! put `jwt-auth` earlier in the chain.
 
 use serde::Deserialize;
+use sluice_jwt::peek_claim;
 use sluice_jwt::token::TokenSources;
-use sluice_jwt::{claim_str, decode};
 use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export};
 
 /// One place to read the key from.
@@ -56,8 +56,10 @@ impl StickyKey {
                 Source::Header(name) => req.header(name).map(str::to_owned),
                 Source::Query(name) => req.query(name).map(|v| v.into_owned()),
                 Source::JwtClaim(claim) => {
+                    // Only the payload, and only this claim: no header, no
+                    // signature, no claims map.
                     let (token, _) = self.token.find(req)?;
-                    claim_str(&decode(&token).ok()?.claims, claim)
+                    peek_claim(&token, claim)
                 }
             };
             value.filter(|v| !v.is_empty())
