@@ -145,6 +145,11 @@ impl Direction {
         self.frames.at_boundary() && !self.frames.saw_close() && self.pending.is_none()
     }
 
+    /// Whether this direction has passed a whole Close frame and has nothing left to write.
+    fn closed_cleanly(&self) -> bool {
+        self.frames.saw_close() && self.frames.at_boundary() && self.pending.is_none()
+    }
+
     /// Starts with bytes read ahead by the handshake parser.
     fn early(&mut self, early: Bytes, moved: &mut bool, closed: &mut bool) {
         if early.is_empty() {
@@ -174,16 +179,24 @@ impl Direction {
     /// when the socket is drained, so each message costs one read and one write syscall
     /// (no extra read that ends in `EAGAIN`). `moved` is set when bytes were read, and
     /// `closed` when they completed this direction's first Close frame.
+    ///
+    /// `Ready(Ok(true))` means the WebSocket closing handshake is over: both sides sent
+    /// a whole Close frame (`other_closed` says so for the other direction) and this
+    /// source ended. Then no half-close is passed on: the tunnel is over, and both
+    /// sockets close at once (RFC 6455 §7.1.1: the server closes TCP first). That saves
+    /// two `shutdown` calls and a read per tunnel; the other side gets its FIN from the
+    /// close.
     fn poll_pump(
         &mut self,
         cx: &mut Context<'_>,
         from: &mut TcpStream,
         to: &mut TcpStream,
+        other_closed: bool,
         moved: &mut bool,
         closed: &mut bool,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<io::Result<bool>> {
         if self.done {
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(false));
         }
         loop {
             if let Some(p) = &mut self.pending {
@@ -199,10 +212,13 @@ impl Direction {
                 }
             }
             if self.eof {
-                // Propagate the half-close; the peer may already be gone, which is fine.
-                let _ = ready!(Pin::new(&mut *to).poll_shutdown(cx));
+                let over = other_closed && self.closed_cleanly();
+                if !over {
+                    // Propagate the half-close; the peer may already be gone, which is fine.
+                    let _ = ready!(Pin::new(&mut *to).poll_shutdown(cx));
+                }
                 self.done = true;
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(over));
             }
             ready!(from.poll_read_ready(cx))?;
             let mut buf = take_buf();
@@ -268,18 +284,24 @@ impl Tunnel {
     /// error followed a side's end).
     fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Poll<Option<CloseReason>> {
         for side in [CloseReason::ClientClosed, CloseReason::ServerClosed] {
-            let (dir, from, to) = match side {
-                CloseReason::ClientClosed => (&mut self.c2s, &mut self.client, &mut self.server),
-                _ => (&mut self.s2c, &mut self.server, &mut self.client),
+            let (dir, other, from, to) = match side {
+                CloseReason::ClientClosed => {
+                    (&mut self.c2s, &self.s2c, &mut self.client, &mut self.server)
+                }
+                _ => (&mut self.s2c, &self.c2s, &mut self.server, &mut self.client),
             };
+            let other_closed = other.closed_cleanly();
             let mut closed = false;
-            let polled = dir.poll_pump(cx, from, to, &mut self.moved, &mut closed);
+            let polled = dir.poll_pump(cx, from, to, other_closed, &mut self.moved, &mut closed);
             if closed {
                 self.first_close.get_or_insert(side);
             }
             match polled {
-                Poll::Ready(Ok(())) => {
+                Poll::Ready(Ok(over)) => {
                     self.ended.get_or_insert(side);
+                    if over {
+                        return Poll::Ready(None);
+                    }
                 }
                 Poll::Ready(Err(e)) => {
                     // An error after one side has already closed (say, a write to a
