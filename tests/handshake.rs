@@ -239,6 +239,61 @@ async fn upstream_302_is_relayed_and_no_tunnel_opens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_chunked_refusal_is_relayed_whole_and_no_tunnel_opens() {
+    let answer = assert_answer_keeps_connection_http(
+        "HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nX-Reason: origin\r\n\r\n\
+         7\r\nnot you\r\n5;ext=1\r\n, sir\r\n0\r\nX-Trailer: t\r\n\r\n",
+        403,
+    )
+    .await;
+    assert_eq!(answer.text(), "not you, sir");
+    assert_eq!(answer.header("x-reason"), Some("origin"));
+    assert_eq!(
+        answer.header("transfer-encoding"),
+        None,
+        "re-framed: {answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_refusal_ending_at_close_is_relayed() {
+    let backend = ScriptedBackend::start(Script::ReplyAndClose(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\n\r\nlog in first".into(),
+    ))
+    .await;
+    let gateway = ConfigBuilder::new(&[backend.addr]).start().await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let answer = client.request(&Head::websocket("/chat")).await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    assert_eq!(answer.text(), "log in first");
+    assert_eq!(answer.header("www-authenticate"), Some("Bearer"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_interim_100_is_skipped_before_the_101() {
+    let backend = ScriptedBackend::start(Script::Reply(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            .into(),
+    ))
+    .await;
+    let gateway = ConfigBuilder::new(&[backend.addr]).start().await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let answer = client.request(&Head::websocket("/chat")).await;
+    assert_eq!(answer.status, 101, "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_head_larger_than_64k_is_502() {
+    let huge = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nX-Big: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Accept: {{accept}}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    assert_answer_keeps_connection_http(&huge, 502).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_101_with_a_wrong_accept_is_502() {
     assert_answer_keeps_connection_http(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

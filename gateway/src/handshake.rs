@@ -2,85 +2,267 @@
 //! HTTP/1.1 and accepts only a `101` with `Upgrade: websocket` and the exact
 //! `Sec-WebSocket-Accept` for the key sent. Anything else is relayed or refused, and the
 //! client connection stays HTTP.
+//!
+//! The exchange is one write of the request head and reads until the response head
+//! parses (`httparse`, the parser hyper itself uses), on the connection task: no hyper
+//! client connection, no extra task, no 8 KiB read buffer per upgrade. A refusal's body
+//! (it is an error page, usually tiny) is read whole, up to [`MAX_REFUSAL_BODY`].
 
-use bytes::Bytes;
-use http::header;
-use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::headers::has_token;
 use crate::tunnel::End;
 use crate::upgrade::accept_for;
 
+/// Largest upstream response head accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Largest body of a refused upgrade that is relayed to the client.
+pub const MAX_REFUSAL_BODY: usize = 1 << 20;
+/// Most header fields in an upstream response head.
+const MAX_HEADERS: usize = 128;
+
 /// How the server answered the upgrade.
 pub enum Outcome {
-    /// A valid `101`: its head (for the client's `101`) and the server's end of the tunnel.
+    /// A valid `101`: its headers (for the client's `101`) and the server's end of the
+    /// tunnel.
     Upgraded {
-        /// The server's `101` head.
-        head: http::response::Parts,
+        /// The server's `101` headers.
+        headers: HeaderMap,
         /// The server's socket and any bytes it sent right after the `101`.
         server: End,
     },
-    /// Any status but `101`: relayed to the client as an ordinary response.
-    Declined(Response<Incoming>),
+    /// Any final status but `101`: relayed to the client as an ordinary response.
+    Declined {
+        /// The server's status.
+        status: StatusCode,
+        /// The server's headers (framing headers included; the caller re-frames).
+        headers: HeaderMap,
+        /// The whole body, de-chunked.
+        body: Bytes,
+    },
 }
 
-/// Why the upstream handshake failed (the client gets a 502).
+/// Why the upstream handshake failed (the client gets a 502). Every variant is the
+/// upstream's side.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    /// The server's response was not valid HTTP, or the connection broke.
-    #[error("upstream handshake failed: {0}")]
-    Http(#[from] hyper::Error),
+    /// Writing the request or reading the response failed.
+    #[error("upstream connection failed during the handshake: {0}")]
+    Io(#[from] io::Error),
+    /// The server closed before a whole response arrived.
+    #[error("upstream closed the connection before a whole response")]
+    Closed,
+    /// The response head is not valid HTTP/1.
+    #[error("upstream sent a malformed response: {0}")]
+    Malformed(String),
+    /// The response head is larger than [`MAX_HEAD`].
+    #[error("upstream response head exceeds {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// A refusal's body is larger than [`MAX_REFUSAL_BODY`].
+    #[error("upstream refusal body exceeds {MAX_REFUSAL_BODY} bytes")]
+    BodyTooLarge,
     /// A `101` without `Upgrade: websocket`.
     #[error("upstream answered 101 without `Upgrade: websocket`")]
     NotWebSocket,
     /// A `101` whose `Sec-WebSocket-Accept` is missing or wrong.
     #[error("upstream answered 101 with a missing or wrong Sec-WebSocket-Accept")]
     BadAccept,
-    /// hyper handed back an unexpected transport.
-    #[error("upstream upgrade yielded an unexpected transport")]
-    Transport,
 }
 
-/// Performs the handshake on `stream`; `key` is the `Sec-WebSocket-Key` inside `req`.
+/// Sends `GET uri` with `headers` on `stream` and reads the answer; `key` is the
+/// `Sec-WebSocket-Key` among `headers`.
 pub async fn handshake(
-    stream: TcpStream,
-    req: Request<Empty<Bytes>>,
+    mut stream: TcpStream,
+    uri: &Uri,
+    headers: &HeaderMap,
     key: &str,
 ) -> Result<Outcome, HandshakeError> {
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await?;
-    tokio::spawn(async move {
-        // Ends when the response (or the upgrade) is done; errors surface in send_request.
-        let _ = conn.with_upgrades().await;
-    });
-    let mut resp = sender.send_request(req).await?;
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(Outcome::Declined(resp));
+    stream.write_all(&request_head(uri, headers)).await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let (status, headers) = loop {
+        let (status, headers) = read_head(&mut stream, &mut buf).await?;
+        // Interim answers (100 Continue, 103 Early Hints) are skipped, as hyper does.
+        if status == StatusCode::SWITCHING_PROTOCOLS || !status.is_informational() {
+            break (status, headers);
+        }
+    };
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        let body = read_body(&mut stream, &mut buf, status, &headers).await?;
+        return Ok(Outcome::Declined {
+            status,
+            headers,
+            body,
+        });
     }
-    if !has_token(resp.headers(), header::UPGRADE, "websocket") {
+    if !has_token(&headers, header::UPGRADE, "websocket") {
         return Err(HandshakeError::NotWebSocket);
     }
     let expected = accept_for(key);
-    let mut accepts = resp.headers().get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
+    let mut accepts = headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
     match (accepts.next(), accepts.next()) {
         (Some(a), None) if a.as_bytes() == expected.as_bytes() => {}
         _ => return Err(HandshakeError::BadAccept),
     }
-    let upgraded = hyper::upgrade::on(&mut resp).await?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| HandshakeError::Transport)?;
-    let (head, _) = resp.into_parts();
     Ok(Outcome::Upgraded {
-        head,
+        headers,
         server: End {
-            stream: parts.io.into_inner(),
-            early: End::detach(parts.read_buf),
+            stream,
+            early: End::detach(buf.freeze()),
         },
     })
+}
+
+/// The request head: `GET path?query HTTP/1.1`, the headers, a blank line.
+fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut out = Vec::with_capacity(256 + headers.len() * 48);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Reads more bytes into `buf`; the server closing is an error here.
+async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), HandshakeError> {
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(4096);
+    }
+    match stream.read_buf(buf).await? {
+        0 => Err(HandshakeError::Closed),
+        _ => Ok(()),
+    }
+}
+
+/// Reads and parses one response head, consuming it from `buf`.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<(StatusCode, HeaderMap), HandshakeError> {
+    loop {
+        if !buf.is_empty() {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut slots);
+            match resp.parse(buf) {
+                Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                    return Err(HandshakeError::HeadTooLarge);
+                }
+                Ok(httparse::Status::Complete(len)) => {
+                    let malformed = |what: &str| HandshakeError::Malformed(what.to_owned());
+                    let status = resp
+                        .code
+                        .and_then(|c| StatusCode::from_u16(c).ok())
+                        .ok_or_else(|| malformed("bad status code"))?;
+                    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+                    for h in resp.headers.iter() {
+                        let name = HeaderName::from_bytes(h.name.as_bytes())
+                            .map_err(|_| malformed("bad header name"))?;
+                        let value = HeaderValue::from_bytes(h.value)
+                            .map_err(|_| malformed("bad header value"))?;
+                        headers.append(name, value);
+                    }
+                    buf.advance(len);
+                    return Ok((status, headers));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => return Err(HandshakeError::Malformed(e.to_string())),
+            }
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(HandshakeError::HeadTooLarge);
+        }
+        fill(stream, buf).await?;
+    }
+}
+
+/// Reads a refusal's whole body per its framing (RFC 9112 §6.3): none for 204/304,
+/// chunked, `Content-Length`, or until the server closes.
+async fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<Bytes, HandshakeError> {
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Bytes::new());
+    }
+    if has_token(headers, header::TRANSFER_ENCODING, "chunked") {
+        return read_chunked(stream, buf).await;
+    }
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: usize = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| HandshakeError::Malformed("bad content-length".into()))?;
+        if len > MAX_REFUSAL_BODY {
+            return Err(HandshakeError::BodyTooLarge);
+        }
+        while buf.len() < len {
+            fill(stream, buf).await?;
+        }
+        return Ok(buf.split_to(len).freeze());
+    }
+    loop {
+        if buf.len() > MAX_REFUSAL_BODY {
+            return Err(HandshakeError::BodyTooLarge);
+        }
+        match fill(stream, buf).await {
+            Ok(()) => {}
+            Err(HandshakeError::Closed) => return Ok(std::mem::take(buf).freeze()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decodes a chunked body (trailers are read and dropped).
+async fn read_chunked(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, HandshakeError> {
+    let malformed = || HandshakeError::Malformed("bad chunked body".into());
+    let mut body = BytesMut::new();
+    loop {
+        let size = loop {
+            match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((used, size))) => {
+                    buf.advance(used);
+                    break usize::try_from(size).map_err(|_| HandshakeError::BodyTooLarge)?;
+                }
+                Ok(httparse::Status::Partial) if buf.len() < 1024 => fill(stream, buf).await?,
+                _ => return Err(malformed()),
+            }
+        };
+        if size == 0 {
+            // Trailer fields, then the blank line that ends the message.
+            loop {
+                match buf.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => return Ok(body.freeze()),
+                    Some(end) => buf.advance(end + 2),
+                    None if buf.len() < MAX_HEAD => fill(stream, buf).await?,
+                    None => return Err(HandshakeError::HeadTooLarge),
+                }
+            }
+        }
+        if body.len().saturating_add(size) > MAX_REFUSAL_BODY {
+            return Err(HandshakeError::BodyTooLarge);
+        }
+        while buf.len() < size + 2 {
+            fill(stream, buf).await?;
+        }
+        if &buf[size..size + 2] != b"\r\n" {
+            return Err(malformed());
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.advance(size + 2);
+    }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -245,6 +245,23 @@ fn relay(mut rec: Record, resp: Response<Incoming>) -> Response<ResponseBody> {
     Response::from_parts(parts, Counted::logged(Either::Left(body), rec))
 }
 
+/// Relays a server's refusal of an upgrade (read whole by the handshake stage), framed
+/// anew for the client.
+fn relay_refusal(
+    mut rec: Record,
+    status: StatusCode,
+    mut headers: HeaderMap,
+    body: Bytes,
+) -> Response<ResponseBody> {
+    rec.status = status.as_u16();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    let mut resp = Response::new(Counted::logged(Either::Right(Full::new(body)), rec));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
 /// The consistent-hash key for this request (empty unless the pool hashes). A request
 /// without the configured header, cookie or parameter hashes on its client IP.
 fn hash_key<B>(pool: &Pool, req: &Request<B>, peer: SocketAddr) -> Vec<u8> {
@@ -328,12 +345,9 @@ async fn websocket(
     );
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let mut up = Request::new(Empty::<Bytes>::new());
-    *up.uri_mut() = uri;
-    *up.headers_mut() = headers;
     let outcome = tokio::time::timeout(
         route.config.handshake_timeout,
-        handshake::handshake(stream, up, &ws_key),
+        handshake::handshake(stream, &uri, &headers, &ws_key),
     )
     .await;
     let (head, server_end) = match outcome {
@@ -355,8 +369,12 @@ async fn websocket(
                 &[],
             );
         }
-        Ok(Ok(Outcome::Declined(resp))) => return relay(rec, resp),
-        Ok(Ok(Outcome::Upgraded { head, server })) => (head, server),
+        Ok(Ok(Outcome::Declined {
+            status,
+            headers,
+            body,
+        })) => return relay_refusal(rec, status, headers, body),
+        Ok(Ok(Outcome::Upgraded { headers, server })) => (headers, server),
     };
     // The client gets the server's 101 head (cookies, subprotocol, extensions...) minus
     // hop-by-hop headers, and exactly one Upgrade/Connection pair.
@@ -365,7 +383,7 @@ async fn websocket(
         Arc::new(AtomicU64::new(0)),
     ));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *resp.headers_mut() = head.headers;
+    *resp.headers_mut() = head;
     strip_hop_by_hop(resp.headers_mut());
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

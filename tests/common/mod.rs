@@ -844,6 +844,9 @@ pub enum Script {
     /// Answer every head with this text, where `{accept}` is replaced by the correct
     /// `Sec-WebSocket-Accept` for the head's key; keep reading (and recording) until EOF.
     Reply(String),
+    /// Answer the first head with this text, then close the connection (for responses
+    /// whose body ends at the close).
+    ReplyAndClose(String),
     /// Answer the first head with a correct `101` and hand the raw socket to the test
     /// ([`ScriptedBackend::upgraded`]).
     Upgrade,
@@ -964,6 +967,10 @@ async fn serve_script(
                     if stream.write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
+                }
+                Script::ReplyAndClose(text) => {
+                    let _ = stream.write_all(text.as_bytes()).await;
+                    return;
                 }
                 Script::Silent => {}
                 Script::Upgrade => {
