@@ -151,11 +151,11 @@ impl Direction {
     }
 
     /// Starts with bytes read ahead by the handshake parser.
-    fn early(&mut self, early: Bytes, moved: &mut bool, closed: &mut bool) {
+    fn early(&mut self, early: Bytes) {
         if early.is_empty() {
             return;
         }
-        *closed |= self.account(&early, moved);
+        self.account(&early);
         self.pending = Some(Pending {
             end: early.len(),
             buf: early.to_vec(),
@@ -163,12 +163,10 @@ impl Direction {
         });
     }
 
-    /// Accounts for freshly read bytes; returns true when they completed the first
-    /// Close frame of this direction.
-    fn account(&mut self, data: &[u8], moved: &mut bool) -> bool {
-        *moved = true;
+    /// Counts freshly read bytes and tracks their frame boundaries.
+    fn account(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
-        self.frames.feed(data)
+        self.frames.feed(data);
     }
 
     /// Moves bytes `from` → `to` until `from` ends (then half-closes `to` and is
@@ -177,8 +175,7 @@ impl Direction {
     /// Waiting happens on readiness alone; a buffer is borrowed only once bytes are
     /// there. The read goes through `AsyncRead`, whose short-read rule clears readiness
     /// when the socket is drained, so each message costs one read and one write syscall
-    /// (no extra read that ends in `EAGAIN`). `moved` is set when bytes were read, and
-    /// `closed` when they completed this direction's first Close frame.
+    /// (no extra read that ends in `EAGAIN`).
     ///
     /// `Ready(Ok(true))` means the WebSocket closing handshake is over: both sides sent
     /// a whole Close frame (`other_closed` says so for the other direction) and this
@@ -192,8 +189,6 @@ impl Direction {
         from: &mut TcpStream,
         to: &mut TcpStream,
         other_closed: bool,
-        moved: &mut bool,
-        closed: &mut bool,
     ) -> Poll<io::Result<bool>> {
         if self.done {
             return Poll::Ready(Ok(false));
@@ -231,7 +226,7 @@ impl Direction {
                     self.eof = true;
                 }
                 Poll::Ready(Ok(())) => {
-                    *closed |= self.account(&buf[..end], moved);
+                    self.account(&buf[..end]);
                     self.pending = Some(Pending { buf, at: 0, end });
                 }
                 Poll::Ready(Err(e)) => {
@@ -272,8 +267,8 @@ struct Tunnel {
     ended: Option<CloseReason>,
     /// The socket error that stopped the tunnel.
     error: Option<io::Error>,
-    /// Bytes moved since the idle clock was last updated.
-    moved: bool,
+    /// Bytes moved both ways when the idle clock was last updated.
+    seen: u64,
     /// When bytes last moved (updated lazily, when the idle timer is polled).
     last: Instant,
 }
@@ -290,12 +285,8 @@ impl Tunnel {
                 }
                 _ => (&mut self.s2c, &self.c2s, &mut self.server, &mut self.client),
             };
-            let other_closed = other.closed_cleanly();
-            let mut closed = false;
-            let polled = dir.poll_pump(cx, from, to, other_closed, &mut self.moved, &mut closed);
-            if closed {
-                self.first_close.get_or_insert(side);
-            }
+            let polled = dir.poll_pump(cx, from, to, other.closed_cleanly());
+            self.note_close(side);
             match polled {
                 Poll::Ready(Ok(over)) => {
                     self.ended.get_or_insert(side);
@@ -320,6 +311,24 @@ impl Tunnel {
         }
         Poll::Pending
     }
+
+    /// Records `side` as the first to send a Close frame, if its direction has seen one
+    /// and no side was recorded before.
+    fn note_close(&mut self, side: CloseReason) {
+        let dir = match side {
+            CloseReason::ClientClosed => &self.c2s,
+            _ => &self.s2c,
+        };
+        if dir.frames.saw_close() {
+            self.first_close.get_or_insert(side);
+        }
+    }
+
+    /// Whether bytes moved either way since the last call.
+    fn moved(&mut self) -> bool {
+        let total = self.c2s.bytes + self.s2c.bytes;
+        std::mem::replace(&mut self.seen, total) != total
+    }
 }
 
 /// Relays until both sides have closed, the idle timeout fires, or `shutdown` is cancelled.
@@ -342,19 +351,13 @@ pub fn relay(
         first_close: None,
         ended: None,
         error: None,
-        moved: false,
+        seen: 0,
         last: Instant::now(),
     };
-    let mut closed = false;
-    t.c2s.early(client.early, &mut t.moved, &mut closed);
-    if closed {
-        t.first_close = Some(CloseReason::ClientClosed);
-    }
-    closed = false;
-    t.s2c.early(server.early, &mut t.moved, &mut closed);
-    if closed {
-        t.first_close.get_or_insert(CloseReason::ServerClosed);
-    }
+    t.c2s.early(client.early);
+    t.s2c.early(server.early);
+    t.note_close(CloseReason::ClientClosed);
+    t.note_close(CloseReason::ServerClosed);
     // Built before the future so that the ends (and their read-ahead) are not also
     // kept in the future's argument slots for the tunnel's whole life.
     async move {
@@ -369,7 +372,7 @@ pub fn relay(
                 return Poll::Ready(stopped);
             }
             if let Some(idle) = idle {
-                if std::mem::take(&mut t.moved) {
+                if t.moved() {
                     t.last = Instant::now();
                 }
                 // The timer is re-armed only when it fires, not on every message.

@@ -115,7 +115,7 @@ pub fn peek_claim(token: &str, name: &str) -> Option<String> {
     let bytes = base64(payload).ok()?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let value = de.deserialize_map(FindMember(name)).ok()??;
-    value_str(value)
+    value_str(&value)
 }
 
 /// Visits a JSON object and keeps the value of one member (the last one,
@@ -285,17 +285,14 @@ fn check_claims(claims: &Claims, v: &Validation, now: u64) -> Result<(), JwtErro
 /// A claim as text: strings as-is, numbers and booleans formatted, other
 /// JSON compactly serialised. `None` when absent or null.
 pub fn claim_str(claims: &Claims, name: &str) -> Option<String> {
-    match claims.get(name)? {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
-    }
+    value_str(claims.get(name)?)
 }
 
-fn value_str(value: Value) -> Option<String> {
+/// A claim's value as text, per [`claim_str`].
+fn value_str(value: &Value) -> Option<String> {
     match value {
         Value::Null => None,
-        Value::String(s) => Some(s),
+        Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
     }
 }
