@@ -389,8 +389,14 @@ impl Pool {
                 state.timed_out = true;
                 return Ok(UpdateDeadline::Interrupt);
             }
-            // Let other tasks on this tokio worker run, then keep counting.
-            Ok(UpdateDeadline::Yield(1))
+            // Let other tasks on this tokio worker run, then keep counting. tokio's own
+            // `yield_now` puts the task behind the others; wasmtime's plain `Yield`
+            // wakes it straight back into the worker's LIFO slot, which starved other
+            // connections on that worker until the deadline.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
         });
         arm(&mut store, self.budget_ticks);
         let plugin = match self.pre.instantiate_async(&mut store).await {
