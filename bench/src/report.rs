@@ -56,6 +56,9 @@ pub struct RunRecord {
     pub syscalls_per_op: Option<f64>,
     /// Proxy context switches per operation (only with `--perf`).
     pub context_switches_per_op: Option<f64>,
+    /// Proxy page faults per operation (only with `--perf`).
+    #[serde(default)]
+    pub page_faults_per_op: Option<f64>,
     /// Proxy system calls per operation by name (only with `--perf`).
     pub syscall_mix_per_op: Option<BTreeMap<String, f64>>,
     /// Proxy resident memory before opening the idle tunnels, KiB (summed `VmRSS`).
@@ -115,6 +118,7 @@ impl RunRecord {
             host_steal_s: outcome.cpu.host_steal,
             syscalls_per_op: per_op(|c| c.syscalls),
             context_switches_per_op: per_op(|c| c.context_switches),
+            page_faults_per_op: per_op(|c| c.page_faults),
             syscall_mix_per_op: outcome
                 .cpu
                 .proxy_counts
@@ -169,6 +173,7 @@ impl RunRecord {
             host_steal_s: 0.0,
             syscalls_per_op: None,
             context_switches_per_op: None,
+            page_faults_per_op: None,
             syscall_mix_per_op: None,
             rss_before_kib: None,
             rss_after_kib: None,
@@ -224,6 +229,7 @@ struct Summary {
     other_cores: Option<f64>,
     syscalls_per_op: Option<f64>,
     context_switches_per_op: Option<f64>,
+    page_faults_per_op: Option<f64>,
     /// The first repetition's leading syscalls per op, e.g. `recvfrom 2.0, sendto 2.0`.
     syscall_mix: String,
 }
@@ -246,6 +252,7 @@ impl Summary {
             other_cores: med(RunRecord::other_cores),
             syscalls_per_op: med(|r| r.syscalls_per_op),
             context_switches_per_op: med(|r| r.context_switches_per_op),
+            page_faults_per_op: med(|r| r.page_faults_per_op),
             syscall_mix: ok
                 .iter()
                 .find_map(|r| r.syscall_mix_per_op.as_ref())
@@ -342,7 +349,7 @@ pub fn markdown(records: &[RunRecord]) -> String {
             "\nProfiled with perf (which slows the proxy; counts, not times, are the point):\n\n",
         );
         out.push_str(
-            "| scenario | target | syscalls/op | context switches/op | most frequent syscalls per op |\n|---|---|--:|--:|---|\n",
+            "| scenario | target | syscalls/op | context switches/op | page faults/op | most frequent syscalls per op |\n|---|---|--:|--:|--:|---|\n",
         );
         for (&(s, t), sum) in summaries
             .iter()
@@ -350,10 +357,11 @@ pub fn markdown(records: &[RunRecord]) -> String {
         {
             let _ = writeln!(
                 out,
-                "| {} | {t} | {} | {} | {} |",
+                "| {} | {t} | {} | {} | {} | {} |",
                 scenarios[s],
                 num(sum.syscalls_per_op, 1),
                 num(sum.context_switches_per_op, 2),
+                num(sum.page_faults_per_op, 2),
                 sum.syscall_mix
             );
         }

@@ -289,6 +289,8 @@ pub struct Counts {
     pub syscalls: u64,
     /// Context switches.
     pub context_switches: u64,
+    /// Page faults (minor and major).
+    pub page_faults: u64,
     /// Entries of the [`TRACED_SYSCALLS`] that were made at least once, by name.
     pub by_syscall: Vec<(String, u64)>,
 }
@@ -317,7 +319,7 @@ impl Profiler {
                 .context("starting perf (run bench/setup.sh)")
         };
         let record = perf(&["record", "-q", "-F", "1999", "-g"], output)?;
-        let mut events = String::from("raw_syscalls:sys_enter,context-switches");
+        let mut events = String::from("raw_syscalls:sys_enter,context-switches,page-faults");
         for name in TRACED_SYSCALLS {
             events.push_str(",syscalls:sys_enter_");
             events.push_str(name);
@@ -361,6 +363,7 @@ impl Profiler {
         Ok(Counts {
             syscalls: count("raw_syscalls:sys_enter"),
             context_switches: count("context-switches"),
+            page_faults: count("page-faults"),
             by_syscall: TRACED_SYSCALLS
                 .iter()
                 .map(|name| {
