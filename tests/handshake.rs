@@ -9,6 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_forwards_end_to_end_headers_and_strips_hop_by_hop_ones() {
@@ -345,4 +347,60 @@ async fn upstream_silent_past_the_handshake_timeout_gets_a_gateway_error() {
         waited >= Duration::from_millis(900) && waited <= Duration::from_secs(5),
         "answered after {waited:?}, handshake_timeout is 1s"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrade_leaves_the_connection_serving_plain_requests() {
+    let (backend, gateway) = start_echo_gateway(|c| c).await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let refused = client
+        .request(&Head::websocket("/").set("Sec-WebSocket-Key", "short"))
+        .await;
+    assert_eq!(refused.status, 400, "{refused:?}");
+    let next = client.request(&Head::get("/after")).await;
+    assert_eq!(
+        (next.status, next.text()),
+        (200, "a".to_string()),
+        "{next:?}"
+    );
+    let requests = backend.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].target, "/after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_after_a_plain_request_on_the_same_connection_opens_a_tunnel() {
+    let (backend, gateway) = start_echo_gateway(|c| c).await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    let plain = client.request(&Head::get("/first")).await;
+    assert_eq!((plain.status, plain.text()), (200, "a".to_string()));
+    let head = Head::websocket("/then-ws");
+    let answer = client.request(&head).await;
+    assert_eq!(answer.status, 101, "{answer:?}");
+    assert_eq!(
+        answer.header("sec-websocket-accept"),
+        Some(head.expected_accept().as_str())
+    );
+    let mut ws = client.into_websocket().await;
+    assert_eq!(whoami(&mut ws).await, "a");
+    assert_eq!(backend.upgrades(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_sent_together_with_the_upgrade_head_reaches_the_server() {
+    let (_backend, gateway) = start_echo_gateway(|c| c).await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    // The head and a masked text frame "whoami" (all-zero mask) in one write.
+    let mut bytes = Head::websocket("/eager").to_bytes();
+    bytes.extend_from_slice(&[0x81, 0x80 | 6, 0, 0, 0, 0]);
+    bytes.extend_from_slice(b"whoami");
+    client.send(bytes).await;
+    let answer = client.response().await;
+    assert_eq!(answer.status, 101, "{answer:?}");
+    let mut ws = client.into_websocket().await;
+    let reply = within(STEP, "the echo of the eager frame", ws.next())
+        .await
+        .expect("a message")
+        .expect("a valid frame");
+    assert_eq!(reply, Message::text("a"));
 }

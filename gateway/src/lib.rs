@@ -1,13 +1,14 @@
 //! Sluice: a WebSocket-first gateway. Modules are named for the stage of the data flow
 //! they own (see `DESIGN.md`):
 //!
-//! accept → serve (HTTP) → route → (policy) → balance (select) → connect →
+//! accept → client (first head) → serve (HTTP) → route → (policy) → balance (select) → connect →
 //! handshake → tunnel → access (close); plain requests take `forward` after `connect`.
 #![forbid(unsafe_code)]
 
 pub mod accept;
 pub mod access;
 pub mod balance;
+pub mod client;
 pub mod config;
 pub mod connect;
 pub mod forward;

@@ -1,6 +1,8 @@
-//! HTTP stage: serves one client connection with hyper (HTTP/1.1 with upgrades, bounded
-//! head size and head-read time) and walks each request through the later stages:
-//! route → (policy) → select/connect → handshake + tunnel, or forward.
+//! HTTP stage: serves one client connection and walks each request through the later
+//! stages: route → (policy) → select/connect → handshake + tunnel, or forward. A first
+//! request that asks for a WebSocket is answered directly on the socket (read by the
+//! client stage); everything else is served by hyper (HTTP/1.1 with upgrades, bounded
+//! head size and head-read time).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -20,13 +22,14 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::{CloseHook, Counted, Record};
-use crate::balance::Pool;
-use crate::config::{HashKey, RouteAction};
+use crate::balance::{ActiveGuard, Pool};
+use crate::client::{self, FirstHead, Prefixed};
+use crate::config::{HashKey, ListenerConfig, RouteAction};
 use crate::connect::{self, ConnectError, with_failover};
 use crate::forward::{self, Conn, Pooled};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Outcome};
-use crate::headers::{add_forwarded, strip_hop_by_hop};
+use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
 use crate::plugin::{Denial, RequestKind};
 use crate::policy::{self, Verdict};
 use crate::route::{Route, normalize_path, request_host};
@@ -48,9 +51,13 @@ pub struct ClientConn {
 }
 
 /// Serves one accepted connection until it closes, upgrades, or the gateway shuts down.
+///
+/// The first request head is read by the client stage. A WebSocket upgrade is answered
+/// here, and its tunnel runs in this same task; any other request (and whatever follows
+/// an upgrade that was refused) is served by hyper.
 pub async fn connection(
     gw: Arc<Gateway>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     listener: Arc<str>,
     permit: OwnedSemaphorePermit,
@@ -72,6 +79,45 @@ pub async fn connection(
         peer,
         _permit: permit,
     });
+    let first = tokio::select! {
+        head = client::read_first(&mut stream, limits.max_header_size, limits.header_read_timeout) => head,
+        () = gw.stopping().cancelled() => return,
+    };
+    let (req, rest) = match first {
+        FirstHead::Gone => return,
+        FirstHead::Other(read) => {
+            return Box::pin(serve_http(ctx, Prefixed::new(read, stream), &limits)).await;
+        }
+        FirstHead::Upgrade { req, rest } => (req, rest),
+    };
+    // Boxed, so that this task keeps only the tunnel's state once the upgrade is done.
+    let opened = match Box::pin(upgrade_direct(&mut stream, req, &ctx)).await {
+        Direct::Tunnel(opened) => opened,
+        Direct::KeepAlive => {
+            return Box::pin(serve_http(ctx, Prefixed::new(rest, stream), &limits)).await;
+        }
+        Direct::Closed => return,
+    };
+    let Opened {
+        server,
+        guard,
+        rec,
+        idle,
+        ..
+    } = opened;
+    let client_end = End {
+        stream,
+        early: End::detach(rest),
+    };
+    let report = tunnel::relay(client_end, server, idle, gw.closing()).await;
+    rec.log_tunnel(&report);
+    drop(guard);
+}
+
+/// Serves a connection with hyper: plain requests, keep-alive, and upgrades that follow a
+/// plain request.
+async fn serve_http(ctx: Arc<ClientConn>, io: Prefixed, limits: &ListenerConfig) {
+    let gw = ctx.gw.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(req, ctx).await) }
@@ -80,7 +126,7 @@ pub async fn connection(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_size)
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -92,7 +138,99 @@ pub async fn connection(
     }
 }
 
+/// How an upgrade answered by the client stage ended.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per connection, moved once; boxing would only add an allocation"
+)]
+enum Direct {
+    /// `101` sent: run the tunnel.
+    Tunnel(Opened),
+    /// Answered with another status; the client may send more requests.
+    KeepAlive,
+    /// Answered (or failed to write) and the connection must close.
+    Closed,
+}
+
+/// Walks an upgrade head through route → policy → connect → handshake and writes the
+/// client's answer itself.
+async fn upgrade_direct(stream: &mut TcpStream, req: Request<()>, ctx: &Arc<ClientConn>) -> Direct {
+    let close = client::closes_after(&req);
+    let resp = match admit(&req, ctx).await {
+        Err(resp) => resp,
+        Ok(Admitted {
+            plan,
+            rec,
+            ws_key: Some(ws_key),
+        }) => match open(req.uri(), req.headers(), ws_key, plan, rec, ctx).await {
+            Ok(opened) => {
+                let sent = client::write_response(
+                    stream,
+                    StatusCode::SWITCHING_PROTOCOLS,
+                    &opened.head,
+                    b"",
+                    false,
+                )
+                .await;
+                return match sent {
+                    Ok(()) => Direct::Tunnel(opened),
+                    Err(e) => {
+                        tracing::warn!(client = %ctx.peer, error = %e, "client upgrade did not complete");
+                        Direct::Closed
+                    }
+                };
+            }
+            Err(resp) => resp,
+        },
+        // Not reached: the client stage passes only heads asking for a WebSocket.
+        Ok(Admitted { rec, .. }) => respond(
+            rec,
+            StatusCode::BAD_REQUEST,
+            "not a WebSocket upgrade\n",
+            &[],
+        ),
+    };
+    let close = close || has_token(resp.headers(), header::CONNECTION, "close");
+    let (parts, body) = resp.into_parts();
+    // Sluice's own answers are whole in memory; collecting ends the body, which logs it.
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    match client::write_response(stream, parts.status, &parts.headers, &body, close).await {
+        Ok(()) if !close => Direct::KeepAlive,
+        _ => Direct::Closed,
+    }
+}
+
 async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<ResponseBody> {
+    let Admitted { plan, rec, ws_key } = match admit(&req, &ctx).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    match ws_key {
+        Some(ws_key) => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            match open(req.uri(), req.headers(), ws_key, plan, rec, &ctx).await {
+                Ok(opened) => switch(opened, on_upgrade, ctx),
+                Err(resp) => resp,
+            }
+        }
+        None => forward(req, plan, rec, &ctx).await,
+    }
+}
+
+/// A request that may go upstream.
+struct Admitted {
+    plan: Plan,
+    rec: Record,
+    /// The client's `Sec-WebSocket-Key` when this is a valid WebSocket upgrade.
+    ws_key: Option<String>,
+}
+
+/// Route → upgrade validation → policy: where the request goes, or Sluice's answer.
+async fn admit<B>(req: &Request<B>, ctx: &ClientConn) -> Result<Admitted, Response<ResponseBody>> {
     let mut rec = Record {
         kind: "http",
         client: ctx.peer,
@@ -108,7 +246,7 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
         tags: String::new(),
         close_hook: None,
     };
-    let host = request_host(&req);
+    let host = request_host(req);
     let path = normalize_path(req.uri().path());
     let Some(route) = ctx
         .snapshot
@@ -116,32 +254,36 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
         .find(&ctx.listener, host.as_deref(), &path)
         .cloned()
     else {
-        return respond(
+        return Err(respond(
             rec,
             StatusCode::NOT_FOUND,
             "no route for this request\n",
             &[],
-        );
+        ));
     };
     rec.route = route.config.name.clone();
     let pool = match (&route.config.action, &route.pool) {
         (RouteAction::Respond { status, body }, _) => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN);
-            return respond(rec, status, body, &[]);
+            return Err(respond(rec, status, body, &[]));
         }
         (RouteAction::Proxy(_), Some(pool)) => pool.clone(),
         (RouteAction::Proxy(_), None) => {
-            return respond(rec, StatusCode::BAD_GATEWAY, "route has no pool\n", &[]);
+            return Err(respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "route has no pool\n",
+                &[],
+            ));
         }
     };
-    let upgrade = upgrade::classify(req.method(), req.version(), req.headers());
-    let kind = match &upgrade {
+    let (kind, ws_key) = match upgrade::classify(req.method(), req.version(), req.headers()) {
         Upgrade::Refused(r) => {
-            let headers = upgrade::refusal_headers(r);
-            return respond(rec, r.status, &format!("{}\n", r.reason), &headers);
+            let headers = upgrade::refusal_headers(&r);
+            return Err(respond(rec, r.status, &format!("{}\n", r.reason), &headers));
         }
-        Upgrade::WebSocket { .. } => RequestKind::WebSocket,
-        Upgrade::None => RequestKind::Http,
+        Upgrade::WebSocket { key } => (RequestKind::WebSocket, Some(key)),
+        Upgrade::None => (RequestKind::Http, None),
     };
     if !route.chain.is_empty() {
         rec.close_hook = Some(Arc::new(CloseHook {
@@ -150,9 +292,9 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
             tenant: route.config.tenant.clone(),
         }));
     }
-    let verdict = match policy::decide(&route, &pool, &ctx.snapshot, &req, kind, ctx.peer).await {
+    let verdict = match policy::decide(&route, &pool, &ctx.snapshot, req, kind, ctx.peer).await {
         Ok(v) => v,
-        Err(denial) => return deny(rec, denial),
+        Err(denial) => return Err(deny(rec, denial)),
     };
     rec.tags = verdict.tags.clone();
     if let (Some(hook), Some(tenant)) = (&mut rec.close_hook, &verdict.tenant) {
@@ -160,20 +302,14 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
     }
     let key = match (&verdict.sticky_key, verdict.pool.hash_key()) {
         (Some(k), Some(_)) => k.as_bytes().to_vec(),
-        _ => hash_key(&verdict.pool, &req, ctx.peer),
+        _ => hash_key(&verdict.pool, req, ctx.peer),
     };
     let plan = Plan {
         route,
         key,
         verdict,
     };
-    match upgrade {
-        Upgrade::WebSocket { key: ws_key } => {
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            websocket(req, ws_key, on_upgrade, plan, rec, ctx).await
-        }
-        _ => forward(req, plan, rec, &ctx).await,
-    }
+    Ok(Admitted { plan, rec, ws_key })
 }
 
 /// Where a routed, policy-approved request goes.
@@ -321,28 +457,37 @@ fn upstream_head(
     (uri, headers)
 }
 
-async fn websocket(
-    req: Request<Incoming>,
+/// An upstream that answered the upgrade with a valid `101`.
+struct Opened {
+    /// The client's `101` headers: the server's, minus hop-by-hop ones, plus exactly one
+    /// `Upgrade`/`Connection` pair.
+    head: HeaderMap,
+    /// The server's end of the tunnel.
+    server: End,
+    /// Counts the tunnel as active on its server.
+    guard: ActiveGuard,
+    rec: Record,
+    idle: Option<std::time::Duration>,
+}
+
+/// Connects to a server of the plan's pool and completes the WebSocket handshake with it;
+/// any failure or refusal is the client's answer instead.
+async fn open(
+    uri: &Uri,
+    headers: &HeaderMap,
     ws_key: String,
-    on_upgrade: hyper::upgrade::OnUpgrade,
     plan: Plan,
     mut rec: Record,
-    ctx: Arc<ClientConn>,
-) -> Response<ResponseBody> {
+    ctx: &ClientConn,
+) -> Result<Opened, Response<ResponseBody>> {
     let (route, pool) = (&plan.route, &plan.verdict.pool);
     let (server, stream) = match with_failover(pool, &plan.key, connect::Tcp(pool)).await {
         Ok(s) => s,
-        Err(e) => return no_upstream(rec, route, &e),
+        Err(e) => return Err(no_upstream(rec, route, &e)),
     };
     rec.upstream = server.config.authority.clone();
     let guard = server.acquire();
-    let (uri, mut headers) = upstream_head(
-        req.uri(),
-        req.headers(),
-        &plan,
-        &server.config.authority,
-        ctx.peer,
-    );
+    let (uri, mut headers) = upstream_head(uri, headers, &plan, &server.config.authority, ctx.peer);
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     let outcome = tokio::time::timeout(
@@ -350,64 +495,87 @@ async fn websocket(
         handshake::handshake(stream, &uri, &headers, &ws_key),
     )
     .await;
-    let (head, server_end) = match outcome {
+    let (mut head, server_end) = match outcome {
         Err(_) => {
             tracing::warn!(route = %route.config.name, upstream = %rec.upstream, "upstream WebSocket handshake timed out");
-            return respond(
+            return Err(respond(
                 rec,
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream did not answer the WebSocket handshake in time\n",
                 &[],
-            );
+            ));
         }
         Ok(Err(e)) => {
             tracing::warn!(route = %route.config.name, upstream = %rec.upstream, error = %e, "upstream WebSocket handshake refused");
-            return respond(
+            return Err(respond(
                 rec,
                 StatusCode::BAD_GATEWAY,
                 "upstream sent an invalid WebSocket handshake\n",
                 &[],
-            );
+            ));
         }
         Ok(Ok(Outcome::Declined {
             status,
             headers,
             body,
-        })) => return relay_refusal(rec, status, headers, body),
+        })) => return Err(relay_refusal(rec, status, headers, body)),
         Ok(Ok(Outcome::Upgraded { headers, server })) => (headers, server),
     };
-    // The client gets the server's 101 head (cookies, subprotocol, extensions...) minus
-    // hop-by-hop headers, and exactly one Upgrade/Connection pair.
+    strip_hop_by_hop(&mut head);
+    head.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    head.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    rec.kind = "tunnel";
+    rec.status = 101;
+    Ok(Opened {
+        head,
+        server: server_end,
+        guard,
+        rec,
+        idle: route.config.idle_timeout,
+    })
+}
+
+/// The `101` for hyper, and the tunnel task that starts once hyper hands the client's
+/// connection over.
+fn switch(
+    opened: Opened,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    ctx: Arc<ClientConn>,
+) -> Response<ResponseBody> {
+    let Opened {
+        head,
+        server,
+        guard,
+        rec,
+        idle,
+    } = opened;
     let mut resp = Response::new(Counted::new(
         Either::Right(Full::new(Bytes::new())),
         Arc::new(AtomicU64::new(0)),
     ));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *resp.headers_mut() = head;
-    strip_hop_by_hop(resp.headers_mut());
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    resp.headers_mut()
-        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    rec.kind = "tunnel";
-    rec.status = 101;
-    let idle = route.config.idle_timeout;
     let gw = ctx.gw.clone();
     let tracker = gw.tracker().clone();
     tracker.spawn(async move {
         let _guard = guard;
         let _ctx = ctx;
-        let client_end = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-            Ok(Ok(parts)) => End {
-                stream: parts.io.into_inner(),
-                early: End::detach(parts.read_buf),
-            },
+        let client_end = match on_upgrade.await.map(|u| u.downcast::<TokioIo<Prefixed>>()) {
+            Ok(Ok(parts)) => {
+                let (stream, unread) = parts.io.into_inner().into_parts();
+                let early = match (unread.is_empty(), parts.read_buf.is_empty()) {
+                    (true, _) => End::detach(parts.read_buf),
+                    (false, true) => End::detach(unread),
+                    (false, false) => [unread, parts.read_buf].concat().into(),
+                };
+                End { stream, early }
+            }
             _ => {
                 tracing::warn!(client = %rec.client, "client upgrade did not complete");
                 return;
             }
         };
-        let report = tunnel::relay(client_end, server_end, idle, gw.closing()).await;
+        let report = tunnel::relay(client_end, server, idle, gw.closing()).await;
         rec.log_tunnel(&report);
     });
     resp

@@ -1,0 +1,256 @@
+//! Client stage: reads the first request head of a connection with `httparse` (the
+//! parser hyper itself uses) under the listener's size and time bounds, and writes
+//! Sluice's own answers on the raw socket.
+//!
+//! A WebSocket upgrade is answered from here without a hyper server connection: no
+//! dispatcher, no service future, no upgrade hand-off and no spawned tunnel task (the
+//! tunnel runs in the connection's own task; see `serve::connection`). Anything else, and
+//! any head this stage does not want to judge (a body, an invalid field), goes to hyper
+//! with the bytes already read put back in front of the stream ([`Prefixed`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::headers::has_token;
+
+/// Most header fields in a request head judged here; more go to hyper (which answers
+/// 431 past its own limit of 100).
+const MAX_HEADERS: usize = 100;
+/// First read buffer: a typical upgrade head (300–2,000 bytes) arrives in one read.
+const FIRST_READ: usize = 4096;
+
+/// The first request head of a connection.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per connection, moved once; boxing would only add an allocation"
+)]
+pub enum FirstHead {
+    /// A WebSocket upgrade without a body: the parsed head, and the bytes the client sent
+    /// after it.
+    Upgrade {
+        /// The request head.
+        req: Request<()>,
+        /// Bytes read past the head (a client may send its first frame at once).
+        rest: Bytes,
+    },
+    /// Anything else, with every byte read so far, for hyper to serve.
+    Other(Bytes),
+    /// The client closed, or did not finish a head within the header-read timeout.
+    Gone,
+}
+
+/// Reads until one whole request head has arrived, the client is gone, `max` bytes are
+/// buffered (hyper then answers 431) or `timeout` passes.
+pub async fn read_first(stream: &mut TcpStream, max: usize, timeout: Duration) -> FirstHead {
+    let mut buf = BytesMut::with_capacity(FIRST_READ.min(max));
+    match tokio::time::timeout(timeout, read_head(stream, &mut buf, max)).await {
+        Ok(Parsed::Upgrade(req, len)) => {
+            buf.advance(len);
+            FirstHead::Upgrade {
+                req,
+                rest: buf.freeze(),
+            }
+        }
+        Ok(Parsed::Other) => FirstHead::Other(buf.freeze()),
+        Ok(Parsed::Gone) | Err(_) => FirstHead::Gone,
+    }
+}
+
+/// What [`read_head`] found.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per connection, moved once; boxing would only add an allocation"
+)]
+enum Parsed {
+    /// An upgrade head of this many bytes.
+    Upgrade(Request<()>, usize),
+    /// A head for hyper (complete or not).
+    Other,
+    /// The client closed first.
+    Gone,
+}
+
+async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Parsed {
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve((max - buf.len()).min(buf.capacity()));
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Parsed::Gone,
+            Ok(_) => {}
+        }
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut slots);
+        match req.parse(buf) {
+            Ok(httparse::Status::Partial) if buf.len() < max => {}
+            Ok(httparse::Status::Complete(len)) => {
+                return match upgrade(&req) {
+                    Some(req) => Parsed::Upgrade(req, len),
+                    None => Parsed::Other,
+                };
+            }
+            // Too large, too many fields, or malformed: hyper gives the answer.
+            _ => return Parsed::Other,
+        }
+    }
+}
+
+/// The head as a `Request` when it asks for a WebSocket upgrade and has no body, else
+/// `None` (hyper serves it).
+fn upgrade(req: &httparse::Request<'_, '_>) -> Option<Request<()>> {
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    }
+    if !has_token(&headers, header::UPGRADE, "websocket")
+        || headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0")
+    {
+        return None;
+    }
+    let mut out = Request::new(());
+    *out.method_mut() = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    *out.uri_mut() = Uri::try_from(req.path?).ok()?;
+    *out.version_mut() = match req.version? {
+        0 => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    *out.headers_mut() = headers;
+    Some(out)
+}
+
+/// Whether the connection must close after answering `req` (HTTP/1.0 without
+/// keep-alive, or `Connection: close`).
+pub fn closes_after(req: &Request<()>) -> bool {
+    let headers = req.headers();
+    if req.version() == Version::HTTP_10 {
+        !has_token(headers, header::CONNECTION, "keep-alive")
+    } else {
+        has_token(headers, header::CONNECTION, "close")
+    }
+}
+
+/// Writes one response in a single write: status line, `headers`, `Date` unless the
+/// headers carry one, framing (`Content-Length`, except for a `101`) and `Connection:
+/// close` when `close`, then `body`.
+pub async fn write_response(
+    stream: &mut TcpStream,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    close: bool,
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(128 + headers.len() * 48 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || (close && name == header::CONNECTION) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    stream.write_all(&out).await
+}
+
+/// A client stream with bytes already read from it put back in front, so hyper parses
+/// the head this stage read first.
+#[derive(Debug)]
+pub struct Prefixed {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl Prefixed {
+    /// `stream`, reading `prefix` first.
+    pub fn new(prefix: Bytes, stream: TcpStream) -> Self {
+        Prefixed { prefix, stream }
+    }
+
+    /// The stream and whatever of the prefix hyper has not read.
+    pub fn into_parts(self) -> (TcpStream, Bytes) {
+        (self.stream, self.prefix)
+    }
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.stream).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix.advance(n);
+        if this.prefix.is_empty() {
+            // Let go of the first read's buffer.
+            this.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
