@@ -341,8 +341,8 @@ pub fn relay(
     client: End,
     server: End,
     idle: Option<Duration>,
-    shutdown: &CancellationToken,
-) -> impl Future<Output = Report> + '_ {
+    shutdown: CancellationToken,
+) -> impl Future<Output = Report> {
     let mut t = Tunnel {
         client: client.stream,
         server: server.stream,
@@ -362,7 +362,7 @@ pub fn relay(
     // kept in the future's argument slots for the tunnel's whole life.
     async move {
         let sleep = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
-        let cancelled = shutdown.cancelled();
+        let cancelled = shutdown.cancelled_owned();
         tokio::pin!(sleep, cancelled);
         let stopped = std::future::poll_fn(|cx| {
             if cancelled.as_mut().poll(cx).is_ready() {
