@@ -309,6 +309,9 @@ fn command(
 [log]
 level = "warn"
 
+[runtime]
+workers = {workers}
+
 [listeners.bench]
 bind = "{addr}"
 max_connections = {NOFILE}
@@ -324,9 +327,8 @@ upstream = "echo"
             )?;
             let mut cmd = Command::new(&env.sluice_bin);
             cmd.arg("run").arg(&config);
-            // tokio's runtime reads its worker count from here; RUST_LOG would override [log].
-            cmd.env("TOKIO_WORKER_THREADS", workers.to_string())
-                .env_remove("RUST_LOG");
+            // RUST_LOG would override [log].
+            cmd.env_remove("RUST_LOG");
             Ok((cmd, None))
         }
         Target::Nginx => {

@@ -1,5 +1,6 @@
-//! Accept stage: listening sockets, the per-listener connection limit, and handing each
-//! connection to the HTTP stage.
+//! Accept stage: listening sockets (one per listener and worker, joined by
+//! `SO_REUSEPORT`), the per-listener connection limit, and handing each connection to
+//! the HTTP stage on the worker that accepted it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,32 +16,56 @@ use crate::serve;
 /// should queue, not be refused.
 const BACKLOG: u32 = 4096;
 
-/// Binds a listening socket.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A bound socket, not yet listening: it becomes a listener on the worker that will
+/// accept from it (a tokio listener belongs to the event loop it was made on).
+#[derive(Debug)]
+pub struct Bound(TcpSocket);
+
+impl Bound {
+    /// The bound address (the real port when the config asked for port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    /// Starts listening, registered with the current worker's event loop.
+    pub fn listen(self) -> std::io::Result<TcpListener> {
+        self.0.listen(BACKLOG)
+    }
+}
+
+/// Binds `workers` sockets to `addr`: the first one (which resolves port 0), then the
+/// others to the same address, all with `SO_REUSEPORT`, so that the kernel spreads new
+/// connections over the workers and a connection never changes threads.
+pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<Bound>> {
+    let first = bind_one(addr)?;
+    let addr = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(bind_one(addr)?);
+    }
+    Ok(all)
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<Bound> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    Ok(Bound(socket))
 }
 
-/// Accepts until shutdown. At `max_connections` open connections (tunnels included) it
-/// stops accepting, so further clients wait in the backlog rather than being refused.
-pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, max_connections: usize) {
-    let limit = Arc::new(Semaphore::new(max_connections));
+/// Accepts until shutdown. `limit` is the listener's `max_connections`, shared by all
+/// workers. A worker takes a connection, then waits for a free slot before it serves it
+/// and accepts again, so at the limit each worker holds at most one waiting connection
+/// and further clients wait in the kernel's backlog rather than being refused.
+pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, limit: Arc<Semaphore>) {
     let stopping = gw.stopping().clone();
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = stopping.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -53,6 +78,13 @@ pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, max_co
             },
             () = stopping.cancelled() => break,
         };
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stopping.cancelled() => break,
+        };
         let _ = stream.set_nodelay(true);
         gw.tracker().spawn(serve::connection(
             gw.clone(),
@@ -62,5 +94,5 @@ pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, max_co
             permit,
         ));
     }
-    tracing::info!(listener = %name, "stopped accepting");
+    tracing::debug!(listener = %name, "stopped accepting");
 }

@@ -19,6 +19,8 @@ pub struct Config {
     pub log: LogConfig,
     /// How long tunnels may drain after SIGTERM/SIGINT before they are closed.
     pub shutdown_grace: Duration,
+    /// Worker threads, each with its own event loop and its own socket per listener.
+    pub workers: usize,
     /// Listening sockets, in name order.
     pub listeners: Vec<ListenerConfig>,
     /// Upstream pools, in name order.
@@ -280,6 +282,8 @@ struct RawConfig {
     #[serde(default)]
     shutdown: RawShutdown,
     #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
     listeners: BTreeMap<String, Spanned<RawListener>>,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
@@ -331,6 +335,15 @@ fn default_format() -> LogFormat {
 struct RawShutdown {
     grace: Option<Dur>,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    workers: Option<Spanned<u64>>,
+}
+
+/// Most worker threads a config may ask for.
+const MAX_WORKERS: u64 = 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -474,7 +487,18 @@ impl RawConfig {
                 format!("expected a log filter such as \"info\" or \"sluice=debug,warn\": {e}"),
             ));
         }
+        let workers = match self.runtime.workers {
+            Some(w) if !(1..=MAX_WORKERS).contains(w.get_ref()) => {
+                return Err(err(
+                    w.span(),
+                    format!("must be between 1 and {MAX_WORKERS}"),
+                ));
+            }
+            Some(w) => *w.get_ref() as usize,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
         Ok(Config {
+            workers,
             log: LogConfig {
                 level: self.log.level.into_inner(),
                 format: self.log.format,
@@ -1114,6 +1138,21 @@ upstream = "echo"
         assert_eq!(
             err_of(&src),
             "sluice.toml:4:19: listeners.public.max_header_size: must be between 8KiB and 1MiB"
+        );
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_are_bounded() {
+        let c = Config::parse("sluice.toml", BASE).unwrap();
+        assert_eq!(
+            c.workers,
+            std::thread::available_parallelism().map_or(1, usize::from)
+        );
+        let c = Config::parse("sluice.toml", &format!("[runtime]\nworkers = 3\n{BASE}")).unwrap();
+        assert_eq!(c.workers, 3);
+        assert_eq!(
+            err_of(&format!("[runtime]\nworkers = 0\n{BASE}")),
+            "sluice.toml:2:11: runtime.workers: must be between 1 and 1024"
         );
     }
 

@@ -39,7 +39,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control loop (signals, reloads, health checks, plugin compiles on its blocking
+    // pool); connections are served by `[runtime] workers` threads of their own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
