@@ -404,3 +404,32 @@ async fn frame_sent_together_with_the_upgrade_head_reaches_the_server() {
         .expect("a valid frame");
     assert_eq!(reply, Message::text("a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_with_upgrade_gets_a_bodiless_400_and_the_connection_goes_on() {
+    let (_backend, gateway) = start_echo_gateway(|c| c).await;
+    let mut client = RawClient::connect(gateway.addr()).await;
+    // Pipelined: a HEAD "upgrade", then a plain GET on the same connection.
+    let mut bytes = Head::websocket("/").method("HEAD").to_bytes();
+    bytes.extend(Head::get("/next").to_bytes());
+    client.send(bytes).await;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let text = String::from_utf8_lossy(&seen);
+        if text.contains("HTTP/1.1 200") && text.ends_with("\r\n\r\na") {
+            break;
+        }
+        match client.read_some(STEP).await {
+            Some(Ok(more)) if !more.is_empty() => seen.extend(more),
+            other => panic!("connection ended after {text:?}: {other:?}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(
+        !text.contains("must use GET"),
+        "a body was sent for HEAD: {text}"
+    );
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
+    assert!(text.ends_with("\r\n\r\na"), "{text}");
+}

@@ -143,17 +143,34 @@ pub fn closes_after(req: &Request<()>) -> bool {
     }
 }
 
+/// The body of a response the client stage writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Body<'a> {
+    /// The body; its length is the `Content-Length`.
+    pub bytes: &'a [u8],
+    /// Whether the bytes are sent (not for an answer to `HEAD`).
+    pub send: bool,
+}
+
+impl Body<'_> {
+    /// No body (a `101`).
+    pub const NONE: Body<'static> = Body {
+        bytes: b"",
+        send: false,
+    };
+}
+
 /// Writes one response in a single write: status line, `headers`, `Date` unless the
 /// headers carry one, framing (`Content-Length`, except for a `101`) and `Connection:
-/// close` when `close`, then `body`.
+/// close` when `close`, then the body.
 pub async fn write_response(
     stream: &mut TcpStream,
     status: StatusCode,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Body<'_>,
     close: bool,
 ) -> io::Result<()> {
-    let mut out = Vec::with_capacity(128 + headers.len() * 48 + body.len());
+    let mut out = Vec::with_capacity(128 + headers.len() * 48 + body.bytes.len());
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -174,13 +191,15 @@ pub async fn write_response(
         out.extend_from_slice(b"\r\n");
     }
     if status != StatusCode::SWITCHING_PROTOCOLS {
-        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+        out.extend_from_slice(format!("content-length: {}\r\n", body.bytes.len()).as_bytes());
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    if body.send {
+        out.extend_from_slice(body.bytes);
+    }
     stream.write_all(&out).await
 }
 

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
 use http::header::{self, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -25,7 +25,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::{CloseHook, Counted, Record};
 use crate::balance::{ActiveGuard, Pool};
-use crate::client::{self, FirstHead, Prefixed};
+use crate::client::{self, Body, FirstHead, Prefixed};
 use crate::config::{HashKey, ListenerConfig, RouteAction};
 use crate::connect::{self, ConnectError, with_failover};
 use crate::forward::{self, Conn, Pooled};
@@ -86,8 +86,8 @@ async fn prepare(
         .config
         .listeners
         .iter()
-        .find(|l| *l.name == *listener)?
-        .clone();
+        .find(|l| *l.name == *listener)
+        .map(HeadLimits::of)?;
     let ctx = Arc::new(ClientConn {
         gw: gw.clone(),
         snapshot,
@@ -102,7 +102,7 @@ async fn prepare(
     let (req, rest) = match first {
         FirstHead::Gone => return None,
         FirstHead::Other(read) => {
-            Box::pin(serve_http(ctx, Prefixed::new(read, stream), &limits)).await;
+            Box::pin(serve_http(ctx, Prefixed::new(read, stream), limits)).await;
             return None;
         }
         FirstHead::Upgrade { req, rest } => (req, rest),
@@ -110,7 +110,7 @@ async fn prepare(
     match upgrade_direct(&mut stream, req, &ctx).await {
         Direct::Tunnel(opened) => Some(Ready::new(ctx, stream, End::detach(rest), opened)),
         Direct::KeepAlive => {
-            Box::pin(serve_http(ctx, Prefixed::new(rest, stream), &limits)).await;
+            Box::pin(serve_http(ctx, Prefixed::new(rest, stream), limits)).await;
             None
         }
         Direct::Closed => None,
@@ -157,9 +157,25 @@ impl Ready {
     }
 }
 
+/// A listener's bounds on request heads.
+#[derive(Clone, Copy)]
+struct HeadLimits {
+    max_header_size: usize,
+    header_read_timeout: std::time::Duration,
+}
+
+impl HeadLimits {
+    fn of(l: &ListenerConfig) -> HeadLimits {
+        HeadLimits {
+            max_header_size: l.max_header_size,
+            header_read_timeout: l.header_read_timeout,
+        }
+    }
+}
+
 /// Serves a connection with hyper: plain requests, keep-alive, and upgrades that follow a
 /// plain request.
-async fn serve_http(ctx: Arc<ClientConn>, io: Prefixed, limits: &ListenerConfig) {
+async fn serve_http(ctx: Arc<ClientConn>, io: Prefixed, limits: HeadLimits) {
     let gw = ctx.gw.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -199,6 +215,7 @@ enum Direct {
 /// client's answer itself.
 async fn upgrade_direct(stream: &mut TcpStream, req: Request<()>, ctx: &Arc<ClientConn>) -> Direct {
     let close = client::closes_after(&req);
+    let head_only = req.method() == Method::HEAD;
     let resp = match admit(&req, ctx).await {
         Err(resp) => resp,
         Ok(Admitted {
@@ -211,7 +228,7 @@ async fn upgrade_direct(stream: &mut TcpStream, req: Request<()>, ctx: &Arc<Clie
                     stream,
                     StatusCode::SWITCHING_PROTOCOLS,
                     &opened.head,
-                    b"",
+                    Body::NONE,
                     false,
                 )
                 .await;
@@ -241,7 +258,12 @@ async fn upgrade_direct(stream: &mut TcpStream, req: Request<()>, ctx: &Arc<Clie
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    match client::write_response(stream, parts.status, &parts.headers, &body, close).await {
+    // The answer to a HEAD keeps its Content-Length but carries no body.
+    let body = Body {
+        bytes: &body,
+        send: !head_only,
+    };
+    match client::write_response(stream, parts.status, &parts.headers, body, close).await {
         Ok(()) if !close => Direct::KeepAlive,
         _ => Direct::Closed,
     }
