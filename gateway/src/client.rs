@@ -14,12 +14,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::headers::has_token;
+use crate::headers::{from_parsed, has_token, value_has_token};
 
 /// Most header fields in a request head judged here; more go to hyper (which answers
 /// 431 past its own limit of 100).
@@ -105,15 +105,18 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Pa
 }
 
 /// The head as a `Request` when it asks for a WebSocket upgrade and has no body, else
-/// `None` (hyper serves it).
+/// `None` (hyper serves it). The `Upgrade` field is checked on the raw fields first, so a
+/// plain request's head is not turned into a header map only for hyper to parse again.
 fn upgrade(req: &httparse::Request<'_, '_>) -> Option<Request<()>> {
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    let asks = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case(header::UPGRADE.as_str())
+            && value_has_token(h.value, "websocket")
+    });
+    if !asks {
+        return None;
     }
-    if !has_token(&headers, header::UPGRADE, "websocket")
-        || headers.contains_key(header::TRANSFER_ENCODING)
+    let headers = from_parsed(req.headers).ok()?;
+    if headers.contains_key(header::TRANSFER_ENCODING)
         || headers
             .get_all(header::CONTENT_LENGTH)
             .iter()

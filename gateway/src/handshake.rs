@@ -11,12 +11,12 @@
 use std::io;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{StatusCode, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::headers::has_token;
+use crate::headers::{from_parsed, has_token};
 use crate::tunnel::End;
 use crate::upgrade::accept_for;
 
@@ -165,14 +165,7 @@ async fn read_head(
                         .code
                         .and_then(|c| StatusCode::from_u16(c).ok())
                         .ok_or_else(|| malformed("bad status code"))?;
-                    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-                    for h in resp.headers.iter() {
-                        let name = HeaderName::from_bytes(h.name.as_bytes())
-                            .map_err(|_| malformed("bad header name"))?;
-                        let value = HeaderValue::from_bytes(h.value)
-                            .map_err(|_| malformed("bad header value"))?;
-                        headers.append(name, value);
-                    }
+                    let headers = from_parsed(resp.headers).map_err(malformed)?;
                     buf.advance(len);
                     return Ok((status, headers));
                 }

@@ -43,7 +43,16 @@ pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &st
     headers
         .get_all(name)
         .into_iter()
-        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| value_tokens(v.as_bytes()))
+}
+
+/// The trimmed, non-empty entries of one comma-separated header line; none when the line
+/// is not all visible ASCII (what `HeaderValue::to_str` accepts).
+fn value_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(value)
+        .ok()
+        .filter(|v| v.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        .into_iter()
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.is_empty())
@@ -52,6 +61,24 @@ pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &st
 /// Whether a comma-separated header contains `token` (case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Whether one raw header line (comma-separated) contains `token` (case-insensitive),
+/// as [`has_token`] decides for a header map.
+pub fn value_has_token(value: &[u8], token: &str) -> bool {
+    value_tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// A header map from the fields `httparse` parsed; `Err` says which part of a field is
+/// invalid.
+pub fn from_parsed(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for h in fields {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 /// Appends the client to `X-Forwarded-For` (keeping what earlier proxies wrote, merged
@@ -100,6 +127,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn raw_values_have_the_tokens_a_header_map_has() {
+        for (value, expected) in [
+            (&b"keep-alive, Upgrade"[..], true),
+            (b" websocket ,x", false),
+            (b"UPGRADE", true),
+            (b"upgrade\xff", false),
+            (b"upgrade, \xff", false),
+            (b"", false),
+        ] {
+            assert_eq!(value_has_token(value, "upgrade"), expected, "{value:?}");
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_bytes(value).unwrap());
+            assert_eq!(
+                has_token(&h, header::CONNECTION, "upgrade"),
+                expected,
+                "{value:?}"
+            );
+        }
     }
 
     #[test]

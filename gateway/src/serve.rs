@@ -618,10 +618,11 @@ fn switch(
         match on_upgrade.await.map(|u| u.downcast::<TokioIo<Prefixed>>()) {
             Ok(Ok(parts)) => {
                 let (stream, unread) = parts.io.into_inner().into_parts();
-                let early = match (unread.is_empty(), parts.read_buf.is_empty()) {
-                    (true, _) => End::detach(parts.read_buf),
-                    (false, true) => End::detach(unread),
-                    (false, false) => [unread, parts.read_buf].concat().into(),
+                // Bytes hyper had not read of the first head come before its read-ahead.
+                let early = if unread.is_empty() {
+                    End::detach(parts.read_buf)
+                } else {
+                    [unread, parts.read_buf].concat().into()
                 };
                 Ready::new(ctx, stream, early, opened).run().await;
             }
