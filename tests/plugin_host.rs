@@ -97,6 +97,12 @@ fn denied(decision: &ChainDecision) -> (u16, &str, Option<&Fault>) {
     }
 }
 
+/// jwt-auth with the test secret, forwarding `sub` and `tenant` as `x-user` and `x-tenant`.
+fn jwt_config() -> serde_json::Value {
+    json!({"keys": [{"alg": "HS256", "secret": SECRET}],
+           "forward_claims": {"sub": "x-user", "tenant": "x-tenant"}})
+}
+
 /// origin-allowlist → jwt-auth → tenant-router → sticky-key, as in examples/.
 async fn full_chain(host: &PluginHost) -> Chain {
     let specs = [
@@ -104,11 +110,7 @@ async fn full_chain(host: &PluginHost) -> Chain {
             "origin-allowlist",
             json!({"allowed": ["https://*.acme.example"]}),
         ),
-        spec(
-            "jwt-auth",
-            json!({"keys": [{"alg": "HS256", "secret": SECRET}],
-                   "forward_claims": {"sub": "x-user", "tenant": "x-tenant"}}),
-        ),
+        spec("jwt-auth", jwt_config()),
         spec(
             "tenant-router",
             json!({"rules": [{"header": "x-tenant", "value": "acme", "tenant": "acme", "pool": "blue"}],
@@ -233,11 +235,55 @@ async fn on_close_is_called_only_for_plugins_that_ask_for_it() {
 }
 
 #[tokio::test]
+async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
+    let host = PluginHost::new().unwrap();
+    let auth = load(&host, &spec("jwt-auth", jwt_config())).await;
+    assert_eq!(auth.headers(), Some(&["authorization".to_owned()][..]));
+    let narrow = PluginSpec {
+        name: "narrow".into(),
+        ..spec("hostile", json!({"headers": ["X-User", "Origin"]}))
+    };
+    let narrow = load(&host, &narrow).await;
+    assert_eq!(
+        narrow.headers(),
+        Some(&["x-user".to_owned(), "origin".to_owned()][..])
+    );
+    let everything = load(&host, &spec("hostile", json!({}))).await;
+    assert_eq!(everything.headers(), None);
+
+    let chain = Chain::new(vec![auth, narrow, everything]);
+    let req = request(&[
+        ("origin", "https://app.acme.example"),
+        ("authorization", &token("alice")),
+        ("cookie", "a=1"),
+        ("x-user", "spoofed"),
+    ]);
+    let saw: Vec<String> = continued(chain.on_request(&req).await)
+        .headers
+        .into_iter()
+        .filter_map(|op| match op {
+            HeaderOp::Set(name, value) if name == "x-hostile-saw" => Some(value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        saw,
+        [
+            // Only what it asked for, with jwt-auth's x-user in place of the client's.
+            "origin,x-user",
+            // Everything, including the headers the plugins before it set.
+            "origin,authorization,cookie,x-user,x-tenant,x-hostile,x-hostile-saw",
+        ]
+    );
+}
+
+#[tokio::test]
 async fn javascript_plugin_runs_against_the_same_wit() {
     let host = PluginHost::new().unwrap();
     let config = json!({"keys": {"k-123": "alice"}, "rate_limit_per_minute": 2});
     let plugin = load(&host, &spec("api-key-js", config)).await;
     assert!(!plugin.wants_close(), "init returned {{ onClose: false }}");
+    assert_eq!(plugin.headers(), Some(&["x-api-key".to_owned()][..]));
     let chain = Chain::new(vec![plugin]);
 
     let m = continued(chain.on_request(&request(&[("x-api-key", "k-123")])).await);
@@ -505,6 +551,31 @@ async fn measure() {
     let trivial = Chain::new(vec![load(&host, &spec("hostile", json!({}))).await]);
     let trivial_cost = per_call(&trivial, &req, 10_000).await;
     println!("reused instance, trivial Rust plugin: {trivial_cost}");
+    // What a browser's upgrade carries: the request record grows with every header.
+    let auth = token("alice");
+    let browser = request(&[
+        ("host", "chat.acme.example"),
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-version", "13"),
+        ("origin", "https://app.acme.example"),
+        ("authorization", &auth),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36",
+        ),
+        ("accept-language", "en-GB,en;q=0.9"),
+        ("cookie", "session=4f2a9c1e8b7d; theme=dark"),
+    ]);
+    println!(
+        "reused instance, trivial Rust plugin, 10-header request: {}",
+        per_call(&trivial, &browser, 10_000).await
+    );
+    println!(
+        "reused instance, trivial Rust plugin, no headers: {}",
+        per_call(&trivial, &request(&[]), 10_000).await
+    );
     let one = Chain::new(vec![
         load(&host, &spec("origin-allowlist", origin.clone())).await,
     ]);
@@ -521,6 +592,10 @@ async fn measure() {
     println!(
         "reused instances, 4-plugin chain: {}",
         per_call(&four, &req, 2_000).await
+    );
+    println!(
+        "reused instances, 4-plugin chain, 10-header request: {}",
+        per_call(&four, &browser, 2_000).await
     );
     // Again, warm: the first measurement of a process runs slower here.
     println!(

@@ -9,11 +9,27 @@
 //! assert_eq!(sluice_plugin_sdk::host::now_secs(), 1_700_000_000);
 //! ```
 
-use crate::{CloseInfo, CloseReason, Config, Header, Plugin, Request, RequestKind, TlsInfo};
+use crate::{
+    CloseInfo, CloseReason, Config, Decision, Header, Plugin, Request, RequestKind, TlsInfo,
+};
 
 /// Run a plugin's `init` with a JSON config, as the gateway does at load.
 pub fn init<P: Plugin>(config_json: &str) -> Result<P, String> {
     P::init(Config::new(config_json))
+}
+
+/// Run a plugin's `on_request` as the gateway does: with only the headers
+/// its [`Plugin::request_headers`] names (all of them for `None`).
+pub fn on_request<P: Plugin>(plugin: &P, req: &Request) -> Decision {
+    match plugin.request_headers() {
+        None => plugin.on_request(req),
+        Some(wanted) => {
+            let mut seen = req.clone();
+            seen.headers
+                .retain(|h| wanted.iter().any(|w| w.eq_ignore_ascii_case(&h.name)));
+            plugin.on_request(&seen)
+        }
+    }
 }
 
 /// Start a request: `GET ws://example.com/`, a WebSocket upgrade on route
@@ -233,6 +249,41 @@ mod tests {
         assert_eq!(host::counter_add("other", 0, w), 0);
         set_now_ms(11_000);
         assert_eq!(host::counter_add("k", 1, w), 1);
+    }
+
+    #[test]
+    fn on_request_hides_headers_the_plugin_does_not_read() {
+        struct Echo(Option<Vec<String>>);
+        impl Plugin for Echo {
+            fn init(_: Config) -> Result<Self, String> {
+                Ok(Echo(None))
+            }
+            fn request_headers(&self) -> Option<Vec<String>> {
+                self.0.clone()
+            }
+            fn on_request(&self, req: &Request) -> Decision {
+                let names: Vec<&str> = req.headers.iter().map(|h| h.name.as_str()).collect();
+                Decision::allow().set_header("x-saw", &names.join(","))
+            }
+        }
+        let req = request()
+            .header("Origin", "https://a.example")
+            .header("cookie", "a=1")
+            .header("origin", "https://b.example")
+            .build();
+        let saw = |p: &Echo| {
+            on_request(p, &req)
+                .upstream_header("x-saw")
+                .map(str::to_owned)
+        };
+        assert_eq!(saw(&Echo(None)).as_deref(), Some("origin,cookie,origin"));
+        let origin_only = Echo(Some(vec!["ORIGIN".into()]));
+        assert_eq!(saw(&origin_only).as_deref(), Some("origin,origin"));
+        assert_eq!(saw(&Echo(Some(Vec::new()))).as_deref(), Some(""));
+        assert_eq!(
+            crate::interest(&origin_only).headers,
+            Some(vec!["ORIGIN".to_owned()])
+        );
     }
 
     #[test]

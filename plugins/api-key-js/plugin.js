@@ -25,9 +25,11 @@ export function init(config) {
   keys = new Map(Object.entries(c.keys));
   header = String(c.header ?? 'x-api-key').toLowerCase();
   limit = BigInt(c.rate_limit_per_minute ?? 0);
-  // `hooks` flags: an object of booleans. No `on-close` wanted, so the
-  // gateway never calls onClose.
-  return { onClose: false };
+  // The `interest` record: `hooks` flags are an object of booleans (no
+  // `on-close` wanted, so the gateway never calls onClose), and `headers`
+  // names the one request header onRequest reads: the gateway copies in
+  // only that one.
+  return { hooks: { onClose: false }, headers: [header] };
 }
 
 const deny = (status, body, headers = []) => ({ tag: 'deny', val: { status, headers, body } });

@@ -51,7 +51,18 @@ impl Chain {
         }
         let mut view = Request::from(req);
         for plugin in &self.plugins {
-            match plugin.pool.on_request(&view).await {
+            let decision = match plugin.headers() {
+                None => plugin.pool.on_request(&view).await,
+                Some(wanted) => {
+                    // Only the headers it reads are lowered into the plugin; the others
+                    // wait aside (each costs a guest allocation and a copy per call).
+                    let all = narrow(&mut view, wanted);
+                    let decision = plugin.pool.on_request(&view).await;
+                    view.headers = all;
+                    decision
+                }
+            };
+            match decision {
                 Ok(Decision::Continue(m)) => bindings::accumulate(m, &mut view, &mut acc),
                 Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name()),
                 Err(fault) => {
@@ -78,6 +89,18 @@ impl Chain {
             }
         }
     }
+}
+
+/// Leaves in `view` only the headers named in `wanted` (lower-case, as the view's
+/// names are), in order; returns the whole list to put back afterwards.
+fn narrow(view: &mut Request, wanted: &[String]) -> Vec<bindings::wit::Header> {
+    let seen = view
+        .headers
+        .iter()
+        .filter(|h| wanted.contains(&h.name))
+        .cloned()
+        .collect();
+    std::mem::replace(&mut view.headers, seen)
 }
 
 fn report(plugin: &Plugin, hook: &str, fault: &Fault) {

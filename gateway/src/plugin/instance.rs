@@ -243,12 +243,12 @@ impl Pool {
     }
 
     /// Create and initialise the first instance (at load: this is where a bad
-    /// config, a slow init or a too-small memory cap shows up). Returns
-    /// whether the plugin asked for `on-close` (its `init` result).
-    pub(super) async fn warm_up(&self) -> Result<bool, Fault> {
-        let (instance, hooks) = self.instantiate().await?;
+    /// config, a slow init or a too-small memory cap shows up). Returns what
+    /// the plugin asked for in `init`: its hooks and the headers it reads.
+    pub(super) async fn warm_up(&self) -> Result<wit::Interest, Fault> {
+        let (instance, interest) = self.instantiate().await?;
         self.checkin(instance);
-        Ok(hooks.contains(wit::Hooks::ON_CLOSE))
+        Ok(interest)
     }
 
     /// Call `on-request`.
@@ -363,9 +363,9 @@ impl Pool {
     }
 
     /// Instantiate from the `InstancePre` and run `init` with the config,
-    /// both under the CPU deadline and memory cap; also returns the hooks
-    /// `init` asked for.
-    async fn instantiate(&self) -> Result<(Instance, wit::Hooks), Fault> {
+    /// both under the CPU deadline and memory cap; also returns what `init`
+    /// asked for.
+    async fn instantiate(&self) -> Result<(Instance, wit::Interest), Fault> {
         self.stats.instances_created.fetch_add(1, Ordering::Relaxed);
         let state = State {
             // No preopened dirs, env, args, network or stdio: a plugin gets
@@ -405,7 +405,7 @@ impl Pool {
         };
         arm(&mut store, self.budget_ticks);
         match plugin.call_init(&mut store, &self.config_json).await {
-            Ok(Ok(hooks)) => Ok((Instance { store, plugin }, hooks)),
+            Ok(Ok(interest)) => Ok((Instance { store, plugin }, interest)),
             Ok(Err(reason)) => Err(Fault::InitRefused(reason)),
             Err(err) => Err(start_fault(self.classify(&store, &err))),
         }

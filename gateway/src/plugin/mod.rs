@@ -7,7 +7,9 @@
 //!   └─ load(&PluginSpec)       read → compile once → InstancePre → instantiate + init
 //!        └─ Plugin             bounded pool of initialised, reused instances
 //! Chain::new(vec![plugin…])
-//!   ├─ on_request(&RequestInfo) → ChainDecision   first deny wins, mutations accumulate
+//!   ├─ on_request(&RequestInfo) → ChainDecision   first deny wins, mutations accumulate;
+//!   │                                             each plugin is shown only the headers
+//!   │                                             its init named (Plugin::headers)
 //!   ├─ wants_close()                              any plugin asked for on-close in init?
 //!   └─ on_close(&CloseInfo)                       only the plugins that asked
 //! ```
@@ -310,7 +312,7 @@ impl PluginHost {
             spec.config_json.clone(),
             self.options.tick,
         );
-        let wants_close = pool.warm_up().await.map_err(|fault| match fault {
+        let interest = pool.warm_up().await.map_err(|fault| match fault {
             Fault::InitRefused(reason) => PluginError::Init {
                 plugin: plugin.clone(),
                 reason,
@@ -322,7 +324,13 @@ impl PluginHost {
         })?;
         Ok(Plugin {
             pool: Arc::new(pool),
-            wants_close,
+            wants_close: interest.hooks.contains(bindings::wit::Hooks::ON_CLOSE),
+            headers: interest.headers.map(|names| {
+                names
+                    .into_iter()
+                    .map(|name| name.to_ascii_lowercase())
+                    .collect()
+            }),
         })
     }
 
@@ -406,6 +414,9 @@ pub struct Plugin {
     pool: Arc<Pool>,
     /// `init` asked for `on-close` (the `hooks` flags of the first instance).
     wants_close: bool,
+    /// The request headers `init` said `on-request` reads (lower-case);
+    /// `None`: all of them.
+    headers: Option<Arc<[String]>>,
 }
 
 impl Plugin {
@@ -423,6 +434,12 @@ impl Plugin {
     /// [`Chain::on_close`] calls only plugins that did.
     pub fn wants_close(&self) -> bool {
         self.wants_close
+    }
+
+    /// The request headers the plugin reads (lower-case), as `init` named
+    /// them; `None`: all. [`Chain::on_request`] hands it only these.
+    pub fn headers(&self) -> Option<&[String]> {
+        self.headers.as_deref()
     }
 
     /// Counters since load.

@@ -107,6 +107,10 @@ impl Plugin for JwtAuth {
         })
     }
 
+    fn request_headers(&self) -> Option<Vec<String>> {
+        Some(self.sources.headers().collect())
+    }
+
     fn on_request(&self, req: &Request) -> Decision {
         let Some((token, from)) = self.sources.find(req) else {
             return unauthorized("missing token", "invalid_request");
@@ -155,7 +159,7 @@ export!(JwtAuth);
 mod tests {
     use serde_json::json;
     use sluice_jwt::mint;
-    use sluice_plugin_sdk::testing::{init, request, set_now_ms};
+    use sluice_plugin_sdk::testing::{init, on_request, request, set_now_ms};
 
     use super::*;
 
@@ -185,7 +189,7 @@ mod tests {
             .header("authorization", &format!("Bearer {token}"))
             .header("x-user", "spoofed")
             .build();
-        let d = p.on_request(&req);
+        let d = on_request(&p, &req);
         assert_eq!(d.upstream_header("x-user"), Some("alice"));
         assert_eq!(d.upstream_header("x-tenant"), Some("acme"));
     }
@@ -197,7 +201,7 @@ mod tests {
         let req = request()
             .header("sec-websocket-protocol", &format!("chat, bearer.{token}"))
             .build();
-        let d = p.on_request(&req);
+        let d = on_request(&p, &req);
         assert!(!d.is_deny(), "{d:?}");
         assert_eq!(d.upstream_header("sec-websocket-protocol"), Some("chat"));
     }
@@ -208,7 +212,10 @@ mod tests {
         let mut c = claims();
         c.as_object_mut().unwrap().remove("tenant");
         let token = mint::hs256(&c, SECRET.as_bytes());
-        let d = p.on_request(&request().path(&format!("/ws?access_token={token}")).build());
+        let d = on_request(
+            &p,
+            &request().path(&format!("/ws?access_token={token}")).build(),
+        );
         assert!(!d.is_deny());
         let ops = &d.mutations().unwrap().headers;
         assert!(ops.contains(&sluice_plugin_sdk::HeaderOp::Remove("x-tenant".into())));
@@ -217,7 +224,7 @@ mod tests {
     #[test]
     fn refusals_are_401_with_reason() {
         let p = plugin();
-        let missing = p.on_request(&request().build());
+        let missing = on_request(&p, &request().build());
         assert_eq!(missing.status(), Some(401));
         assert!(
             missing
@@ -228,7 +235,8 @@ mod tests {
         let mut c = claims();
         c["exp"] = json!(900);
         let expired = mint::hs256(&c, SECRET.as_bytes());
-        let d = p.on_request(
+        let d = on_request(
+            &p,
             &request()
                 .header("authorization", &format!("Bearer {expired}"))
                 .build(),
@@ -240,7 +248,8 @@ mod tests {
                 .contains("expired")
         );
         let wrong_key = mint::hs256(&claims(), b"another-secret-of-16");
-        let d = p.on_request(
+        let d = on_request(
+            &p,
             &request()
                 .header("authorization", &format!("Bearer {wrong_key}"))
                 .build(),

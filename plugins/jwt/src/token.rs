@@ -41,6 +41,12 @@ pub enum TokenFrom {
 }
 
 impl TokenSources {
+    /// The request headers [`TokenSources::find`] reads (the subprotocols
+    /// and the query are fields of their own).
+    pub fn headers(&self) -> impl Iterator<Item = String> {
+        self.header.then(|| "authorization".to_owned()).into_iter()
+    }
+
     /// The first token present, and where it was.
     pub fn find<'r>(&self, req: &'r Request) -> Option<(Cow<'r, str>, TokenFrom)> {
         if self.header

@@ -76,6 +76,21 @@ impl Plugin for StickyKey {
         Ok(this)
     }
 
+    /// Only the headers the sources read: a named header, `cookie`, or the
+    /// token's `authorization`.
+    fn request_headers(&self) -> Option<Vec<String>> {
+        let mut names = Vec::new();
+        for source in &self.sources {
+            match source {
+                Source::Cookie(_) => names.push("cookie".to_owned()),
+                Source::Header(name) => names.push(name.clone()),
+                Source::Query(_) => {}
+                Source::JwtClaim(_) => names.extend(self.token.headers()),
+            }
+        }
+        Some(names)
+    }
+
     fn on_request(&self, req: &Request) -> Decision {
         let key = self.key(req).or_else(|| match self.fallback {
             Fallback::ClientIp => {
@@ -97,12 +112,12 @@ export!(StickyKey);
 mod tests {
     use serde_json::json;
     use sluice_jwt::mint;
-    use sluice_plugin_sdk::testing::{init, request};
+    use sluice_plugin_sdk::testing::{init, on_request, request};
 
     use super::*;
 
     fn key_of(p: &StickyKey, req: Request) -> Option<String> {
-        p.on_request(&req).mutations().unwrap().sticky_key.clone()
+        on_request(p, &req).mutations().unwrap().sticky_key.clone()
     }
 
     #[test]

@@ -91,6 +91,11 @@ impl Plugin for TenantRouter {
         Ok(this)
     }
 
+    /// Only the headers the rules look at.
+    fn request_headers(&self) -> Option<Vec<String>> {
+        Some(self.rules.iter().filter_map(|r| r.header.clone()).collect())
+    }
+
     fn on_request(&self, req: &Request) -> Decision {
         let matched = match self.rules.iter().find(|r| r.matches(req)) {
             Some(rule) => Some((&rule.tenant, &rule.pool)),
@@ -115,7 +120,7 @@ export!(TenantRouter);
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use sluice_plugin_sdk::testing::{init, request};
+    use sluice_plugin_sdk::testing::{init, on_request, request};
 
     use super::*;
 
@@ -132,7 +137,7 @@ mod tests {
     }
 
     fn route(p: &TenantRouter, req: Request) -> (Option<String>, Option<String>) {
-        let d = p.on_request(&req);
+        let d = on_request(p, &req);
         let m = d.mutations().expect("allowed");
         assert_eq!(d.upstream_header("x-sluice-tenant"), m.tenant.as_deref());
         (m.tenant.clone(), m.pool.clone())
@@ -162,7 +167,7 @@ mod tests {
     #[test]
     fn unmatched_without_default_is_404() {
         assert_eq!(
-            plugin(false).on_request(&request().build()).status(),
+            on_request(&plugin(false), &request().build()).status(),
             Some(404)
         );
     }
