@@ -68,6 +68,22 @@
 //! lifting and validating the decision; the guest's own share is the SDK
 //! and plugin code.
 //!
+//! **Headers are lowered only into the plugins that read them.** Every
+//! string of the request record is one guest `cabi_realloc` (a wasm call)
+//! plus a copy, for every plugin of the chain, so a request's headers cost
+//! each plugin ≈ 0.34 µs apiece: a trivial plugin took 3.5 µs with no
+//! headers and 6.9 µs with a browser-like upgrade of ten. `init` therefore
+//! names the headers `on-request` reads (`interest.headers`; every shipped
+//! plugin does) and [`Chain::on_request`] shows each plugin only those.
+//! Measured on a quieter machine of the same kind (fastest runs), the
+//! 4-plugin chain on the ten-header request went from 22.4 µs (median
+//! 34.9) to 14.7 µs (median 15.6) — the same as on a two-header request;
+//! end to end (`sluice-bench`, `sluice-4p` against `sluice`, old and new
+//! builds alternating, 6 runs each) the chain's added CPU per upgrade went
+//! from +63 to +43 µs. In the gateway the chain costs about twice what it
+//! costs in this loop: the caches are cold between upgrades and the longer
+//! user-space burst costs more involuntary context switches.
+//!
 //! To see guest functions in `perf report`, start the gateway with
 //! `SLUICE_WASM_PERFMAP=1`: wasmtime then writes `/tmp/perf-PID.map`.
 //!
