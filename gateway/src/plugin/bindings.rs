@@ -113,16 +113,19 @@ pub(super) fn validate(decision: &Decision) -> Result<(), String> {
 }
 
 /// Apply a plugin's `continue` to the request the next plugin sees (headers
-/// and tenant), and fold it into the chain's accumulated mutations.
+/// and tenant), and fold it into the chain's accumulated mutations. Names are
+/// lower-cased, as the request's own are, whatever case the plugin used.
 pub(super) fn accumulate(m: wit::Mutations, req: &mut Request, acc: &mut Mutations) {
     for op in m.headers {
         let op = match op {
-            wit::HeaderOp::Set(h) => {
+            wit::HeaderOp::Set(mut h) => {
+                h.name.make_ascii_lowercase();
                 req.headers.retain(|x| x.name != h.name);
                 req.headers.push(h.clone());
                 HeaderOp::Set(h.name, h.value)
             }
-            wit::HeaderOp::Append(h) => {
+            wit::HeaderOp::Append(mut h) => {
+                h.name.make_ascii_lowercase();
                 req.headers.push(h.clone());
                 HeaderOp::Append(h.name, h.value)
             }
@@ -161,4 +164,61 @@ pub(super) fn denial(d: wit::Denial, plugin: &str) -> ChainDecision {
         plugin: plugin.to_owned(),
         fault: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(name: &str, value: &str) -> wit::Header {
+        wit::Header {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn accumulated_header_names_are_lower_case() {
+        let mut req = Request::from(&RequestInfo {
+            kind: RequestKind::WebSocket,
+            method: "GET".into(),
+            scheme: "http".into(),
+            authority: "a.example".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![("X-User".into(), "spoofed".into())],
+            client_addr: "127.0.0.1:1".parse().unwrap(),
+            tls: None,
+            route: "r".into(),
+            tenant: None,
+            subprotocols: Vec::new(),
+        });
+        let m = wit::Mutations {
+            headers: vec![
+                wit::HeaderOp::Set(header("X-User", "alice")),
+                wit::HeaderOp::Append(header("X-Tag", "a")),
+            ],
+            pool: None,
+            tenant: None,
+            sticky_key: None,
+            subprotocol: None,
+            log_fields: Vec::new(),
+        };
+        let mut acc = Mutations::default();
+        accumulate(m, &mut req, &mut acc);
+        // The client's `X-User` is replaced, not kept beside the plugin's.
+        let seen: Vec<(&str, &str)> = req
+            .headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_str()))
+            .collect();
+        assert_eq!(seen, [("x-user", "alice"), ("x-tag", "a")]);
+        assert_eq!(
+            acc.headers,
+            [
+                HeaderOp::Set("x-user".into(), "alice".into()),
+                HeaderOp::Append("x-tag".into(), "a".into())
+            ]
+        );
+    }
 }
