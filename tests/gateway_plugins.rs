@@ -326,6 +326,11 @@ async fn origin_allowlist_admits_listed_origins_and_refuses_others() {
         "refused handshakes reached the backend"
     );
     access_with_tags(&gateway, "/ws", |t| t == "denied_by=origin").await;
+    // The plugin's own field on a refusal reaches the access log too.
+    access_with_tags(&gateway, "/ws", |t| {
+        t == "denied_by=origin denied_origin=https://evil.example.com"
+    })
+    .await;
 }
 
 /// jwt-auth accepts HS256 from `Authorization`, RS256 from a subprotocol entry and ES256
@@ -857,7 +862,10 @@ async fn example_chain_admits_routes_and_refuses() {
     )
     .await;
     assert_eq!(upgrades(), before, "a refused handshake reached a backend");
-    access_with_tags(&gateway, "/ws", |t| t == "denied_by=origin").await;
+    access_with_tags(&gateway, "/ws", |t| {
+        t == "denied_by=origin denied_origin=https://evil.example.net"
+    })
+    .await;
     access_with_tags(&gateway, "/ws", |t| {
         t.contains("tenant=acme") && t.contains("jwt_sub=alice")
     })

@@ -278,6 +278,42 @@ async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
 }
 
 #[tokio::test]
+async fn a_refusal_keeps_the_log_fields_of_the_plugins_before_it_and_its_own() {
+    let host = PluginHost::new().unwrap();
+    let chain = Chain::new(vec![
+        load(&host, &spec("jwt-auth", jwt_config())).await,
+        load(
+            &host,
+            &spec(
+                "origin-allowlist",
+                json!({"allowed": ["https://*.acme.example"]}),
+            ),
+        )
+        .await,
+    ]);
+    let req = request(&[
+        ("origin", "https://evil.example"),
+        ("authorization", &token("alice")),
+    ]);
+    match chain.on_request(&req).await {
+        ChainDecision::Deny(d) => {
+            assert_eq!((d.status, d.plugin.as_str()), (403, "origin-allowlist"));
+            assert_eq!(
+                d.log_fields,
+                [
+                    ("jwt_sub".to_owned(), "alice".to_owned()),
+                    (
+                        "denied_origin".to_owned(),
+                        "https://evil.example".to_owned()
+                    ),
+                ]
+            );
+        }
+        ChainDecision::Continue(m) => panic!("expected deny, got {m:?}"),
+    }
+}
+
+#[tokio::test]
 async fn javascript_plugin_runs_against_the_same_wit() {
     let host = PluginHost::new().unwrap();
     let config = json!({"keys": {"k-123": "alice"}, "rate_limit_per_minute": 2});

@@ -69,6 +69,7 @@ pub async fn decide<B>(
                     status: 503,
                     headers: Vec::new(),
                     body: "service unavailable: policy chose an unknown pool\n".into(),
+                    log_fields: m.log_fields,
                     // Logged as `denied_by=pool:NAME`: the chain's choice was refused.
                     plugin: format!("pool:{name}"),
                     fault: None,
@@ -82,13 +83,22 @@ pub async fn decide<B>(
     if m.tenant.is_some() {
         verdict.tenant = m.tenant;
     }
-    verdict.tags = m
-        .log_fields
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    verdict.tags = tags(m.log_fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     Ok(verdict)
+}
+
+/// Access-log fields as the `tags` value: `key=value` pairs joined by spaces.
+pub fn tags<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = String::new();
+    for (k, v) in fields {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+    }
+    out
 }
 
 /// Applies the verdict's header changes to an upstream request head. Hop-by-hop headers

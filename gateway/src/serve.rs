@@ -389,7 +389,12 @@ struct Plan {
 fn deny(mut rec: Record, denial: Denial) -> Response<ResponseBody> {
     let status = StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN);
     if !denial.plugin.is_empty() {
-        rec.tags = format!("denied_by={}", denial.plugin);
+        let fields = denial
+            .log_fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        rec.tags =
+            policy::tags(std::iter::once(("denied_by", denial.plugin.as_str())).chain(fields));
     }
     let mut resp = respond(rec, status, &denial.body, &[]);
     for (name, value) in &denial.headers {

@@ -41,6 +41,7 @@ impl Decision {
             status,
             headers: Vec::new(),
             body: body.into(),
+            log_fields: Vec::new(),
         })
     }
 
@@ -94,9 +95,14 @@ impl Decision {
         self.with_mutations(|m| m.subprotocol = Some(protocol.into()))
     }
 
-    /// Add a field to the access-log line. No effect on `deny`.
-    pub fn log_field(self, name: &str, value: &str) -> Self {
-        self.with_mutations(|m| m.log_fields.push(header(name, value)))
+    /// Add a field to the access-log line (of an admitted or a refused
+    /// request).
+    pub fn log_field(mut self, name: &str, value: &str) -> Self {
+        match &mut self {
+            Decision::Continue(m) => m.log_fields.push(header(name, value)),
+            Decision::Deny(d) => d.log_fields.push(header(name, value)),
+        }
+        self
     }
 
     fn with_mutations(mut self, f: impl FnOnce(&mut Mutations)) -> Self {
@@ -194,8 +200,19 @@ mod tests {
             .append_header("x-a", "1")
             .remove_header("x-a")
             .pool("ignored")
-            .sticky_key("ignored");
+            .sticky_key("ignored")
+            .log_field("Denied_Origin", "https://evil.example");
         assert!(d.is_deny());
+        match &d {
+            Decision::Deny(denial) => assert_eq!(
+                denial.log_fields,
+                [Header {
+                    name: "denied_origin".into(),
+                    value: "https://evil.example".into()
+                }]
+            ),
+            Decision::Continue(_) => unreachable!(),
+        }
         assert_eq!(d.status(), Some(401));
         assert_eq!(d.response_header("www-authenticate"), Some("Basic"));
         assert_eq!(d.response_header("x-a"), None);

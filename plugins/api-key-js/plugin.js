@@ -32,7 +32,10 @@ export function init(config) {
   return { hooks: { onClose: false }, headers: [header] };
 }
 
-const deny = (status, body, headers = []) => ({ tag: 'deny', val: { status, headers, body } });
+const deny = (status, body, headers = []) => ({
+  tag: 'deny',
+  val: { status, headers, body, logFields: [] },
+});
 
 export function onRequest(req) {
   const sent = req.headers.find((h) => h.name === header);

@@ -108,7 +108,11 @@ pub(super) fn validate(decision: &Decision) -> Result<(), String> {
         Decision::Deny(d) if !(300..=599).contains(&d.status) => {
             Err(format!("deny status {} is not 300-599", d.status))
         }
-        Decision::Deny(d) => d.headers.iter().try_for_each(valid_header),
+        Decision::Deny(d) => d
+            .headers
+            .iter()
+            .chain(&d.log_fields)
+            .try_for_each(valid_header),
     }
 }
 
@@ -155,12 +159,16 @@ pub(super) fn accumulate(m: wit::Mutations, req: &mut Request, acc: &mut Mutatio
         .extend(m.log_fields.into_iter().map(|h| (h.name, h.value)));
 }
 
-/// A plugin's `deny`, as the gateway's type.
-pub(super) fn denial(d: wit::Denial, plugin: &str) -> ChainDecision {
+/// A plugin's `deny`, as the gateway's type, keeping the log fields the plugins
+/// before it added (`earlier`).
+pub(super) fn denial(d: wit::Denial, plugin: &str, earlier: Mutations) -> ChainDecision {
+    let mut log_fields = earlier.log_fields;
+    log_fields.extend(d.log_fields.into_iter().map(|h| (h.name, h.value)));
     ChainDecision::Deny(Denial {
         status: d.status,
         headers: d.headers.into_iter().map(|h| (h.name, h.value)).collect(),
         body: d.body,
+        log_fields,
         plugin: plugin.to_owned(),
         fault: None,
     })

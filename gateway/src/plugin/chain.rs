@@ -64,11 +64,11 @@ impl Chain {
             };
             match decision {
                 Ok(Decision::Continue(m)) => bindings::accumulate(m, &mut view, &mut acc),
-                Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name()),
+                Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name(), acc),
                 Err(fault) => {
                     report(plugin, "on-request", &fault);
                     if !plugin.fail_open() {
-                        return fail_closed(plugin, fault);
+                        return fail_closed(plugin, fault, acc);
                     }
                 }
             }
@@ -113,11 +113,13 @@ fn report(plugin: &Plugin, hook: &str, fault: &Fault) {
     );
 }
 
-fn fail_closed(plugin: &Plugin, fault: Fault) -> ChainDecision {
+/// The 503 for a fail-closed plugin's fault; the log keeps the earlier plugins' fields.
+fn fail_closed(plugin: &Plugin, fault: Fault, earlier: Mutations) -> ChainDecision {
     ChainDecision::Deny(Denial {
         status: FAULT_STATUS,
         headers: vec![("retry-after".into(), "1".into())],
         body: "service unavailable: policy check failed\n".into(),
+        log_fields: earlier.log_fields,
         plugin: plugin.name().to_owned(),
         fault: Some(fault),
     })

@@ -132,6 +132,9 @@ pub struct Denial {
     pub headers: Vec<(String, String)>,
     /// Plain-text body.
     pub body: String,
+    /// Access-log fields: those of the plugins before it, then the denying
+    /// plugin's own (validated).
+    pub log_fields: Vec<(String, String)>,
     /// Name of the plugin that denied or faulted.
     pub plugin: String,
     /// Set when the denial comes from a plugin fault (fail-closed), not a decision.
