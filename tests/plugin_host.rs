@@ -97,6 +97,14 @@ fn denied(decision: &ChainDecision) -> (u16, &str, Option<&Fault>) {
     }
 }
 
+/// origin-allowlist admitting `https://*.acme.example`.
+fn acme_origins() -> PluginSpec {
+    spec(
+        "origin-allowlist",
+        json!({"allowed": ["https://*.acme.example"]}),
+    )
+}
+
 /// jwt-auth with the test secret, forwarding `sub` and `tenant` as `x-user` and `x-tenant`.
 fn jwt_config() -> serde_json::Value {
     json!({"keys": [{"alg": "HS256", "secret": SECRET}],
@@ -106,10 +114,7 @@ fn jwt_config() -> serde_json::Value {
 /// origin-allowlist → jwt-auth → tenant-router → sticky-key, as in examples/.
 async fn full_chain(host: &PluginHost) -> Chain {
     let specs = [
-        spec(
-            "origin-allowlist",
-            json!({"allowed": ["https://*.acme.example"]}),
-        ),
+        acme_origins(),
         spec("jwt-auth", jwt_config()),
         spec(
             "tenant-router",
@@ -282,14 +287,7 @@ async fn a_refusal_keeps_the_log_fields_of_the_plugins_before_it_and_its_own() {
     let host = PluginHost::new().unwrap();
     let chain = Chain::new(vec![
         load(&host, &spec("jwt-auth", jwt_config())).await,
-        load(
-            &host,
-            &spec(
-                "origin-allowlist",
-                json!({"allowed": ["https://*.acme.example"]}),
-            ),
-        )
-        .await,
+        load(&host, &acme_origins()).await,
     ]);
     let req = request(&[
         ("origin", "https://evil.example"),
@@ -463,16 +461,7 @@ async fn slow_init_fails_the_load_within_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_plugins_fail_per_mode_while_good_traffic_flows() {
     let host = PluginHost::new().unwrap();
-    let good = Chain::new(vec![
-        load(
-            &host,
-            &spec(
-                "origin-allowlist",
-                json!({"allowed": ["https://*.acme.example"]}),
-            ),
-        )
-        .await,
-    ]);
+    let good = Chain::new(vec![load(&host, &acme_origins()).await]);
     let cases = [
         (hostile("loop", "loop", false), Some("CPU deadline")),
         (hostile("memory-bomb", "memory", false), Some("memory cap")),
