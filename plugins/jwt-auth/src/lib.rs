@@ -20,15 +20,25 @@
 //!   "leeway_secs": 30,
 //!   "require_exp": true,
 //!   "sources": {"header": true, "protocol_prefix": "bearer.", "query_param": "access_token"},
-//!   "forward_claims": {"sub": "x-user", "tenant": "x-tenant"}
+//!   "forward_claims": {"sub": "x-user", "tenant": "x-tenant"},
+//!   "cache_size": 256
 //! }
 //! ```
+//!
+//! Each instance remembers up to about `cache_size` tokens it has verified
+//! (default 256; 0 turns the cache off), so a client that reconnects with the
+//! same token skips the signature check. `exp` and `nbf` are checked again on
+//! every use, so a cached token expires on time; a config reload starts with an
+//! empty cache, so a key taken out of the config stops admitting its tokens.
+
+mod cache;
 
 use std::collections::BTreeMap;
 
+use cache::{Cache, Verified};
 use serde::Deserialize;
 use sluice_jwt::token::{TokenFrom, TokenSources};
-use sluice_jwt::{Key, Validation, claim_str, verify};
+use sluice_jwt::{Key, Validation, check_times, claim_str, time_claim, verify};
 use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export, host};
 
 /// One verification key as written in the config.
@@ -58,6 +68,18 @@ struct RawConfig {
     /// claim → upstream header.
     #[serde(default)]
     forward_claims: BTreeMap<String, String>,
+    /// Verified tokens remembered per instance.
+    #[serde(default = "default_cache_size")]
+    cache_size: usize,
+}
+
+/// Tokens remembered per instance unless the config says otherwise.
+const DEFAULT_CACHE_SIZE: usize = 256;
+/// Most tokens one instance may remember.
+const MAX_CACHE_SIZE: usize = 1 << 16;
+
+fn default_cache_size() -> usize {
+    DEFAULT_CACHE_SIZE
 }
 
 fn default_leeway() -> u64 {
@@ -74,6 +96,7 @@ pub struct JwtAuth {
     validation: Validation,
     sources: TokenSources,
     forward_claims: BTreeMap<String, String>,
+    cache: Cache,
 }
 
 impl Plugin for JwtAuth {
@@ -81,6 +104,9 @@ impl Plugin for JwtAuth {
         let raw: RawConfig = config.parse()?;
         if raw.keys.is_empty() {
             return Err("`keys` must list at least one key".into());
+        }
+        if raw.cache_size > MAX_CACHE_SIZE {
+            return Err(format!("`cache_size` must be at most {MAX_CACHE_SIZE}"));
         }
         let keys = raw
             .keys
@@ -104,6 +130,7 @@ impl Plugin for JwtAuth {
             },
             sources: raw.sources,
             forward_claims: raw.forward_claims,
+            cache: Cache::new(raw.cache_size),
         })
     }
 
@@ -115,15 +142,42 @@ impl Plugin for JwtAuth {
         let Some((token, from)) = self.sources.find(req) else {
             return unauthorized("missing token", "invalid_request");
         };
-        let claims = match verify(&token, &self.keys, &self.validation, host::now_secs()) {
-            Ok(claims) => claims,
-            Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
+        let now = host::now_secs();
+        let verified = match self.cache.get(&token) {
+            Some(hit) => match check_times(hit.exp, hit.nbf, &self.validation, now) {
+                Ok(()) => hit,
+                Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
+            },
+            None => match verify(&token, &self.keys, &self.validation, now) {
+                Ok(claims) => {
+                    let verified = Verified {
+                        exp: time_claim(&claims, "exp"),
+                        nbf: time_claim(&claims, "nbf"),
+                        forwarded: self
+                            .forward_claims
+                            .keys()
+                            .map(|claim| claim_str(&claims, claim))
+                            .collect(),
+                        sub: claim_str(&claims, "sub"),
+                    };
+                    self.cache.put(&token, verified.clone());
+                    verified.into()
+                }
+                Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
+            },
         };
+        self.admit(&verified, from, req)
+    }
+}
+
+impl JwtAuth {
+    /// The decision for a request whose token checked out.
+    fn admit(&self, verified: &Verified, from: TokenFrom, req: &Request) -> Decision {
         let mut decision = Decision::allow();
-        for (claim, header) in &self.forward_claims {
+        for (header, value) in self.forward_claims.values().zip(&verified.forwarded) {
             // Set from the token or removed, so a client cannot supply its own.
-            decision = match claim_str(&claims, claim) {
-                Some(value) => decision.set_header(header, &value),
+            decision = match value {
+                Some(value) => decision.set_header(header, value),
                 None => decision.remove_header(header),
             };
         }
@@ -139,8 +193,8 @@ impl Plugin for JwtAuth {
                 false => decision.set_header("sec-websocket-protocol", &rest.join(", ")),
             };
         }
-        match claim_str(&claims, "sub") {
-            Some(sub) => decision.log_field("jwt_sub", &sub),
+        match &verified.sub {
+            Some(sub) => decision.log_field("jwt_sub", sub),
             None => decision,
         }
     }
@@ -262,6 +316,58 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_token_gets_the_same_answer_and_still_expires() {
+        let p = plugin();
+        let token = mint::hs256(&claims(), SECRET.as_bytes());
+        let req = request()
+            .header("authorization", &format!("Bearer {token}"))
+            .build();
+        let first = on_request(&p, &req);
+        assert!(
+            p.cache.get(&token).is_some(),
+            "a verified token is remembered"
+        );
+        assert_eq!(
+            on_request(&p, &req),
+            first,
+            "a hit decides as the check did"
+        );
+        // exp 1,100 plus 30 s leeway: still fine at 1,130 s, refused at 1,131 s.
+        set_now_ms(1_130_000);
+        assert!(!on_request(&p, &req).is_deny());
+        set_now_ms(1_131_000);
+        let d = on_request(&p, &req);
+        assert_eq!(d.status(), Some(401));
+        assert!(
+            d.response_header("www-authenticate")
+                .unwrap()
+                .contains("expired")
+        );
+    }
+
+    #[test]
+    fn refused_tokens_are_not_remembered_and_the_cache_can_be_off() {
+        let p = plugin();
+        let forged = mint::hs256(&claims(), b"another-secret-of-16");
+        let req = request()
+            .header("authorization", &format!("Bearer {forged}"))
+            .build();
+        assert_eq!(on_request(&p, &req).status(), Some(401));
+        assert!(p.cache.get(&forged).is_none());
+        set_now_ms(1_000_000);
+        let off: JwtAuth = init(
+            &json!({"keys": [{"alg": "HS256", "secret": SECRET}], "cache_size": 0}).to_string(),
+        )
+        .unwrap();
+        let token = mint::hs256(&claims(), SECRET.as_bytes());
+        let req = request()
+            .header("authorization", &format!("Bearer {token}"))
+            .build();
+        assert!(!on_request(&off, &req).is_deny());
+        assert!(off.cache.get(&token).is_none());
+    }
+
+    #[test]
     fn bad_configs_are_rejected() {
         let err = |c: serde_json::Value| init::<JwtAuth>(&c.to_string()).err().unwrap();
         assert!(err(json!({"keys": []})).contains("at least one key"));
@@ -269,5 +375,7 @@ mod tests {
         assert!(err(json!({"keys": [{"alg": "RS256", "public_key_pem": "x"}]})).contains("RS256"));
         assert!(err(json!({"keys": [{"alg": "none"}]})).contains("invalid config"));
         assert!(err(json!({})).contains("missing field `keys`"));
+        let huge = json!({"keys": [{"alg": "HS256", "secret": SECRET}], "cache_size": 1 << 20});
+        assert!(err(huge).contains("cache_size"));
     }
 }

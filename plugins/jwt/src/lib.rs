@@ -254,16 +254,32 @@ pub fn verify(
     Ok(decoded.claims)
 }
 
-fn check_claims(claims: &Claims, v: &Validation, now: u64) -> Result<(), JwtError> {
-    let time = |name: &str| claims.get(name).and_then(Value::as_f64).map(|t| t as u64);
-    match time("exp") {
+/// A time claim (`exp`, `nbf`, `iat`) in whole seconds, if present and numeric.
+pub fn time_claim(claims: &Claims, name: &str) -> Option<u64> {
+    claims.get(name).and_then(Value::as_f64).map(|t| t as u64)
+}
+
+/// The `exp` and `nbf` checks of [`verify`] on their own, at time `now`
+/// (for a token verified earlier, whose time claims were kept).
+pub fn check_times(
+    exp: Option<u64>,
+    nbf: Option<u64>,
+    v: &Validation,
+    now: u64,
+) -> Result<(), JwtError> {
+    match exp {
         Some(exp) if now > exp.saturating_add(v.leeway_secs) => return Err(JwtError::Expired),
         None if v.require_exp => return Err(JwtError::Expired),
         _ => {}
     }
-    if time("nbf").is_some_and(|nbf| nbf > now.saturating_add(v.leeway_secs)) {
+    if nbf.is_some_and(|nbf| nbf > now.saturating_add(v.leeway_secs)) {
         return Err(JwtError::NotYetValid);
     }
+    Ok(())
+}
+
+fn check_claims(claims: &Claims, v: &Validation, now: u64) -> Result<(), JwtError> {
+    check_times(time_claim(claims, "exp"), time_claim(claims, "nbf"), v, now)?;
     if let Some(iss) = &v.issuer
         && claims.get("iss").and_then(Value::as_str) != Some(iss)
     {

@@ -1,0 +1,112 @@
+//! Tokens this instance has already verified, so a client that reconnects with
+//! the same token skips the signature check and the JSON parse (HS256 costs
+//! about 3.5 µs per token in wasm; RS256 and ES256 far more).
+//!
+//! Only tokens that passed every check are kept, with what the plugin needs
+//! from them: the time claims (re-checked against the clock on every hit, so
+//! a cached token still expires on time) and the claims it forwards. The full
+//! token is compared on lookup; the hash only picks the slot. The cache is a
+//! fixed number of slots, direct-mapped: a new token takes its slot over, so
+//! memory is bounded and a flood of distinct tokens only costs re-checks.
+
+use std::cell::RefCell;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::rc::Rc;
+
+/// What a verified token contributes to a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// `exp`, seconds since the epoch.
+    pub exp: Option<u64>,
+    /// `nbf`, seconds since the epoch.
+    pub nbf: Option<u64>,
+    /// The value of each forwarded claim, in the config's order (`None`: absent).
+    pub forwarded: Vec<Option<String>>,
+    /// The `sub` claim, for the access log.
+    pub sub: Option<String>,
+}
+
+/// One slot: a token and what it gave.
+type Slot = Option<(String, Rc<Verified>)>;
+
+/// A bounded map from token to [`Verified`].
+#[derive(Debug)]
+pub struct Cache {
+    slots: RefCell<Vec<Slot>>,
+}
+
+impl Cache {
+    /// Room for about `size` tokens (rounded up to a power of two); 0 caches nothing.
+    pub fn new(size: usize) -> Self {
+        let len = if size == 0 {
+            0
+        } else {
+            size.next_power_of_two()
+        };
+        Cache {
+            slots: RefCell::new(vec![None; len]),
+        }
+    }
+
+    /// The entry for exactly this token, if it is cached.
+    pub fn get(&self, token: &str) -> Option<Rc<Verified>> {
+        let slots = self.slots.borrow();
+        let (cached, verified) = slots.get(slot(token, slots.len())?)?.as_ref()?;
+        (cached == token).then(|| verified.clone())
+    }
+
+    /// Keep `verified` for `token`, in place of whatever held its slot.
+    pub fn put(&self, token: &str, verified: Verified) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(i) = slot(token, slots.len()) {
+            slots[i] = Some((token.to_owned(), Rc::new(verified)));
+        }
+    }
+}
+
+fn slot(token: &str, len: usize) -> Option<usize> {
+    if len == 0 {
+        return None;
+    }
+    let mut h = DefaultHasher::new();
+    token.hash(&mut h);
+    Some(h.finish() as usize & (len - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(sub: &str) -> Verified {
+        Verified {
+            exp: Some(10),
+            nbf: None,
+            forwarded: vec![Some(sub.into())],
+            sub: Some(sub.into()),
+        }
+    }
+
+    #[test]
+    fn hits_only_the_same_token() {
+        let cache = Cache::new(8);
+        cache.put("a.b.c", entry("alice"));
+        assert_eq!(cache.get("a.b.c").as_deref(), Some(&entry("alice")));
+        assert_eq!(cache.get("a.b.d"), None);
+    }
+
+    #[test]
+    fn is_bounded_and_zero_disables_it() {
+        let cache = Cache::new(4);
+        for i in 0..100 {
+            cache.put(&format!("t{i}"), entry("x"));
+        }
+        assert_eq!(cache.slots.borrow().len(), 4);
+        assert!(
+            cache.get("t99").is_some(),
+            "the newest token keeps its slot"
+        );
+        let off = Cache::new(0);
+        off.put("a.b.c", entry("alice"));
+        assert_eq!(off.get("a.b.c"), None);
+    }
+}
