@@ -277,9 +277,53 @@ async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
             // Only what it asked for, with jwt-auth's x-user in place of the client's.
             "origin,x-user",
             // Everything, including the headers the plugins before it set.
-            "origin,authorization,cookie,x-user,x-tenant,x-hostile,x-hostile-saw",
+            "origin,authorization,cookie,x-user,x-tenant,x-hostile,x-hostile-saw,x-hostile-fields",
         ]
     );
+}
+
+#[tokio::test]
+async fn plugins_get_only_the_fields_they_read_and_later_plugins_get_them_all_back() {
+    let host = PluginHost::new().unwrap();
+    let narrow = PluginSpec {
+        name: "narrow".into(),
+        ..spec("hostile", json!({"fields": ["path", "client-addr"]}))
+    };
+    let none = PluginSpec {
+        name: "none".into(),
+        ..spec("hostile", json!({"fields": []}))
+    };
+    let chain = Chain::new(vec![
+        load(&host, &narrow).await,
+        load(&host, &none).await,
+        load(&host, &spec("hostile", json!({}))).await,
+    ]);
+    let mut req = request(&[("origin", "https://app.acme.example")]);
+    req.tenant = Some("acme".into());
+    let given: Vec<String> = continued(chain.on_request(&req).await)
+        .headers
+        .into_iter()
+        .filter_map(|op| match op {
+            HeaderOp::Set(name, value) if name == "x-hostile-fields" => Some(value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        given,
+        [
+            "path,client-addr",
+            "",
+            // No TLS on this listener; everything else, the tenant included.
+            "method,scheme,authority,path,query,client-addr,route,tenant,subprotocols",
+        ]
+    );
+    // A field name the plugin does not know is its init error, caught at load.
+    let typo = spec("hostile", json!({"fields": ["paths"]}));
+    let err = host
+        .load(&typo)
+        .await
+        .expect_err("a bad field name is refused");
+    assert!(err.to_string().contains("unknown request field"), "{err}");
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Write Sluice gateway policy plugins in Rust.
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2` against the
-//! `sluice:plugin@0.1.0` WIT package (`wit/plugin.wit`). This crate is the only
+//! `sluice:plugin@0.2.0` WIT package (`wit/plugin.wit`). This crate is the only
 //! one a plugin author depends on: it holds the bindings, a [`Plugin`] trait
 //! whose hooks have defaults, typed accessors on [`Request`], builders on
 //! [`Decision`], the host helpers in [`host`], one [`export!`] macro, and
@@ -27,7 +27,7 @@
 //! # Example: API-key auth in twenty lines
 //!
 //! ```
-//! use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export};
+//! use sluice_plugin_sdk::{Config, Decision, Fields, Plugin, Request, export};
 //! use std::collections::HashMap;
 //!
 //! #[derive(serde::Deserialize)]
@@ -41,9 +41,13 @@
 //!         config.parse()
 //!     }
 //!
-//!     // Only this header is copied into the plugin (default: all of them).
+//!     // Only this header is copied into the plugin, and none of the other
+//!     // request fields (default: all of both).
 //!     fn request_headers(&self) -> Option<Vec<String>> {
 //!         Some(vec!["x-api-key".into()])
+//!     }
+//!     fn request_fields(&self) -> Option<Fields> {
+//!         Some(Fields::empty())
 //!     }
 //!
 //!     fn on_request(&self, req: &Request) -> Decision {
@@ -76,7 +80,7 @@
 //! }
 //!
 //! // Natively, the same logic runs under `cargo test` (and sees only the
-//! // headers it asked for, as in the gateway):
+//! // headers and fields it asked for, as in the gateway):
 //! use sluice_plugin_sdk::testing::{init, on_request, request};
 //! let auth: ApiKeyAuth = init(r#"{"keys": {"k-123": "alice"}}"#).unwrap();
 //! let ok = on_request(&auth, &request().header("x-api-key", "k-123").build());
@@ -114,7 +118,7 @@ use std::rc::Rc;
 
 pub use bindings::sluice::plugin::host::Level;
 pub use bindings::sluice::plugin::types::{
-    CloseInfo, CloseReason, Decision, Denial, Header, HeaderOp, Hooks, Interest, Mutations,
+    CloseInfo, CloseReason, Decision, Denial, Fields, Header, HeaderOp, Hooks, Interest, Mutations,
     Request, RequestKind, TlsInfo,
 };
 
@@ -161,12 +165,30 @@ pub trait Plugin: Sized + 'static {
     /// or `None` for all of them. Asked once, right after `init`; the
     /// gateway then hands `on_request` only these headers, which saves
     /// copying every other header into the plugin for every request (about
-    /// a third of a microsecond each). Fields outside `headers` (path,
-    /// query, authority, subprotocols, …) are always there. Default: all.
+    /// a third of a microsecond each). Default: all.
     ///
     /// Test with [`testing::on_request`], which hides the other headers as
     /// the gateway does.
     fn request_headers(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// The other fields of the request [`Plugin::on_request`] reads (path,
+    /// query, authority, client address, …), or `None` for all of them.
+    /// Asked once, right after `init`; a field left out arrives as `None`
+    /// (its accessor, e.g. [`Request::path`], then gives `""`), which saves
+    /// a guest allocation and a copy per field per request. `kind` and the
+    /// headers are always there. Default: all.
+    ///
+    /// ```
+    /// # use sluice_plugin_sdk::Fields;
+    /// // A plugin that reads the path and the query string.
+    /// let fields = Fields::PATH | Fields::QUERY;
+    /// # assert!(fields.contains(Fields::PATH));
+    /// ```
+    ///
+    /// [`testing::on_request`] hides the other fields as the gateway does.
+    fn request_fields(&self) -> Option<Fields> {
         None
     }
 
@@ -214,11 +236,12 @@ pub fn hooks<P: Plugin>() -> Hooks {
 }
 
 /// What `init` reports to the gateway for `plugin`: its hooks and the
-/// request headers it reads.
+/// request headers and fields it reads.
 pub fn interest<P: Plugin>(plugin: &P) -> Interest {
     Interest {
         hooks: hooks::<P>(),
         headers: plugin.request_headers(),
+        fields: plugin.request_fields(),
     }
 }
 

@@ -5,6 +5,48 @@ use std::borrow::Cow;
 use crate::{Request, RequestKind};
 
 impl Request {
+    /// The method (`GET`, …); `""` unless the plugin reads [`Fields::METHOD`](crate::Fields).
+    pub fn method(&self) -> &str {
+        self.method.as_deref().unwrap_or("")
+    }
+
+    /// `http` or `https`; `""` unless the plugin reads `Fields::SCHEME`.
+    pub fn scheme(&self) -> &str {
+        self.scheme.as_deref().unwrap_or("")
+    }
+
+    /// Host and optional port; `""` unless the plugin reads `Fields::AUTHORITY`.
+    pub fn authority(&self) -> &str {
+        self.authority.as_deref().unwrap_or("")
+    }
+
+    /// The path without the query; `""` unless the plugin reads `Fields::PATH`.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("")
+    }
+
+    /// The raw query string without `?`; `""` when absent or unless the plugin
+    /// reads `Fields::QUERY`.
+    pub fn query_string(&self) -> &str {
+        self.query.as_deref().unwrap_or("")
+    }
+
+    /// The client's `ip:port`; `""` unless the plugin reads `Fields::CLIENT_ADDR`.
+    pub fn client_addr(&self) -> &str {
+        self.client_addr.as_deref().unwrap_or("")
+    }
+
+    /// The matched route's name; `""` unless the plugin reads `Fields::ROUTE`.
+    pub fn route(&self) -> &str {
+        self.route.as_deref().unwrap_or("")
+    }
+
+    /// The subprotocols the client offered; empty unless the plugin reads
+    /// `Fields::SUBPROTOCOLS`.
+    pub fn subprotocols(&self) -> &[String] {
+        self.subprotocols.as_deref().unwrap_or(&[])
+    }
+
     /// First value of a header; `name` is matched case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -32,7 +74,7 @@ impl Request {
 
     /// First value of a query parameter, percent-decoded (`+` is a space).
     pub fn query(&self, name: &str) -> Option<Cow<'_, str>> {
-        self.query
+        self.query_string()
             .split('&')
             .filter_map(|pair| {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -53,7 +95,7 @@ impl Request {
 
     /// The host part of the authority, without port, lower-case as sent.
     pub fn host(&self) -> &str {
-        let authority = self.authority.as_str();
+        let authority = self.authority();
         if let Some(rest) = authority.strip_prefix('[') {
             // IPv6 literal: `[::1]:8080`.
             return rest.split(']').next().unwrap_or(rest);

@@ -10,7 +10,7 @@
 //! ```
 
 use crate::{
-    CloseInfo, CloseReason, Config, Decision, Header, Plugin, Request, RequestKind, TlsInfo,
+    CloseInfo, CloseReason, Config, Decision, Fields, Header, Plugin, Request, RequestKind, TlsInfo,
 };
 
 /// Run a plugin's `init` with a JSON config, as the gateway does at load.
@@ -19,16 +19,52 @@ pub fn init<P: Plugin>(config_json: &str) -> Result<P, String> {
 }
 
 /// Run a plugin's `on_request` as the gateway does: with only the headers
-/// its [`Plugin::request_headers`] names (all of them for `None`).
+/// its [`Plugin::request_headers`] names and the fields its
+/// [`Plugin::request_fields`] names (all of them for `None`).
 pub fn on_request<P: Plugin>(plugin: &P, req: &Request) -> Decision {
-    match plugin.request_headers() {
-        None => plugin.on_request(req),
-        Some(wanted) => {
-            let mut seen = req.clone();
-            seen.headers
-                .retain(|h| wanted.iter().any(|w| w.eq_ignore_ascii_case(&h.name)));
-            plugin.on_request(&seen)
-        }
+    let mut seen = req.clone();
+    if let Some(wanted) = plugin.request_headers() {
+        seen.headers
+            .retain(|h| wanted.iter().any(|w| w.eq_ignore_ascii_case(&h.name)));
+    }
+    if let Some(fields) = plugin.request_fields() {
+        hide(&mut seen, fields);
+    }
+    plugin.on_request(&seen)
+}
+
+/// Empties the fields of `req` that `fields` leaves out, as the gateway does.
+fn hide(req: &mut Request, fields: Fields) {
+    let keep = |f: Fields| fields.contains(f);
+    if !keep(Fields::METHOD) {
+        req.method = None;
+    }
+    if !keep(Fields::SCHEME) {
+        req.scheme = None;
+    }
+    if !keep(Fields::AUTHORITY) {
+        req.authority = None;
+    }
+    if !keep(Fields::PATH) {
+        req.path = None;
+    }
+    if !keep(Fields::QUERY) {
+        req.query = None;
+    }
+    if !keep(Fields::CLIENT_ADDR) {
+        req.client_addr = None;
+    }
+    if !keep(Fields::TLS) {
+        req.tls = None;
+    }
+    if !keep(Fields::ROUTE) {
+        req.route = None;
+    }
+    if !keep(Fields::TENANT) {
+        req.tenant = None;
+    }
+    if !keep(Fields::SUBPROTOCOLS) {
+        req.subprotocols = None;
     }
 }
 
@@ -37,17 +73,17 @@ pub fn on_request<P: Plugin>(plugin: &P, req: &Request) -> Decision {
 pub fn request() -> RequestBuilder {
     RequestBuilder(Request {
         kind: RequestKind::Websocket,
-        method: "GET".into(),
-        scheme: "http".into(),
-        authority: "example.com".into(),
-        path: "/".into(),
-        query: String::new(),
+        method: Some("GET".into()),
+        scheme: Some("http".into()),
+        authority: Some("example.com".into()),
+        path: Some("/".into()),
+        query: Some(String::new()),
         headers: Vec::new(),
-        client_addr: "127.0.0.1:40000".into(),
+        client_addr: Some("127.0.0.1:40000".into()),
         tls: None,
-        route: "default".into(),
+        route: Some("default".into()),
         tenant: None,
-        subprotocols: Vec::new(),
+        subprotocols: Some(Vec::new()),
     })
 }
 
@@ -64,13 +100,13 @@ impl RequestBuilder {
 
     /// Set the method.
     pub fn method(mut self, method: &str) -> Self {
-        self.0.method = method.into();
+        self.0.method = Some(method.into());
         self
     }
 
     /// Set the authority (`host[:port]`).
     pub fn authority(mut self, authority: &str) -> Self {
-        self.0.authority = authority.into();
+        self.0.authority = Some(authority.into());
         self
     }
 
@@ -79,8 +115,8 @@ impl RequestBuilder {
         let (path, query) = path_and_query
             .split_once('?')
             .unwrap_or((path_and_query, ""));
-        self.0.path = path.into();
-        self.0.query = query.into();
+        self.0.path = Some(path.into());
+        self.0.query = Some(query.into());
         self
     }
 
@@ -92,14 +128,14 @@ impl RequestBuilder {
         });
         if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             let offered = value.split(',').map(|p| p.trim().to_owned());
-            self.0.subprotocols.extend(offered);
+            self.0.subprotocols.get_or_insert_default().extend(offered);
         }
         self
     }
 
     /// Mark the request as arriving over TLS with this SNI.
     pub fn tls_sni(mut self, sni: &str) -> Self {
-        self.0.scheme = "https".into();
+        self.0.scheme = Some("https".into());
         self.0.tls = Some(TlsInfo {
             sni: Some(sni.into()),
             alpn: Some("http/1.1".into()),
@@ -110,13 +146,13 @@ impl RequestBuilder {
 
     /// Set the client address.
     pub fn client(mut self, addr: &str) -> Self {
-        self.0.client_addr = addr.into();
+        self.0.client_addr = Some(addr.into());
         self
     }
 
     /// Set the route name.
     pub fn route(mut self, route: &str) -> Self {
-        self.0.route = route.into();
+        self.0.route = Some(route.into());
         self
     }
 
@@ -302,6 +338,6 @@ mod tests {
         let req = request()
             .header("Sec-WebSocket-Protocol", "chat, bearer.abc")
             .build();
-        assert_eq!(req.subprotocols, ["chat", "bearer.abc"]);
+        assert_eq!(req.subprotocols(), ["chat", "bearer.abc"]);
     }
 }

@@ -1,12 +1,12 @@
 // `api-key-js`: API-key auth with an optional per-client rate limit, written
-// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.1.0)
+// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.2.0)
 // and built into a component by componentize-js (see build.mjs).
 //
 // Config: {"keys": {"<api key>": "<client name>"}, "header": "x-api-key",
 //          "rate_limit_per_minute": 0}
 // Missing key → 401, unknown key → 403, over the limit → 429. An admitted
 // request goes upstream without the key and with `x-client: <client name>`.
-import { counterAdd } from 'sluice:plugin/host@0.1.0';
+import { counterAdd } from 'sluice:plugin/host@0.2.0';
 
 let keys = new Map();
 let header = 'x-api-key';
@@ -26,10 +26,11 @@ export function init(config) {
   header = String(c.header ?? 'x-api-key').toLowerCase();
   limit = BigInt(c.rate_limit_per_minute ?? 0);
   // The `interest` record: `hooks` flags are an object of booleans (no
-  // `on-close` wanted, so the gateway never calls onClose), and `headers`
+  // `on-close` wanted, so the gateway never calls onClose), `headers`
   // names the one request header onRequest reads: the gateway copies in
-  // only that one.
-  return { hooks: { onClose: false }, headers: [header] };
+  // only that one, and `fields` (flags again, every one false) says it reads
+  // none of the other request fields, which then arrive as undefined.
+  return { hooks: { onClose: false }, headers: [header], fields: {} };
 }
 
 const deny = (status, body, headers = []) => ({

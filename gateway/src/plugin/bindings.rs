@@ -39,21 +39,21 @@ impl From<&RequestInfo> for Request {
     fn from(req: &RequestInfo) -> Self {
         Request {
             kind: req.kind.into(),
-            method: req.method.clone(),
-            scheme: req.scheme.clone(),
-            authority: req.authority.clone(),
-            path: req.path.clone(),
-            query: req.query.clone(),
+            method: Some(req.method.clone()),
+            scheme: Some(req.scheme.clone()),
+            authority: Some(req.authority.clone()),
+            path: Some(req.path.clone()),
+            query: Some(req.query.clone()),
             headers: req.headers.iter().map(|(n, v)| header(n, v)).collect(),
-            client_addr: req.client_addr.to_string(),
+            client_addr: Some(req.client_addr.to_string()),
             tls: req.tls.as_ref().map(|t| wit::TlsInfo {
                 sni: t.sni.clone(),
                 alpn: t.alpn.clone(),
                 client_cert_subject: t.client_cert_subject.clone(),
             }),
-            route: req.route.clone(),
+            route: Some(req.route.clone()),
             tenant: req.tenant.clone(),
-            subprotocols: req.subprotocols.clone(),
+            subprotocols: Some(req.subprotocols.clone()),
         }
     }
 }

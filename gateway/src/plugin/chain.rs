@@ -3,6 +3,7 @@
 //! it left them.
 
 use super::Plugin;
+use super::bindings::wit::Fields;
 use super::bindings::{self, Decision, Request};
 use super::types::{ChainDecision, CloseInfo, Denial, Fault, Mutations, RequestInfo};
 
@@ -51,17 +52,11 @@ impl Chain {
         }
         let mut view = Request::from(req);
         for plugin in &self.plugins {
-            let decision = match plugin.headers() {
-                None => plugin.pool.on_request(&view).await,
-                Some(wanted) => {
-                    // Only the headers it reads are lowered into the plugin; the others
-                    // wait aside (each costs a guest allocation and a copy per call).
-                    let all = narrow(&mut view, wanted);
-                    let decision = plugin.pool.on_request(&view).await;
-                    view.headers = all;
-                    decision
-                }
-            };
+            // Only the headers and fields it reads are lowered into the plugin; the
+            // others wait aside (each costs a guest allocation and a copy per call).
+            let aside = hide(&mut view, plugin);
+            let decision = plugin.pool.on_request(&view).await;
+            restore(&mut view, aside);
             match decision {
                 Ok(Decision::Continue(m)) => bindings::accumulate(m, &mut view, &mut acc),
                 Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name(), acc),
@@ -91,16 +86,90 @@ impl Chain {
     }
 }
 
-/// Leaves in `view` only the headers named in `wanted` (lower-case, as the view's
-/// names are), in order; returns the whole list to put back afterwards.
-fn narrow(view: &mut Request, wanted: &[String]) -> Vec<bindings::wit::Header> {
-    let seen = view
-        .headers
-        .iter()
-        .filter(|h| wanted.contains(&h.name))
-        .cloned()
-        .collect();
-    std::mem::replace(&mut view.headers, seen)
+/// Takes out of `view` what `plugin` does not read: the headers it did not name
+/// (lower-case, as the view's names are; the rest keep their order) and the fields
+/// it left out. Returns them, in a request of their own, for [`restore`].
+fn hide(view: &mut Request, plugin: &Plugin) -> Request {
+    let mut aside = Request {
+        kind: view.kind,
+        method: None,
+        scheme: None,
+        authority: None,
+        path: None,
+        query: None,
+        headers: Vec::new(),
+        client_addr: None,
+        tls: None,
+        route: None,
+        tenant: None,
+        subprotocols: None,
+    };
+    if let Some(wanted) = plugin.headers() {
+        let seen = view
+            .headers
+            .iter()
+            .filter(|h| wanted.contains(&h.name))
+            .cloned()
+            .collect();
+        aside.headers = std::mem::replace(&mut view.headers, seen);
+    }
+    let Some(reads) = plugin.fields() else {
+        return aside;
+    };
+    let out = |f: Fields| !reads.contains(f);
+    if out(Fields::METHOD) {
+        aside.method = view.method.take();
+    }
+    if out(Fields::SCHEME) {
+        aside.scheme = view.scheme.take();
+    }
+    if out(Fields::AUTHORITY) {
+        aside.authority = view.authority.take();
+    }
+    if out(Fields::PATH) {
+        aside.path = view.path.take();
+    }
+    if out(Fields::QUERY) {
+        aside.query = view.query.take();
+    }
+    if out(Fields::CLIENT_ADDR) {
+        aside.client_addr = view.client_addr.take();
+    }
+    if out(Fields::TLS) {
+        aside.tls = view.tls.take();
+    }
+    if out(Fields::ROUTE) {
+        aside.route = view.route.take();
+    }
+    if out(Fields::TENANT) {
+        aside.tenant = view.tenant.take();
+    }
+    if out(Fields::SUBPROTOCOLS) {
+        aside.subprotocols = view.subprotocols.take();
+    }
+    aside
+}
+
+/// Puts back what [`hide`] took out of `view`.
+fn restore(view: &mut Request, aside: Request) {
+    if !aside.headers.is_empty() {
+        view.headers = aside.headers;
+    }
+    let back = |field: &mut Option<_>, kept: Option<_>| {
+        if kept.is_some() {
+            *field = kept;
+        }
+    };
+    back(&mut view.method, aside.method);
+    back(&mut view.scheme, aside.scheme);
+    back(&mut view.authority, aside.authority);
+    back(&mut view.path, aside.path);
+    back(&mut view.query, aside.query);
+    back(&mut view.client_addr, aside.client_addr);
+    view.tls = view.tls.take().or(aside.tls);
+    back(&mut view.route, aside.route);
+    view.tenant = view.tenant.take().or(aside.tenant);
+    view.subprotocols = view.subprotocols.take().or(aside.subprotocols);
 }
 
 fn report(plugin: &Plugin, hook: &str, fault: &Fault) {

@@ -1,5 +1,5 @@
 //! The plugin host: runs policy plugins (WebAssembly components of the
-//! `sluice:plugin@0.1.0` world in `wit/`) with hard limits, and chains them.
+//! `sluice:plugin@0.2.0` world in `wit/`) with hard limits, and chains them.
 //!
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
@@ -140,8 +140,8 @@ pub enum PluginError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The component does not target the `sluice:plugin@0.1.0` `plugin` world.
-    #[error("plugin `{plugin}`: not a sluice:plugin@0.1.0 plugin: {reason}")]
+    /// The component does not target the `sluice:plugin@0.2.0` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.2.0 plugin: {reason}")]
     WrongWorld {
         /// Plugin name.
         plugin: String,
@@ -347,6 +347,7 @@ impl PluginHost {
                     .map(|name| name.to_ascii_lowercase())
                     .collect()
             }),
+            fields: interest.fields,
         })
     }
 
@@ -433,6 +434,8 @@ pub struct Plugin {
     /// The request headers `init` said `on-request` reads (lower-case);
     /// `None`: all of them.
     headers: Option<Arc<[String]>>,
+    /// The other request fields `init` said `on-request` reads; `None`: all.
+    fields: Option<bindings::wit::Fields>,
 }
 
 impl Plugin {
@@ -456,6 +459,12 @@ impl Plugin {
     /// them; `None`: all. [`Chain::on_request`] hands it only these.
     pub fn headers(&self) -> Option<&[String]> {
         self.headers.as_deref()
+    }
+
+    /// The request fields the plugin reads besides `kind` and the headers,
+    /// as `init` named them; `None`: all. The others reach it as `none`.
+    pub(crate) fn fields(&self) -> Option<bindings::wit::Fields> {
+        self.fields
     }
 
     /// Counters since load.

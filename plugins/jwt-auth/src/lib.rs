@@ -39,7 +39,7 @@ use cache::{Cache, Verified};
 use serde::Deserialize;
 use sluice_jwt::token::{TokenFrom, TokenSources};
 use sluice_jwt::{Key, Validation, check_times, claim_str, time_claim, verify};
-use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export, host};
+use sluice_plugin_sdk::{Config, Decision, Fields, Plugin, Request, export, host};
 
 /// One verification key as written in the config.
 #[derive(Debug, Deserialize)]
@@ -138,6 +138,10 @@ impl Plugin for JwtAuth {
         Some(self.sources.headers().collect())
     }
 
+    fn request_fields(&self) -> Option<Fields> {
+        Some(self.sources.fields())
+    }
+
     fn on_request(&self, req: &Request) -> Decision {
         let Some((token, from)) = self.sources.find(req) else {
             return unauthorized("missing token", "invalid_request");
@@ -183,7 +187,7 @@ impl JwtAuth {
         }
         if let TokenFrom::Protocol(entry) = from {
             let rest: Vec<&str> = req
-                .subprotocols
+                .subprotocols()
                 .iter()
                 .map(String::as_str)
                 .filter(|p| *p != entry)

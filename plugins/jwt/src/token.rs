@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use sluice_plugin_sdk::Request;
+use sluice_plugin_sdk::{Fields, Request};
 
 /// Where to look for a token, tried in the order of the fields.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -41,10 +41,22 @@ pub enum TokenFrom {
 }
 
 impl TokenSources {
-    /// The request headers [`TokenSources::find`] reads (the subprotocols
-    /// and the query are fields of their own).
+    /// The request headers [`TokenSources::find`] reads.
     pub fn headers(&self) -> impl Iterator<Item = String> {
         self.header.then(|| "authorization".to_owned()).into_iter()
+    }
+
+    /// The other request fields [`TokenSources::find`] reads: the subprotocols
+    /// and the query, when those sources are on.
+    pub fn fields(&self) -> Fields {
+        let mut fields = Fields::empty();
+        if self.protocol_prefix.is_some() {
+            fields |= Fields::SUBPROTOCOLS;
+        }
+        if self.query_param.is_some() {
+            fields |= Fields::QUERY;
+        }
+        fields
     }
 
     /// The first token present, and where it was.
@@ -55,7 +67,7 @@ impl TokenSources {
             return Some((Cow::Borrowed(token), TokenFrom::Header));
         }
         if let Some(prefix) = &self.protocol_prefix {
-            let found = req.subprotocols.iter().find_map(|entry| {
+            let found = req.subprotocols().iter().find_map(|entry| {
                 let token = entry.strip_prefix(prefix.as_str())?;
                 Some((Cow::Borrowed(token), TokenFrom::Protocol(entry.clone())))
             });

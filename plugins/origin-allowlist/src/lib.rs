@@ -9,7 +9,7 @@
 
 use serde::Deserialize;
 use sluice_plugin_sdk::matching::origin_matches;
-use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export};
+use sluice_plugin_sdk::{Config, Decision, Fields, Plugin, Request, export};
 
 /// The plugin: the allowed origin patterns.
 #[derive(Debug, Deserialize)]
@@ -33,6 +33,10 @@ impl Plugin for OriginAllowlist {
 
     fn request_headers(&self) -> Option<Vec<String>> {
         Some(vec!["origin".into()])
+    }
+
+    fn request_fields(&self) -> Option<Fields> {
+        Some(Fields::empty())
     }
 
     fn on_request(&self, req: &Request) -> Decision {

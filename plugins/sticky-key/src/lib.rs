@@ -13,7 +13,7 @@
 use serde::Deserialize;
 use sluice_jwt::peek_claim;
 use sluice_jwt::token::TokenSources;
-use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export};
+use sluice_plugin_sdk::{Config, Decision, Fields, Plugin, Request, export};
 
 /// One place to read the key from.
 #[derive(Debug, Deserialize)]
@@ -91,10 +91,27 @@ impl Plugin for StickyKey {
         Some(names)
     }
 
+    /// The query for a query source, the token's other places for a claim,
+    /// and the client address for the IP fallback.
+    fn request_fields(&self) -> Option<Fields> {
+        let mut fields = Fields::empty();
+        for source in &self.sources {
+            match source {
+                Source::Query(_) => fields |= Fields::QUERY,
+                Source::JwtClaim(_) => fields |= self.token.fields(),
+                Source::Cookie(_) | Source::Header(_) => {}
+            }
+        }
+        if matches!(self.fallback, Fallback::ClientIp) {
+            fields |= Fields::CLIENT_ADDR;
+        }
+        Some(fields)
+    }
+
     fn on_request(&self, req: &Request) -> Decision {
         let key = self.key(req).or_else(|| match self.fallback {
             Fallback::ClientIp => {
-                let addr = req.client_addr.as_str();
+                let addr = req.client_addr();
                 Some(addr.rsplit_once(':').map_or(addr, |(ip, _)| ip).to_owned())
             }
             Fallback::None => None,

@@ -21,7 +21,7 @@
 
 use serde::Deserialize;
 use sluice_plugin_sdk::matching::host_matches;
-use sluice_plugin_sdk::{Config, Decision, Plugin, Request, export};
+use sluice_plugin_sdk::{Config, Decision, Fields, Plugin, Request, export};
 
 /// Where an unmatched request goes.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,7 +50,7 @@ impl Rule {
             && self
                 .path_prefix
                 .as_deref()
-                .is_none_or(|p| req.path.starts_with(p))
+                .is_none_or(|p| req.path().starts_with(p))
             && self.header.as_deref().is_none_or(|name| {
                 let value = req.header(name);
                 match &self.value {
@@ -94,6 +94,20 @@ impl Plugin for TenantRouter {
     /// Only the headers the rules look at.
     fn request_headers(&self) -> Option<Vec<String>> {
         Some(self.rules.iter().filter_map(|r| r.header.clone()).collect())
+    }
+
+    /// The authority for host rules, the path for prefix rules.
+    fn request_fields(&self) -> Option<Fields> {
+        let mut fields = Fields::empty();
+        for rule in &self.rules {
+            if rule.host.is_some() {
+                fields |= Fields::AUTHORITY;
+            }
+            if rule.path_prefix.is_some() {
+                fields |= Fields::PATH;
+            }
+        }
+        Some(fields)
     }
 
     fn on_request(&self, req: &Request) -> Decision {
