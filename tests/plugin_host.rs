@@ -90,6 +90,17 @@ fn continued(decision: ChainDecision) -> Mutations {
     }
 }
 
+/// The values the chain's plugins set for header `name`, in order.
+fn values_set(m: Mutations, name: &str) -> Vec<String> {
+    m.headers
+        .into_iter()
+        .filter_map(|op| match op {
+            HeaderOp::Set(n, value) if n == name => Some(value),
+            _ => None,
+        })
+        .collect()
+}
+
 fn denied(decision: &ChainDecision) -> (u16, &str, Option<&Fault>) {
     match decision {
         ChainDecision::Deny(d) => (d.status, d.plugin.as_str(), d.fault.as_ref()),
@@ -263,14 +274,7 @@ async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
         ("cookie", "a=1"),
         ("x-user", "spoofed"),
     ]);
-    let saw: Vec<String> = continued(chain.on_request(&req).await)
-        .headers
-        .into_iter()
-        .filter_map(|op| match op {
-            HeaderOp::Set(name, value) if name == "x-hostile-saw" => Some(value),
-            _ => None,
-        })
-        .collect();
+    let saw = values_set(continued(chain.on_request(&req).await), "x-hostile-saw");
     assert_eq!(
         saw,
         [
@@ -300,14 +304,7 @@ async fn plugins_get_only_the_fields_they_read_and_later_plugins_get_them_all_ba
     ]);
     let mut req = request(&[("origin", "https://app.acme.example")]);
     req.tenant = Some("acme".into());
-    let given: Vec<String> = continued(chain.on_request(&req).await)
-        .headers
-        .into_iter()
-        .filter_map(|op| match op {
-            HeaderOp::Set(name, value) if name == "x-hostile-fields" => Some(value),
-            _ => None,
-        })
-        .collect();
+    let given = values_set(continued(chain.on_request(&req).await), "x-hostile-fields");
     assert_eq!(
         given,
         [

@@ -35,37 +35,18 @@ pub fn on_request<P: Plugin>(plugin: &P, req: &Request) -> Decision {
 
 /// Empties the fields of `req` that `fields` leaves out, as the gateway does.
 fn hide(req: &mut Request, fields: Fields) {
-    let keep = |f: Fields| fields.contains(f);
-    if !keep(Fields::METHOD) {
-        req.method = None;
+    macro_rules! drop_unread {
+        ($($flag:ident => $field:ident),*) => {$(
+            if !fields.contains(Fields::$flag) {
+                req.$field = None;
+            }
+        )*};
     }
-    if !keep(Fields::SCHEME) {
-        req.scheme = None;
-    }
-    if !keep(Fields::AUTHORITY) {
-        req.authority = None;
-    }
-    if !keep(Fields::PATH) {
-        req.path = None;
-    }
-    if !keep(Fields::QUERY) {
-        req.query = None;
-    }
-    if !keep(Fields::CLIENT_ADDR) {
-        req.client_addr = None;
-    }
-    if !keep(Fields::TLS) {
-        req.tls = None;
-    }
-    if !keep(Fields::ROUTE) {
-        req.route = None;
-    }
-    if !keep(Fields::TENANT) {
-        req.tenant = None;
-    }
-    if !keep(Fields::SUBPROTOCOLS) {
-        req.subprotocols = None;
-    }
+    drop_unread!(
+        METHOD => method, SCHEME => scheme, AUTHORITY => authority, PATH => path,
+        QUERY => query, CLIENT_ADDR => client_addr, TLS => tls, ROUTE => route,
+        TENANT => tenant, SUBPROTOCOLS => subprotocols
+    );
 }
 
 /// Start a request: `GET ws://example.com/`, a WebSocket upgrade on route

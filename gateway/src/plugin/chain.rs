@@ -113,39 +113,19 @@ fn hide(view: &mut Request, plugin: &Plugin) -> Request {
             .collect();
         aside.headers = std::mem::replace(&mut view.headers, seen);
     }
-    let Some(reads) = plugin.fields() else {
-        return aside;
-    };
-    let out = |f: Fields| !reads.contains(f);
-    if out(Fields::METHOD) {
-        aside.method = view.method.take();
-    }
-    if out(Fields::SCHEME) {
-        aside.scheme = view.scheme.take();
-    }
-    if out(Fields::AUTHORITY) {
-        aside.authority = view.authority.take();
-    }
-    if out(Fields::PATH) {
-        aside.path = view.path.take();
-    }
-    if out(Fields::QUERY) {
-        aside.query = view.query.take();
-    }
-    if out(Fields::CLIENT_ADDR) {
-        aside.client_addr = view.client_addr.take();
-    }
-    if out(Fields::TLS) {
-        aside.tls = view.tls.take();
-    }
-    if out(Fields::ROUTE) {
-        aside.route = view.route.take();
-    }
-    if out(Fields::TENANT) {
-        aside.tenant = view.tenant.take();
-    }
-    if out(Fields::SUBPROTOCOLS) {
-        aside.subprotocols = view.subprotocols.take();
+    if let Some(reads) = plugin.fields() {
+        macro_rules! take_unread {
+            ($($flag:ident => $field:ident),*) => {$(
+                if !reads.contains(Fields::$flag) {
+                    aside.$field = view.$field.take();
+                }
+            )*};
+        }
+        take_unread!(
+            METHOD => method, SCHEME => scheme, AUTHORITY => authority, PATH => path,
+            QUERY => query, CLIENT_ADDR => client_addr, TLS => tls, ROUTE => route,
+            TENANT => tenant, SUBPROTOCOLS => subprotocols
+        );
     }
     aside
 }
@@ -155,21 +135,22 @@ fn restore(view: &mut Request, aside: Request) {
     if !aside.headers.is_empty() {
         view.headers = aside.headers;
     }
-    let back = |field: &mut Option<_>, kept: Option<_>| {
-        if kept.is_some() {
-            *field = kept;
-        }
-    };
-    back(&mut view.method, aside.method);
-    back(&mut view.scheme, aside.scheme);
-    back(&mut view.authority, aside.authority);
-    back(&mut view.path, aside.path);
-    back(&mut view.query, aside.query);
-    back(&mut view.client_addr, aside.client_addr);
-    view.tls = view.tls.take().or(aside.tls);
-    back(&mut view.route, aside.route);
-    view.tenant = view.tenant.take().or(aside.tenant);
-    view.subprotocols = view.subprotocols.take().or(aside.subprotocols);
+    // A field is either in the view or aside, never both.
+    macro_rules! put_back {
+        ($($field:ident),*) => {$( view.$field = view.$field.take().or(aside.$field); )*};
+    }
+    put_back!(
+        method,
+        scheme,
+        authority,
+        path,
+        query,
+        client_addr,
+        tls,
+        route,
+        tenant,
+        subprotocols
+    );
 }
 
 fn report(plugin: &Plugin, hook: &str, fault: &Fault) {
