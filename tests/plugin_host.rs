@@ -427,6 +427,17 @@ async fn load_errors_name_the_plugin_and_the_reason() {
         .await
         .unwrap_err();
     assert!(matches!(empty, PluginError::WrongWorld { .. }), "{empty}");
+    // A component that imports the host interface of an older WIT:
+    // `(component (import "sluice:plugin/host@0.1.0" (instance)))`.
+    let mut old = b"\0asm\x0d\0\x01\0\x07\x03\x01\x42\x00\x0a\x1d\x01\x00\x18".to_vec();
+    old.extend_from_slice(b"sluice:plugin/host@0.1.0\x05\x00");
+    let old = host.load(&with_file("old.wasm", &old)).await.unwrap_err();
+    assert!(matches!(old, PluginError::WrongWorld { .. }), "{old}");
+    assert!(
+        old.to_string()
+            .contains("built against sluice:plugin@0.1.0; rebuild it"),
+        "{old}"
+    );
 
     let bad_config = host.load(&spec("jwt-auth", json!({}))).await.unwrap_err();
     assert!(

@@ -316,9 +316,16 @@ impl PluginHost {
                 source,
             })?;
         let component = self.compile(&plugin, &spec.wasm, bytes).await?;
+        let built_for = built_for(&component, &self.engine);
         let wrong_world = |e: wasmtime::Error| PluginError::WrongWorld {
             plugin: plugin.clone(),
-            reason: format!("{e:#}"),
+            reason: match &built_for {
+                Some(version) => format!(
+                    "it was built against sluice:plugin@{version}; rebuild it against this \
+                     gateway's WIT (the current plugin-sdk, or plugins/build.sh) ({e:#})"
+                ),
+                None => format!("{e:#}"),
+            },
         };
         let pre = self
             .linker
@@ -417,6 +424,26 @@ impl PluginHost {
         self.compiled.insert(key, component.clone());
         Ok(component)
     }
+}
+
+/// The version of the WIT package `wit/` defines, as component import names spell it.
+const WIT_VERSION: &str = "0.2.0";
+
+/// The `sluice:plugin` version a component imports or exports, when it is not
+/// [`WIT_VERSION`] (a plugin built against an older or newer WIT).
+fn built_for(component: &Component, engine: &Engine) -> Option<String> {
+    let ty = component.component_type();
+    let names: Vec<String> = ty
+        .imports(engine)
+        .map(|(name, _)| name.to_owned())
+        .chain(ty.exports(engine).map(|(name, _)| name.to_owned()))
+        .collect();
+    names
+        .iter()
+        .filter_map(|name| name.strip_prefix("sluice:plugin/"))
+        .filter_map(|name| name.split_once('@').map(|(_, version)| version))
+        .find(|version| *version != WIT_VERSION)
+        .map(str::to_owned)
 }
 
 /// Advance the engine's epoch every `tick` until the engine is dropped.
