@@ -55,12 +55,14 @@ impl Cache {
         (cached == token).then(|| verified.clone())
     }
 
-    /// Keep `verified` for `token`, in place of whatever held its slot.
-    pub fn put(&self, token: &str, verified: Verified) {
+    /// Keep `verified` for `token`, in place of whatever held its slot; returns it.
+    pub fn put(&self, token: &str, verified: Verified) -> Rc<Verified> {
+        let verified = Rc::new(verified);
         let mut slots = self.slots.borrow_mut();
         if let Some(i) = slot(token, slots.len()) {
-            slots[i] = Some((token.to_owned(), Rc::new(verified)));
+            slots[i] = Some((token.to_owned(), verified.clone()));
         }
+        verified
     }
 }
 

@@ -164,8 +164,7 @@ impl Plugin for JwtAuth {
                             .collect(),
                         sub: claim_str(&claims, "sub"),
                     };
-                    self.cache.put(&token, verified.clone());
-                    verified.into()
+                    self.cache.put(&token, verified)
                 }
                 Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
             },
