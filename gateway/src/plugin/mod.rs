@@ -316,10 +316,9 @@ impl PluginHost {
                 source,
             })?;
         let component = self.compile(&plugin, &spec.wasm, bytes).await?;
-        let built_for = built_for(&component, &self.engine);
         let wrong_world = |e: wasmtime::Error| PluginError::WrongWorld {
             plugin: plugin.clone(),
-            reason: match &built_for {
+            reason: match built_for(&component, &self.engine) {
                 Some(version) => format!(
                     "it was built against sluice:plugin@{version}; rebuild it against this \
                      gateway's WIT (the current plugin-sdk, or plugins/build.sh) ({e:#})"
@@ -433,15 +432,11 @@ const WIT_VERSION: &str = "0.2.0";
 /// [`WIT_VERSION`] (a plugin built against an older or newer WIT).
 fn built_for(component: &Component, engine: &Engine) -> Option<String> {
     let ty = component.component_type();
-    let names: Vec<String> = ty
-        .imports(engine)
-        .map(|(name, _)| name.to_owned())
-        .chain(ty.exports(engine).map(|(name, _)| name.to_owned()))
-        .collect();
-    names
-        .iter()
-        .filter_map(|name| name.strip_prefix("sluice:plugin/"))
-        .filter_map(|name| name.split_once('@').map(|(_, version)| version))
+    ty.imports(engine)
+        .map(|(name, _)| name)
+        .chain(ty.exports(engine).map(|(name, _)| name))
+        .filter_map(|name| name.strip_prefix("sluice:plugin/")?.split_once('@'))
+        .map(|(_, version)| version)
         .find(|version| *version != WIT_VERSION)
         .map(str::to_owned)
 }
