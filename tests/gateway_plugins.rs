@@ -906,6 +906,8 @@ async fn reload_swaps_plugin_config_and_keeps_the_chain_when_a_plugin_breaks() {
     );
     refused(gateway.addr(), &from("https://two.example"), 403).await;
 
+    // origin-allowlist lets the gateway reuse each answer for a minute: the
+    // reload must forget the admission of one.example given above.
     gateway.reload(&config(&component, "https://two.example"));
     gateway
         .wait_log("the reload", |v| v.to_string().contains("config reloaded"))

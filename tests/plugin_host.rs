@@ -43,6 +43,7 @@ fn hostile(name: &str, behaviour: &str, fail_open: bool) -> PluginSpec {
             cpu_deadline: Duration::from_millis(50),
             memory_bytes: 16 << 20,
             max_instances: 2,
+            ..Limits::default()
         },
         ..spec("hostile", json!({"on_request": behaviour}))
     }
@@ -124,7 +125,19 @@ fn jwt_config() -> serde_json::Value {
 
 /// origin-allowlist → jwt-auth → tenant-router → sticky-key, as in examples/.
 async fn full_chain(host: &PluginHost) -> Chain {
-    let specs = [
+    load_chain(host, &full_chain_specs()).await
+}
+
+async fn load_chain(host: &PluginHost, specs: &[PluginSpec]) -> Chain {
+    let mut plugins = Vec::new();
+    for s in specs {
+        plugins.push(load(host, s).await);
+    }
+    Chain::new(plugins)
+}
+
+fn full_chain_specs() -> [PluginSpec; 4] {
+    [
         acme_origins(),
         spec("jwt-auth", jwt_config()),
         spec(
@@ -136,12 +149,7 @@ async fn full_chain(host: &PluginHost) -> Chain {
             "sticky-key",
             json!({"sources": [{"jwt_claim": "sub"}], "fallback": "client_ip"}),
         ),
-    ];
-    let mut plugins = Vec::new();
-    for s in &specs {
-        plugins.push(load(host, s).await);
-    }
-    Chain::new(plugins)
+    ]
 }
 
 #[tokio::test]
@@ -281,7 +289,7 @@ async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
             // Only what it asked for, with jwt-auth's x-user in place of the client's.
             "origin,x-user",
             // Everything, including the headers the plugins before it set.
-            "origin,authorization,cookie,x-user,x-tenant,x-hostile,x-hostile-saw,x-hostile-fields",
+            "origin,authorization,cookie,x-user,x-tenant,x-hostile-call,x-hostile,x-hostile-saw,x-hostile-fields",
         ]
     );
 }
@@ -311,7 +319,7 @@ async fn plugins_get_only_the_fields_they_read_and_later_plugins_get_them_all_ba
             "path,client-addr",
             "",
             // No TLS on this listener; everything else, the tenant included.
-            "method,scheme,authority,path,query,client-addr,route,tenant,subprotocols",
+            "method,scheme,authority,path,query,client-addr,client-ip,route,tenant,subprotocols",
         ]
     );
     // A field name the plugin does not know is its init error, caught at load.
@@ -321,6 +329,109 @@ async fn plugins_get_only_the_fields_they_read_and_later_plugins_get_them_all_ba
         .await
         .expect_err("a bad field name is refused");
     assert!(err.to_string().contains("unknown request field"), "{err}");
+}
+
+/// The `x-hostile-call` a chain of one `hostile` plugin answered `req` with:
+/// the plugin's call count when it decided, so a reused decision repeats it.
+async fn call_number(chain: &Chain, req: &RequestInfo) -> String {
+    let m = continued(chain.on_request(req).await);
+    values_set(m, "x-hostile-call").concat()
+}
+
+#[tokio::test]
+async fn a_decision_is_given_again_only_for_the_same_inputs_and_only_as_long_as_allowed() {
+    let host = PluginHost::new().unwrap();
+    let reusing = |max_reused: usize| PluginSpec {
+        limits: Limits {
+            max_reused,
+            ..Limits::default()
+        },
+        ..spec(
+            "hostile",
+            json!({"reuse_ms": 400, "headers": ["origin"], "fields": ["path"]}),
+        )
+    };
+    let plugin = load(&host, &reusing(1024)).await;
+    let chain = Chain::new(vec![plugin.clone()]);
+    let a = request(&[("origin", "https://a.example")]);
+    let first = call_number(&chain, &a).await;
+    assert_eq!(call_number(&chain, &a).await, first, "same inputs: reused");
+    // What the plugin does not read makes no difference...
+    let mut a_elsewhere = request(&[("origin", "https://a.example"), ("x-other", "1")]);
+    a_elsewhere.authority = "other.example".into();
+    a_elsewhere.client_addr = "127.0.0.2:5".parse().unwrap();
+    assert_eq!(call_number(&chain, &a_elsewhere).await, first);
+    // ...what it reads does: another header value, another field value.
+    let b = request(&[("origin", "https://b.example")]);
+    let second = call_number(&chain, &b).await;
+    assert_ne!(second, first);
+    let mut a_other_path = a.clone();
+    a_other_path.path = "/other".into();
+    assert_ne!(call_number(&chain, &a_other_path).await, first);
+    assert_eq!(call_number(&chain, &b).await, second);
+    let stats = plugin.stats();
+    assert_eq!((stats.calls, stats.reused), (3, 3), "{stats:?}");
+    // After `reuse_ms`, the plugin is asked again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(call_number(&chain, &a).await, first);
+    assert_eq!(plugin.stats().calls, 4);
+
+    // `max_reused = 0` turns reuse off, whatever the plugin allows.
+    let off = load(&host, &reusing(0)).await;
+    let chain = Chain::new(vec![off.clone()]);
+    let first = call_number(&chain, &a).await;
+    assert_ne!(call_number(&chain, &a).await, first);
+    assert_eq!((off.stats().calls, off.stats().reused), (2, 0));
+
+    // A plugin that does not allow reuse is called every time.
+    let plain = load(&host, &spec("hostile", json!({"headers": ["origin"]}))).await;
+    let chain = Chain::new(vec![plain.clone()]);
+    let first = call_number(&chain, &a).await;
+    assert_ne!(call_number(&chain, &a).await, first);
+    assert_eq!(plain.stats().reused, 0);
+}
+
+#[tokio::test]
+async fn a_reused_admission_ends_when_the_token_expires() {
+    let host = PluginHost::new().unwrap();
+    let jwt = load(
+        &host,
+        &spec(
+            "jwt-auth",
+            json!({"keys": [{"alg": "HS256", "secret": SECRET}], "leeway_secs": 0}),
+        ),
+    )
+    .await;
+    let chain = Chain::new(vec![jwt.clone()]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Valid for the rest of this second and the next one.
+    let claims = json!({"sub": "alice", "exp": now + 1});
+    let bearer = format!(
+        "Bearer {}",
+        sluice_jwt::mint::hs256(&claims, SECRET.as_bytes())
+    );
+    let req = request(&[("authorization", &bearer)]);
+    continued(chain.on_request(&req).await);
+    continued(chain.on_request(&req).await);
+    assert_eq!(
+        jwt.stats().reused,
+        1,
+        "an admission is reused while the token is valid"
+    );
+    let expired_at = Duration::from_secs(now + 2);
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    tokio::time::sleep(expired_at.saturating_sub(since_epoch) + Duration::from_millis(50)).await;
+    let refused = chain.on_request(&req).await;
+    let (status, by, _) = denied(&refused);
+    assert_eq!((status, by), (401, "jwt-auth"));
+    // A refusal is never reused: the plugin was asked.
+    denied(&chain.on_request(&req).await);
+    assert_eq!(jwt.stats().calls, 3);
 }
 
 #[tokio::test]
@@ -660,6 +771,29 @@ async fn measure() {
         "reused instance, 1 Rust plugin: {}",
         per_call(&one, &req, 10_000).await
     );
+    // Every plugin called: no decision reuse (the cost of a first request, or
+    // of a chain whose plugins do not allow reuse).
+    let four_called = load_chain(
+        &host,
+        &full_chain_specs().map(|s| PluginSpec {
+            limits: Limits {
+                max_reused: 0,
+                ..s.limits
+            },
+            ..s
+        }),
+    )
+    .await;
+    for plugin in four_called.plugins() {
+        let alone = Chain::new(vec![plugin.clone()]);
+        let cost = per_call(&alone, &req, 3_000).await;
+        println!("  called every time, {}: {cost}", plugin.name());
+    }
+    println!(
+        "reused instances, 4-plugin chain, every plugin called: {}",
+        per_call(&four_called, &req, 2_000).await
+    );
+    // With reuse (the default): the same request again, as on a reconnect.
     let four = full_chain(&host).await;
     for plugin in four.plugins() {
         let alone = Chain::new(vec![plugin.clone()]);

@@ -303,6 +303,7 @@ struct RawPlugin {
     cpu_deadline: Option<Dur>,
     memory: Option<Spanned<Size>>,
     max_instances: Option<Spanned<u32>>,
+    max_reused: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -821,6 +822,9 @@ fn known_names(
     Ok(out)
 }
 
+/// Most decisions one plugin may keep for reuse (each holds its key, at most 4 KiB).
+const MAX_REUSED: u32 = 65_536;
+
 impl RawPlugin {
     fn validate(
         self,
@@ -843,6 +847,16 @@ impl RawPlugin {
             Some(n) => n.into_inner() as usize,
             None => defaults.max_instances,
         };
+        let max_reused = match self.max_reused {
+            Some(n) if *n.get_ref() > MAX_REUSED => {
+                return Err(err(
+                    n.span(),
+                    format!("must be at most {MAX_REUSED} (0 turns reuse off)"),
+                ));
+            }
+            Some(n) => n.into_inner() as usize,
+            None => defaults.max_reused,
+        };
         let config_json = serde_json::to_string(&self.config).map_err(|e| {
             err(
                 self.path.span(),
@@ -857,6 +871,7 @@ impl RawPlugin {
                 cpu_deadline: nonzero(self.cpu_deadline, defaults.cpu_deadline, err)?,
                 memory_bytes,
                 max_instances,
+                max_reused,
             },
             fail_open: self.fail_open.unwrap_or(false),
         })
@@ -1153,6 +1168,18 @@ upstream = "echo"
         assert_eq!(
             err_of(&format!("[runtime]\nworkers = 0\n{BASE}")),
             "sluice.toml:2:11: runtime.workers: must be between 1 and 1024"
+        );
+    }
+
+    #[test]
+    fn reused_decisions_default_can_be_turned_off_and_are_bounded() {
+        let with = |line: &str| format!("{BASE}\n[plugins.p]\npath = \"p.wasm\"\n{line}\n");
+        let limits = |src: &str| Config::parse("sluice.toml", src).unwrap().plugins[0].limits;
+        assert_eq!(limits(&with("")).max_reused, 1024);
+        assert_eq!(limits(&with("max_reused = 0")).max_reused, 0);
+        assert_eq!(
+            err_of(&with("max_reused = 70000")),
+            "sluice.toml:14:14: plugins.p.max_reused: must be at most 65536 (0 turns reuse off)"
         );
     }
 

@@ -4,6 +4,8 @@
 //! the response headers of a `deny` decision, so one chain of calls reads the
 //! same either way: `Decision::deny(401, "…").set_header("www-authenticate", "Bearer")`.
 
+use std::time::Duration;
+
 use crate::{Decision, Denial, Header, HeaderOp, Mutations};
 
 fn header(name: &str, value: &str) -> Header {
@@ -25,6 +27,7 @@ impl Default for Mutations {
             sticky_key: None,
             subprotocol: None,
             log_fields: Vec::new(),
+            reuse_ms: 0,
         }
     }
 }
@@ -42,6 +45,7 @@ impl Decision {
             headers: Vec::new(),
             body: body.into(),
             log_fields: Vec::new(),
+            reuse_ms: 0,
         })
     }
 
@@ -103,6 +107,36 @@ impl Decision {
             Decision::Deny(d) => d.log_fields.push(header(name, value)),
         }
         self
+    }
+
+    /// Let the gateway give this same decision, without calling the plugin, to
+    /// requests that show the plugin the same inputs (the headers and fields
+    /// it reads, as it sees them) for up to `ttl` (whole milliseconds; the
+    /// gateway keeps it for at most 5 minutes, and may forget it sooner).
+    ///
+    /// Only for a decision that is a function of those inputs alone: not of
+    /// [`host::counter_add`](crate::host::counter_add) (a rate limit), not of
+    /// the clock beyond `ttl` (a token's `exp`), and with nothing the plugin
+    /// must see or log for every request. [`Duration::ZERO`] (the default)
+    /// asks to be called every time.
+    pub fn reuse_for(mut self, ttl: Duration) -> Self {
+        let ms = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX);
+        match &mut self {
+            Decision::Continue(m) => m.reuse_ms = ms,
+            Decision::Deny(d) => d.reuse_ms = ms,
+        }
+        self
+    }
+
+    /// How long the gateway may give this decision again ([`Decision::reuse_for`]).
+    pub fn reuse(&self) -> Duration {
+        Duration::from_millis(
+            match self {
+                Decision::Continue(m) => m.reuse_ms,
+                Decision::Deny(d) => d.reuse_ms,
+            }
+            .into(),
+        )
     }
 
     fn with_mutations(mut self, f: impl FnOnce(&mut Mutations)) -> Self {
@@ -179,8 +213,12 @@ mod tests {
             .tenant("acme")
             .sticky_key("alice")
             .subprotocol("chat")
-            .log_field("user", "alice");
+            .log_field("user", "alice")
+            .reuse_for(Duration::from_secs(30));
         let m = d.mutations().unwrap();
+        assert_eq!(m.reuse_ms, 30_000);
+        assert_eq!(d.reuse(), Duration::from_secs(30));
+        assert_eq!(Decision::allow().reuse(), Duration::ZERO);
         assert_eq!(m.headers.len(), 3);
         assert_eq!(m.pool.as_deref(), Some("blue"));
         assert_eq!(m.sticky_key.as_deref(), Some("alice"));
@@ -201,8 +239,10 @@ mod tests {
             .remove_header("x-a")
             .pool("ignored")
             .sticky_key("ignored")
-            .log_field("Denied_Origin", "https://evil.example");
+            .log_field("Denied_Origin", "https://evil.example")
+            .reuse_for(Duration::from_millis(1500));
         assert!(d.is_deny());
+        assert_eq!(d.reuse(), Duration::from_millis(1500));
         match &d {
             Decision::Deny(denial) => assert_eq!(
                 denial.log_fields,

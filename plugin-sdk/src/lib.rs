@@ -1,7 +1,7 @@
 //! Write Sluice gateway policy plugins in Rust.
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2` against the
-//! `sluice:plugin@0.2.0` WIT package (`wit/plugin.wit`). This crate is the only
+//! `sluice:plugin@0.3.0` WIT package (`wit/plugin.wit`). This crate is the only
 //! one a plugin author depends on: it holds the bindings, a [`Plugin`] trait
 //! whose hooks have defaults, typed accessors on [`Request`], builders on
 //! [`Decision`], the host helpers in [`host`], one [`export!`] macro, and
@@ -23,6 +23,13 @@
 //! gateway calls it only for plugins that set [`Plugin::ON_CLOSE`] to `true`
 //! (the export glue reports it from `init`), so a plugin that does not need
 //! it costs nothing when a connection ends.
+//!
+//! A decision that depends only on what the plugin reads (an origin check, a
+//! routing table, a verified token until it expires) can say so with
+//! [`Decision::reuse_for`]: the gateway then gives it again to requests that
+//! show the plugin the same inputs, without calling it. Narrowing those inputs
+//! ([`Plugin::request_headers`], [`Plugin::request_fields`]) is what makes two
+//! requests alike.
 //!
 //! # Example: API-key auth in twenty lines
 //!

@@ -36,6 +36,12 @@ impl Request {
         self.client_addr.as_deref().unwrap_or("")
     }
 
+    /// The client's IP address without the port (`10.0.0.7`, `::1`); `""`
+    /// unless the plugin reads `Fields::CLIENT_IP`.
+    pub fn client_ip(&self) -> &str {
+        self.client_ip.as_deref().unwrap_or("")
+    }
+
     /// The matched route's name; `""` unless the plugin reads `Fields::ROUTE`.
     pub fn route(&self) -> &str {
         self.route.as_deref().unwrap_or("")

@@ -44,7 +44,8 @@ fn hide(req: &mut Request, fields: Fields) {
     }
     drop_unread!(
         METHOD => method, SCHEME => scheme, AUTHORITY => authority, PATH => path,
-        QUERY => query, CLIENT_ADDR => client_addr, TLS => tls, ROUTE => route,
+        QUERY => query, CLIENT_ADDR => client_addr,
+        CLIENT_IP => client_ip, TLS => tls, ROUTE => route,
         TENANT => tenant, SUBPROTOCOLS => subprotocols
     );
 }
@@ -61,6 +62,7 @@ pub fn request() -> RequestBuilder {
         query: Some(String::new()),
         headers: Vec::new(),
         client_addr: Some("127.0.0.1:40000".into()),
+        client_ip: Some("127.0.0.1".into()),
         tls: None,
         route: Some("default".into()),
         tenant: None,
@@ -125,8 +127,15 @@ impl RequestBuilder {
         self
     }
 
-    /// Set the client address.
+    /// Set the client address (`ip:port`, `[ipv6]:port`), and the client IP
+    /// from it, as the gateway gives them.
     pub fn client(mut self, addr: &str) -> Self {
+        let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);
+        let ip = ip
+            .strip_prefix('[')
+            .and_then(|ip| ip.strip_suffix(']'))
+            .unwrap_or(ip);
+        self.0.client_ip = Some(ip.into());
         self.0.client_addr = Some(addr.into());
         self
     }

@@ -1,12 +1,12 @@
 // `api-key-js`: API-key auth with an optional per-client rate limit, written
-// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.2.0)
+// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.3.0)
 // and built into a component by componentize-js (see build.mjs).
 //
 // Config: {"keys": {"<api key>": "<client name>"}, "header": "x-api-key",
 //          "rate_limit_per_minute": 0}
 // Missing key → 401, unknown key → 403, over the limit → 429. An admitted
 // request goes upstream without the key and with `x-client: <client name>`.
-import { counterAdd } from 'sluice:plugin/host@0.2.0';
+import { counterAdd } from 'sluice:plugin/host@0.3.0';
 
 let keys = new Map();
 let header = 'x-api-key';
@@ -33,9 +33,11 @@ export function init(config) {
   return { hooks: { onClose: false }, headers: [header], fields: {} };
 }
 
+// `reuseMs: 0`: the gateway calls this plugin for every request, since an
+// admission counts towards the client's rate limit.
 const deny = (status, body, headers = []) => ({
   tag: 'deny',
-  val: { status, headers, body, logFields: [] },
+  val: { status, headers, body, logFields: [], reuseMs: 0 },
 });
 
 export function onRequest(req) {
@@ -62,6 +64,7 @@ export function onRequest(req) {
       stickyKey: undefined,
       subprotocol: undefined,
       logFields: [{ name: 'client', value: client }],
+      reuseMs: 0,
     },
   };
 }

@@ -37,24 +37,51 @@ fn header(name: &str, value: &str) -> wit::Header {
 
 impl From<&RequestInfo> for Request {
     fn from(req: &RequestInfo) -> Self {
-        Request {
-            kind: req.kind.into(),
-            method: Some(req.method.clone()),
-            scheme: Some(req.scheme.clone()),
-            authority: Some(req.authority.clone()),
-            path: Some(req.path.clone()),
-            query: Some(req.query.clone()),
-            headers: req.headers.iter().map(|(n, v)| header(n, v)).collect(),
-            client_addr: Some(req.client_addr.to_string()),
-            tls: req.tls.as_ref().map(|t| wit::TlsInfo {
+        request(req, None, None)
+    }
+}
+
+/// The record for `req` with only the fields in `fields` and the headers in
+/// `headers` (lower-case names; `None`: all of either): what a chain whose
+/// plugins read no more needs, without copying the rest.
+pub(super) fn request(
+    req: &RequestInfo,
+    fields: Option<wit::Fields>,
+    headers: Option<&[String]>,
+) -> Request {
+    let read = |f: wit::Fields| fields.is_none_or(|fields| fields.contains(f));
+    let text = |f: wit::Fields, s: &String| read(f).then(|| s.clone());
+    let headers = req
+        .headers
+        .iter()
+        .filter(|(n, _)| {
+            headers.is_none_or(|wanted| wanted.iter().any(|w| w.eq_ignore_ascii_case(n)))
+        })
+        .map(|(n, v)| header(n, v))
+        .collect();
+    Request {
+        kind: req.kind.into(),
+        method: text(wit::Fields::METHOD, &req.method),
+        scheme: text(wit::Fields::SCHEME, &req.scheme),
+        authority: text(wit::Fields::AUTHORITY, &req.authority),
+        path: text(wit::Fields::PATH, &req.path),
+        query: text(wit::Fields::QUERY, &req.query),
+        headers,
+        client_addr: read(wit::Fields::CLIENT_ADDR).then(|| req.client_addr.to_string()),
+        client_ip: read(wit::Fields::CLIENT_IP).then(|| req.client_addr.ip().to_string()),
+        tls: req
+            .tls
+            .as_ref()
+            .filter(|_| read(wit::Fields::TLS))
+            .map(|t| wit::TlsInfo {
                 sni: t.sni.clone(),
                 alpn: t.alpn.clone(),
                 client_cert_subject: t.client_cert_subject.clone(),
             }),
-            route: Some(req.route.clone()),
-            tenant: req.tenant.clone(),
-            subprotocols: Some(req.subprotocols.clone()),
-        }
+        route: text(wit::Fields::ROUTE, &req.route),
+        // Earlier plugins may set the tenant, so it is always carried.
+        tenant: req.tenant.clone(),
+        subprotocols: read(wit::Fields::SUBPROTOCOLS).then(|| req.subprotocols.clone()),
     }
 }
 
@@ -211,6 +238,7 @@ mod tests {
             sticky_key: None,
             subprotocol: None,
             log_fields: Vec::new(),
+            reuse_ms: 0,
         };
         let mut acc = Mutations::default();
         accumulate(m, &mut req, &mut acc);

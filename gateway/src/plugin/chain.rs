@@ -16,15 +16,33 @@ pub struct Chain {
     plugins: Vec<Plugin>,
     /// Some plugin asked for `on-close`.
     wants_close: bool,
+    /// The request fields some plugin reads (`None`: a plugin reads all).
+    fields: Option<Fields>,
+    /// The request headers some plugin reads, lower-case (`None`: a plugin
+    /// reads all). Only these are copied out of the request for the chain.
+    headers: Option<Vec<String>>,
 }
 
 impl Chain {
     /// A chain running `plugins` in this order.
     pub fn new(plugins: Vec<Plugin>) -> Self {
         let wants_close = plugins.iter().any(Plugin::wants_close);
+        let fields = plugins
+            .iter()
+            .try_fold(Fields::empty(), |all, p| Some(all | p.fields()?));
+        let headers = plugins.iter().try_fold(Vec::new(), |mut all, p| {
+            for name in p.headers()? {
+                if !all.contains(name) {
+                    all.push(name.clone());
+                }
+            }
+            Some(all)
+        });
         Self {
             plugins,
             wants_close,
+            fields,
+            headers,
         }
     }
 
@@ -50,7 +68,9 @@ impl Chain {
         if self.plugins.is_empty() {
             return ChainDecision::Continue(acc);
         }
-        let mut view = Request::from(req);
+        // Only what some plugin of the chain reads (the tenant always, since a
+        // plugin may set it for the later ones).
+        let mut view = bindings::request(req, self.fields, self.headers.as_deref());
         for plugin in &self.plugins {
             // Only the headers and fields it reads are lowered into the plugin; the
             // others wait aside (each costs a guest allocation and a copy per call).
@@ -99,6 +119,7 @@ fn hide(view: &mut Request, plugin: &Plugin) -> Request {
         query: None,
         headers: Vec::new(),
         client_addr: None,
+        client_ip: None,
         tls: None,
         route: None,
         tenant: None,
@@ -123,7 +144,8 @@ fn hide(view: &mut Request, plugin: &Plugin) -> Request {
         }
         take_unread!(
             METHOD => method, SCHEME => scheme, AUTHORITY => authority, PATH => path,
-            QUERY => query, CLIENT_ADDR => client_addr, TLS => tls, ROUTE => route,
+            QUERY => query, CLIENT_ADDR => client_addr,
+            CLIENT_IP => client_ip, TLS => tls, ROUTE => route,
             TENANT => tenant, SUBPROTOCOLS => subprotocols
         );
     }
@@ -146,6 +168,7 @@ fn restore(view: &mut Request, aside: Request) {
         path,
         query,
         client_addr,
+        client_ip,
         tls,
         route,
         tenant,

@@ -1,7 +1,7 @@
 //! Instances of one loaded plugin: the store state, its limits, the host
 //! imports, and the bounded pool of reused instances.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +12,7 @@ use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{self, Decision, Request, host, wit};
+use super::reuse::{Reuse, reuse_ms};
 use super::types::{Fault, Limits, PluginStats};
 
 /// Longest a call waits for a free instance before it is an `Overloaded` fault.
@@ -181,6 +182,7 @@ struct Instance {
 #[derive(Debug, Default)]
 struct Stats {
     calls: AtomicU64,
+    reused: AtomicU64,
     denies: AtomicU64,
     faults: AtomicU64,
     timeouts: AtomicU64,
@@ -201,6 +203,11 @@ pub(super) struct Pool {
     budget_ticks: u64,
     idle: Mutex<Vec<Instance>>,
     permits: Arc<Semaphore>,
+    /// Decisions the plugin allowed to be given again (`None`: reuse is off).
+    reuse: Option<Reuse>,
+    /// The plugin has returned a decision with a `reuse-ms`: until it does,
+    /// requests are not even serialised for a lookup.
+    reusing: AtomicBool,
     stats: Stats,
 }
 
@@ -238,6 +245,8 @@ impl Pool {
             budget_ticks: u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(limits.max_instances)),
+            reuse: Reuse::new(limits.max_reused),
+            reusing: AtomicBool::new(false),
             stats: Stats::default(),
         }
     }
@@ -251,8 +260,20 @@ impl Pool {
         Ok(interest)
     }
 
-    /// Call `on-request`.
+    /// Call `on-request`, or give again the decision it returned for the same
+    /// inputs when it allowed that (`reuse-ms`).
     pub(super) async fn on_request(&self, req: &Request) -> Result<Decision, Fault> {
+        let now = Instant::now();
+        let reuse = self.reuse.as_ref();
+        let key = match reuse {
+            Some(reuse) if self.reusing.load(Ordering::Relaxed) => reuse.key(req),
+            _ => None,
+        };
+        if let Some(decision) = key.as_ref().and_then(|key| reuse?.get(key, now)) {
+            self.stats.reused.fetch_add(1, Ordering::Relaxed);
+            self.count_deny(&decision);
+            return Ok(decision);
+        }
         let (_permit, mut inst) = self.checkout().await?;
         arm(&mut inst.store, self.budget_ticks);
         let result = inst.plugin.call_on_request(&mut inst.store, req).await;
@@ -260,10 +281,20 @@ impl Pool {
         if let Err(reason) = bindings::validate(&decision) {
             return Err(self.fault(Fault::InvalidDecision(reason)));
         }
+        self.count_deny(&decision);
+        if let Some(reuse) = reuse.filter(|_| reuse_ms(&decision) > 0) {
+            self.reusing.store(true, Ordering::Relaxed);
+            if let Some(key) = key.or_else(|| reuse.key(req)) {
+                reuse.put(key, &decision, now);
+            }
+        }
+        Ok(decision)
+    }
+
+    fn count_deny(&self, decision: &Decision) {
         if matches!(decision, Decision::Deny(_)) {
             self.stats.denies.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(decision)
     }
 
     /// Call `on-close`.
@@ -278,6 +309,7 @@ impl Pool {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PluginStats {
             calls: get(&self.stats.calls),
+            reused: get(&self.stats.reused),
             denies: get(&self.stats.denies),
             faults: get(&self.stats.faults),
             timeouts: get(&self.stats.timeouts),

@@ -1,5 +1,5 @@
 //! The plugin host: runs policy plugins (WebAssembly components of the
-//! `sluice:plugin@0.2.0` world in `wit/`) with hard limits, and chains them.
+//! `sluice:plugin@0.3.0` world in `wit/`) with hard limits, and chains them.
 //!
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
@@ -9,7 +9,9 @@
 //! Chain::new(vec![plugin…])
 //!   ├─ on_request(&RequestInfo) → ChainDecision   first deny wins, mutations accumulate;
 //!   │                                             each plugin is shown only the headers
-//!   │                                             its init named (Plugin::headers)
+//!   │                                             and fields its init named, and is not
+//!   │                                             called at all when it allowed reuse of
+//!   │                                             its decision on the same inputs
 //!   ├─ wants_close()                              any plugin asked for on-close in init?
 //!   └─ on_close(&CloseInfo)                       only the plugins that asked
 //! ```
@@ -95,6 +97,22 @@
 //! `jwt-auth` began remembering the tokens it verified (6.8 → 4.0 µs per
 //! call on a reconnect with the same token; +52.5 → +40.9 µs end to end).
 //!
+//! **Decisions are reused when the plugin allows it** (WIT 0.3.0): a
+//! decision carries `reuse-ms`, and for that long (at most 5 minutes) a
+//! request that shows the plugin the same inputs — its kind and the
+//! headers and fields it reads, as it sees them, serialised and compared
+//! whole — gets the same decision without a call (`reuse.rs`: a bounded,
+//! direct-mapped table per plugin, `max_reused` entries, emptied by a
+//! reload). Origin checks, routing tables, sticky keys and a verified
+//! token until its `exp` depend on nothing else; a rate limit does, and
+//! does not ask. `client-ip` (the address without its port) joined the
+//! fields so that a decision on the client's address can be reused
+//! across its connections, and the chain copies out of the request only
+//! the headers and fields one of its plugins reads. `measure`, medians,
+//! on a slower state of the machine: the 4-plugin chain with every plugin
+//! called 11.2 µs, with every decision reused 1.9 µs (0.3–0.7 µs per
+//! plugin, most of it the key's copy of the inputs).
+//!
 //! To see guest functions in `perf report`, start the gateway with
 //! `SLUICE_WASM_PERFMAP=1`: wasmtime then writes `/tmp/perf-PID.map`.
 //!
@@ -109,6 +127,7 @@
 mod bindings;
 mod chain;
 mod instance;
+mod reuse;
 mod types;
 
 use std::path::{Path, PathBuf};
@@ -151,8 +170,8 @@ pub enum PluginError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The component does not target the `sluice:plugin@0.2.0` `plugin` world.
-    #[error("plugin `{plugin}`: not a sluice:plugin@0.2.0 plugin: {reason}")]
+    /// The component does not target the `sluice:plugin@0.3.0` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.3.0 plugin: {reason}")]
     WrongWorld {
         /// Plugin name.
         plugin: String,
@@ -426,7 +445,7 @@ impl PluginHost {
 }
 
 /// The version of the WIT package `wit/` defines, as component import names spell it.
-const WIT_VERSION: &str = "0.2.0";
+const WIT_VERSION: &str = "0.3.0";
 
 /// The `sluice:plugin` version a component imports or exports, when it is not
 /// [`WIT_VERSION`] (a plugin built against an older or newer WIT).

@@ -185,6 +185,9 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Instances kept (and calls run) concurrently, at most.
     pub max_instances: usize,
+    /// Decisions kept for reuse (those the plugin returned with a
+    /// `reuse-ms`), at most; `0` calls the plugin for every request.
+    pub max_reused: usize,
 }
 
 impl Default for Limits {
@@ -193,6 +196,7 @@ impl Default for Limits {
             cpu_deadline: Duration::from_millis(10),
             memory_bytes: 64 << 20,
             max_instances: 4,
+            max_reused: 1024,
         }
     }
 }
@@ -217,6 +221,8 @@ pub struct PluginSpec {
 pub struct PluginStats {
     /// Hook calls attempted.
     pub calls: u64,
+    /// `on-request` decisions given again without a call (`reuse-ms`).
+    pub reused: u64,
     /// `deny` decisions returned.
     pub denies: u64,
     /// Faults of any kind.

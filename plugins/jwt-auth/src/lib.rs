@@ -30,10 +30,17 @@
 //! same token skips the signature check. `exp` and `nbf` are checked again on
 //! every use, so a cached token expires on time; a config reload starts with an
 //! empty cache, so a key taken out of the config stops admitting its tokens.
+//!
+//! An admission depends on the token alone until it expires, so the gateway
+//! may give it again to requests with the same token (and the same other
+//! inputs this plugin reads) without a call, until the first millisecond at
+//! which `exp` would refuse it, and for at most a minute. Refusals are never
+//! reused.
 
 mod cache;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use cache::{Cache, Verified};
 use serde::Deserialize;
@@ -146,7 +153,8 @@ impl Plugin for JwtAuth {
         let Some((token, from)) = self.sources.find(req) else {
             return unauthorized("missing token", "invalid_request");
         };
-        let now = host::now_secs();
+        let now_ms = host::now_ms();
+        let now = now_ms / 1000;
         let verified = match self.cache.get(&token) {
             Some(hit) => match check_times(hit.exp, hit.nbf, &self.validation, now) {
                 Ok(()) => hit,
@@ -170,10 +178,29 @@ impl Plugin for JwtAuth {
             },
         };
         self.admit(&verified, from, req)
+            .reuse_for(self.reuse(verified.exp, now_ms))
     }
 }
 
+/// Longest the gateway may admit a token again without a call.
+const MAX_REUSE: Duration = Duration::from_secs(60);
+
 impl JwtAuth {
+    /// How long an admission may be given again for the same token: until the
+    /// first millisecond at which `exp` (with the leeway) refuses it, and at most
+    /// [`MAX_REUSE`]. Refusals are never given again (a token that is not valid
+    /// yet may become valid).
+    fn reuse(&self, exp: Option<u64>, now_ms: u64) -> Duration {
+        let Some(exp) = exp else {
+            return MAX_REUSE;
+        };
+        let refused_from_ms = exp
+            .saturating_add(self.validation.leeway_secs)
+            .saturating_add(1)
+            .saturating_mul(1000);
+        Duration::from_millis(refused_from_ms.saturating_sub(now_ms)).min(MAX_REUSE)
+    }
+
     /// The decision for a request whose token checked out.
     fn admit(&self, verified: &Verified, from: TokenFrom, req: &Request) -> Decision {
         let mut decision = Decision::allow();
@@ -276,6 +303,30 @@ mod tests {
         assert!(!d.is_deny());
         let ops = &d.mutations().unwrap().headers;
         assert!(ops.contains(&sluice_plugin_sdk::HeaderOp::Remove("x-tenant".into())));
+    }
+
+    #[test]
+    fn an_admission_may_be_reused_until_exp_refuses_the_token_and_never_a_refusal() {
+        let p = plugin();
+        let admit = |exp: u64, now_ms: u64| {
+            set_now_ms(now_ms);
+            let mut c = claims();
+            c["exp"] = json!(exp);
+            let token = mint::hs256(&c, SECRET.as_bytes());
+            let req = request().header("authorization", &format!("Bearer {token}"));
+            on_request(&p, &req.build())
+        };
+        // exp 1,010 s with the default leeway of 30 s: refused from 1,041,000 ms.
+        let d = admit(1_010, 1_030_250);
+        assert!(!d.is_deny());
+        assert_eq!(d.reuse(), Duration::from_millis(10_750));
+        assert!(!admit(1_010, 1_040_999).is_deny());
+        assert_eq!(admit(1_010, 1_041_000).status(), Some(401));
+        // Far from expiry: a minute at most.
+        assert_eq!(admit(5_000, 1_000_000).reuse(), Duration::from_secs(60));
+        let refused = admit(900, 1_000_000);
+        assert_eq!(refused.status(), Some(401));
+        assert_eq!(refused.reuse(), Duration::ZERO);
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! "allow_missing": false}`. A `*.` host matches subdomains at any depth, not
 //! the bare domain; scheme and port must match exactly. Requests without an
 //! `Origin` (non-browser clients) pass only when `allow_missing` is true.
+//!
+//! Each answer depends on the `Origin` alone, so the gateway may give it again
+//! to requests with the same `Origin` for a minute without a call.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_plugin_sdk::matching::origin_matches;
@@ -40,6 +45,15 @@ impl Plugin for OriginAllowlist {
     }
 
     fn on_request(&self, req: &Request) -> Decision {
+        self.decide(req).reuse_for(REUSE)
+    }
+}
+
+/// How long the gateway may give an answer again for the same `Origin`.
+const REUSE: Duration = Duration::from_secs(60);
+
+impl OriginAllowlist {
+    fn decide(&self, req: &Request) -> Decision {
         match req.header("origin") {
             None if self.allow_missing => Decision::allow(),
             None => Decision::deny(403, "forbidden: missing Origin\n"),
@@ -87,6 +101,15 @@ mod tests {
         assert_eq!(
             on_request(&p, &with_origin("http://app.example.com")).status(),
             Some(403)
+        );
+        // Both answers depend on the Origin alone.
+        assert_eq!(
+            on_request(&p, &with_origin("https://evil.com")).reuse(),
+            REUSE
+        );
+        assert_eq!(
+            on_request(&p, &with_origin("https://app.example.com")).reuse(),
+            REUSE
         );
     }
 

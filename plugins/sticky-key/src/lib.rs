@@ -9,6 +9,12 @@
 //!
 //! The JWT is read where `jwt-auth` reads it and is **not** verified here:
 //! put `jwt-auth` earlier in the chain.
+//!
+//! The key depends on what the sources read alone (the fallback reads the
+//! client's IP, not its port), so the gateway may give it again to alike
+//! requests for a minute without a call.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_jwt::peek_claim;
@@ -103,25 +109,26 @@ impl Plugin for StickyKey {
             }
         }
         if matches!(self.fallback, Fallback::ClientIp) {
-            fields |= Fields::CLIENT_ADDR;
+            fields |= Fields::CLIENT_IP;
         }
         Some(fields)
     }
 
     fn on_request(&self, req: &Request) -> Decision {
         let key = self.key(req).or_else(|| match self.fallback {
-            Fallback::ClientIp => {
-                let addr = req.client_addr();
-                Some(addr.rsplit_once(':').map_or(addr, |(ip, _)| ip).to_owned())
-            }
+            Fallback::ClientIp => Some(req.client_ip().to_owned()),
             Fallback::None => None,
         });
-        match key {
+        let decision = match key {
             Some(key) => Decision::allow().sticky_key(key),
             None => Decision::allow(),
-        }
+        };
+        decision.reuse_for(REUSE)
     }
 }
+
+/// How long the gateway may give a key again to alike requests.
+const REUSE: Duration = Duration::from_secs(60);
 
 export!(StickyKey);
 
@@ -160,6 +167,8 @@ mod tests {
             Some("r 1")
         );
         assert_eq!(key_of(&p, request().build()), None);
+        // The key depends on the sources alone: reusable.
+        assert_eq!(on_request(&p, &request().build()).reuse(), REUSE);
     }
 
     #[test]
@@ -171,8 +180,10 @@ mod tests {
         );
         assert_eq!(
             key_of(&p, request().client("[::1]:5555").build()).as_deref(),
-            Some("[::1]")
+            Some("::1")
         );
+        // The IP alone, not the port: reusable across a client's connections.
+        assert_eq!(on_request(&p, &request().build()).reuse(), REUSE);
     }
 
     #[test]

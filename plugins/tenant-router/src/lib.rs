@@ -18,6 +18,11 @@
 //! Without a `default`, an unmatched request is refused with 404. The tenant
 //! is also sent upstream in `tenant_header` (replacing any client value) and
 //! added to the access log.
+//!
+//! Each answer depends on the host, path and headers the rules read alone, so
+//! the gateway may give it again to alike requests for a minute without a call.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_plugin_sdk::matching::host_matches;
@@ -111,6 +116,15 @@ impl Plugin for TenantRouter {
     }
 
     fn on_request(&self, req: &Request) -> Decision {
+        self.decide(req).reuse_for(REUSE)
+    }
+}
+
+/// How long the gateway may give an answer again to alike requests.
+const REUSE: Duration = Duration::from_secs(60);
+
+impl TenantRouter {
+    fn decide(&self, req: &Request) -> Decision {
         let matched = match self.rules.iter().find(|r| r.matches(req)) {
             Some(rule) => Some((&rule.tenant, &rule.pool)),
             None => self.default.as_ref().map(|d| (&d.tenant, &d.pool)),
@@ -176,6 +190,7 @@ mod tests {
             route(&p, request().build()),
             (Some("public".into()), Some("blue".into()))
         );
+        assert_eq!(on_request(&p, &request().build()).reuse(), REUSE);
     }
 
     #[test]
