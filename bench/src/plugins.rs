@@ -60,8 +60,9 @@ pub fn headers(plugins: usize, token: &str) -> String {
 /// The TOML to append to the bench's Sluice config right after its one route's keys:
 /// the route's `plugins` (and `pools`) list, then the plugin tables (the first `plugins`
 /// of [`CHAIN`], loaded by absolute path from `wasm_dir`) and, for tenant-router, the
-/// pool it routes to. Empty for no plugins. Plugin limits are Sluice's defaults.
-pub fn sluice_toml(plugins: usize, wasm_dir: &Path, backend: SocketAddr) -> String {
+/// pool it routes to. Empty for no plugins. Plugin limits are Sluice's defaults, but
+/// for `max_reused = 0` when `reuse` is false (every plugin called for every upgrade).
+pub fn sluice_toml(plugins: usize, reuse: bool, wasm_dir: &Path, backend: SocketAddr) -> String {
     if plugins == 0 {
         return String::new();
     }
@@ -97,8 +98,9 @@ forward_claims = {{ sub = "x-user", tenant = "x-tenant" }}"#
 fallback = "client_ip""#
                 .to_string(),
         };
+        let limits = if reuse { "" } else { "max_reused = 0\n" };
         toml.push_str(&format!(
-            "\n[plugins.{name}]\npath = {:?}\n[plugins.{name}.config]\n{config}\n",
+            "\n[plugins.{name}]\npath = {:?}\n{limits}[plugins.{name}.config]\n{config}\n",
             path.display().to_string()
         ));
     }
@@ -136,12 +138,12 @@ mod tests {
     fn chains_name_their_plugins_in_order() {
         let backend: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let dir = Path::new("/p");
-        assert_eq!(sluice_toml(0, dir, backend), "");
-        let one = sluice_toml(1, dir, backend);
+        assert_eq!(sluice_toml(0, true, dir, backend), "");
+        let one = sluice_toml(1, true, dir, backend);
         assert!(one.starts_with("plugins = [\"origin\"]\n"), "{one}");
         assert!(one.contains("path = \"/p/origin-allowlist.wasm\""), "{one}");
         assert!(!one.contains("[plugins.auth]"), "{one}");
-        let four = sluice_toml(4, dir, backend);
+        let four = sluice_toml(4, true, dir, backend);
         assert!(
             four.starts_with(
                 "plugins = [\"origin\", \"auth\", \"tenants\", \"sticky\"]\npools = [\"hashed\"]\n"
@@ -149,5 +151,8 @@ mod tests {
             "{four}"
         );
         assert!(four.contains("path = \"/p/sticky-key.wasm\""), "{four}");
+        assert!(!four.contains("max_reused"), "{four}");
+        let called = sluice_toml(4, false, dir, backend);
+        assert_eq!(called.matches("\nmax_reused = 0\n").count(), 4, "{called}");
     }
 }

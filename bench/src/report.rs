@@ -526,7 +526,7 @@ Policy plugin chains (added = Sluice with the chain minus Sluice without, same r
             };
             let _ = writeln!(
                 out,
-                "\nGoal: the 4-plugin chain adds ≤ {CHAIN4_UPGRADE_LIMIT_US} µs per upgrade: {} µs, met: {met}.\n",
+                "\nGoal: the 4-plugin chain ({t}) adds ≤ {CHAIN4_UPGRADE_LIMIT_US} µs per upgrade: {} µs, met: {met}.\n",
                 num(added, 1)
             );
         }
@@ -614,7 +614,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("adds ≤ 25 µs per upgrade: 40.0 µs, met: **no**."),
+            md.contains("(sluice-4p) adds ≤ 25 µs per upgrade: 40.0 µs, met: **no**."),
             "{md}"
         );
     }

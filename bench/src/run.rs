@@ -20,8 +20,9 @@ use crate::{plugins, sys};
 /// Options of `sluice-bench run` (alias `all`); the defaults run everything.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RunArgs {
-    /// Targets, comma-separated: direct, sluice, sluice-1p, sluice-4p, nginx, haproxy
-    /// (sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain; not in the default set).
+    /// Targets, comma-separated: direct, sluice, sluice-1p, sluice-4p, sluice-4p-called,
+    /// nginx, haproxy (sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain;
+    /// sluice-4p-called: the 4-plugin chain with decision reuse off; not in the default set).
     #[arg(
         long,
         value_delimiter = ',',

@@ -36,6 +36,9 @@ pub enum Target {
     /// Sluice with a four-plugin chain: `origin-allowlist` → `jwt-auth` →
     /// `tenant-router` → `sticky-key`.
     Sluice4p,
+    /// The same four-plugin chain with decision reuse off (`max_reused = 0`):
+    /// every plugin is called for every upgrade.
+    Sluice4pCalled,
     /// Debian's nginx with the standard WebSocket proxy recipe.
     Nginx,
     /// Debian's HAProxy in HTTP mode with a tunnel timeout.
@@ -44,11 +47,12 @@ pub enum Target {
 
 impl Target {
     /// All targets, in report order.
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Direct,
         Target::Sluice,
         Target::Sluice1p,
         Target::Sluice4p,
+        Target::Sluice4pCalled,
         Target::Nginx,
         Target::Haproxy,
     ];
@@ -60,6 +64,7 @@ impl Target {
             Target::Sluice => "sluice",
             Target::Sluice1p => "sluice-1p",
             Target::Sluice4p => "sluice-4p",
+            Target::Sluice4pCalled => "sluice-4p-called",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
         }
@@ -67,23 +72,31 @@ impl Target {
 
     /// Whether this target runs the `sluice` executable.
     pub fn is_sluice(self) -> bool {
-        matches!(self, Target::Sluice | Target::Sluice1p | Target::Sluice4p)
+        matches!(
+            self,
+            Target::Sluice | Target::Sluice1p | Target::Sluice4p | Target::Sluice4pCalled
+        )
     }
 
     /// Length of the target's policy plugin chain (0 for all but the Sluice variants).
     pub fn plugins(self) -> usize {
         match self {
             Target::Sluice1p => 1,
-            Target::Sluice4p => 4,
+            Target::Sluice4p | Target::Sluice4pCalled => 4,
             _ => 0,
         }
+    }
+
+    /// Whether the target's plugins may reuse their decisions (Sluice's default).
+    pub fn reuses_decisions(self) -> bool {
+        self != Target::Sluice4pCalled
     }
 
     /// Processes a running instance consists of (master plus workers).
     fn process_count(self, workers: usize) -> usize {
         match self {
             Target::Direct => 0,
-            Target::Sluice | Target::Sluice1p | Target::Sluice4p => 1,
+            Target::Sluice | Target::Sluice1p | Target::Sluice4p | Target::Sluice4pCalled => 1,
             Target::Nginx => 1 + workers,
             Target::Haproxy => 2,
         }
@@ -111,7 +124,7 @@ impl FromStr for Target {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target {s:?}: expected direct, sluice, sluice-1p, sluice-4p, nginx or haproxy"
+                    "unknown target {s:?}: expected direct, sluice, sluice-1p, sluice-4p, sluice-4p-called, nginx or haproxy"
                 )
             })
     }
@@ -299,9 +312,14 @@ fn command(
     let d = dir.display();
     match target {
         Target::Direct => unreachable!("the direct target runs no process"),
-        Target::Sluice | Target::Sluice1p | Target::Sluice4p => {
+        Target::Sluice | Target::Sluice1p | Target::Sluice4p | Target::Sluice4pCalled => {
             let config = dir.join("sluice.toml");
-            let chain = plugins::sluice_toml(target.plugins(), &env.plugin_dir, backend);
+            let chain = plugins::sluice_toml(
+                target.plugins(),
+                target.reuses_decisions(),
+                &env.plugin_dir,
+                backend,
+            );
             fs::write(
                 &config,
                 format!(
