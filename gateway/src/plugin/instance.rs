@@ -1,8 +1,8 @@
 //! Instances of one loaded plugin: the store state, its limits, the host
 //! imports, and the bounded pool of reused instances.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -203,11 +203,10 @@ pub(super) struct Pool {
     budget_ticks: u64,
     idle: Mutex<Vec<Instance>>,
     permits: Arc<Semaphore>,
-    /// Decisions the plugin allowed to be given again (`None`: reuse is off).
-    reuse: Option<Reuse>,
-    /// The plugin has returned a decision with a `reuse-ms`: until it does,
-    /// requests are not even serialised for a lookup.
-    reusing: AtomicBool,
+    /// Decisions the plugin allowed to be given again: made when it first returns
+    /// one with a `reuse-ms` (and reuse is on), so a plugin that never does costs
+    /// neither the table's memory nor a lookup per request.
+    reuse: OnceLock<Reuse>,
     stats: Stats,
 }
 
@@ -245,8 +244,7 @@ impl Pool {
             budget_ticks: u64::try_from(ticks).unwrap_or(u64::MAX).saturating_add(1),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(limits.max_instances)),
-            reuse: Reuse::new(limits.max_reused),
-            reusing: AtomicBool::new(false),
+            reuse: OnceLock::new(),
             stats: Stats::default(),
         }
     }
@@ -264,11 +262,8 @@ impl Pool {
     /// inputs when it allowed that (`reuse-ms`).
     pub(super) async fn on_request(&self, req: &Request) -> Result<Decision, Fault> {
         let now = Instant::now();
-        let reuse = self.reuse.as_ref();
-        let key = match reuse {
-            Some(reuse) if self.reusing.load(Ordering::Relaxed) => reuse.key(req),
-            _ => None,
-        };
+        let reuse = self.reuse.get();
+        let key = reuse.and_then(|reuse| reuse.key(req));
         if let Some(decision) = key.as_ref().and_then(|key| reuse?.get(key, now)) {
             self.stats.reused.fetch_add(1, Ordering::Relaxed);
             self.count_deny(&decision);
@@ -282,8 +277,10 @@ impl Pool {
             return Err(self.fault(Fault::InvalidDecision(reason)));
         }
         self.count_deny(&decision);
-        if let Some(reuse) = reuse.filter(|_| reuse_ms(&decision) > 0) {
-            self.reusing.store(true, Ordering::Relaxed);
+        if reuse_ms(&decision) > 0 && self.limits.max_reused > 0 {
+            let reuse = self
+                .reuse
+                .get_or_init(|| Reuse::new(self.limits.max_reused));
             if let Some(key) = key.or_else(|| reuse.key(req)) {
                 reuse.put(key, &decision, now);
             }

@@ -22,7 +22,8 @@ const MAX_KEY_BYTES: usize = 4096;
 
 /// The decisions of one plugin that may be given again.
 pub(super) struct Reuse {
-    slots: Box<[Mutex<Option<Entry>>]>,
+    /// Boxed entries: an empty slot is two words.
+    slots: Box<[Mutex<Option<Box<Entry>>>]>,
 }
 
 struct Entry {
@@ -38,13 +39,13 @@ pub(super) struct Key {
 }
 
 impl Reuse {
-    /// A table of `entries` slots (rounded up to a power of two); `None` for 0.
-    pub(super) fn new(entries: usize) -> Option<Reuse> {
-        (entries > 0).then(|| Reuse {
-            slots: (0..entries.next_power_of_two())
+    /// A table of `entries` slots (rounded up to a power of two; at least one).
+    pub(super) fn new(entries: usize) -> Reuse {
+        Reuse {
+            slots: (0..entries.max(1).next_power_of_two())
                 .map(|_| Mutex::new(None))
                 .collect(),
-        })
+        }
     }
 
     /// The key of `req` as the plugin sees it; `None` when it is too long to keep.
@@ -83,7 +84,7 @@ impl Reuse {
         };
         *self.slots[key.slot]
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(entry);
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(entry));
     }
 }
 
