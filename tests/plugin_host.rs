@@ -730,6 +730,14 @@ async fn measure() {
             median: median(runs),
         }
     }
+    /// Each plugin of `chain` alone, on `req`.
+    async fn each_alone(chain: &Chain, req: &RequestInfo, label: &str) {
+        for plugin in chain.plugins() {
+            let alone = Chain::new(vec![plugin.clone()]);
+            let cost = per_call(&alone, req, 3_000).await;
+            println!("  {label} {}: {cost}", plugin.name());
+        }
+    }
     let host = PluginHost::new().unwrap();
     let origin = json!({"allowed": ["https://*.acme.example"]});
     let req = request(&[
@@ -784,22 +792,14 @@ async fn measure() {
         }),
     )
     .await;
-    for plugin in four_called.plugins() {
-        let alone = Chain::new(vec![plugin.clone()]);
-        let cost = per_call(&alone, &req, 3_000).await;
-        println!("  called every time, {}: {cost}", plugin.name());
-    }
+    each_alone(&four_called, &req, "called every time").await;
     println!(
         "reused instances, 4-plugin chain, every plugin called: {}",
         per_call(&four_called, &req, 2_000).await
     );
     // With reuse (the default): the same request again, as on a reconnect.
     let four = full_chain(&host).await;
-    for plugin in four.plugins() {
-        let alone = Chain::new(vec![plugin.clone()]);
-        let cost = per_call(&alone, &req, 3_000).await;
-        println!("  of which {}: {cost}", plugin.name());
-    }
+    each_alone(&four, &req, "of which").await;
     println!(
         "reused instances, 4-plugin chain: {}",
         per_call(&four, &req, 2_000).await

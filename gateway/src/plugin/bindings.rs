@@ -35,12 +35,6 @@ fn header(name: &str, value: &str) -> wit::Header {
     }
 }
 
-impl From<&RequestInfo> for Request {
-    fn from(req: &RequestInfo) -> Self {
-        request(req, None, None)
-    }
-}
-
 /// The record for `req` with only the fields in `fields` and the headers in
 /// `headers` (lower-case names; `None`: all of either): what a chain whose
 /// plugins read no more needs, without copying the rest.
@@ -214,7 +208,7 @@ mod tests {
 
     #[test]
     fn accumulated_header_names_are_lower_case() {
-        let mut req = Request::from(&RequestInfo {
+        let info = RequestInfo {
             kind: RequestKind::WebSocket,
             method: "GET".into(),
             scheme: "http".into(),
@@ -227,7 +221,8 @@ mod tests {
             route: "r".into(),
             tenant: None,
             subprotocols: Vec::new(),
-        });
+        };
+        let mut req = request(&info, None, None);
         let m = wit::Mutations {
             headers: vec![
                 wit::HeaderOp::Set(header("X-User", "alice")),

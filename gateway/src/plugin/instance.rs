@@ -277,12 +277,13 @@ impl Pool {
             return Err(self.fault(Fault::InvalidDecision(reason)));
         }
         self.count_deny(&decision);
-        if reuse_ms(&decision) > 0 && self.limits.max_reused > 0 {
+        let ms = reuse_ms(&decision);
+        if ms > 0 && self.limits.max_reused > 0 {
             let reuse = self
                 .reuse
                 .get_or_init(|| Reuse::new(self.limits.max_reused));
             if let Some(key) = key.or_else(|| reuse.key(req)) {
-                reuse.put(key, &decision, now);
+                reuse.put(key, &decision, now, ms);
             }
         }
         Ok(decision)

@@ -70,13 +70,9 @@ impl Reuse {
         (entry.until > now && *entry.key == *key.bytes).then(|| entry.decision.clone())
     }
 
-    /// Keeps `decision` for `key`, for as long as the plugin allowed (at most
-    /// [`MAX_REUSE`]); a decision without a `reuse-ms` is not kept.
-    pub(super) fn put(&self, key: Key, decision: &Decision, now: Instant) {
-        let ms = reuse_ms(decision);
-        if ms == 0 {
-            return;
-        }
+    /// Keeps `decision` for `key` from `now` for `ms` milliseconds (its
+    /// [`reuse_ms`]), at most [`MAX_REUSE`].
+    pub(super) fn put(&self, key: Key, decision: &Decision, now: Instant, ms: u32) {
         let entry = Entry {
             key: key.bytes.into_boxed_slice(),
             decision: decision.clone(),
