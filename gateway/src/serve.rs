@@ -31,7 +31,7 @@ use crate::connect::{self, ConnectError, with_failover};
 use crate::forward::{self, Conn, Pooled};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Outcome};
-use crate::headers::{add_forwarded, has_token, strip_hop_by_hop};
+use crate::headers::{add_forwarded, has_token, set_upgrade_hop, strip_hop_by_hop};
 use crate::plugin::{Denial, RequestKind};
 use crate::policy::{self, Verdict};
 use crate::route::{Route, normalize_path, request_host};
@@ -213,7 +213,11 @@ enum Direct {
 
 /// Walks an upgrade head through route → policy → connect → handshake and writes the
 /// client's answer itself.
-async fn upgrade_direct(stream: &mut TcpStream, req: Request<()>, ctx: &Arc<ClientConn>) -> Direct {
+async fn upgrade_direct(
+    stream: &mut TcpStream,
+    mut req: Request<()>,
+    ctx: &Arc<ClientConn>,
+) -> Direct {
     let close = client::closes_after(&req);
     let head_only = req.method() == Method::HEAD;
     let resp = match admit(&req, ctx).await {
@@ -222,26 +226,29 @@ async fn upgrade_direct(stream: &mut TcpStream, req: Request<()>, ctx: &Arc<Clie
             plan,
             rec,
             ws_key: Some(ws_key),
-        }) => match open(req.uri(), req.headers(), ws_key, plan, rec, ctx).await {
-            Ok(opened) => {
-                let sent = client::write_response(
-                    stream,
-                    StatusCode::SWITCHING_PROTOCOLS,
-                    &opened.head,
-                    Body::NONE,
-                    false,
-                )
-                .await;
-                return match sent {
-                    Ok(()) => Direct::Tunnel(opened),
-                    Err(e) => {
-                        tracing::warn!(client = %ctx.peer, error = %e, "client upgrade did not complete");
-                        Direct::Closed
-                    }
-                };
+        }) => {
+            let headers = std::mem::take(req.headers_mut());
+            match open(req.uri(), headers, ws_key, plan, rec, ctx).await {
+                Ok(opened) => {
+                    let sent = client::write_response(
+                        stream,
+                        StatusCode::SWITCHING_PROTOCOLS,
+                        &opened.head,
+                        Body::NONE,
+                        false,
+                    )
+                    .await;
+                    return match sent {
+                        Ok(()) => Direct::Tunnel(opened),
+                        Err(e) => {
+                            tracing::warn!(client = %ctx.peer, error = %e, "client upgrade did not complete");
+                            Direct::Closed
+                        }
+                    };
+                }
+                Err(resp) => resp,
             }
-            Err(resp) => resp,
-        },
+        }
         // Not reached: the client stage passes only heads asking for a WebSocket.
         Ok(Admitted { rec, .. }) => respond(
             rec,
@@ -277,7 +284,8 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
     match ws_key {
         Some(ws_key) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
-            match open(req.uri(), req.headers(), ws_key, plan, rec, &ctx).await {
+            let headers = std::mem::take(req.headers_mut());
+            match open(req.uri(), headers, ws_key, plan, rec, &ctx).await {
                 Ok(opened) => switch(opened, on_upgrade, ctx),
                 Err(resp) => resp,
             }
@@ -500,22 +508,27 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// The head sent upstream: origin-form URI, cleaned headers, `Host` per the route, and
-/// the `X-Forwarded-*` headers.
+/// The head sent upstream: origin-form URI, the client's `headers` cleaned (with exactly
+/// one `Connection: Upgrade`/`Upgrade: websocket` pair when `upgrade`), `Host` per the
+/// route, and the `X-Forwarded-*` headers.
 fn upstream_head(
     uri: &Uri,
-    headers: &HeaderMap,
+    mut headers: HeaderMap,
     plan: &Plan,
     authority: &str,
     peer: SocketAddr,
+    upgrade: bool,
 ) -> (Uri, HeaderMap) {
     let route = &plan.route;
     let uri = uri
         .path_and_query()
         .map(|pq| Uri::from(pq.clone()))
         .unwrap_or_else(|| Uri::from_static("/"));
-    let mut headers = headers.clone();
-    strip_hop_by_hop(&mut headers);
+    if upgrade {
+        set_upgrade_hop(&mut headers);
+    } else {
+        strip_hop_by_hop(&mut headers);
+    }
     // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
     add_forwarded(&mut headers, peer, "http");
     if (!route.config.preserve_host || !headers.contains_key(header::HOST))
@@ -544,7 +557,7 @@ struct Opened {
 /// any failure or refusal is the client's answer instead.
 async fn open(
     uri: &Uri,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     ws_key: String,
     plan: Plan,
     mut rec: Record,
@@ -557,9 +570,14 @@ async fn open(
     };
     rec.upstream = server.config.authority.clone();
     let guard = server.acquire();
-    let (uri, mut headers) = upstream_head(uri, headers, &plan, &server.config.authority, ctx.peer);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let (uri, headers) = upstream_head(
+        uri,
+        headers,
+        &plan,
+        &server.config.authority,
+        ctx.peer,
+        true,
+    );
     let outcome = tokio::time::timeout(
         route.config.handshake_timeout,
         handshake::handshake(stream, &uri, &headers, &ws_key),
@@ -591,9 +609,7 @@ async fn open(
         })) => return Err(relay_refusal(rec, status, headers, body)),
         Ok(Ok(Outcome::Upgraded { headers, server })) => (headers, server),
     };
-    strip_hop_by_hop(&mut head);
-    head.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    head.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    set_upgrade_hop(&mut head);
     rec.kind = "tunnel";
     rec.status = 101;
     Ok(Opened {
@@ -657,10 +673,11 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let (uri, headers) = upstream_head(
         &parts.uri,
-        &parts.headers,
+        parts.headers,
         &plan,
         &server.config.authority,
         ctx.peer,
+        false,
     );
     let mut up = Request::new(Counted::new(body, rec.bytes_in.clone()));
     *up.method_mut() = parts.method;
