@@ -8,10 +8,11 @@
 //! any head this stage does not want to judge (a body, an invalid field), goes to hyper
 //! with the bytes already read put back in front of the stream ([`Prefixed`]).
 
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
@@ -190,7 +191,7 @@ pub async fn write_response(
     }
     if !headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+        push_date(&mut out);
         out.extend_from_slice(b"\r\n");
     }
     if status != StatusCode::SWITCHING_PROTOCOLS {
@@ -204,6 +205,29 @@ pub async fn write_response(
         out.extend_from_slice(body.bytes);
     }
     stream.write_all(&out).await
+}
+
+/// The length of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+const DATE_LEN: usize = 29;
+
+/// Appends the current `Date` value. It is formatted once per second per worker thread
+/// (as hyper does for the responses it writes), not once per response.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static LAST: Cell<(u64, [u8; DATE_LEN])> = const { Cell::new((u64::MAX, [0; DATE_LEN])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (cached, text) = LAST.get();
+    if cached == secs {
+        out.extend_from_slice(&text);
+        return;
+    }
+    let fresh = httpdate::fmt_http_date(now);
+    if let Ok(text) = <[u8; DATE_LEN]>::try_from(fresh.as_bytes()) {
+        LAST.set((secs, text));
+    }
+    out.extend_from_slice(fresh.as_bytes());
 }
 
 /// A client stream with bytes already read from it put back in front, so hyper parses
@@ -274,5 +298,26 @@ impl AsyncWrite for Prefixed {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cached_date_is_the_current_one() {
+        for _ in 0..3 {
+            let before = SystemTime::now();
+            let mut out = Vec::new();
+            push_date(&mut out);
+            let after = SystemTime::now();
+            let text = std::str::from_utf8(&out).unwrap();
+            let parsed = httpdate::parse_http_date(text).unwrap();
+            // Second resolution: the value is within the second before `before` and `after`.
+            assert!(parsed + Duration::from_secs(1) > before, "{text}");
+            assert!(parsed <= after, "{text}");
+            assert_eq!(out.len(), DATE_LEN);
+        }
     }
 }

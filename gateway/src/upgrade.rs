@@ -75,12 +75,12 @@ pub fn classify(method: &Method, version: Version, headers: &HeaderMap) -> Upgra
             );
         }
     };
-    let valid = key
-        .to_str()
-        .ok()
-        .filter(|k| k.len() == 24)
-        .and_then(|k| STANDARD.decode(k).ok())
-        .is_some_and(|raw| raw.len() == 16);
+    // 24 base64 characters decode to at most 18 bytes; a valid key is exactly 16.
+    let mut raw = [0u8; 18];
+    let valid = key.len() == 24
+        && STANDARD
+            .decode_slice(key.as_bytes(), &mut raw)
+            .is_ok_and(|n| n == 16);
     if !valid {
         return refuse(
             StatusCode::BAD_REQUEST,
