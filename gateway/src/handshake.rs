@@ -16,7 +16,7 @@ use http::{StatusCode, Uri};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::headers::{from_parsed, has_token};
+use crate::headers::{end_to_end_from_parsed, from_parsed, has_token, value_has_token};
 use crate::tunnel::End;
 use crate::upgrade::accept_for;
 
@@ -32,7 +32,7 @@ pub enum Outcome {
     /// A valid `101`: its headers (for the client's `101`) and the server's end of the
     /// tunnel.
     Upgraded {
-        /// The server's `101` headers.
+        /// The server's `101` headers, end-to-end ones only.
         headers: HeaderMap,
         /// The server's socket and any bytes it sent right after the `101`.
         server: End,
@@ -84,9 +84,10 @@ pub async fn handshake(
     key: &str,
 ) -> Result<Outcome, HandshakeError> {
     stream.write_all(&request_head(uri, headers)).await?;
+    let accept = accept_for(key);
     let mut buf = BytesMut::with_capacity(1024);
     let (status, headers) = loop {
-        let (status, headers) = read_head(&mut stream, &mut buf).await?;
+        let (status, headers) = read_head(&mut stream, &mut buf, &accept).await?;
         // Interim answers (100 Continue, 103 Early Hints) are skipped, as hyper does.
         if status == StatusCode::SWITCHING_PROTOCOLS || !status.is_informational() {
             break (status, headers);
@@ -99,15 +100,6 @@ pub async fn handshake(
             headers,
             body,
         });
-    }
-    if !has_token(&headers, header::UPGRADE, "websocket") {
-        return Err(HandshakeError::NotWebSocket);
-    }
-    let expected = accept_for(key);
-    let mut accepts = headers.get_all(header::SEC_WEBSOCKET_ACCEPT).iter();
-    match (accepts.next(), accepts.next()) {
-        (Some(a), None) if a.as_bytes() == expected.as_bytes() => {}
-        _ => return Err(HandshakeError::BadAccept),
     }
     Ok(Outcome::Upgraded {
         headers,
@@ -146,10 +138,13 @@ async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Handshak
     }
 }
 
-/// Reads and parses one response head, consuming it from `buf`.
+/// Reads and parses one response head, consuming it from `buf`. A `101` must carry
+/// `Upgrade: websocket` and exactly one `Sec-WebSocket-Accept` equal to `accept`, checked
+/// on the raw fields; its map holds only the end-to-end fields.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
+    accept: &str,
 ) -> Result<(StatusCode, HeaderMap), HandshakeError> {
     loop {
         if !buf.is_empty() {
@@ -165,7 +160,12 @@ async fn read_head(
                         .code
                         .and_then(|c| StatusCode::from_u16(c).ok())
                         .ok_or_else(|| malformed("bad status code"))?;
-                    let headers = from_parsed(resp.headers).map_err(malformed)?;
+                    let headers = if status == StatusCode::SWITCHING_PROTOCOLS {
+                        check_switch(resp.headers, accept)?;
+                        end_to_end_from_parsed(resp.headers).map_err(malformed)?
+                    } else {
+                        from_parsed(resp.headers).map_err(malformed)?
+                    };
                     buf.advance(len);
                     return Ok((status, headers));
                 }
@@ -177,6 +177,24 @@ async fn read_head(
             return Err(HandshakeError::HeadTooLarge);
         }
         fill(stream, buf).await?;
+    }
+}
+
+/// Whether a `101`'s fields make it a WebSocket answer to the key whose accept value is
+/// `accept`.
+fn check_switch(fields: &[httparse::Header<'_>], accept: &str) -> Result<(), HandshakeError> {
+    let named = |name: &'static str| {
+        fields
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+    };
+    if !named(header::UPGRADE.as_str()).any(|h| value_has_token(h.value, "websocket")) {
+        return Err(HandshakeError::NotWebSocket);
+    }
+    let mut accepts = named(header::SEC_WEBSOCKET_ACCEPT.as_str());
+    match (accepts.next(), accepts.next()) {
+        (Some(a), None) if a.value == accept.as_bytes() => Ok(()),
+        _ => Err(HandshakeError::BadAccept),
     }
 }
 

@@ -129,10 +129,32 @@ pub fn value_has_token(value: &[u8], token: &str) -> bool {
 }
 
 /// A header map from the fields `httparse` parsed; `Err` says which part of a field is
-/// invalid.
+/// invalid. It has room for the few headers a proxy adds (a full map grows on any
+/// insert, even of a name it has).
 pub fn from_parsed(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, &'static str> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
     for h in fields {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// Like [`from_parsed`], but only the end-to-end fields: hop-by-hop fields and those named
+/// in a `Connection` field are skipped rather than made into a map only to be stripped.
+pub fn end_to_end_from_parsed(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, &'static str> {
+    let listed = |name: &str| {
+        fields.iter().any(|h| {
+            h.name.eq_ignore_ascii_case(header::CONNECTION.as_str())
+                && value_has_token(h.value, name)
+        })
+    };
+    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
+    for h in fields {
+        if HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) || listed(h.name) {
+            continue;
+        }
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad header value")?;
         headers.append(name, value);
@@ -291,6 +313,44 @@ mod tests {
                 "upgrade: websocket"
             ]
         );
+    }
+
+    #[test]
+    fn end_to_end_fields_are_what_stripping_leaves() {
+        let fields = [
+            httparse::Header {
+                name: "Connection",
+                value: b"Upgrade, X-Hop",
+            },
+            httparse::Header {
+                name: "Upgrade",
+                value: b"websocket",
+            },
+            httparse::Header {
+                name: "X-Hop",
+                value: b"1",
+            },
+            httparse::Header {
+                name: "Keep-Alive",
+                value: b"timeout=5",
+            },
+            httparse::Header {
+                name: "Sec-WebSocket-Accept",
+                value: b"a",
+            },
+            httparse::Header {
+                name: "Set-Cookie",
+                value: b"x=1",
+            },
+            httparse::Header {
+                name: "Set-Cookie",
+                value: b"y=2",
+            },
+        ];
+        let mut stripped = from_parsed(&fields).unwrap();
+        strip_hop_by_hop(&mut stripped);
+        assert_eq!(end_to_end_from_parsed(&fields).unwrap(), stripped);
+        assert_eq!(stripped.len(), 3);
     }
 
     #[test]
