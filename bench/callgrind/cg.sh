@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Counts the user-space instructions Sluice spends per WebSocket upgrade, under valgrind's
+# Counts the user-space instructions a proxy spends per WebSocket upgrade, under valgrind's
 # callgrind: the same total every run for the same binary and inputs, whatever else the
-# machine is doing (CPU-time A/B on a shared 2-core VM swings by +-10 %).
+# machine is doing (CPU-time A/B on a shared 2-core VM swings by +-10 %). Kernel time is
+# not counted: this measures only the part a proxy's own code controls.
 #
-# usage: bench/callgrind/cg.sh [BIN] [OUT] [N]
-#   BIN  the sluice binary (default target/release/sluice)
-#   OUT  callgrind output file (default /tmp/sluice.callgrind)
-#   N    measured upgrades (default 2000), after 200 unmeasured warm-up ones
+# usage: bench/callgrind/cg.sh [TARGET] [BIN] [OUT] [N]
+#   TARGET  sluice (default), nginx or haproxy, configured as the bench configures them
+#           (bench/src/targets.rs) except that nginx runs as one process (no master)
+#   BIN     the sluice binary (default target/release/sluice; ignored for the peers)
+#   OUT     callgrind output file (default /tmp/TARGET.callgrind)
+#   N       measured upgrades (default 2000), after 200 unmeasured warm-up ones
 # Then: callgrind_annotate --inclusive=yes OUT | head -60
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=${1:-target/release/sluice}
-OUT=${2:-/tmp/sluice.callgrind}
-N=${3:-2000}
+TARGET=${1:-sluice}
+BIN=${2:-target/release/sluice}
+OUT=${3:-/tmp/$TARGET.callgrind}
+N=${4:-2000}
 DRIVE=bench/callgrind/drive.py
 dir=$(mktemp -d)
 pids=()
@@ -43,8 +47,10 @@ backend=$(sed -n 's/.*listening \(127.0.0.1:[0-9]*\).*/\1/p' "$dir/backend.out" 
 [ -n "$backend" ] || { echo "backend did not start" >&2; exit 1; }
 
 port=$(free_port)
-cat > "$dir/sluice.toml" <<TOML
-# The bench's own Sluice config (bench/src/targets.rs), no plugins.
+case "$TARGET" in
+sluice)
+    cat > "$dir/sluice.toml" <<TOML
+# The bench's own Sluice config, no plugins.
 [log]
 level = "warn"
 
@@ -62,18 +68,95 @@ servers = ["$backend"]
 path_prefix = "/"
 upstream = "echo"
 TOML
+    cmd=("$BIN" run "$dir/sluice.toml")
+    ;;
+nginx)
+    mkdir -p "$dir/logs"
+    cat > "$dir/nginx.conf" <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/nginx.log warn;
+events { worker_connections 10000; }
+http {
+    access_log off;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    upstream echo { server $backend; }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_set_header Host \$host;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+    }
+}
+CONF
+    cmd=(nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx.log")
+    ;;
+haproxy)
+    cat > "$dir/haproxy.cfg" <<CONF
+global
+    nbthread 2
+    maxconn 9000
+defaults
+    mode http
+    maxconn 9000
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout tunnel 1h
+frontend bench
+    bind 127.0.0.1:$port
+    default_backend echo
+backend echo
+    server echo1 $backend
+CONF
+    cmd=(haproxy -db -f "$dir/haproxy.cfg")
+    ;;
+*)
+    echo "unknown target $TARGET (sluice, nginx, haproxy)" >&2
+    exit 2
+    ;;
+esac
 
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
-    --log-file="$dir/valgrind.log" "$BIN" run "$dir/sluice.toml" > "$dir/sluice.out" 2>&1 &
+    --log-file="$dir/valgrind.log" "${cmd[@]}" > "$dir/proxy.out" 2>&1 &
 vg=$!
 pids+=($vg)
 wait_port "$port"
 python3 "$DRIVE" "127.0.0.1:$port" 200 4
-callgrind_control -i on "$vg" > /dev/null
+# callgrind_control's request is seen only when the program runs: a proxy asleep in
+# epoll_wait (nginx; HAProxy) is woken by single upgrades until it is. Those few, at most
+# partly counted, are reported.
+wakes=0
+toggle() {
+    callgrind_control -i "$1" "$vg" > /dev/null &
+    local c=$!
+    for _ in $(seq 1 50); do
+        sleep 0.2
+        kill -0 "$c" 2>/dev/null || break
+        python3 "$DRIVE" "127.0.0.1:$port" 1 1
+        wakes=$((wakes + 1))
+    done
+    wait "$c"
+}
+toggle on
 python3 "$DRIVE" "127.0.0.1:$port" "$N" 4
-callgrind_control -i off "$vg" > /dev/null
+toggle off
 kill -TERM "$vg"
 wait "$vg" || true
 total=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$dir/valgrind.log" | tail -1)
 [ -n "$total" ] || { cat "$dir/valgrind.log" >&2; exit 1; }
-echo "instructions: $total for $N upgrades = $((total / N)) per upgrade ($OUT)"
+echo "$TARGET instructions: $total for $N upgrades = $((total / N)) per upgrade ($OUT; $wakes wake-up upgrades)"
