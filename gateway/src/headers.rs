@@ -222,16 +222,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strips_listed_and_standard_hop_headers() {
+    fn strips_listed_and_standard_hop_headers_whatever_the_case() {
         let mut h = HeaderMap::new();
-        h.insert("connection", "keep-alive, X-Secret".parse().unwrap());
-        h.insert("x-secret", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("te", "trailers".parse().unwrap());
-        h.insert("x-kept", "1".parse().unwrap());
+        h.insert("connection", "keep-alive, X-Secret, x-ONE".parse().unwrap());
+        h.append("connection", "X-Two".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        for name in ["x-secret", "x-one", "x-two", "keep-alive", "te", "x-kept"] {
+            h.insert(name, "1".parse().unwrap());
+        }
+        h.insert("proxy-authorization", "Basic e30=".parse().unwrap());
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]
@@ -270,20 +271,6 @@ mod tests {
             push_ip(&mut out, ip.parse().unwrap());
             assert_eq!(out, ip);
         }
-    }
-
-    #[test]
-    fn strips_only_what_is_there_whatever_the_case() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "Upgrade, x-ONE".parse().unwrap());
-        h.append("connection", "X-Two".parse().unwrap());
-        h.insert("upgrade", "websocket".parse().unwrap());
-        h.insert("x-one", "1".parse().unwrap());
-        h.insert("x-two", "2".parse().unwrap());
-        h.insert("proxy-authorization", "Basic e30=".parse().unwrap());
-        h.insert("host", "example.com".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().collect::<Vec<_>>(), ["host"]);
     }
 
     #[test]
