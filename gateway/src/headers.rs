@@ -132,13 +132,7 @@ pub fn value_has_token(value: &[u8], token: &str) -> bool {
 /// invalid. It has room for the few headers a proxy adds (a full map grows on any
 /// insert, even of a name it has).
 pub fn from_parsed(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, &'static str> {
-    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
-    for h in fields {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad header value")?;
-        headers.append(name, value);
-    }
-    Ok(headers)
+    map_of(fields, |_| true)
 }
 
 /// Like [`from_parsed`], but only the end-to-end fields: hop-by-hop fields and those named
@@ -150,11 +144,18 @@ pub fn end_to_end_from_parsed(fields: &[httparse::Header<'_>]) -> Result<HeaderM
                 && value_has_token(h.value, name)
         })
     };
+    map_of(fields, |h| {
+        !HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) && !listed(h.name)
+    })
+}
+
+/// The map of the fields `keep` accepts, with room for four more.
+fn map_of(
+    fields: &[httparse::Header<'_>],
+    keep: impl Fn(&httparse::Header<'_>) -> bool,
+) -> Result<HeaderMap, &'static str> {
     let mut headers = HeaderMap::with_capacity(fields.len() + 4);
-    for h in fields {
-        if HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) || listed(h.name) {
-            continue;
-        }
+    for h in fields.iter().filter(|h| keep(h)) {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad header value")?;
         headers.append(name, value);
