@@ -85,6 +85,9 @@ pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, limit:
             },
             () = stopping.cancelled() => break,
         };
+        // Linux copies `TCP_NODELAY` from the listening socket to the ones it accepts
+        // (see the test below); elsewhere it is set on each one.
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         gw.tracker().spawn(serve::connection(
             gw.clone(),
@@ -95,4 +98,25 @@ pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, limit:
         ));
     }
     tracing::debug!(listener = %name, "stopped accepting");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tunnels relay small frames as they come: every accepted connection must have
+    /// `TCP_NODELAY`, which on Linux it inherits from the listening socket.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let bound = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let [bound] = <[Bound; 1]>::try_from(bound).unwrap();
+        let addr = bound.local_addr().unwrap();
+        let listener = bound.listen().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        #[cfg(not(target_os = "linux"))]
+        accepted.set_nodelay(true).unwrap();
+        assert!(accepted.nodelay().unwrap());
+        drop(client);
+    }
 }
