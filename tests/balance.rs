@@ -237,6 +237,69 @@ async fn a_dead_server_is_skipped_without_client_errors_and_502_only_when_all_ar
     assert_eq!(answer.status, 502, "{answer:?}");
 }
 
+/// A listener whose accept queue is full: with a backlog of 0 it holds one connection (the
+/// returned filler, never accepted), and the kernel drops every further SYN, so a connect
+/// to it stays in SYN-SENT until a retransmitted SYN finds room.
+async fn full_listener() -> (tokio::net::TcpListener, tokio::net::TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let filler = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    (listener, filler)
+}
+
+/// The upgrade head is written together with the connect; a server whose TCP handshake
+/// completes only after a SYN retransmit (about 1 s) still gets it, and the tunnel works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_completes_the_connect_late_still_gets_the_upgrade() {
+    let (listener, filler) = full_listener().await;
+    let gateway = ConfigBuilder::new(&[listener.local_addr().unwrap()])
+        .upstream_toml("connect_timeout = \"5s\"")
+        .start()
+        .await;
+    let client = tokio::spawn(async move { reached(gateway.addr(), "/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Make room in the accept queue; the gateway's next SYN is answered.
+    let (queued, _) = listener.accept().await.unwrap();
+    drop((queued, filler));
+    let backend = Backend::serve("late", listener);
+    let name = within(Duration::from_secs(10), "the late upgrade", client)
+        .await
+        .unwrap();
+    assert_eq!(name, "late");
+    assert_eq!(backend.upgrades(), 1);
+}
+
+/// A server that never completes the TCP handshake costs each tunnel sent to it the
+/// pool's connect timeout, then the next server takes the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_completes_the_connect_fails_over_after_the_timeout() {
+    let (listener, _filler) = full_listener().await;
+    let good = Backend::start("good").await;
+    let gateway = ConfigBuilder::new(&[listener.local_addr().unwrap(), good.addr])
+        .upstream_toml("balance = \"round-robin\"\nconnect_timeout = \"300ms\"")
+        .start()
+        .await;
+    for i in 0..4 {
+        let name = within(
+            Duration::from_secs(5),
+            "a tunnel",
+            reached(gateway.addr(), "/", &[]),
+        )
+        .await;
+        assert_eq!(name, "good", "tunnel {i}");
+    }
+    assert_eq!(good.upgrades(), 4);
+    let timeouts = gateway
+        .stderr_lines()
+        .iter()
+        .filter(|l| l.contains("upstream connect failed") && l.contains("timed out"))
+        .count();
+    assert!(timeouts >= 1, "no connect timeout was logged");
+}
+
 /// Waits until `backend` has received two more health probes than now, so that the gateway
 /// has seen at least one probe answered with the status set before this call.
 async fn wait_for_fresh_probes(backend: &Backend) {

@@ -1,9 +1,11 @@
 //! Connect stage: a TCP connection to a server the balancer picks, with a connect
 //! deadline, passive ejection, and failover to the next healthy server.
 
-use std::io;
+use std::io::{self, Write};
 use std::sync::Arc;
 
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::balance::{Pool, Server};
@@ -86,12 +88,45 @@ pub async fn tcp(pool: &Pool, server: &Server) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// The attempt used by tunnels: a fresh TCP connection.
-pub struct Tcp<'a>(pub &'a Pool);
-
-impl Attempt for Tcp<'_> {
-    type Output = TcpStream;
-    async fn attempt(&mut self, server: &Arc<Server>) -> io::Result<TcpStream> {
-        tcp(self.0, server).await
+/// A TCP connection to `server` whose first bytes are `first` (a request head), written
+/// as soon as `connect(2)` has been issued rather than once the connection is reported.
+///
+/// A nonblocking write to a socket still in SYN-SENT fails with `EAGAIN`; then this waits
+/// for the connection within the pool's deadline and writes afterwards, as a plain
+/// connect would. But on loopback and nearby servers the TCP handshake has already
+/// completed inside `connect(2)`, and the write goes out at once: no event-loop turn to
+/// learn that the socket is writable and no `getsockopt(SO_ERROR)`. A refused connection
+/// fails the write with the connect error.
+pub async fn tcp_sending(pool: &Pool, server: &Server, first: &[u8]) -> io::Result<TcpStream> {
+    let addr = server.config.addr;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => return Err(e),
+        _ => {}
     }
+    let socket = std::net::TcpStream::from(socket);
+    let sent = match (&socket).write(first) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    let mut stream = TcpStream::from_std(socket)?;
+    if sent < first.len() {
+        let rest = async {
+            stream.writable().await?;
+            if let Some(e) = stream.take_error()? {
+                return Err(e);
+            }
+            stream.write_all(&first[sent..]).await
+        };
+        tokio::time::timeout(pool.connect_timeout, rest)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    }
+    Ok(stream)
 }

@@ -3,9 +3,10 @@
 //! `Sec-WebSocket-Accept` for the key sent. Anything else is relayed or refused, and the
 //! client connection stays HTTP.
 //!
-//! The exchange is one write of the request head and reads until the response head
-//! parses (`httparse`, the parser hyper itself uses), on the connection task: no hyper
-//! client connection, no extra task, no 8 KiB read buffer per upgrade. A refusal's body
+//! The request head is made here ([`request_head`]) and written by the connect stage
+//! together with the connect ([`crate::connect::tcp_sending`]); this stage reads until
+//! the response head parses (`httparse`, the parser hyper itself uses), on the connection
+//! task: no hyper client connection, no extra task, no 8 KiB read buffer per upgrade. A refusal's body
 //! (it is an error page, usually tiny) is read whole, up to [`MAX_REFUSAL_BODY`].
 
 use std::io;
@@ -13,7 +14,7 @@ use std::io;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{StatusCode, Uri};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::headers::{end_to_end_from_parsed, from_parsed, has_token, value_has_token};
@@ -52,7 +53,7 @@ pub enum Outcome {
 /// upstream's side.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    /// Writing the request or reading the response failed.
+    /// Reading the response failed.
     #[error("upstream connection failed during the handshake: {0}")]
     Io(#[from] io::Error),
     /// The server closed before a whole response arrived.
@@ -75,15 +76,9 @@ pub enum HandshakeError {
     BadAccept,
 }
 
-/// Sends `GET uri` with `headers` on `stream` and reads the answer; `key` is the
-/// `Sec-WebSocket-Key` among `headers`.
-pub async fn handshake(
-    mut stream: TcpStream,
-    uri: &Uri,
-    headers: &HeaderMap,
-    key: &str,
-) -> Result<Outcome, HandshakeError> {
-    stream.write_all(&request_head(uri, headers)).await?;
+/// Reads the server's answer to the upgrade head already sent on `stream` (made by
+/// [`request_head`]; the connect stage writes it); `key` is the `Sec-WebSocket-Key` sent.
+pub async fn handshake(mut stream: TcpStream, key: &str) -> Result<Outcome, HandshakeError> {
     let accept = accept_for(key);
     let mut buf = BytesMut::with_capacity(1024);
     let (status, headers) = loop {
@@ -110,8 +105,8 @@ pub async fn handshake(
     })
 }
 
-/// The request head: `GET path?query HTTP/1.1`, the headers, a blank line.
-fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
+/// The upgrade's request head: `GET path?query HTTP/1.1`, the headers, a blank line.
+pub fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
     let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut out = Vec::with_capacity(256 + headers.len() * 48);
     out.extend_from_slice(b"GET ");

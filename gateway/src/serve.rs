@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::{CloseHook, Counted, Record};
-use crate::balance::{ActiveGuard, Pool};
+use crate::balance::{ActiveGuard, Pool, Server};
 use crate::client::{self, Body, FirstHead, Prefixed};
 use crate::config::{HashKey, ListenerConfig, RouteAction};
 use crate::connect::{self, ConnectError, with_failover};
@@ -531,13 +531,69 @@ fn upstream_head(
     }
     // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
     add_forwarded(&mut headers, peer, "http");
-    if (!route.config.preserve_host || !headers.contains_key(header::HOST))
+    if !keeps_client_host(route, &headers)
         && let Ok(v) = HeaderValue::from_str(authority)
     {
         headers.insert(header::HOST, v);
     }
     policy::apply(&plan.verdict, &mut headers);
     (uri, headers)
+}
+
+/// Whether the upstream request keeps the client's `Host` (`preserve_host`, and the client
+/// sent one); otherwise `Host` names the server.
+fn keeps_client_host(route: &Route, headers: &HeaderMap) -> bool {
+    route.config.preserve_host && headers.contains_key(header::HOST)
+}
+
+/// Connects to a server and sends it the upgrade head in the same step
+/// ([`connect::tcp_sending`]).
+struct UpgradeAttempt<'a> {
+    plan: &'a Plan,
+    head: Head<'a>,
+}
+
+/// The upgrade head for the servers tried.
+enum Head<'a> {
+    /// `Host` is the client's (with `preserve_host`, the default): the same bytes for
+    /// every server, made once.
+    Fixed(Vec<u8>),
+    /// `Host` names the server: made for each server tried, from the client's headers.
+    PerServer {
+        uri: &'a Uri,
+        headers: HeaderMap,
+        peer: SocketAddr,
+    },
+}
+
+impl<'a> UpgradeAttempt<'a> {
+    fn new(uri: &'a Uri, headers: HeaderMap, plan: &'a Plan, peer: SocketAddr) -> Self {
+        let head = if keeps_client_host(&plan.route, &headers) {
+            // No server's authority is written: the client's Host stays.
+            let (uri, headers) = upstream_head(uri, headers, plan, "", peer, true);
+            Head::Fixed(handshake::request_head(&uri, &headers))
+        } else {
+            Head::PerServer { uri, headers, peer }
+        };
+        UpgradeAttempt { plan, head }
+    }
+}
+
+impl connect::Attempt for UpgradeAttempt<'_> {
+    type Output = TcpStream;
+    async fn attempt(&mut self, server: &Arc<Server>) -> std::io::Result<TcpStream> {
+        let pool = &self.plan.verdict.pool;
+        match &self.head {
+            Head::Fixed(head) => connect::tcp_sending(pool, server, head).await,
+            Head::PerServer { uri, headers, peer } => {
+                let authority = &server.config.authority;
+                let (uri, headers) =
+                    upstream_head(uri, headers.clone(), self.plan, authority, *peer, true);
+                let head = handshake::request_head(&uri, &headers);
+                connect::tcp_sending(pool, server, &head).await
+            }
+        }
+    }
 }
 
 /// An upstream that answered the upgrade with a valid `101`.
@@ -564,23 +620,16 @@ async fn open(
     ctx: &ClientConn,
 ) -> Result<Opened, Response<ResponseBody>> {
     let (route, pool) = (&plan.route, &plan.verdict.pool);
-    let (server, stream) = match with_failover(pool, &plan.key, connect::Tcp(pool)).await {
+    let attempt = UpgradeAttempt::new(uri, headers, &plan, ctx.peer);
+    let (server, stream) = match with_failover(pool, &plan.key, attempt).await {
         Ok(s) => s,
         Err(e) => return Err(no_upstream(rec, route, &e)),
     };
     rec.upstream = server.config.authority.clone();
     let guard = server.acquire();
-    let (uri, headers) = upstream_head(
-        uri,
-        headers,
-        &plan,
-        &server.config.authority,
-        ctx.peer,
-        true,
-    );
     let outcome = tokio::time::timeout(
         route.config.handshake_timeout,
-        handshake::handshake(stream, &uri, &headers, &ws_key),
+        handshake::handshake(stream, &ws_key),
     )
     .await;
     let (mut head, server_end) = match outcome {

@@ -623,6 +623,11 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
+        Backend::serve(name, listener)
+    }
+
+    /// Starts a backend called `name` that accepts on `listener`.
+    pub fn serve(name: &str, listener: TcpListener) -> Backend {
         let addr = listener.local_addr().expect("backend addr");
         let state = Arc::new(BackendState {
             name: name.to_string(),
