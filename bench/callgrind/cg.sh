@@ -6,7 +6,8 @@
 #
 # usage: bench/callgrind/cg.sh [TARGET] [BIN] [OUT] [N]
 #   TARGET  sluice (default), nginx or haproxy, configured as the bench configures them
-#           (bench/src/targets.rs) except that nginx runs as one process (no master)
+#           (`sluice-bench config`, from bench/src/targets.rs) except that nginx runs
+#           without its master process and HAProxy without master-worker
 #   BIN     the sluice binary (default target/release/sluice; ignored for the peers)
 #   OUT     callgrind output file (default /tmp/TARGET.callgrind)
 #   N       measured upgrades (default 2000), after 200 unmeasured warm-up ones
@@ -47,89 +48,10 @@ backend=$(sed -n 's/.*listening \(127.0.0.1:[0-9]*\).*/\1/p' "$dir/backend.out" 
 [ -n "$backend" ] || { echo "backend did not start" >&2; exit 1; }
 
 port=$(free_port)
-case "$TARGET" in
-sluice)
-    cat > "$dir/sluice.toml" <<TOML
-# The bench's own Sluice config, no plugins.
-[log]
-level = "warn"
-
-[runtime]
-workers = 2
-
-[listeners.bench]
-bind = "127.0.0.1:$port"
-max_connections = 20000
-
-[upstreams.echo]
-servers = ["$backend"]
-
-[[routes]]
-path_prefix = "/"
-upstream = "echo"
-TOML
-    cmd=("$BIN" run "$dir/sluice.toml")
-    ;;
-nginx)
-    mkdir -p "$dir/logs"
-    cat > "$dir/nginx.conf" <<CONF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/nginx.log warn;
-events { worker_connections 10000; }
-http {
-    access_log off;
-    client_body_temp_path $dir/client_body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
-    upstream echo { server $backend; }
-    server {
-        listen 127.0.0.1:$port;
-        location / {
-            proxy_pass http://echo;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection \$connection_upgrade;
-            proxy_set_header Host \$host;
-            proxy_read_timeout 1h;
-            proxy_send_timeout 1h;
-        }
-    }
-}
-CONF
-    cmd=(nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/nginx.log")
-    ;;
-haproxy)
-    cat > "$dir/haproxy.cfg" <<CONF
-global
-    nbthread 2
-    maxconn 9000
-defaults
-    mode http
-    maxconn 9000
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-request 10s
-    timeout tunnel 1h
-frontend bench
-    bind 127.0.0.1:$port
-    default_backend echo
-backend echo
-    server echo1 $backend
-CONF
-    cmd=(haproxy -db -f "$dir/haproxy.cfg")
-    ;;
-*)
-    echo "unknown target $TARGET (sluice, nginx, haproxy)" >&2
-    exit 2
-    ;;
-esac
+# The bench's own config and command line for the target (bench/src/targets.rs).
+mapfile -t cmd < <(target/release/sluice-bench config "$TARGET" --backend "$backend" \
+    --listen "127.0.0.1:$port" --dir "$dir/proxy" --sluice "$BIN" --single-process)
+[ "${#cmd[@]}" -gt 0 ] || exit 2
 
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
     --log-file="$dir/valgrind.log" "${cmd[@]}" > "$dir/proxy.out" 2>&1 &

@@ -35,6 +35,28 @@ enum Cmd {
         /// A JSON-lines file written by `run`.
         file: PathBuf,
     },
+    /// Write a proxy's bench config and print the command that runs it, one argument per
+    /// line (used by `bench/callgrind/cg.sh`).
+    #[command(hide = true)]
+    Config {
+        /// sluice, nginx or haproxy.
+        target: targets::Target,
+        /// The echo backend's address.
+        #[arg(long)]
+        backend: SocketAddr,
+        /// Address the proxy listens on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory for the config, pid file and logs.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The sluice executable.
+        #[arg(long, default_value = "target/release/sluice")]
+        sluice: PathBuf,
+        /// nginx without its master process, HAProxy without master-worker.
+        #[arg(long)]
+        single_process: bool,
+    },
     /// The echo backend (started by `run` as a separate process).
     #[command(hide = true)]
     Backend {
@@ -51,6 +73,14 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Run(args) => run::run(args),
         Cmd::Report { file } => run::report(&file),
+        Cmd::Config {
+            target,
+            backend,
+            listen,
+            dir,
+            sluice,
+            single_process,
+        } => targets::print_command(target, backend, listen, dir, sluice, single_process),
         Cmd::Backend { listen, threads } => backend::serve(listen, threads),
     }
 }
