@@ -8,14 +8,14 @@
 #   TARGET  sluice (default), nginx or haproxy, configured as the bench configures them
 #           (`sluice-bench config`, from bench/src/targets.rs) except that nginx runs
 #           without its master process and HAProxy without master-worker
-#   BIN     the sluice binary (default target/release/sluice; ignored for the peers)
+#   BIN     the sluice binary (default target/dist/sluice; ignored for the peers)
 #   OUT     callgrind output file (default /tmp/TARGET.callgrind)
 #   N       measured upgrades (default 2000), after 200 unmeasured warm-up ones
 # Then: callgrind_annotate --inclusive=yes OUT | head -60
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=${1:-sluice}
-BIN=${2:-target/release/sluice}
+BIN=${2:-target/dist/sluice}
 OUT=${3:-/tmp/$TARGET.callgrind}
 N=${4:-2000}
 DRIVE=bench/callgrind/drive.py
@@ -41,7 +41,7 @@ wait_port() {
 mkfifo "$dir/hold"
 sleep 100000 > "$dir/hold" &
 pids+=($!)
-target/release/sluice-bench backend --listen 127.0.0.1:0 < "$dir/hold" > "$dir/backend.out" &
+target/dist/sluice-bench backend --listen 127.0.0.1:0 < "$dir/hold" > "$dir/backend.out" &
 pids+=($!)
 for _ in $(seq 1 100); do grep -q listening "$dir/backend.out" 2>/dev/null && break; sleep 0.1; done
 backend=$(sed -n 's/.*listening \(127.0.0.1:[0-9]*\).*/\1/p' "$dir/backend.out" | head -1)
@@ -49,7 +49,7 @@ backend=$(sed -n 's/.*listening \(127.0.0.1:[0-9]*\).*/\1/p' "$dir/backend.out" 
 
 port=$(free_port)
 # The bench's own config and command line for the target (bench/src/targets.rs).
-mapfile -t cmd < <(target/release/sluice-bench config "$TARGET" --backend "$backend" \
+mapfile -t cmd < <(target/dist/sluice-bench config "$TARGET" --backend "$backend" \
     --listen "127.0.0.1:$port" --dir "$dir/proxy" --sluice "$BIN" --single-process)
 [ "${#cmd[@]}" -gt 0 ] || exit 2
 

@@ -51,7 +51,7 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
         /// The sluice executable.
-        #[arg(long, default_value = "target/release/sluice")]
+        #[arg(long, default_value = "target/dist/sluice")]
         sluice: PathBuf,
         /// nginx without its master process, HAProxy without master-worker.
         #[arg(long)]
