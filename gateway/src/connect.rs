@@ -81,11 +81,19 @@ pub async fn with_failover<A: Attempt>(
 
 /// A plain TCP connect with the pool's deadline and `TCP_NODELAY`.
 pub async fn tcp(pool: &Pool, server: &Server) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(pool.connect_timeout, TcpStream::connect(server.config.addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let stream = within_connect_timeout(pool, TcpStream::connect(server.config.addr)).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Runs `connecting` within the pool's connect deadline; running out is `TimedOut`.
+async fn within_connect_timeout<T>(
+    pool: &Pool,
+    connecting: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(pool.connect_timeout, connecting)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// A TCP connection to `server` whose first bytes are `first` (a request head), written
@@ -124,9 +132,7 @@ pub async fn tcp_sending(pool: &Pool, server: &Server, first: &[u8]) -> io::Resu
             }
             stream.write_all(&first[sent..]).await
         };
-        tokio::time::timeout(pool.connect_timeout, rest)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        within_connect_timeout(pool, rest).await?;
     }
     Ok(stream)
 }

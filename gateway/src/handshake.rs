@@ -5,9 +5,10 @@
 //!
 //! The request head is made here ([`request_head`]) and written by the connect stage
 //! together with the connect ([`crate::connect::tcp_sending`]); this stage reads until
-//! the response head parses (`httparse`, the parser hyper itself uses), on the connection
-//! task: no hyper client connection, no extra task, no 8 KiB read buffer per upgrade. A refusal's body
-//! (it is an error page, usually tiny) is read whole, up to [`MAX_REFUSAL_BODY`].
+//! the response head parses (`httparse`, the parser hyper itself uses), on the
+//! connection task: no hyper client connection, no extra task, no 8 KiB read buffer per
+//! upgrade. A refusal's body (it is an error page, usually tiny) is read whole, up to
+//! [`MAX_REFUSAL_BODY`].
 
 use std::io;
 
