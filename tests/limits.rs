@@ -107,6 +107,50 @@ async fn connection_over_max_connections_waits_instead_of_being_refused() {
     );
 }
 
+/// A client that connects and says nothing takes no connection slot: the kernel holds its
+/// connection (`TCP_DEFER_ACCEPT`) until its first bytes, so the next client is served at
+/// once. After the deferral (one second) the silent client is accepted and meets the
+/// header-read timeout like any other.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_takes_no_slot_and_is_still_closed() {
+    let (_backend, gateway) = start_echo_gateway(|c| {
+        c.listener_toml("max_connections = 1\nheader_read_timeout = \"2s\"")
+    })
+    .await;
+    let mut silent = RawClient::connect(gateway.addr()).await;
+    let started = Instant::now();
+
+    let (ws, name) = ws_whoami(gateway.addr(), "/", &[]).await;
+    assert_eq!(name, "a");
+    // Had the silent connection been accepted, it would hold the only slot until its
+    // header-read timeout (2 s) and this client would wait that long.
+    let served_after = started.elapsed();
+    assert!(
+        served_after < Duration::from_millis(1500),
+        "the next client waited {served_after:?} behind a silent connection"
+    );
+    close_ws(ws).await;
+
+    let closed = within(
+        Duration::from_secs(8),
+        "the silent client to be closed",
+        async {
+            loop {
+                match silent.read_some(Duration::from_secs(8)).await {
+                    Some(Ok(bytes)) if !bytes.is_empty() => continue,
+                    _ => return started.elapsed(),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        closed >= Duration::from_secs(2),
+        "silent client closed after {closed:?}, before its header-read timeout"
+    );
+}
+
 /// Asserts that a new client gets no service: the connect is refused or hangs, or the
 /// connection gives no answer to a request within a second.
 async fn assert_not_served(addr: SocketAddr) {
