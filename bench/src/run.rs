@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// Worker threads (Sluice, HAProxy) or worker processes (nginx) of every proxy.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Start nginx and HAProxy with `TCP_DEFER_ACCEPT` too (`listen … deferred`,
+    /// `bind … defer-accept`), as Sluice always listens; their standard recipes leave it off.
+    #[arg(long)]
+    pub peers_defer_accept: bool,
     /// Threads of the load generator (1 = a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     pub loadgen_threads: usize,
@@ -148,6 +152,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         work_dir: work_dir.clone(),
         plugin_dir,
         token: plugins::token(),
+        peers_defer_accept: args.peers_defer_accept,
     };
 
     let meta = serde_json::json!({

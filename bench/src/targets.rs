@@ -147,6 +147,9 @@ pub struct Env {
     pub plugin_dir: PathBuf,
     /// The JWT the load generator presents to plugin chains ([`plugins::token`]).
     pub token: String,
+    /// Whether nginx and HAProxy listen with `TCP_DEFER_ACCEPT` (`listen … deferred`,
+    /// `bind … defer-accept`), which Sluice always does; off in their standard recipes.
+    pub peers_defer_accept: bool,
 }
 
 /// A running target, stopped when dropped.
@@ -325,6 +328,7 @@ pub fn print_command(
         work_dir: dir.clone(),
         plugin_dir: PathBuf::new(),
         token: String::new(),
+        peers_defer_accept: false,
     };
     let (cmd, _) = command(target, &env, addr, &dir, single_process)?;
     println!("{}", cmd.get_program().to_string_lossy());
@@ -390,6 +394,11 @@ upstream = "echo"
             let pid = dir.join("nginx.pid");
             // One tunnel is two connections; a single worker may end up holding all of them.
             let connections = NOFILE - 1000;
+            let deferred = if env.peers_defer_accept {
+                " deferred"
+            } else {
+                ""
+            };
             let master = if single_process {
                 "master_process off;\n"
             } else {
@@ -427,7 +436,7 @@ http {{
     }}
 
     server {{
-        listen {addr};
+        listen {addr}{deferred};
         location / {{
             proxy_pass http://echo;
             proxy_http_version 1.1;
@@ -456,6 +465,11 @@ http {{
             let pid = dir.join("haproxy.pid");
             // HAProxy reserves two descriptors per connection slot; stay under the limit.
             let maxconn = NOFILE / 2 - 200;
+            let defer = if env.peers_defer_accept {
+                " defer-accept"
+            } else {
+                ""
+            };
             fs::write(
                 &config,
                 format!(
@@ -475,7 +489,7 @@ defaults
     timeout tunnel 1h
 
 frontend bench
-    bind {addr}
+    bind {addr}{defer}
     default_backend echo
 
 backend echo
