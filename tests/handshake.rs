@@ -285,6 +285,61 @@ async fn upstream_interim_100_is_skipped_before_the_101() {
     assert_eq!(answer.status, 101, "{answer:?}");
 }
 
+/// The server's `101` reaches the client with its end-to-end fields as sent, none of its
+/// hop-by-hop ones (nor a `Content-Length`), exactly one `Upgrade`/`Connection` pair and a
+/// `Date`: on the client stage's own path, and on hyper's (an upgrade that follows
+/// another request on the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_101_fields_reach_the_client_without_hop_by_hop_ones() {
+    let backend = ScriptedBackend::start(Script::Reply(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\n\
+         Sec-WebSocket-Accept: {accept}\r\nSet-Cookie: a=1\r\nX-Hop: 1\r\n\
+         Keep-Alive: timeout=5\r\nContent-Length: 0\r\nSec-WebSocket-Protocol: chat\r\n\
+         Set-Cookie: b=2\r\n\r\n"
+            .into(),
+    ))
+    .await;
+    let gateway = ConfigBuilder::new(&[backend.addr]).start().await;
+    let check = |path: &str, answer: Response| {
+        assert_eq!(answer.status, 101, "{path}: {answer:?}");
+        assert_eq!(
+            answer.values("set-cookie"),
+            ["a=1", "b=2"],
+            "{path}: {answer:?}"
+        );
+        assert_eq!(answer.values("sec-websocket-protocol"), ["chat"], "{path}");
+        assert_eq!(
+            answer.values("upgrade"),
+            ["websocket"],
+            "{path}: {answer:?}"
+        );
+        assert_eq!(
+            answer.values("connection"),
+            ["Upgrade"],
+            "{path}: {answer:?}"
+        );
+        assert_eq!(answer.values("sec-websocket-accept").len(), 1, "{path}");
+        assert_eq!(answer.values("date").len(), 1, "{path}: {answer:?}");
+        for hop in ["x-hop", "keep-alive", "content-length"] {
+            assert!(
+                answer.values(hop).is_empty(),
+                "{path}: {hop} relayed: {answer:?}"
+            );
+        }
+    };
+
+    let mut first = RawClient::connect(gateway.addr()).await;
+    check(
+        "client stage",
+        first.request(&Head::websocket("/chat")).await,
+    );
+
+    let mut second = RawClient::connect(gateway.addr()).await;
+    let before = second.request(&Head::get("/internal/admin")).await;
+    assert_eq!(before.status, 403, "{before:?}");
+    check("hyper", second.request(&Head::websocket("/chat")).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_head_larger_than_64k_is_502() {
     let huge = format!(

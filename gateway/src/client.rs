@@ -20,6 +20,7 @@ use http::{Method, Request, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::handshake::Switch;
 use crate::headers::{from_parsed, has_token, value_has_token};
 
 /// Most header fields in a request head judged here; more go to hyper (which answers
@@ -156,14 +157,6 @@ pub struct Body<'a> {
     pub send: bool,
 }
 
-impl Body<'_> {
-    /// No body (a `101`).
-    pub const NONE: Body<'static> = Body {
-        bytes: b"",
-        send: false,
-    };
-}
-
 /// Writes one response in a single write: status line, `headers`, `Date` unless the
 /// headers carry one, framing (`Content-Length`, except for a `101`) and `Connection:
 /// close` when `close`, then the body.
@@ -204,6 +197,24 @@ pub async fn write_response(
     if body.send {
         out.extend_from_slice(body.bytes);
     }
+    stream.write_all(&out).await
+}
+
+/// Writes the client's `101` in one write: the status line, the server's end-to-end
+/// fields as they came, exactly one `Connection: Upgrade` and `Upgrade: websocket`, and
+/// `Date` unless the server sent one. No header map is made for it.
+pub async fn write_switch(stream: &mut TcpStream, head: &Switch) -> io::Result<()> {
+    let lines = head.lines();
+    let mut out = Vec::with_capacity(128 + lines.len());
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    out.extend_from_slice(lines);
+    out.extend_from_slice(b"connection: Upgrade\r\nupgrade: websocket\r\n");
+    if !head.has_date() {
+        out.extend_from_slice(b"date: ");
+        push_date(&mut out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
     stream.write_all(&out).await
 }
 

@@ -18,7 +18,7 @@ use http::{StatusCode, Uri};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::headers::{end_to_end_from_parsed, from_parsed, has_token, value_has_token};
+use crate::headers::{end_to_end, from_parsed, has_token, set_upgrade_hop, value_has_token};
 use crate::tunnel::End;
 use crate::upgrade::accept_for;
 
@@ -31,11 +31,11 @@ const MAX_HEADERS: usize = 128;
 
 /// How the server answered the upgrade.
 pub enum Outcome {
-    /// A valid `101`: its headers (for the client's `101`) and the server's end of the
+    /// A valid `101`: its fields (for the client's `101`) and the server's end of the
     /// tunnel.
     Upgraded {
-        /// The server's `101` headers, end-to-end ones only.
-        headers: HeaderMap,
+        /// The server's `101` fields, end-to-end ones only.
+        head: Switch,
         /// The server's socket and any bytes it sent right after the `101`.
         server: End,
     },
@@ -48,6 +48,69 @@ pub enum Outcome {
         /// The whole body, de-chunked.
         body: Bytes,
     },
+}
+
+/// The end-to-end fields of a server's `101`, kept as the `name: value` lines they
+/// arrived as: the client's `101` is written from them without a header map (see
+/// `client::write_switch`), and only hyper's path makes one ([`Switch::header_map`]).
+/// `httparse` admits exactly the names and values a `HeaderMap` would.
+#[derive(Debug)]
+pub struct Switch {
+    /// `name: value\r\n` for each end-to-end field, in the server's order.
+    lines: Vec<u8>,
+    /// Whether one of them is `Date`.
+    has_date: bool,
+}
+
+impl Switch {
+    /// The end-to-end fields of `fields` (a `Content-Length`, which a `101` must not
+    /// carry, is dropped too).
+    fn of(fields: &[httparse::Header<'_>]) -> Switch {
+        let mut lines = Vec::with_capacity(
+            fields
+                .iter()
+                .map(|h| h.name.len() + h.value.len() + 4)
+                .sum(),
+        );
+        let mut has_date = false;
+        for h in end_to_end(fields) {
+            if h.name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()) {
+                continue;
+            }
+            has_date |= h.name.eq_ignore_ascii_case(header::DATE.as_str());
+            lines.extend_from_slice(h.name.as_bytes());
+            lines.extend_from_slice(b": ");
+            lines.extend_from_slice(h.value);
+            lines.extend_from_slice(b"\r\n");
+        }
+        Switch { lines, has_date }
+    }
+
+    /// The fields as `name: value\r\n` lines.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Whether the server sent a `Date`.
+    pub fn has_date(&self) -> bool {
+        self.has_date
+    }
+
+    /// The fields as a header map, with exactly one `Connection: Upgrade` and
+    /// `Upgrade: websocket` (for hyper's `101`).
+    pub fn header_map(&self) -> HeaderMap {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut head = self.lines.clone();
+        head.extend_from_slice(b"\r\n");
+        // The lines passed `httparse` once already, as at most `MAX_HEADERS` fields, so
+        // neither step can fail here.
+        let mut map = match httparse::parse_headers(&head, &mut slots) {
+            Ok(httparse::Status::Complete((_, fields))) => from_parsed(fields).unwrap_or_default(),
+            _ => HeaderMap::new(),
+        };
+        set_upgrade_hop(&mut map);
+        map
+    }
 }
 
 /// Why the upstream handshake failed (the client gets a 502). Every variant is the
@@ -83,27 +146,35 @@ pub async fn handshake(mut stream: TcpStream, key: &str) -> Result<Outcome, Hand
     let accept = accept_for(key);
     let mut buf = BytesMut::with_capacity(1024);
     let (status, headers) = loop {
-        let (status, headers) = read_head(&mut stream, &mut buf, &accept).await?;
-        // Interim answers (100 Continue, 103 Early Hints) are skipped, as hyper does.
-        if status == StatusCode::SWITCHING_PROTOCOLS || !status.is_informational() {
-            break (status, headers);
+        match read_head(&mut stream, &mut buf, &accept).await? {
+            Answer::Switch(head) => {
+                return Ok(Outcome::Upgraded {
+                    head,
+                    server: End {
+                        stream,
+                        early: End::detach(buf.freeze()),
+                    },
+                });
+            }
+            // Interim answers (100 Continue, 103 Early Hints) are skipped, as hyper does.
+            Answer::Other(status, _) if status.is_informational() => {}
+            Answer::Other(status, headers) => break (status, headers),
         }
     };
-    if status != StatusCode::SWITCHING_PROTOCOLS {
-        let body = read_body(&mut stream, &mut buf, status, &headers).await?;
-        return Ok(Outcome::Declined {
-            status,
-            headers,
-            body,
-        });
-    }
-    Ok(Outcome::Upgraded {
+    let body = read_body(&mut stream, &mut buf, status, &headers).await?;
+    Ok(Outcome::Declined {
+        status,
         headers,
-        server: End {
-            stream,
-            early: End::detach(buf.freeze()),
-        },
+        body,
     })
+}
+
+/// One response head.
+enum Answer {
+    /// A valid `101`.
+    Switch(Switch),
+    /// Any other status, with all its fields.
+    Other(StatusCode, HeaderMap),
 }
 
 /// The upgrade's request head: `GET path?query HTTP/1.1`, the headers, a blank line.
@@ -136,12 +207,12 @@ async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Handshak
 
 /// Reads and parses one response head, consuming it from `buf`. A `101` must carry
 /// `Upgrade: websocket` and exactly one `Sec-WebSocket-Accept` equal to `accept`, checked
-/// on the raw fields; its map holds only the end-to-end fields.
+/// on the raw fields, and only its end-to-end fields are kept.
 async fn read_head(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     accept: &str,
-) -> Result<(StatusCode, HeaderMap), HandshakeError> {
+) -> Result<Answer, HandshakeError> {
     loop {
         if !buf.is_empty() {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -156,14 +227,14 @@ async fn read_head(
                         .code
                         .and_then(|c| StatusCode::from_u16(c).ok())
                         .ok_or_else(|| malformed("bad status code"))?;
-                    let headers = if status == StatusCode::SWITCHING_PROTOCOLS {
+                    let answer = if status == StatusCode::SWITCHING_PROTOCOLS {
                         check_switch(resp.headers, accept)?;
-                        end_to_end_from_parsed(resp.headers).map_err(malformed)?
+                        Answer::Switch(Switch::of(resp.headers))
                     } else {
-                        from_parsed(resp.headers).map_err(malformed)?
+                        Answer::Other(status, from_parsed(resp.headers).map_err(malformed)?)
                     };
                     buf.advance(len);
-                    return Ok((status, headers));
+                    return Ok(answer);
                 }
                 Ok(httparse::Status::Partial) => {}
                 Err(e) => return Err(HandshakeError::Malformed(e.to_string())),

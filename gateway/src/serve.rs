@@ -30,7 +30,7 @@ use crate::config::{HashKey, ListenerConfig, RouteAction};
 use crate::connect::{self, ConnectError, with_failover};
 use crate::forward::{self, Conn, Pooled};
 use crate::gateway::Gateway;
-use crate::handshake::{self, Outcome};
+use crate::handshake::{self, Outcome, Switch};
 use crate::headers::{add_forwarded, has_token, set_upgrade_hop, strip_hop_by_hop};
 use crate::plugin::{Denial, RequestKind};
 use crate::policy::{self, Verdict};
@@ -230,14 +230,7 @@ async fn upgrade_direct(
             let headers = std::mem::take(req.headers_mut());
             match open(req.uri(), headers, ws_key, plan, rec, ctx).await {
                 Ok(opened) => {
-                    let sent = client::write_response(
-                        stream,
-                        StatusCode::SWITCHING_PROTOCOLS,
-                        &opened.head,
-                        Body::NONE,
-                        false,
-                    )
-                    .await;
+                    let sent = client::write_switch(stream, &opened.head).await;
                     return match sent {
                         Ok(()) => Direct::Tunnel(opened),
                         Err(e) => {
@@ -598,9 +591,9 @@ impl connect::Attempt for UpgradeAttempt<'_> {
 
 /// An upstream that answered the upgrade with a valid `101`.
 struct Opened {
-    /// The client's `101` headers: the server's, minus hop-by-hop ones, plus exactly one
-    /// `Upgrade`/`Connection` pair.
-    head: HeaderMap,
+    /// The server's `101` fields for the client's `101`: its end-to-end ones (the client
+    /// stage or hyper adds exactly one `Upgrade`/`Connection` pair).
+    head: Switch,
     /// The server's end of the tunnel.
     server: End,
     /// Counts the tunnel as active on its server.
@@ -632,7 +625,7 @@ async fn open(
         handshake::handshake(stream, &ws_key),
     )
     .await;
-    let (mut head, server_end) = match outcome {
+    let (head, server_end) = match outcome {
         Err(_) => {
             tracing::warn!(route = %route.config.name, upstream = %rec.upstream, "upstream WebSocket handshake timed out");
             return Err(respond(
@@ -656,9 +649,8 @@ async fn open(
             headers,
             body,
         })) => return Err(relay_refusal(rec, status, headers, body)),
-        Ok(Ok(Outcome::Upgraded { headers, server })) => (headers, server),
+        Ok(Ok(Outcome::Upgraded { head, server })) => (head, server),
     };
-    set_upgrade_hop(&mut head);
     rec.kind = "tunnel";
     rec.status = 101;
     Ok(Opened {
@@ -673,7 +665,7 @@ async fn open(
 /// The `101` for hyper, and the tunnel task that starts once hyper hands the client's
 /// connection over.
 fn switch(
-    mut opened: Opened,
+    opened: Opened,
     on_upgrade: hyper::upgrade::OnUpgrade,
     ctx: Arc<ClientConn>,
 ) -> Response<ResponseBody> {
@@ -682,7 +674,7 @@ fn switch(
         Arc::new(AtomicU64::new(0)),
     ));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *resp.headers_mut() = std::mem::take(&mut opened.head);
+    *resp.headers_mut() = opened.head.header_map();
     let tracker = ctx.gw.tracker().clone();
     tracker.spawn(async move {
         match on_upgrade.await.map(|u| u.downcast::<TokioIo<Prefixed>>()) {

@@ -1142,6 +1142,11 @@ impl Response {
         header_values(&self.headers, name).first().copied()
     }
 
+    /// Every value of header `name`, in order.
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        header_values(&self.headers, name)
+    }
+
     /// The body as (lossy) text.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
