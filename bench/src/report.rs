@@ -486,7 +486,60 @@ pub fn markdown(records: &[RunRecord]) -> String {
     }
 
     plugin_chains(&mut out, &scenarios, &summaries);
+    ab(&mut out, records, &scenarios, &summaries);
     out
+}
+
+/// The A/B table when the run has a `sluice-b` target: B ÷ A (`sluice-b` ÷ `sluice`) of
+/// the medians, and of CPU per operation in each repetition, where the two ran
+/// back to back.
+fn ab(
+    out: &mut String,
+    records: &[RunRecord],
+    scenarios: &[String],
+    summaries: &BTreeMap<(usize, Target), Summary>,
+) {
+    let pairs: Vec<(usize, &Summary, &Summary)> = (0..scenarios.len())
+        .filter_map(|s| {
+            Some((
+                s,
+                summaries.get(&(s, Target::Sluice))?,
+                summaries.get(&(s, Target::SluiceB))?,
+            ))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    out.push_str(
+        "\nA/B of two Sluice builds (B = `sluice-b`, A = `sluice`; below 1 means B uses less, or for ops/s is slower):\n\n",
+    );
+    out.push_str("| scenario | CPU µs/op A | CPU µs/op B | B ÷ A | per repetition | ops/s B ÷ A | RTT p50 B ÷ A |\n|---|--:|--:|--:|---|--:|--:|\n");
+    for (s, a, b) in pairs {
+        let scenario = scenarios[s].as_str();
+        let value = |rep: usize, target: Target| {
+            records
+                .iter()
+                .filter(|r| r.rep == rep && r.scenario == scenario && r.error.is_none())
+                .find(|r| r.target.parse::<Target>().is_ok_and(|t| t == target))
+                .and_then(|r| r.cpu_us_per_op)
+        };
+        let last = records.iter().map(|r| r.rep).max().unwrap_or(0);
+        let per_rep: Vec<String> = (1..=last)
+            .filter_map(|rep| ratio(value(rep, Target::SluiceB), value(rep, Target::Sluice)))
+            .map(|r| format!("{r:.3}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {scenario} | {} | {} | {} | {} | {} | {} |",
+            num(a.cpu_us_per_op, 1),
+            num(b.cpu_us_per_op, 1),
+            num(ratio(b.cpu_us_per_op, a.cpu_us_per_op), 3),
+            per_rep.join(", "),
+            num(ratio(b.ops_per_s, a.ops_per_s), 3),
+            num(ratio(b.p50, a.p50), 3),
+        );
+    }
 }
 
 /// Sluice's ratio to the reference in each repetition on its own (the better of nginx and
@@ -666,6 +719,25 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 0.20 | 0 |\n"), "steal column: {md}");
+    }
+
+    #[test]
+    fn report_has_an_ab_table_with_per_repetition_ratios() {
+        let mut records = Vec::new();
+        for (rep, a, b) in [(1, 100.0, 95.0), (2, 110.0, 99.0), (3, 90.0, 91.8)] {
+            for (target, cpu) in [(Target::Sluice, a), (Target::SluiceB, b)] {
+                let mut r = RunRecord::failed(rep, Scenario::Handshake, target, 32, None);
+                r.ops_per_s = 1000.0;
+                r.cpu_us_per_op = Some(cpu);
+                records.push(r);
+            }
+        }
+        let md = markdown(&records);
+        // Medians: A 100, B 95.
+        assert!(
+            md.contains("| handshake | 100.0 | 95.0 | 0.950 | 0.950, 0.900, 1.020 | 1.000 | – |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -20,9 +20,10 @@ use crate::{plugins, sys};
 /// Options of `sluice-bench run` (alias `all`); the defaults run everything.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RunArgs {
-    /// Targets, comma-separated: direct, sluice, sluice-1p, sluice-4p, sluice-4p-called,
-    /// nginx, haproxy (sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain;
-    /// sluice-4p-called: the 4-plugin chain with decision reuse off; not in the default set).
+    /// Targets, comma-separated: direct, sluice, sluice-b, sluice-1p, sluice-4p,
+    /// sluice-4p-called, nginx, haproxy (sluice-b: the `--sluice-b` build, configured as
+    /// sluice; sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain; sluice-4p-called:
+    /// the 4-plugin chain with decision reuse off; these four are not in the default set).
     #[arg(
         long,
         value_delimiter = ',',
@@ -70,6 +71,11 @@ pub struct RunArgs {
     /// Threads of the echo backend process.
     #[arg(long, default_value_t = 1)]
     pub backend_threads: usize,
+    /// A second sluice executable, run as the `sluice-b` target with the same config as
+    /// `sluice`: A/B of two builds in one run, interleaved, with B ÷ A per repetition in
+    /// the report (e.g. `--targets sluice,sluice-b --sluice-b /tmp/sluice-new`).
+    #[arg(long)]
+    pub sluice_b: Option<PathBuf>,
     /// The sluice executable [default: `sluice` beside this program].
     #[arg(long)]
     pub sluice: Option<PathBuf>,
@@ -134,6 +140,13 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             sluice_bin.display()
         );
     }
+    if args.targets.contains(&Target::SluiceB) {
+        match &args.sluice_b {
+            Some(b) if b.exists() => {}
+            Some(b) => bail!("{} not found (--sluice-b)", b.display()),
+            None => bail!("the sluice-b target needs --sluice-b PATH"),
+        }
+    }
     let plugin_dir = plugin_dir(&args)?;
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let started = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -149,6 +162,11 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         backend_pid: backend.pid(),
         workers: args.workers,
         sluice_bin: sluice_bin.clone(),
+        sluice_b_bin: args
+            .sluice_b
+            .as_ref()
+            .map(std::path::absolute)
+            .transpose()?,
         work_dir: work_dir.clone(),
         plugin_dir,
         token: plugins::token(),

@@ -31,6 +31,9 @@ pub enum Target {
     Direct,
     /// This project's gateway.
     Sluice,
+    /// A second `sluice` executable (`--sluice-b`), configured exactly as `sluice`: the
+    /// B side of an A/B comparison of two builds in one run.
+    SluiceB,
     /// Sluice with a one-plugin chain: `origin-allowlist`.
     Sluice1p,
     /// Sluice with a four-plugin chain: `origin-allowlist` → `jwt-auth` →
@@ -47,9 +50,10 @@ pub enum Target {
 
 impl Target {
     /// All targets, in report order.
-    pub const ALL: [Target; 7] = [
+    pub const ALL: [Target; 8] = [
         Target::Direct,
         Target::Sluice,
+        Target::SluiceB,
         Target::Sluice1p,
         Target::Sluice4p,
         Target::Sluice4pCalled,
@@ -62,6 +66,7 @@ impl Target {
         match self {
             Target::Direct => "direct",
             Target::Sluice => "sluice",
+            Target::SluiceB => "sluice-b",
             Target::Sluice1p => "sluice-1p",
             Target::Sluice4p => "sluice-4p",
             Target::Sluice4pCalled => "sluice-4p-called",
@@ -74,7 +79,11 @@ impl Target {
     pub fn is_sluice(self) -> bool {
         matches!(
             self,
-            Target::Sluice | Target::Sluice1p | Target::Sluice4p | Target::Sluice4pCalled
+            Target::Sluice
+                | Target::SluiceB
+                | Target::Sluice1p
+                | Target::Sluice4p
+                | Target::Sluice4pCalled
         )
     }
 
@@ -96,7 +105,11 @@ impl Target {
     fn process_count(self, workers: usize) -> usize {
         match self {
             Target::Direct => 0,
-            Target::Sluice | Target::Sluice1p | Target::Sluice4p | Target::Sluice4pCalled => 1,
+            Target::Sluice
+            | Target::SluiceB
+            | Target::Sluice1p
+            | Target::Sluice4p
+            | Target::Sluice4pCalled => 1,
             Target::Nginx => 1 + workers,
             Target::Haproxy => 2,
         }
@@ -124,7 +137,7 @@ impl FromStr for Target {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target {s:?}: expected direct, sluice, sluice-1p, sluice-4p, sluice-4p-called, nginx or haproxy"
+                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, nginx or haproxy"
                 )
             })
     }
@@ -141,6 +154,8 @@ pub struct Env {
     pub workers: usize,
     /// The `sluice` executable.
     pub sluice_bin: PathBuf,
+    /// The `sluice` executable of the `sluice-b` target.
+    pub sluice_b_bin: Option<PathBuf>,
     /// A private directory for configs, pid files and logs.
     pub work_dir: PathBuf,
     /// Absolute directory of the plugin components (`target/plugins`).
@@ -325,6 +340,7 @@ pub fn print_command(
         backend_pid: 0,
         workers: 2,
         sluice_bin,
+        sluice_b_bin: None,
         work_dir: dir.clone(),
         plugin_dir: PathBuf::new(),
         token: String::new(),
@@ -352,7 +368,11 @@ fn command(
     let d = dir.display();
     match target {
         Target::Direct => unreachable!("the direct target runs no process"),
-        Target::Sluice | Target::Sluice1p | Target::Sluice4p | Target::Sluice4pCalled => {
+        Target::Sluice
+        | Target::SluiceB
+        | Target::Sluice1p
+        | Target::Sluice4p
+        | Target::Sluice4pCalled => {
             let config = dir.join("sluice.toml");
             let chain = plugins::sluice_toml(
                 target.plugins(),
@@ -383,7 +403,12 @@ upstream = "echo"
 {chain}"#
                 ),
             )?;
-            let mut cmd = Command::new(&env.sluice_bin);
+            let bin = match (target, &env.sluice_b_bin) {
+                (Target::SluiceB, Some(b)) => b,
+                (Target::SluiceB, None) => bail!("the sluice-b target needs --sluice-b PATH"),
+                _ => &env.sluice_bin,
+            };
+            let mut cmd = Command::new(bin);
             cmd.arg("run").arg(&config);
             // RUST_LOG would override [log].
             cmd.env_remove("RUST_LOG");
