@@ -517,13 +517,8 @@ fn ab(
     out.push_str("| scenario | CPU µs/op A | CPU µs/op B | B ÷ A | per repetition | ops/s B ÷ A | RTT p50 B ÷ A |\n|---|--:|--:|--:|---|--:|--:|\n");
     for (s, a, b) in pairs {
         let scenario = scenarios[s].as_str();
-        let value = |rep: usize, target: Target| {
-            records
-                .iter()
-                .filter(|r| r.rep == rep && r.scenario == scenario && r.error.is_none())
-                .find(|r| r.target.parse::<Target>().is_ok_and(|t| t == target))
-                .and_then(|r| r.cpu_us_per_op)
-        };
+        let value =
+            |rep, target| in_repetition(records, rep, scenario, target, |r| r.cpu_us_per_op);
         let last = records.iter().map(|r| r.rep).max().unwrap_or(0);
         let per_rep: Vec<String> = (1..=last)
             .filter_map(|rep| ratio(value(rep, Target::SluiceB), value(rep, Target::Sluice)))
@@ -551,13 +546,7 @@ fn per_repetition(
     f: fn(&RunRecord) -> Option<f64>,
     haproxy_only: bool,
 ) -> String {
-    let value = |rep: usize, target: Target| {
-        records
-            .iter()
-            .filter(|r| r.rep == rep && r.scenario == scenario && r.error.is_none())
-            .find(|r| r.target.parse::<Target>().is_ok_and(|t| t == target))
-            .and_then(f)
-    };
+    let value = |rep, target| in_repetition(records, rep, scenario, target, f);
     let last = records.iter().map(|r| r.rep).max().unwrap_or(0);
     let ratios: Vec<String> = (1..=last)
         .filter_map(|rep| {
@@ -577,6 +566,21 @@ fn per_repetition(
         true => "–".to_string(),
         false => ratios.join(", "),
     }
+}
+
+/// `f` of `target`'s successful run in repetition `rep` of `scenario`.
+fn in_repetition(
+    records: &[RunRecord],
+    rep: usize,
+    scenario: &str,
+    target: Target,
+    f: fn(&RunRecord) -> Option<f64>,
+) -> Option<f64> {
+    records
+        .iter()
+        .filter(|r| r.rep == rep && r.scenario == scenario && r.error.is_none())
+        .find(|r| r.target.parse::<Target>().is_ok_and(|t| t == target))
+        .and_then(f)
 }
 
 /// Most proxy CPU the 4-plugin chain may add per upgrade (the plugin issue's target), µs.
