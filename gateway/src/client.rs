@@ -158,8 +158,8 @@ pub struct Body<'a> {
 }
 
 /// Writes one response in a single write: status line, `headers`, `Date` unless the
-/// headers carry one, framing (`Content-Length`, except for a `101`) and `Connection:
-/// close` when `close`, then the body.
+/// headers carry one, framing (`Content-Length`) and `Connection: close` when `close`,
+/// then the body. A `101` goes out through [`write_switch`].
 pub async fn write_response(
     stream: &mut TcpStream,
     status: StatusCode,
@@ -183,13 +183,9 @@ pub async fn write_response(
         out.extend_from_slice(b"\r\n");
     }
     if !headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
-        push_date(&mut out);
-        out.extend_from_slice(b"\r\n");
+        push_date_field(&mut out);
     }
-    if status != StatusCode::SWITCHING_PROTOCOLS {
-        out.extend_from_slice(format!("content-length: {}\r\n", body.bytes.len()).as_bytes());
-    }
+    out.extend_from_slice(format!("content-length: {}\r\n", body.bytes.len()).as_bytes());
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -210,12 +206,17 @@ pub async fn write_switch(stream: &mut TcpStream, head: &Switch) -> io::Result<(
     out.extend_from_slice(lines);
     out.extend_from_slice(b"connection: Upgrade\r\nupgrade: websocket\r\n");
     if !head.has_date() {
-        out.extend_from_slice(b"date: ");
-        push_date(&mut out);
-        out.extend_from_slice(b"\r\n");
+        push_date_field(&mut out);
     }
     out.extend_from_slice(b"\r\n");
     stream.write_all(&out).await
+}
+
+/// Appends a `date` field with the current value.
+fn push_date_field(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"date: ");
+    push_date(out);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The length of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
