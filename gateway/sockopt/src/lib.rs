@@ -7,29 +7,29 @@
 //! the proxy an event-loop turn and a `recv` that would find nothing, on about a third
 //! of upgrades, and keeps clients that connect and say nothing out of the connection
 //! limit.
+//!
+//! Linux only: elsewhere the crate is empty.
+#![cfg(target_os = "linux")]
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// Makes a listening TCP socket hand over a new connection only once data has arrived
 /// on it, or once `seconds` have passed (after which a silent connection is accepted as
 /// usual). Linux keeps the connection half-open until then and answers the client's bare
 /// ACK by resending its SYN-ACK when the wait is over; the client sees an established
 /// connection at once either way.
-#[cfg(target_os = "linux")]
 pub fn set_tcp_defer_accept(socket: impl AsFd, seconds: u32) -> io::Result<()> {
     let value = libc::c_int::try_from(seconds).unwrap_or(libc::c_int::MAX);
     setsockopt_int(socket, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, value)
 }
 
 /// The socket's `TCP_DEFER_ACCEPT` wait in seconds, as the kernel rounds it (0: off).
-#[cfg(target_os = "linux")]
 pub fn tcp_defer_accept(socket: impl AsFd) -> io::Result<u32> {
     let value = getsockopt_int(socket, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT)?;
     Ok(u32::try_from(value).unwrap_or(0))
 }
 
-#[cfg(target_os = "linux")]
 #[allow(
     unsafe_code,
     reason = "setsockopt(2) has no safe wrapper for this option"
@@ -40,7 +40,6 @@ fn setsockopt_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let fd = socket.as_fd();
     // SAFETY: `fd` is borrowed, so it stays open for the call; the option value points to
     // a live `c_int` on this stack frame and the length passed is exactly its size.
@@ -53,14 +52,9 @@ fn setsockopt_int(
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    errno(rc)
 }
 
-#[cfg(target_os = "linux")]
 #[allow(
     unsafe_code,
     reason = "getsockopt(2) has no safe wrapper for this option"
@@ -70,7 +64,6 @@ fn getsockopt_int(
     level: libc::c_int,
     name: libc::c_int,
 ) -> io::Result<libc::c_int> {
-    use std::os::fd::AsRawFd;
     let fd = socket.as_fd();
     let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
@@ -85,14 +78,19 @@ fn getsockopt_int(
             &raw mut len,
         )
     };
+    errno(rc).map(|()| value)
+}
+
+/// A socket call's return code as a result: 0 is success, anything else sets `errno`.
+fn errno(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
-        Ok(value)
+        Ok(())
     } else {
         Err(io::Error::last_os_error())
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
