@@ -519,18 +519,16 @@ fn ab(
         let scenario = scenarios[s].as_str();
         let value =
             |rep, target| in_repetition(records, rep, scenario, target, |r| r.cpu_us_per_op);
-        let last = records.iter().map(|r| r.rep).max().unwrap_or(0);
-        let per_rep: Vec<String> = (1..=last)
-            .filter_map(|rep| ratio(value(rep, Target::SluiceB), value(rep, Target::Sluice)))
-            .map(|r| format!("{r:.3}"))
-            .collect();
+        let per_rep = each_repetition(records, 3, |rep| {
+            ratio(value(rep, Target::SluiceB), value(rep, Target::Sluice))
+        });
         let _ = writeln!(
             out,
             "| {scenario} | {} | {} | {} | {} | {} | {} |",
             num(a.cpu_us_per_op, 1),
             num(b.cpu_us_per_op, 1),
             num(ratio(b.cpu_us_per_op, a.cpu_us_per_op), 3),
-            per_rep.join(", "),
+            per_rep,
             num(ratio(b.ops_per_s, a.ops_per_s), 3),
             num(ratio(b.p50, a.p50), 3),
         );
@@ -547,25 +545,36 @@ fn per_repetition(
     haproxy_only: bool,
 ) -> String {
     let value = |rep, target| in_repetition(records, rep, scenario, target, f);
-    let last = records.iter().map(|r| r.rep).max().unwrap_or(0);
-    let ratios: Vec<String> = (1..=last)
-        .filter_map(|rep| {
-            let peers = if haproxy_only {
-                vec![Target::Haproxy]
-            } else {
-                vec![Target::Nginx, Target::Haproxy]
-            };
-            let reference = peers
-                .into_iter()
-                .filter_map(|t| value(rep, t))
-                .min_by(f64::total_cmp);
-            ratio(value(rep, Target::Sluice), reference).map(|r| format!("{r:.2}"))
-        })
-        .collect();
+    let peers: &[Target] = if haproxy_only {
+        &[Target::Haproxy]
+    } else {
+        &[Target::Nginx, Target::Haproxy]
+    };
+    let ratios = each_repetition(records, 2, |rep| {
+        let reference = peers
+            .iter()
+            .filter_map(|&t| value(rep, t))
+            .min_by(f64::total_cmp);
+        ratio(value(rep, Target::Sluice), reference)
+    });
     match ratios.is_empty() {
         true => "–".to_string(),
-        false => ratios.join(", "),
+        false => ratios,
     }
+}
+
+/// `ratio` of each repetition that has one, with `decimals` places, comma-separated.
+fn each_repetition(
+    records: &[RunRecord],
+    decimals: usize,
+    ratio: impl Fn(usize) -> Option<f64>,
+) -> String {
+    let last = records.iter().map(|r| r.rep).max().unwrap_or(0);
+    (1..=last)
+        .filter_map(ratio)
+        .map(|r| format!("{r:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `f` of `target`'s successful run in repetition `rep` of `scenario`.
