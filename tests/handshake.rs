@@ -14,6 +14,17 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_forwards_end_to_end_headers_and_strips_hop_by_hop_ones() {
+    forwards_end_to_end_headers_only(false).await;
+}
+
+/// The same upgrade after a plain request on the connection: hyper reads it, and its
+/// fields go upstream through a header map instead of the first head's raw fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_after_a_plain_request_forwards_the_same_headers() {
+    forwards_end_to_end_headers_only(true).await;
+}
+
+async fn forwards_end_to_end_headers_only(after_plain: bool) {
     let (backend, gateway) = start_echo_gateway(|c| c).await;
     let head = with_hop_by_hop(Head::websocket("/chat/room?x=1"), "keep-alive, Upgrade")
         .set("Host", "chat.example:8443")
@@ -24,8 +35,13 @@ async fn upgrade_forwards_end_to_end_headers_and_strips_hop_by_hop_ones() {
             "permessage-deflate; client_max_window_bits",
         )
         .header("X-Forwarded-For", "1.2.3.4")
-        .header("X-End-To-End", "kept");
+        .header("X-End-To-End", "kept")
+        .header("X-Repeated", "one")
+        .header("x-repeated", "two");
     let mut client = RawClient::connect(gateway.addr()).await;
+    if after_plain {
+        assert_eq!(client.request(&Head::get("/plain")).await.status, 200);
+    }
     let answer = client.request(&head).await;
 
     assert_eq!(answer.status, 101, "{answer:?}");
@@ -52,10 +68,11 @@ async fn upgrade_forwards_end_to_end_headers_and_strips_hop_by_hop_ones() {
     );
 
     let requests = backend.requests();
-    assert_eq!(requests.len(), 1, "{requests:?}");
-    let seen = &requests[0];
+    assert_eq!(requests.len(), 1 + usize::from(after_plain), "{requests:?}");
+    let seen = requests.last().unwrap();
     assert_eq!(seen.method, "GET");
     assert_eq!(seen.target, "/chat/room?x=1");
+    assert_eq!(seen.values("x-repeated"), ["one", "two"], "{seen:?}");
     assert_eq!(seen.values("host"), ["chat.example:8443"], "Host preserved");
     assert_eq!(seen.header("origin"), Some("https://app.example"));
     assert_eq!(
@@ -95,13 +112,53 @@ async fn upgrade_forwards_end_to_end_headers_and_strips_hop_by_hop_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_preserve_host_the_server_address_is_sent_as_host() {
-    let (backend, gateway) = start_echo_gateway(|c| c.route_toml("preserve_host = false")).await;
-    let head = Head::websocket("/").set("Host", "chat.example");
-    let mut client = RawClient::connect(gateway.addr()).await;
-    assert_eq!(client.request(&head).await.status, 101);
-    let seen = &backend.requests()[0];
-    assert_eq!(seen.values("host"), [backend.addr.to_string()]);
-    assert_eq!(seen.values("x-forwarded-host"), ["chat.example"]);
+    for after_plain in [false, true] {
+        let (backend, gateway) =
+            start_echo_gateway(|c| c.route_toml("preserve_host = false")).await;
+        let head = Head::websocket("/").set("Host", "chat.example");
+        let mut client = RawClient::connect(gateway.addr()).await;
+        if after_plain {
+            assert_eq!(client.request(&Head::get("/plain")).await.status, 200);
+        }
+        assert_eq!(client.request(&head).await.status, 101);
+        let requests = backend.requests();
+        let seen = requests.last().unwrap();
+        assert_eq!(
+            seen.values("host"),
+            [backend.addr.to_string()],
+            "{after_plain}"
+        );
+        assert_eq!(
+            seen.values("x-forwarded-host"),
+            ["chat.example"],
+            "{after_plain}"
+        );
+    }
+}
+
+/// A `Host` the client lists in `Connection` is hop-by-hop: it does not go upstream, and
+/// the server's address is sent instead (never an empty `Host`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_listed_in_connection_is_replaced_by_the_servers_address() {
+    for after_plain in [false, true] {
+        let (backend, gateway) = start_echo_gateway(|c| c).await;
+        let head = Head::websocket("/")
+            .set("Host", "chat.example")
+            .set("Connection", "Upgrade, Host");
+        let mut client = RawClient::connect(gateway.addr()).await;
+        if after_plain {
+            assert_eq!(client.request(&Head::get("/plain")).await.status, 200);
+        }
+        assert_eq!(client.request(&head).await.status, 101);
+        let requests = backend.requests();
+        let seen = requests.last().unwrap();
+        assert_eq!(
+            seen.values("host"),
+            [backend.addr.to_string()],
+            "{after_plain}"
+        );
+        assert!(seen.values("x-forwarded-host").is_empty(), "{seen:?}");
+    }
 }
 
 /// Sends `head` to a gateway in front of an echo backend, asserts the answer's status,

@@ -10,6 +10,7 @@
 
 use std::cell::Cell;
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::handshake::Switch;
-use crate::headers::{from_parsed, has_token, value_has_token};
+use crate::headers::{Fields, RawFields, has_token, value_has_token};
 
 /// Most header fields in a request head judged here; more go to hyper (which answers
 /// 431 past its own limit of 100).
@@ -31,16 +32,12 @@ const FIRST_READ: usize = 4096;
 
 /// The first request head of a connection.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one per connection, moved once; boxing would only add an allocation"
-)]
 pub enum FirstHead {
     /// A WebSocket upgrade without a body: the parsed head, and the bytes the client sent
     /// after it.
     Upgrade {
         /// The request head.
-        req: Request<()>,
+        req: UpgradeHead,
         /// Bytes read past the head (a client may send its first frame at once).
         rest: Bytes,
     },
@@ -55,11 +52,20 @@ pub enum FirstHead {
 pub async fn read_first(stream: &mut TcpStream, max: usize, timeout: Duration) -> FirstHead {
     let mut buf = BytesMut::with_capacity(FIRST_READ.min(max));
     match tokio::time::timeout(timeout, read_head(stream, &mut buf, max)).await {
-        Ok(Parsed::Upgrade(req, len)) => {
-            buf.advance(len);
-            FirstHead::Upgrade {
-                req,
-                rest: buf.freeze(),
+        Ok(Parsed::Upgrade(line, spans, len)) => {
+            let head = buf.split_to(len).freeze();
+            match Uri::from_maybe_shared(head.slice(line.target)) {
+                Ok(uri) => FirstHead::Upgrade {
+                    req: UpgradeHead {
+                        method: line.method,
+                        uri,
+                        version: line.version,
+                        fields: RawFields::new(head, spans),
+                    },
+                    rest: buf.freeze(),
+                },
+                // A target `Uri` refuses: hyper answers it (400) from every byte read.
+                Err(_) => FirstHead::Other([&head[..], &buf[..]].concat().into()),
             }
         }
         Ok(Parsed::Other) => FirstHead::Other(buf.freeze()),
@@ -68,17 +74,22 @@ pub async fn read_first(stream: &mut TcpStream, max: usize, timeout: Duration) -
 }
 
 /// What [`read_head`] found.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one per connection, moved once; boxing would only add an allocation"
-)]
 enum Parsed {
-    /// An upgrade head of this many bytes.
-    Upgrade(Request<()>, usize),
+    /// An upgrade head of this many bytes: its request line, and its fields as spans of
+    /// the buffer.
+    Upgrade(RequestLine, Vec<(Range<usize>, Range<usize>)>, usize),
     /// A head for hyper (complete or not).
     Other,
     /// The client closed first.
     Gone,
+}
+
+/// An upgrade head's request line.
+struct RequestLine {
+    method: Method,
+    /// The request target, as a byte range of the head.
+    target: Range<usize>,
+    version: Version,
 }
 
 async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Parsed {
@@ -95,8 +106,8 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Pa
         match req.parse(buf) {
             Ok(httparse::Status::Partial) if buf.len() < max => {}
             Ok(httparse::Status::Complete(len)) => {
-                return match upgrade(&req) {
-                    Some(req) => Parsed::Upgrade(req, len),
+                return match upgrade(&req, buf) {
+                    Some(line) => Parsed::Upgrade(line, RawFields::spans(buf, req.headers), len),
                     None => Parsed::Other,
                 };
             }
@@ -106,45 +117,102 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Pa
     }
 }
 
-/// The head as a `Request` when it asks for a WebSocket upgrade and has no body, else
-/// `None` (hyper serves it). The `Upgrade` field is checked on the raw fields first, so a
-/// plain request's head is not turned into a header map only for hyper to parse again.
-fn upgrade(req: &httparse::Request<'_, '_>) -> Option<Request<()>> {
-    let asks = req.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case(header::UPGRADE.as_str())
-            && value_has_token(h.value, "websocket")
-    });
-    if !asks {
+/// The request line when the head asks for a WebSocket upgrade and has no body, else
+/// `None` (hyper serves it). Judged on the raw fields: a plain request's head is not
+/// turned into anything only for hyper to parse again, and an upgrade's fields stay spans
+/// of `buf` (`httparse` admits exactly the names and values a header map would).
+fn upgrade(req: &httparse::Request<'_, '_>, buf: &[u8]) -> Option<RequestLine> {
+    let named = |name: &'static str| {
+        req.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+    };
+    if !named(header::UPGRADE.as_str()).any(|h| value_has_token(h.value, "websocket")) {
         return None;
     }
-    let headers = from_parsed(req.headers).ok()?;
-    if headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| v.as_bytes() != b"0")
+    if named(header::TRANSFER_ENCODING.as_str()).next().is_some()
+        || named(header::CONTENT_LENGTH.as_str()).any(|h| h.value != b"0")
     {
         return None;
     }
-    let mut out = Request::new(());
-    *out.method_mut() = Method::from_bytes(req.method?.as_bytes()).ok()?;
-    *out.uri_mut() = Uri::try_from(req.path?).ok()?;
-    *out.version_mut() = match req.version? {
-        0 => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    *out.headers_mut() = headers;
-    Some(out)
+    let path = req.path?;
+    let start = path.as_ptr() as usize - buf.as_ptr() as usize;
+    Some(RequestLine {
+        method: Method::from_bytes(req.method?.as_bytes()).ok()?,
+        target: start..start + path.len(),
+        version: match req.version? {
+            0 => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        },
+    })
+}
+
+/// A request head, whichever stage read it: hyper's `Request`, or the client stage's
+/// [`UpgradeHead`]. The route, upgrade and policy stages read requests through it.
+pub trait RequestHead {
+    /// The head's fields.
+    type Fields: Fields;
+    /// The request method.
+    fn method(&self) -> &Method;
+    /// The request target.
+    fn uri(&self) -> &Uri;
+    /// The HTTP version.
+    fn version(&self) -> Version;
+    /// The header fields.
+    fn fields(&self) -> &Self::Fields;
+}
+
+impl<B> RequestHead for Request<B> {
+    type Fields = HeaderMap;
+    fn method(&self) -> &Method {
+        Request::method(self)
+    }
+    fn uri(&self) -> &Uri {
+        Request::uri(self)
+    }
+    fn version(&self) -> Version {
+        Request::version(self)
+    }
+    fn fields(&self) -> &HeaderMap {
+        Request::headers(self)
+    }
+}
+
+/// A first request head that asks for a WebSocket upgrade, its fields kept as spans of
+/// the bytes read ([`RawFields`]): no header map is made for it unless a plugin edits the
+/// upstream head.
+#[derive(Debug)]
+pub struct UpgradeHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    fields: RawFields,
+}
+
+impl RequestHead for UpgradeHead {
+    type Fields = RawFields;
+    fn method(&self) -> &Method {
+        &self.method
+    }
+    fn uri(&self) -> &Uri {
+        &self.uri
+    }
+    fn version(&self) -> Version {
+        self.version
+    }
+    fn fields(&self) -> &RawFields {
+        &self.fields
+    }
 }
 
 /// Whether the connection must close after answering `req` (HTTP/1.0 without
 /// keep-alive, or `Connection: close`).
-pub fn closes_after(req: &Request<()>) -> bool {
-    let headers = req.headers();
+pub fn closes_after(req: &impl RequestHead) -> bool {
+    let connection = header::CONNECTION.as_str();
     if req.version() == Version::HTTP_10 {
-        !has_token(headers, header::CONNECTION, "keep-alive")
+        !has_token(req.fields(), connection, "keep-alive")
     } else {
-        has_token(headers, header::CONNECTION, "close")
+        has_token(req.fields(), connection, "close")
     }
 }
 

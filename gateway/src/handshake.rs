@@ -11,6 +11,7 @@
 //! [`MAX_REFUSAL_BODY`].
 
 use std::io;
+use std::net::SocketAddr;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
@@ -18,7 +19,10 @@ use http::{StatusCode, Uri};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::headers::{end_to_end, from_parsed, has_token, set_upgrade_hop, value_has_token};
+use crate::headers::{
+    RawFields, end_to_end, from_parsed, has_token, push_upgrade_fields, set_upgrade_hop,
+    value_has_token,
+};
 use crate::tunnel::End;
 use crate::upgrade::accept_for;
 
@@ -73,14 +77,14 @@ impl Switch {
                 .sum(),
         );
         let mut has_date = false;
-        for h in end_to_end(fields) {
-            if h.name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str()) {
+        for (name, value) in end_to_end(fields.iter().map(|h| (h.name.as_bytes(), h.value))) {
+            if name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str().as_bytes()) {
                 continue;
             }
-            has_date |= h.name.eq_ignore_ascii_case(header::DATE.as_str());
-            lines.extend_from_slice(h.name.as_bytes());
+            has_date |= name.eq_ignore_ascii_case(header::DATE.as_str().as_bytes());
+            lines.extend_from_slice(name);
             lines.extend_from_slice(b": ");
-            lines.extend_from_slice(h.value);
+            lines.extend_from_slice(value);
             lines.extend_from_slice(b"\r\n");
         }
         Switch { lines, has_date }
@@ -179,11 +183,7 @@ enum Answer {
 
 /// The upgrade's request head: `GET path?query HTTP/1.1`, the headers, a blank line.
 pub fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
-    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut out = Vec::with_capacity(256 + headers.len() * 48);
-    out.extend_from_slice(b"GET ");
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut out = request_line(uri, 256 + headers.len() * 48);
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -191,6 +191,32 @@ pub fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// The upgrade's request head made from a client's raw fields, as [`request_head`] makes
+/// it from their map after the upgrade hop's rules ([`push_upgrade_fields`]): `host`
+/// replaces the client's `Host` when given. Also says whether the client's end-to-end
+/// fields had a `Host`.
+pub fn request_head_raw(
+    uri: &Uri,
+    fields: &RawFields,
+    host: Option<&str>,
+    client: SocketAddr,
+) -> (Vec<u8>, bool) {
+    let mut out = request_line(uri, 256 + fields.head().len());
+    let had_host = push_upgrade_fields(&mut out, fields, host, client, "http");
+    out.extend_from_slice(b"\r\n");
+    (out, had_host)
+}
+
+/// `GET path?query HTTP/1.1` in a buffer with room for `capacity` bytes.
+fn request_line(uri: &Uri, capacity: usize) -> Vec<u8> {
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut out = Vec::with_capacity(capacity);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     out
 }
 
@@ -276,7 +302,7 @@ async fn read_body(
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Bytes::new());
     }
-    if has_token(headers, header::TRANSFER_ENCODING, "chunked") {
+    if has_token(headers, header::TRANSFER_ENCODING.as_str(), "chunked") {
         return read_chunked(stream, buf).await;
     }
     if let Some(len) = headers.get(header::CONTENT_LENGTH) {

@@ -2,7 +2,9 @@
 //! the `X-Forwarded-*` headers.
 
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
@@ -23,6 +25,108 @@ const HOP_BY_HOP: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
+
+/// A request's header fields, whichever form they are in: a [`HeaderMap`] (hyper's path,
+/// or where a plugin edits them) or [`RawFields`] (the client stage's first head). Names
+/// are matched case-insensitively.
+pub trait Fields {
+    /// The values of the fields named `name`, in order.
+    fn values_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+    /// Every field as `(name, value)`, in order (a map's names are lower-case, raw ones as
+    /// sent).
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
+}
+
+impl Fields for HeaderMap {
+    fn values_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+    }
+}
+
+/// Header fields as `httparse` parsed them, kept as spans of the head's own bytes: no
+/// allocation or copy per field, and no name parsed or hashed. `httparse` admits exactly
+/// the names and values a [`HeaderMap`] would, so [`RawFields::to_map`] cannot fail.
+#[derive(Debug, Clone)]
+pub struct RawFields {
+    head: Bytes,
+    /// Each field's name and value, as byte ranges of `head`.
+    spans: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl RawFields {
+    /// The byte ranges of `fields` within `base`, the buffer `httparse` parsed them from.
+    pub fn spans(
+        base: &[u8],
+        fields: &[httparse::Header<'_>],
+    ) -> Vec<(Range<usize>, Range<usize>)> {
+        let start = base.as_ptr() as usize;
+        let range = |s: &[u8]| {
+            let from = s.as_ptr() as usize - start;
+            from..from + s.len()
+        };
+        fields
+            .iter()
+            .map(|h| (range(h.name.as_bytes()), range(h.value)))
+            .collect()
+    }
+
+    /// The fields at `spans` (from [`RawFields::spans`]) of `head`.
+    pub fn new(head: Bytes, spans: Vec<(Range<usize>, Range<usize>)>) -> RawFields {
+        RawFields { head, spans }
+    }
+
+    /// The bytes the fields are spans of.
+    pub fn head(&self) -> &Bytes {
+        &self.head
+    }
+
+    /// Every field as `(name, value)`, in the order sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
+        self.spans
+            .iter()
+            .map(|(n, v)| (&self.head[n.clone()], &self.head[v.clone()]))
+    }
+
+    /// The fields as a header map (with room for four more), for code that edits them.
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len() + 4);
+        for (name, value) in self.iter() {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                map.append(n, v);
+            }
+        }
+        map
+    }
+}
+
+#[cfg(test)]
+impl RawFields {
+    /// The fields of a whole request head, for tests.
+    pub(crate) fn of_request(head: &str) -> RawFields {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(head.as_bytes()).unwrap().is_complete(), "{head}");
+        let spans = RawFields::spans(head.as_bytes(), req.headers);
+        RawFields::new(Bytes::copy_from_slice(head.as_bytes()), spans)
+    }
+}
+
+impl Fields for RawFields {
+    fn values_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter()
+    }
+}
 
 /// Whether `name` is one of the standard hop-by-hop headers.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -51,17 +155,7 @@ pub fn set_upgrade_hop(headers: &mut HeaderMap) {
 /// `keep-alive`: the usual case) no name needs checking against it.
 fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
     let connection = headers.get_all(header::CONNECTION);
-    let names_others = connection.iter().any(|v| {
-        let v = v.as_bytes();
-        !tokenizable(v)
-            || v.split(|&b| b == b',').any(|t| {
-                let t = t.trim_ascii();
-                !t.is_empty()
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| t.eq_ignore_ascii_case(h.as_bytes()))
-            })
-    });
+    let names_others = connection.iter().any(|v| names_others(v.as_bytes()));
     let doomed = |name: &HeaderName| {
         if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
             return false;
@@ -81,12 +175,45 @@ fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Whether a `Connection` line may name a field that is not a standard hop-by-hop one
+/// (or is not [`tokenizable`], so is judged field by field).
+fn names_others(value: &[u8]) -> bool {
+    !tokenizable(value)
+        || value.split(|&b| b == b',').any(|t| {
+            let t = t.trim_ascii();
+            !t.is_empty() && !is_hop_name(t)
+        })
+}
+
+/// Whether a raw field name (any case) is one of [`HOP_BY_HOP`]. Its length picks the
+/// candidates, so most names take no comparison at all.
+fn is_hop_name(name: &[u8]) -> bool {
+    let candidates: &[&str] = match name.len() {
+        2 => &["te"],
+        7 => &["trailer", "upgrade"],
+        10 => &["connection", "keep-alive"],
+        16 => &["proxy-connection"],
+        17 => &["transfer-encoding"],
+        18 => &["proxy-authenticate"],
+        19 => &["proxy-authorization"],
+        _ => return false,
+    };
+    candidates
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
+/// Whether a raw field name (any case) is `name`.
+pub fn is_named(raw: &[u8], name: &HeaderName) -> bool {
+    raw.eq_ignore_ascii_case(name.as_str().as_bytes())
+}
+
 /// The trimmed, non-empty entries of a comma-separated header, over all its lines.
-pub fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(name)
-        .into_iter()
-        .flat_map(|v| value_tokens(v.as_bytes()))
+pub fn tokens<'a, F: Fields + ?Sized>(
+    fields: &'a F,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> {
+    fields.values_of(name).flat_map(value_tokens)
 }
 
 /// Whether a header line is all visible ASCII, spaces and tabs (what
@@ -97,12 +224,17 @@ fn tokenizable(value: &[u8]) -> bool {
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
-/// The trimmed, non-empty entries of one comma-separated header line; none when the line
-/// is not [`tokenizable`].
-fn value_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+/// A field value as text when it is [`tokenizable`] (what `HeaderValue::to_str` gives).
+pub fn value_text(value: &[u8]) -> Option<&str> {
     Some(value)
         .filter(|v| tokenizable(v))
         .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The trimmed, non-empty entries of one comma-separated header line; none when the line
+/// is not [`tokenizable`].
+fn value_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
+    value_text(value)
         .into_iter()
         .flat_map(|v| v.split(','))
         .map(str::trim)
@@ -110,22 +242,24 @@ fn value_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
 }
 
 /// Whether a comma-separated header contains `token` (case-insensitive).
-pub fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .any(|v| value_has_token(v.as_bytes(), token))
+pub fn has_token<F: Fields + ?Sized>(fields: &F, name: &str, token: &str) -> bool {
+    fields.values_of(name).any(|v| value_has_token(v, token))
 }
 
 /// Whether one raw header line (comma-separated) contains `token` (case-insensitive),
 /// as [`has_token`] decides for a header map. A byte scan, no UTF-8 decoding: a
 /// tokenizable line is ASCII, where `trim_ascii` and `str::trim` agree.
 pub fn value_has_token(value: &[u8], token: &str) -> bool {
+    value_lists(value, token.as_bytes())
+}
+
+/// [`value_has_token`] for a token given as bytes (a raw field name).
+fn value_lists(value: &[u8], token: &[u8]) -> bool {
     !token.is_empty()
         && tokenizable(value)
         && value
             .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// A header map from the fields `httparse` parsed; `Err` says which part of a field is
@@ -135,20 +269,22 @@ pub fn from_parsed(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, &'stati
     map_of(fields, |_| true)
 }
 
-/// The end-to-end fields among those `httparse` parsed: what [`strip_hop_by_hop`] would
-/// leave of their map, without making one (hop-by-hop fields and those named in a
-/// `Connection` field are skipped).
-pub fn end_to_end<'a, 'h>(
-    fields: &'a [httparse::Header<'h>],
-) -> impl Iterator<Item = &'a httparse::Header<'h>> {
-    let listed = move |name: &str| {
-        fields.iter().any(|h| {
-            h.name.eq_ignore_ascii_case(header::CONNECTION.as_str())
-                && value_has_token(h.value, name)
-        })
-    };
-    fields.iter().filter(move |h| {
-        !HOP_BY_HOP.iter().any(|n| h.name.eq_ignore_ascii_case(n)) && !listed(h.name)
+/// The end-to-end fields among `fields` (`(name, value)` pairs, raw): what
+/// [`strip_hop_by_hop`] would leave of their map, without making one. Hop-by-hop fields
+/// and those named in a `Connection` field are skipped; when `Connection` names only
+/// standard hop-by-hop headers (the usual case) no name is checked against it.
+pub fn end_to_end<'a, I>(fields: I) -> impl Iterator<Item = (&'a [u8], &'a [u8])>
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+{
+    let connection = fields
+        .clone()
+        .filter(|(n, _)| is_named(n, &header::CONNECTION));
+    let names_others = connection.clone().any(|(_, v)| names_others(v));
+    fields.filter(move |(name, _)| {
+        let hop = is_hop_name(name);
+        let listed = names_others && connection.clone().any(|(_, v)| value_lists(v, name));
+        !(hop || listed)
     })
 }
 
@@ -170,17 +306,12 @@ fn map_of(
 /// into one header) and sets `X-Forwarded-Proto` and `X-Forwarded-Host`, replacing any
 /// client-sent values of those two.
 pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, proto: &'static str) {
-    let mut chain = String::with_capacity(48);
+    let mut chain = Vec::with_capacity(48);
     for v in headers.get_all(X_FORWARDED_FOR) {
-        if let Ok(v) = v.to_str().map(str::trim)
-            && !v.is_empty()
-        {
-            chain.push_str(v);
-            chain.push_str(", ");
-        }
+        push_forwarded_entry(&mut chain, v.as_bytes());
     }
     push_ip(&mut chain, client.ip());
-    // Both parts are valid header text, so this cannot fail; the value takes the String's
+    // Both parts are valid header text, so this cannot fail; the value takes the Vec's
     // buffer without a copy.
     if let Ok(v) = HeaderValue::try_from(chain) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -196,26 +327,91 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, proto: &'stati
     }
 }
 
+/// Appends the header lines of one WebSocket upgrade hop made from a client's raw fields,
+/// with no header map: the same fields [`set_upgrade_hop`], [`add_forwarded`] and, when
+/// `host` is given, a `Host` rewrite make of their map. These are the end-to-end fields as
+/// sent (less the `X-Forwarded-*` ones, and less `Host` when `host` is given), one
+/// `Connection: Upgrade`/`Upgrade: websocket` pair, `X-Forwarded-For` with `client`
+/// appended, `X-Forwarded-Proto`, `X-Forwarded-Host` (the client's first `Host`) and
+/// `Host: host`. Returns whether the client's end-to-end fields had a `Host`.
+pub fn push_upgrade_fields(
+    out: &mut Vec<u8>,
+    fields: &RawFields,
+    host: Option<&str>,
+    client: SocketAddr,
+    proto: &str,
+) -> bool {
+    let mut client_host = None;
+    // Earlier proxies' chain; allocated only when there is one.
+    let mut chain = Vec::new();
+    for (name, value) in end_to_end(fields.iter()) {
+        if is_named(name, &X_FORWARDED_FOR) {
+            push_forwarded_entry(&mut chain, value);
+            continue;
+        }
+        if is_named(name, &X_FORWARDED_PROTO) || is_named(name, &X_FORWARDED_HOST) {
+            continue;
+        }
+        if is_named(name, &header::HOST) {
+            client_host = client_host.or(Some(value));
+            if host.is_some() {
+                continue;
+            }
+        }
+        push_field(out, name, value);
+    }
+    out.extend_from_slice(b"connection: Upgrade\r\nupgrade: websocket\r\nx-forwarded-for: ");
+    out.extend_from_slice(&chain);
+    push_ip(out, client.ip());
+    out.extend_from_slice(b"\r\n");
+    push_field(out, X_FORWARDED_PROTO.as_str().as_bytes(), proto.as_bytes());
+    if let Some(value) = client_host {
+        push_field(out, X_FORWARDED_HOST.as_str().as_bytes(), value);
+    }
+    if let Some(host) = host {
+        push_field(out, header::HOST.as_str().as_bytes(), host.as_bytes());
+    }
+    client_host.is_some()
+}
+
+/// Appends one `name: value` line.
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends an earlier `X-Forwarded-For` line and `, ` when the line is valid header text
+/// and not empty (trimmed).
+fn push_forwarded_entry(out: &mut Vec<u8>, line: &[u8]) {
+    let line = line.trim_ascii();
+    if !line.is_empty() && tokenizable(line) {
+        out.extend_from_slice(line);
+        out.extend_from_slice(b", ");
+    }
+}
+
 /// Appends `ip` in its usual text form; IPv4 by hand (every upgrade writes one), IPv6
 /// through `Display`.
-fn push_ip(out: &mut String, ip: IpAddr) {
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
                 if octet >= 100 {
-                    out.push(char::from(b'0' + octet / 100));
+                    out.push(b'0' + octet / 100);
                 }
                 if octet >= 10 {
-                    out.push(char::from(b'0' + octet / 10 % 10));
+                    out.push(b'0' + octet / 10 % 10);
                 }
-                out.push(char::from(b'0' + octet % 10));
+                out.push(b'0' + octet % 10);
             }
         }
         IpAddr::V6(v6) => {
-            use std::fmt::Write;
+            use std::io::Write;
             let _ = write!(out, "{v6}");
         }
     }
@@ -253,7 +449,7 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert("connection", HeaderValue::from_bytes(value).unwrap());
             assert_eq!(
-                has_token(&h, header::CONNECTION, "upgrade"),
+                has_token(&h, "connection", "upgrade"),
                 expected,
                 "{value:?}"
             );
@@ -271,9 +467,9 @@ mod tests {
             "::1",
             "2001:db8::7",
         ] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_ip(&mut out, ip.parse().unwrap());
-            assert_eq!(out, ip);
+            assert_eq!(out, ip.as_bytes());
         }
     }
 
@@ -340,9 +536,89 @@ mod tests {
         ];
         let mut stripped = from_parsed(&fields).unwrap();
         strip_hop_by_hop(&mut stripped);
-        let kept: Vec<httparse::Header<'_>> = end_to_end(&fields).copied().collect();
+        let pairs = fields.iter().map(|h| (h.name.as_bytes(), h.value));
+        let kept: Vec<httparse::Header<'_>> = end_to_end(pairs)
+            .map(|(name, value)| httparse::Header {
+                name: std::str::from_utf8(name).unwrap(),
+                value,
+            })
+            .collect();
         assert_eq!(from_parsed(&kept).unwrap(), stripped);
         assert_eq!(stripped.len(), 3);
+    }
+
+    /// What the map path sends upstream for an upgrade: the hop's rules, the
+    /// `X-Forwarded-*` fields, then `Host` when it is rewritten (as `serve::upstream_head`).
+    fn through_a_map(fields: &RawFields, host: Option<&str>, client: SocketAddr) -> HeaderMap {
+        let mut map = fields.to_map();
+        set_upgrade_hop(&mut map);
+        add_forwarded(&mut map, client, "http");
+        if let Some(h) = host {
+            map.insert(header::HOST, HeaderValue::from_str(h).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn raw_upgrade_fields_are_what_the_map_path_sends() {
+        let heads = [
+            // A browser's upgrade.
+            "GET /chat HTTP/1.1\r\nHost: chat.example:8443\r\nConnection: keep-alive, Upgrade\r\n\
+             Upgrade: websocket\r\nOrigin: https://app.example\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n",
+            // Earlier proxies' chains (one line not valid text, one empty), spoofed
+            // X-Forwarded-Proto/-Host, fields named in Connection, repeated and
+            // interleaved names.
+            "GET / HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4 \r\nhost: a.example\r\n\
+             X-Forwarded-For: é\r\nx-forwarded-for: \r\nX-FORWARDED-FOR: 5.6.7.8, 9.9.9.9\r\n\
+             X-Forwarded-Proto: https\r\nX-Forwarded-Host: spoofed\r\n\
+             Connection: Upgrade, X-Secret\r\nconnection: x-other\r\nX-Secret: 1\r\nX-Other: 2\r\n\
+             X-Kept: 1\r\nTE: trailers\r\nX-Kept: 2\r\nUpgrade: websocket\r\nKeep-Alive: 5\r\n\r\n",
+            // Host listed in Connection, so not sent; two Hosts elsewhere.
+            "GET / HTTP/1.1\r\nHost: b.example\r\nConnection: Upgrade, Host\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: one\r\nHost: two\r\nUpgrade: websocket\r\n\r\n",
+            // No Host at all; a Connection line that is not valid text.
+            "GET / HTTP/1.1\r\nConnection: é, X-A\r\nX-A: 1\r\nUpgrade: websocket\r\n\r\n",
+        ];
+        for head in heads {
+            let fields = RawFields::of_request(head);
+            for client in ["127.0.0.1:5000", "[2001:db8::7]:443"] {
+                let client: SocketAddr = client.parse().unwrap();
+                for host in [None, Some("backend:9000")] {
+                    let mut out = Vec::new();
+                    push_upgrade_fields(&mut out, &fields, host, client, "http");
+                    out.extend_from_slice(b"\r\n");
+                    let mut slots = [httparse::EMPTY_HEADER; 32];
+                    let parsed = match httparse::parse_headers(&out, &mut slots) {
+                        Ok(httparse::Status::Complete((_, parsed))) => parsed,
+                        other => panic!("{other:?}: {}", String::from_utf8_lossy(&out)),
+                    };
+                    assert_eq!(
+                        from_parsed(parsed).unwrap(),
+                        through_a_map(&fields, host, client),
+                        "{head:?} {client} {host:?}: {}",
+                        String::from_utf8_lossy(&out)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn raw_hop_names_are_the_hop_by_hop_list() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_name(name.as_bytes()), "{name}");
+            assert!(is_hop_name(name.to_ascii_uppercase().as_bytes()), "{name}");
+            assert!(!is_hop_name(format!("{name}s").as_bytes()), "{name}");
+        }
+        for other in [
+            "host",
+            "x-te",
+            "sec-websocket-key",
+            "upgrade-insecure-requests",
+        ] {
+            assert!(!is_hop_name(other.as_bytes()), "{other}");
+        }
     }
 
     #[test]

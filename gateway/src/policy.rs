@@ -5,11 +5,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Request};
 
 use crate::balance::Pool;
-use crate::headers::{is_hop_by_hop, tokens};
+use crate::client::RequestHead;
+use crate::headers::{Fields, is_hop_by_hop, tokens, value_text};
 use crate::plugin::{ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind};
 use crate::route::Route;
 use crate::snapshot::Snapshot;
@@ -32,11 +33,11 @@ pub struct Verdict {
 }
 
 /// Runs the route's chain. A route without plugins costs nothing here.
-pub async fn decide<B>(
+pub async fn decide(
     route: &Route,
     pool: &Arc<Pool>,
     snapshot: &Snapshot,
-    req: &Request<B>,
+    req: &impl RequestHead,
     kind: RequestKind,
     peer: SocketAddr,
 ) -> Result<Verdict, Denial> {
@@ -139,29 +140,34 @@ pub fn apply(verdict: &Verdict, headers: &mut HeaderMap) {
 }
 
 /// What plugins see of a request.
-fn request_info<B>(
+fn request_info(
     route: &Route,
-    req: &Request<B>,
+    req: &impl RequestHead,
     kind: RequestKind,
     peer: SocketAddr,
 ) -> RequestInfo {
-    let headers = req
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+    let fields = req.fields();
+    // Names lower-case, as a header map has them, whichever form the head is in.
+    let headers = fields
+        .each()
+        .filter_map(|(k, v)| {
+            let name = std::str::from_utf8(k).ok()?.to_ascii_lowercase();
+            Some((name, value_text(v)?.to_string()))
+        })
         .collect();
     let authority = req
         .uri()
         .authority()
         .map(|a| a.to_string())
         .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
+            fields
+                .values_of(header::HOST.as_str())
+                .next()
+                .and_then(value_text)
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let subprotocols = tokens(req.headers(), header::SEC_WEBSOCKET_PROTOCOL)
+    let subprotocols = tokens(fields, header::SEC_WEBSOCKET_PROTOCOL.as_str())
         .map(str::to_string)
         .collect();
     RequestInfo {

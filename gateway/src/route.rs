@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::balance::Pool;
+use crate::client::RequestHead;
 use crate::config::{HostMatch, RouteAction, RouteConfig};
+use crate::headers::{Fields, value_text};
 use crate::plugin::{Chain, Plugin};
 
 /// A route with its pool resolved.
@@ -88,10 +90,10 @@ impl RouteTable {
 
 /// The host a request is for: the URI authority (absolute-form) or the `Host` header,
 /// lower-cased and without port.
-pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
+pub fn request_host(req: &impl RequestHead) -> Option<String> {
     let raw = match req.uri().host() {
         Some(h) => h,
-        None => req.headers().get(http::header::HOST)?.to_str().ok()?,
+        None => value_text(req.fields().values_of(http::header::HOST.as_str()).next()?)?,
     };
     let host = if raw.starts_with('[') {
         // IPv6 literal: keep the brackets, drop the port.

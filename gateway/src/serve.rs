@@ -25,13 +25,15 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::{CloseHook, Counted, Record};
 use crate::balance::{ActiveGuard, Pool, Server};
-use crate::client::{self, Body, FirstHead, Prefixed};
+use crate::client::{self, Body, FirstHead, Prefixed, RequestHead, UpgradeHead};
 use crate::config::{HashKey, ListenerConfig, RouteAction};
 use crate::connect::{self, ConnectError, with_failover};
 use crate::forward::{self, Conn, Pooled};
 use crate::gateway::Gateway;
 use crate::handshake::{self, Outcome, Switch};
-use crate::headers::{add_forwarded, has_token, set_upgrade_hop, strip_hop_by_hop};
+use crate::headers::{
+    Fields, add_forwarded, has_token, set_upgrade_hop, strip_hop_by_hop, value_text,
+};
 use crate::plugin::{Denial, RequestKind};
 use crate::policy::{self, Verdict};
 use crate::route::{Route, normalize_path, request_host};
@@ -213,11 +215,7 @@ enum Direct {
 
 /// Walks an upgrade head through route → policy → connect → handshake and writes the
 /// client's answer itself.
-async fn upgrade_direct(
-    stream: &mut TcpStream,
-    mut req: Request<()>,
-    ctx: &Arc<ClientConn>,
-) -> Direct {
+async fn upgrade_direct(stream: &mut TcpStream, req: UpgradeHead, ctx: &Arc<ClientConn>) -> Direct {
     let close = client::closes_after(&req);
     let head_only = req.method() == Method::HEAD;
     let resp = match admit(&req, ctx).await {
@@ -226,22 +224,19 @@ async fn upgrade_direct(
             plan,
             rec,
             ws_key: Some(ws_key),
-        }) => {
-            let headers = std::mem::take(req.headers_mut());
-            match open(req.uri(), headers, ws_key, plan, rec, ctx).await {
-                Ok(opened) => {
-                    let sent = client::write_switch(stream, &opened.head).await;
-                    return match sent {
-                        Ok(()) => Direct::Tunnel(opened),
-                        Err(e) => {
-                            tracing::warn!(client = %ctx.peer, error = %e, "client upgrade did not complete");
-                            Direct::Closed
-                        }
-                    };
-                }
-                Err(resp) => resp,
+        }) => match open(ClientHead::Raw(&req), ws_key, plan, rec, ctx).await {
+            Ok(opened) => {
+                let sent = client::write_switch(stream, &opened.head).await;
+                return match sent {
+                    Ok(()) => Direct::Tunnel(opened),
+                    Err(e) => {
+                        tracing::warn!(client = %ctx.peer, error = %e, "client upgrade did not complete");
+                        Direct::Closed
+                    }
+                };
             }
-        }
+            Err(resp) => resp,
+        },
         // Not reached: the client stage passes only heads asking for a WebSocket.
         Ok(Admitted { rec, .. }) => respond(
             rec,
@@ -250,7 +245,7 @@ async fn upgrade_direct(
             &[],
         ),
     };
-    let close = close || has_token(resp.headers(), header::CONNECTION, "close");
+    let close = close || has_token(resp.headers(), header::CONNECTION.as_str(), "close");
     let (parts, body) = resp.into_parts();
     // Sluice's own answers are whole in memory; collecting ends the body, which logs it.
     let body = body
@@ -278,7 +273,11 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
         Some(ws_key) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
             let headers = std::mem::take(req.headers_mut());
-            match open(req.uri(), headers, ws_key, plan, rec, &ctx).await {
+            let head = ClientHead::Map {
+                uri: req.uri(),
+                headers,
+            };
+            match open(head, ws_key, plan, rec, &ctx).await {
                 Ok(opened) => switch(opened, on_upgrade, ctx),
                 Err(resp) => resp,
             }
@@ -296,7 +295,10 @@ struct Admitted {
 }
 
 /// Route → upgrade validation → policy: where the request goes, or Sluice's answer.
-async fn admit<B>(req: &Request<B>, ctx: &ClientConn) -> Result<Admitted, Response<ResponseBody>> {
+async fn admit(
+    req: &impl RequestHead,
+    ctx: &ClientConn,
+) -> Result<Admitted, Response<ResponseBody>> {
     let mut rec = Record {
         kind: "http",
         client: ctx.peer,
@@ -343,7 +345,7 @@ async fn admit<B>(req: &Request<B>, ctx: &ClientConn) -> Result<Admitted, Respon
             ));
         }
     };
-    let (kind, ws_key) = match upgrade::classify(req.method(), req.version(), req.headers()) {
+    let (kind, ws_key) = match upgrade::classify(req.method(), req.version(), req.fields()) {
         Upgrade::Refused(r) => {
             let headers = upgrade::refusal_headers(&r);
             return Err(respond(rec, r.status, &format!("{}\n", r.reason), &headers));
@@ -471,15 +473,12 @@ fn relay_refusal(
 
 /// The consistent-hash key for this request (empty unless the pool hashes). A request
 /// without the configured header, cookie or parameter hashes on its client IP.
-fn hash_key<B>(pool: &Pool, req: &Request<B>, peer: SocketAddr) -> Vec<u8> {
+fn hash_key(pool: &Pool, req: &impl RequestHead, peer: SocketAddr) -> Vec<u8> {
     let found = match pool.hash_key() {
         None => return Vec::new(),
         Some(HashKey::ClientIp) => None,
-        Some(HashKey::Header(name)) => req
-            .headers()
-            .get(name.as_str())
-            .map(|v| v.as_bytes().to_vec()),
-        Some(HashKey::Cookie(name)) => cookie(req.headers(), name).map(|v| v.as_bytes().to_vec()),
+        Some(HashKey::Header(name)) => req.fields().values_of(name).next().map(<[u8]>::to_vec),
+        Some(HashKey::Cookie(name)) => cookie(req.fields(), name).map(|v| v.as_bytes().to_vec()),
         Some(HashKey::Query(name)) => req.uri().query().and_then(|q| {
             q.split('&')
                 .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
@@ -490,11 +489,10 @@ fn hash_key<B>(pool: &Pool, req: &Request<B>, peer: SocketAddr) -> Vec<u8> {
     found.unwrap_or_else(|| peer.ip().to_string().into_bytes())
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+fn cookie<'a>(fields: &'a impl Fields, name: &str) -> Option<&'a str> {
+    fields
+        .values_of(header::COOKIE.as_str())
+        .filter_map(value_text)
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
@@ -524,7 +522,7 @@ fn upstream_head(
     }
     // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
     add_forwarded(&mut headers, peer, "http");
-    if !keeps_client_host(route, &headers)
+    if !keeps_client_host(route, headers.contains_key(header::HOST))
         && let Ok(v) = HeaderValue::from_str(authority)
     {
         headers.insert(header::HOST, v);
@@ -533,16 +531,25 @@ fn upstream_head(
     (uri, headers)
 }
 
-/// Whether the upstream request keeps the client's `Host` (`preserve_host`, and the client
-/// sent one); otherwise `Host` names the server.
-fn keeps_client_host(route: &Route, headers: &HeaderMap) -> bool {
-    route.config.preserve_host && headers.contains_key(header::HOST)
+/// Whether the upstream request keeps the client's `Host`: `preserve_host` (the default),
+/// and the client sent one that is not hop-by-hop. Otherwise `Host` names the server.
+fn keeps_client_host(route: &Route, has_host: bool) -> bool {
+    route.config.preserve_host && has_host
+}
+
+/// The client's upgrade request, in the form the stage that read it keeps.
+enum ClientHead<'a> {
+    /// Read by hyper: its fields in a header map.
+    Map { uri: &'a Uri, headers: HeaderMap },
+    /// Read by the client stage: its raw fields.
+    Raw(&'a UpgradeHead),
 }
 
 /// Connects to a server and sends it the upgrade head in the same step
 /// ([`connect::tcp_sending`]).
 struct UpgradeAttempt<'a> {
     plan: &'a Plan,
+    peer: SocketAddr,
     head: Head<'a>,
 }
 
@@ -551,24 +558,49 @@ enum Head<'a> {
     /// `Host` is the client's (with `preserve_host`, the default): the same bytes for
     /// every server, made once.
     Fixed(Vec<u8>),
-    /// `Host` names the server: made for each server tried, from the client's headers.
-    PerServer {
-        uri: &'a Uri,
-        headers: HeaderMap,
-        peer: SocketAddr,
-    },
+    /// `Host` names the server: made for each server tried, from the client's head.
+    PerServer(ClientHead<'a>),
 }
 
 impl<'a> UpgradeAttempt<'a> {
-    fn new(uri: &'a Uri, headers: HeaderMap, plan: &'a Plan, peer: SocketAddr) -> Self {
-        let head = if keeps_client_host(&plan.route, &headers) {
-            // No server's authority is written: the client's Host stays.
-            let (uri, headers) = upstream_head(uri, headers, plan, "", peer, true);
-            Head::Fixed(handshake::request_head(&uri, &headers))
-        } else {
-            Head::PerServer { uri, headers, peer }
+    /// The client's raw fields are written upstream without a header map unless a plugin
+    /// edits them (header changes or a subprotocol), which is done on a map.
+    fn new(client: ClientHead<'a>, plan: &'a Plan, peer: SocketAddr) -> Self {
+        let edits = !plan.verdict.headers.is_empty() || plan.verdict.subprotocol.is_some();
+        let client = match client {
+            ClientHead::Raw(req) if edits => ClientHead::Map {
+                uri: req.uri(),
+                headers: req.fields().to_map(),
+            },
+            client => client,
         };
-        UpgradeAttempt { plan, head }
+        let head = match client {
+            ClientHead::Raw(req) => {
+                // Made at once with the client's `Host`, and kept if it had one.
+                let fixed = plan
+                    .route
+                    .config
+                    .preserve_host
+                    .then(|| handshake::request_head_raw(req.uri(), req.fields(), None, peer));
+                match fixed {
+                    Some((head, true)) => Head::Fixed(head),
+                    _ => Head::PerServer(ClientHead::Raw(req)),
+                }
+            }
+            ClientHead::Map { uri, mut headers } => {
+                // Decided on what goes upstream: a `Host` the client listed in
+                // `Connection` does not.
+                set_upgrade_hop(&mut headers);
+                if keeps_client_host(&plan.route, headers.contains_key(header::HOST)) {
+                    // No server's authority is written: the client's Host stays.
+                    let (uri, headers) = upstream_head(uri, headers, plan, "", peer, true);
+                    Head::Fixed(handshake::request_head(&uri, &headers))
+                } else {
+                    Head::PerServer(ClientHead::Map { uri, headers })
+                }
+            }
+        };
+        UpgradeAttempt { plan, peer, head }
     }
 }
 
@@ -576,16 +608,19 @@ impl connect::Attempt for UpgradeAttempt<'_> {
     type Output = TcpStream;
     async fn attempt(&mut self, server: &Arc<Server>) -> std::io::Result<TcpStream> {
         let pool = &self.plan.verdict.pool;
-        match &self.head {
-            Head::Fixed(head) => connect::tcp_sending(pool, server, head).await,
-            Head::PerServer { uri, headers, peer } => {
-                let authority = &server.config.authority;
-                let (uri, headers) =
-                    upstream_head(uri, headers.clone(), self.plan, authority, *peer, true);
-                let head = handshake::request_head(&uri, &headers);
-                connect::tcp_sending(pool, server, &head).await
+        let authority = server.config.authority.as_str();
+        let head = match &self.head {
+            Head::Fixed(head) => return connect::tcp_sending(pool, server, head).await,
+            Head::PerServer(ClientHead::Raw(req)) => {
+                handshake::request_head_raw(req.uri(), req.fields(), Some(authority), self.peer).0
             }
-        }
+            Head::PerServer(ClientHead::Map { uri, headers }) => {
+                let (uri, headers) =
+                    upstream_head(uri, headers.clone(), self.plan, authority, self.peer, true);
+                handshake::request_head(&uri, &headers)
+            }
+        };
+        connect::tcp_sending(pool, server, &head).await
     }
 }
 
@@ -605,15 +640,14 @@ struct Opened {
 /// Connects to a server of the plan's pool and completes the WebSocket handshake with it;
 /// any failure or refusal is the client's answer instead.
 async fn open(
-    uri: &Uri,
-    headers: HeaderMap,
+    client: ClientHead<'_>,
     ws_key: String,
     plan: Plan,
     mut rec: Record,
     ctx: &ClientConn,
 ) -> Result<Opened, Response<ResponseBody>> {
     let (route, pool) = (&plan.route, &plan.verdict.pool);
-    let attempt = UpgradeAttempt::new(uri, headers, &plan, ctx.peer);
+    let attempt = UpgradeAttempt::new(client, &plan, ctx.peer);
     let (server, stream) = match with_failover(pool, &plan.key, attempt).await {
         Ok(s) => s,
         Err(e) => return Err(no_upstream(rec, route, &e)),

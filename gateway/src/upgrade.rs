@@ -4,10 +4,10 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, Method, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use sha1::{Digest, Sha1};
 
-use crate::headers::has_token;
+use crate::headers::{Fields, is_named, value_has_token};
 
 /// What the client asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,9 +36,22 @@ pub struct Refusal {
 /// The WebSocket version Sluice speaks.
 pub const WS_VERSION: &str = "13";
 
-/// Classifies a request head.
-pub fn classify(method: &Method, version: Version, headers: &HeaderMap) -> Upgrade {
-    if !has_token(headers, header::UPGRADE, "websocket") {
+/// Classifies a request head, in one pass over its fields.
+pub fn classify(method: &Method, version: Version, fields: &impl Fields) -> Upgrade {
+    let (mut websocket, mut connection_upgrade) = (false, false);
+    let (mut versions, mut keys) = (Once::None, Once::None);
+    for (name, value) in fields.each() {
+        if is_named(name, &header::UPGRADE) {
+            websocket |= value_has_token(value, "websocket");
+        } else if is_named(name, &header::CONNECTION) {
+            connection_upgrade |= value_has_token(value, "upgrade");
+        } else if is_named(name, &header::SEC_WEBSOCKET_VERSION) {
+            versions.see(value);
+        } else if is_named(name, &header::SEC_WEBSOCKET_KEY) {
+            keys.see(value);
+        }
+    }
+    if !websocket {
         return Upgrade::None;
     }
     let refuse = |status, reason| Upgrade::Refused(Refusal { status, reason });
@@ -51,13 +64,12 @@ pub fn classify(method: &Method, version: Version, headers: &HeaderMap) -> Upgra
             "a WebSocket upgrade needs HTTP/1.1",
         );
     }
-    if !has_token(headers, header::CONNECTION, "upgrade") {
+    if !connection_upgrade {
         return refuse(StatusCode::BAD_REQUEST, "missing `Connection: upgrade`");
     }
-    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
-    match (versions.next(), versions.next()) {
-        (None, _) => return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Version"),
-        (Some(v), None) if v == WS_VERSION => {}
+    match versions {
+        Once::None => return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Version"),
+        Once::One(v) if v == WS_VERSION.as_bytes() => {}
         _ => {
             return refuse(
                 StatusCode::UPGRADE_REQUIRED,
@@ -65,22 +77,15 @@ pub fn classify(method: &Method, version: Version, headers: &HeaderMap) -> Upgra
             );
         }
     }
-    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
-    let key = match (keys.next(), keys.next()) {
-        (Some(k), None) => k,
-        _ => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "missing or repeated Sec-WebSocket-Key",
-            );
-        }
+    let Once::One(key) = keys else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "missing or repeated Sec-WebSocket-Key",
+        );
     };
     // 24 base64 characters decode to at most 18 bytes; a valid key is exactly 16.
     let mut raw = [0u8; 18];
-    let valid = key.len() == 24
-        && STANDARD
-            .decode_slice(key.as_bytes(), &mut raw)
-            .is_ok_and(|n| n == 16);
+    let valid = key.len() == 24 && STANDARD.decode_slice(key, &mut raw).is_ok_and(|n| n == 16);
     if !valid {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -88,7 +93,24 @@ pub fn classify(method: &Method, version: Version, headers: &HeaderMap) -> Upgra
         );
     }
     Upgrade::WebSocket {
-        key: key.to_str().unwrap_or_default().to_string(),
+        // Valid base64 is ASCII.
+        key: String::from_utf8_lossy(key).into_owned(),
+    }
+}
+
+/// How many fields of one name a head has: none, one (with its value), or more.
+enum Once<'a> {
+    None,
+    One(&'a [u8]),
+    Many,
+}
+
+impl<'a> Once<'a> {
+    fn see(&mut self, value: &'a [u8]) {
+        *self = match self {
+            Once::None => Once::One(value),
+            _ => Once::Many,
+        };
     }
 }
 
@@ -115,6 +137,8 @@ pub fn refusal_headers(r: &Refusal) -> Vec<(HeaderName, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::headers::RawFields;
+    use http::HeaderMap;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -148,6 +172,59 @@ mod tests {
             accept_for("dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
+    }
+
+    #[test]
+    fn raw_fields_and_a_map_classify_alike() {
+        let with = |extra: &[(&str, &str)], drop: &str| -> Vec<(String, String)> {
+            GOOD.iter()
+                .filter(|(n, _)| *n != drop)
+                .chain(extra)
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        let cases = [
+            with(&[], ""),
+            with(&[("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")], ""),
+            with(&[("sec-websocket-version", "13")], ""),
+            with(&[], "sec-websocket-version"),
+            with(&[("Connection", "Upgrade")], "connection"),
+            with(
+                &[("Connection", "keep-alive"), ("CONNECTION", "upgrade")],
+                "connection",
+            ),
+            with(&[("Upgrade", "h2c"), ("UPGRADE", "WebSocket")], "upgrade"),
+            with(&[("Upgrade", "h2c")], "upgrade"),
+        ];
+        for fields in cases {
+            let mut head = String::from("GET / HTTP/1.1\r\n");
+            for (n, v) in &fields {
+                head.push_str(&format!("{n}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let pairs: Vec<(&str, &str)> = fields
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let raw = RawFields::of_request(&head);
+            assert_eq!(
+                classify(&Method::GET, Version::HTTP_11, &raw),
+                classify(&Method::GET, Version::HTTP_11, &headers(&pairs)),
+                "{head}"
+            );
+        }
+        let repeated = RawFields::of_request(
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+             sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        );
+        assert!(matches!(
+            classify(&Method::GET, Version::HTTP_11, &repeated),
+            Upgrade::Refused(Refusal {
+                status: StatusCode::BAD_REQUEST,
+                ..
+            })
+        ));
     }
 
     #[test]
