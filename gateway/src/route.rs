@@ -1,6 +1,7 @@
 //! Route stage: listener → host → path prefix picks the route, which names an upstream
 //! pool or a fixed answer.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -107,7 +108,36 @@ pub fn request_host(req: &impl RequestHead) -> Option<String> {
 /// Normalises a path for matching only (the upstream gets the path as sent): decodes
 /// percent-encoded unreserved characters, collapses repeated slashes and resolves `.` and
 /// `..` segments, so `/a/../internal`, `//internal` and `/%69nternal` all match `/internal`.
-pub fn normalize_path(path: &str) -> String {
+/// A path that is already normal (the usual case) is returned as it is, without copying.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    if is_normal(path) {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(normalize(path))
+    }
+}
+
+/// Whether [`normalize`] would return `path` unchanged: it starts with `/`, has no `%`,
+/// and no segment is empty (but the last), `.` or `..`.
+fn is_normal(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if path.contains('%') {
+        return false;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        if (seg.is_empty() && !last) || seg == "." || seg == ".." {
+            return false;
+        }
+    }
+    true
+}
+
+/// [`normalize_path`] for a path that is not already normal.
+fn normalize(path: &str) -> String {
     let mut decoded = String::with_capacity(path.len());
     let bytes = path.as_bytes();
     let mut i = 0;
@@ -161,6 +191,44 @@ mod tests {
         assert_eq!(normalize_path("/a%2Fb"), "/a%2Fb");
         assert_eq!(normalize_path("/x%"), "/x%");
         assert_eq!(normalize_path(""), "/");
+    }
+
+    #[test]
+    fn normal_paths_are_borrowed_and_equal_to_their_normal_form() {
+        for path in [
+            "/",
+            "/a",
+            "/a/",
+            "/a/b",
+            "/a/b/",
+            "/chat/room",
+            "/a.b/c..d/.e",
+            "/a b",
+            "//",
+            "/a//",
+            "//a",
+            "/./",
+            "/.",
+            "/..",
+            "/a/.",
+            "/a/..",
+            "/a/./b",
+            "/%41",
+            "a",
+            "",
+            "/a/b//",
+            "/...",
+            "/.a/",
+            "/a/.b",
+        ] {
+            let fast = normalize_path(path);
+            assert_eq!(fast, normalize(path), "{path:?}");
+            assert_eq!(
+                matches!(fast, Cow::Borrowed(_)),
+                normalize(path) == path,
+                "{path:?} is borrowed exactly when it is normal"
+            );
+        }
     }
 
     #[test]

@@ -93,8 +93,8 @@ pub fn classify(method: &Method, version: Version, fields: &impl Fields) -> Upgr
         );
     }
     Upgrade::WebSocket {
-        // Valid base64 is ASCII.
-        key: String::from_utf8_lossy(key).into_owned(),
+        // Valid base64 is ASCII, so this is never empty.
+        key: std::str::from_utf8(key).unwrap_or_default().to_owned(),
     }
 }
 
