@@ -4,6 +4,7 @@
 mod backend;
 mod client;
 mod plugins;
+mod relay;
 mod report;
 mod run;
 mod scenario;
@@ -67,6 +68,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// The `floor` target: a plain TCP relay doing one `recv` and one `send` per event
+    /// (started by `run`).
+    #[command(hide = true)]
+    Relay {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The echo backend's address.
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// Worker threads.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -82,5 +97,10 @@ fn main() -> Result<()> {
             single_process,
         } => targets::print_command(target, backend, listen, dir, sluice, single_process),
         Cmd::Backend { listen, threads } => backend::serve(listen, threads),
+        Cmd::Relay {
+            listen,
+            upstream,
+            workers,
+        } => relay::serve(listen, upstream, workers),
     }
 }

@@ -487,7 +487,47 @@ pub fn markdown(records: &[RunRecord]) -> String {
 
     plugin_chains(&mut out, &scenarios, &summaries);
     ab(&mut out, records, &scenarios, &summaries);
+    floor(&mut out, &scenarios, &summaries);
     out
+}
+
+/// The floor table when the run has a `floor` target (a plain TCP relay): each proxy's
+/// CPU per operation ÷ the floor's, and the floor ÷ the better peer's, which is the
+/// lowest ratio to that peer any relay making the same calls could reach.
+fn floor(out: &mut String, scenarios: &[String], summaries: &BTreeMap<(usize, Target), Summary>) {
+    let cpu = |s, t| summaries.get(&(s, t)).and_then(|x| x.cpu_us_per_op);
+    let rows: Vec<(usize, f64)> = (0..scenarios.len())
+        .filter_map(|s| Some((s, cpu(s, Target::Floor)?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "
+Above the floor (`floor`: a plain TCP relay, one `recv` and one `send` per event, no protocol work): proxy CPU per op ÷ the floor's, and the floor ÷ the better peer:
+
+",
+    );
+    out.push_str("| scenario | floor CPU µs/op | sluice ÷ floor | nginx ÷ floor | haproxy ÷ floor | floor ÷ better peer |
+|---|--:|--:|--:|--:|--:|
+");
+    for (s, floor) in rows {
+        let over = |t| num(ratio(cpu(s, t), Some(floor)), 2);
+        let better = [cpu(s, Target::Nginx), cpu(s, Target::Haproxy)]
+            .into_iter()
+            .flatten()
+            .min_by(f64::total_cmp);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            scenarios[s],
+            num(Some(floor), 1),
+            over(Target::Sluice),
+            over(Target::Nginx),
+            over(Target::Haproxy),
+            num(ratio(Some(floor), better), 2),
+        );
+    }
 }
 
 /// The A/B table when the run has a `sluice-b` target: B ÷ A (`sluice-b` ÷ `sluice`) of
@@ -751,6 +791,29 @@ mod tests {
             md.contains("| handshake | 100.0 | 95.0 | 0.950 | 0.950, 0.900, 1.020 | 1.000 | – |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn report_has_a_floor_table() {
+        let mut records = Vec::new();
+        for (target, cpu) in [
+            (Target::Sluice, 11.0),
+            (Target::Nginx, 10.0),
+            (Target::Haproxy, 12.0),
+            (Target::Floor, 9.0),
+        ] {
+            let mut r = RunRecord::failed(1, Scenario::Echo { size: 32 }, target, 64, None);
+            r.ops_per_s = 1000.0;
+            r.cpu_us_per_op = Some(cpu);
+            records.push(r);
+        }
+        let md = markdown(&records);
+        assert!(
+            md.contains("| echo-32 | 9.0 | 1.22 | 1.11 | 1.33 | 0.90 |"),
+            "{md}"
+        );
+        records.retain(|r| r.target != "floor");
+        assert!(!markdown(&records).contains("Above the floor"));
     }
 
     #[test]

@@ -46,11 +46,14 @@ pub enum Target {
     Nginx,
     /// Debian's HAProxy in HTTP mode with a tunnel timeout.
     Haproxy,
+    /// A plain TCP relay that does nothing but one `recv` and one `send` per event
+    /// ([`crate::relay`]): what relaying costs the kernel, the floor under every proxy.
+    Floor,
 }
 
 impl Target {
     /// All targets, in report order.
-    pub const ALL: [Target; 8] = [
+    pub const ALL: [Target; 9] = [
         Target::Direct,
         Target::Sluice,
         Target::SluiceB,
@@ -59,6 +62,7 @@ impl Target {
         Target::Sluice4pCalled,
         Target::Nginx,
         Target::Haproxy,
+        Target::Floor,
     ];
 
     /// The name used on the command line and in results.
@@ -72,6 +76,7 @@ impl Target {
             Target::Sluice4pCalled => "sluice-4p-called",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
+            Target::Floor => "floor",
         }
     }
 
@@ -112,6 +117,7 @@ impl Target {
             | Target::Sluice4pCalled => 1,
             Target::Nginx => 1 + workers,
             Target::Haproxy => 2,
+            Target::Floor => 1,
         }
     }
 }
@@ -137,7 +143,7 @@ impl FromStr for Target {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, nginx or haproxy"
+                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, nginx, haproxy or floor"
                 )
             })
     }
@@ -529,6 +535,17 @@ backend echo
             }
             cmd.args(["-db", "-f"]).arg(&config).arg("-p").arg(&pid);
             Ok((cmd, Some(pid)))
+        }
+        Target::Floor => {
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.arg("relay")
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--upstream")
+                .arg(backend.to_string())
+                .arg("--workers")
+                .arg(workers.to_string());
+            Ok((cmd, None))
         }
     }
 }
