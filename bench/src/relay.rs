@@ -248,7 +248,9 @@ mod tests {
         std::thread::spawn(move || serve_on(listener, upstream, 2));
 
         let mut client = TcpStream::connect(addr).unwrap();
-        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         // 4 MiB: more than the sockets buffer, so the relay has to wait for room.
         let sent: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
         let writer = {
@@ -262,6 +264,10 @@ mod tests {
         assert!(echoed == sent, "the echo differs from what was sent");
         client.shutdown(Shutdown::Write).unwrap();
         let mut rest = Vec::new();
-        assert_eq!(client.read_to_end(&mut rest).unwrap(), 0, "closed, nothing more");
+        assert_eq!(
+            client.read_to_end(&mut rest).unwrap(),
+            0,
+            "closed, nothing more"
+        );
     }
 }

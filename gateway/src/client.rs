@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::handshake::Switch;
-use crate::headers::{Fields, RawFields, has_token, value_has_token};
+use crate::headers::{Fields, RawFields, has_token, span, value_has_token};
 
 /// Most header fields in a request head judged here; more go to hyper (which answers
 /// 431 past its own limit of 100).
@@ -135,11 +135,9 @@ fn upgrade(req: &httparse::Request<'_, '_>, buf: &[u8]) -> Option<RequestLine> {
     {
         return None;
     }
-    let path = req.path?;
-    let start = path.as_ptr() as usize - buf.as_ptr() as usize;
     Some(RequestLine {
         method: Method::from_bytes(req.method?.as_bytes()).ok()?,
-        target: start..start + path.len(),
+        target: span(buf, req.path?.as_bytes()),
         version: match req.version? {
             0 => Version::HTTP_10,
             _ => Version::HTTP_11,

@@ -64,14 +64,9 @@ impl RawFields {
         base: &[u8],
         fields: &[httparse::Header<'_>],
     ) -> Vec<(Range<usize>, Range<usize>)> {
-        let start = base.as_ptr() as usize;
-        let range = |s: &[u8]| {
-            let from = s.as_ptr() as usize - start;
-            from..from + s.len()
-        };
         fields
             .iter()
-            .map(|h| (range(h.name.as_bytes()), range(h.value)))
+            .map(|h| (span(base, h.name.as_bytes()), span(base, h.value)))
             .collect()
     }
 
@@ -102,6 +97,12 @@ impl RawFields {
         }
         map
     }
+}
+
+/// Where `part`, a slice `httparse` returned, lies within `base`, the buffer it parsed.
+pub fn span(base: &[u8], part: &[u8]) -> Range<usize> {
+    let from = part.as_ptr() as usize - base.as_ptr() as usize;
+    from..from + part.len()
 }
 
 #[cfg(test)]
