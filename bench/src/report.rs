@@ -43,6 +43,10 @@ pub struct RunRecord {
     pub proxy_cpu_s: Option<f64>,
     /// Proxy CPU per operation, microseconds.
     pub cpu_us_per_op: Option<f64>,
+    /// The user-space part of `proxy_cpu_s`, seconds (the rest is the kernel's work in
+    /// the proxy's system calls).
+    #[serde(default)]
+    pub proxy_user_cpu_s: Option<f64>,
     /// Load generator CPU in the window, seconds.
     pub loadgen_cpu_s: f64,
     /// Echo backend CPU in the window, seconds.
@@ -107,6 +111,7 @@ impl RunRecord {
             rtt_p99_us: percentile(0.99),
             rtt_p999_us: percentile(0.999),
             proxy_cpu_s: outcome.cpu.proxy,
+            proxy_user_cpu_s: outcome.cpu.proxy_user,
             cpu_us_per_op: outcome
                 .cpu
                 .proxy
@@ -166,6 +171,7 @@ impl RunRecord {
             rtt_p99_us: None,
             rtt_p999_us: None,
             proxy_cpu_s: None,
+            proxy_user_cpu_s: None,
             cpu_us_per_op: None,
             loadgen_cpu_s: 0.0,
             backend_cpu_s: 0.0,
@@ -224,6 +230,8 @@ struct Summary {
     p99: Option<f64>,
     p999: Option<f64>,
     cpu_us_per_op: Option<f64>,
+    /// Percentage of the proxy's CPU spent in user space.
+    user_pct: Option<f64>,
     rss_per_tunnel: Option<f64>,
     pss_per_tunnel: Option<f64>,
     other_cores: Option<f64>,
@@ -249,6 +257,10 @@ impl Summary {
             p99: med(|r| r.rtt_p99_us),
             p999: med(|r| r.rtt_p999_us),
             cpu_us_per_op: med(|r| r.cpu_us_per_op),
+            user_pct: med(|r| {
+                let total = r.proxy_cpu_s.filter(|t| *t > 0.0)?;
+                Some(r.proxy_user_cpu_s? * 100.0 / total)
+            }),
             rss_per_tunnel: med(|r| r.rss_per_tunnel_b),
             pss_per_tunnel: med(|r| r.pss_per_tunnel_b),
             other_cores: med(RunRecord::other_cores),
@@ -320,8 +332,8 @@ pub fn markdown(records: &[RunRecord]) -> String {
         out,
         "Medians of {reps} repetition(s). CPU and memory are the proxy's own (all its processes); latency is the client's round trip.\n"
     );
-    out.push_str("| scenario | target | ops/s | RTT p50 µs | p99 µs | p99.9 µs | proxy CPU µs/op | RSS B/tunnel | PSS B/tunnel | ops/s ÷ direct | p50 ÷ direct | other load (cores) | steal s (max) | errors |\n");
-    out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    out.push_str("| scenario | target | ops/s | RTT p50 µs | p99 µs | p99.9 µs | proxy CPU µs/op | user % | RSS B/tunnel | PSS B/tunnel | ops/s ÷ direct | p50 ÷ direct | other load (cores) | steal s (max) | errors |\n");
+    out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for (&(s, t), sum) in &summaries {
         let direct = get(s, Target::Direct);
         let vs_direct = |f: fn(&Summary) -> Option<f64>| match t {
@@ -334,13 +346,14 @@ pub fn markdown(records: &[RunRecord]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} |",
+            "| {} | {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} |",
             scenarios[s],
             num(sum.ops_per_s, 0),
             num(sum.p50, 0),
             num(sum.p99, 0),
             num(sum.p999, 0),
             num(sum.cpu_us_per_op, 1),
+            num(sum.user_pct, 0),
             num(sum.rss_per_tunnel, 0),
             num(sum.pss_per_tunnel, 0),
             vs_direct(|x| x.ops_per_s),
@@ -761,6 +774,8 @@ mod tests {
                 let mut r = RunRecord::failed(rep, Scenario::Handshake, target, 32, None);
                 r.ops_per_s = 1000.0;
                 r.cpu_us_per_op = Some(cpu);
+                r.proxy_cpu_s = Some(cpu / 100.0);
+                r.proxy_user_cpu_s = Some(cpu / 1000.0 * f64::from(u8::try_from(rep).unwrap()));
                 r.host_steal_s = f64::from(u8::try_from(rep).unwrap()) / 10.0;
                 records.push(r);
             }
@@ -772,6 +787,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 0.20 | 0 |\n"), "steal column: {md}");
+        // User share: 10 % in repetition 1, 20 % in repetition 2; the median is 15 %.
+        assert!(
+            md.contains("| handshake | sluice | 1000 | – | – | – | 94.5 | 15 |"),
+            "user %: {md}"
+        );
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub struct IdleMemory {
 pub struct CpuUse {
     /// The proxy's process tree (user + system); `None` for the direct target.
     pub proxy: Option<f64>,
+    /// The user-space part of `proxy`.
+    pub proxy_user: Option<f64>,
     /// This process (the load generator).
     pub loadgen: f64,
     /// The echo backend process.
@@ -208,11 +210,13 @@ impl Probe {
     fn end(&mut self, mark: &Mark) -> Result<(Instant, CpuUse)> {
         let at = Instant::now();
         let (host_busy, host_steal) = HostCpu::take().seconds_since(&mark.host);
+        let proxy = self
+            .proxy
+            .zip(mark.proxy.as_ref())
+            .map(|(root, before)| CpuMark::tree(root).split_since(before));
         let cpu = CpuUse {
-            proxy: self
-                .proxy
-                .zip(mark.proxy.as_ref())
-                .map(|(root, before)| CpuMark::tree(root).seconds_since(before)),
+            proxy: proxy.map(|(user, system)| user + system),
+            proxy_user: proxy.map(|(user, _)| user),
             loadgen: CpuMark::process(std::process::id()).seconds_since(&mark.loadgen),
             backend: CpuMark::process(self.backend).seconds_since(&mark.backend),
             host_busy,

@@ -114,19 +114,20 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(after_comm.split_whitespace().map(str::to_string).collect())
 }
 
-/// User plus system CPU time of one process (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+/// User and system CPU time of one process (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     let fields = stat_fields(pid)?;
     // Fields 14 (utime) and 15 (stime) of proc(5), counted from field 3.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// CPU time of a process tree at one instant.
 #[derive(Debug, Clone)]
 pub struct CpuMark {
-    ticks: HashMap<u32, u64>,
+    /// User and system ticks per process.
+    ticks: HashMap<u32, (u64, u64)>,
 }
 
 impl CpuMark {
@@ -148,15 +149,23 @@ impl CpuMark {
         CpuMark { ticks }
     }
 
-    /// CPU seconds the processes used since `earlier`; a process that appeared in between
-    /// counts from zero, one that vanished is lost (workers do not come and go mid-run).
+    /// CPU seconds (user + system) the processes used since `earlier`; a process that
+    /// appeared in between counts from zero, one that vanished is lost (workers do not
+    /// come and go mid-run).
     pub fn seconds_since(&self, earlier: &CpuMark) -> f64 {
-        let ticks: u64 = self
-            .ticks
-            .iter()
-            .map(|(pid, t)| t.saturating_sub(earlier.ticks.get(pid).copied().unwrap_or(0)))
-            .sum();
-        ticks_to_seconds(ticks)
+        let (user, system) = self.split_since(earlier);
+        user + system
+    }
+
+    /// [`CpuMark::seconds_since`] as user and system seconds.
+    pub fn split_since(&self, earlier: &CpuMark) -> (f64, f64) {
+        let (mut user, mut system) = (0, 0);
+        for (pid, (u, s)) in &self.ticks {
+            let (u0, s0) = earlier.ticks.get(pid).copied().unwrap_or_default();
+            user += u.saturating_sub(u0);
+            system += s.saturating_sub(s0);
+        }
+        (ticks_to_seconds(user), ticks_to_seconds(system))
     }
 }
 
