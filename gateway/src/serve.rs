@@ -499,27 +499,21 @@ fn cookie<'a>(fields: &'a impl Fields, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// The head sent upstream: origin-form URI, the client's `headers` cleaned (with exactly
-/// one `Connection: Upgrade`/`Upgrade: websocket` pair when `upgrade`), `Host` per the
-/// route, and the `X-Forwarded-*` headers.
+/// The head sent upstream: origin-form URI, the client's `headers` (already cleaned for
+/// this hop by the caller: [`strip_hop_by_hop`], or [`set_upgrade_hop`] for an upgrade),
+/// `Host` per the route, and the `X-Forwarded-*` headers.
 fn upstream_head(
     uri: &Uri,
     mut headers: HeaderMap,
     plan: &Plan,
     authority: &str,
     peer: SocketAddr,
-    upgrade: bool,
 ) -> (Uri, HeaderMap) {
     let route = &plan.route;
     let uri = uri
         .path_and_query()
         .map(|pq| Uri::from(pq.clone()))
         .unwrap_or_else(|| Uri::from_static("/"));
-    if upgrade {
-        set_upgrade_hop(&mut headers);
-    } else {
-        strip_hop_by_hop(&mut headers);
-    }
     // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
     add_forwarded(&mut headers, peer, "http");
     if !keeps_client_host(route, headers.contains_key(header::HOST))
@@ -588,12 +582,12 @@ impl<'a> UpgradeAttempt<'a> {
                 }
             }
             ClientHead::Map { uri, mut headers } => {
-                // Decided on what goes upstream: a `Host` the client listed in
-                // `Connection` does not.
+                // Cleaned for the hop once, for every server tried; the `Host` decision
+                // sees what goes upstream (a `Host` listed in `Connection` does not).
                 set_upgrade_hop(&mut headers);
                 if keeps_client_host(&plan.route, headers.contains_key(header::HOST)) {
                     // No server's authority is written: the client's Host stays.
-                    let (uri, headers) = upstream_head(uri, headers, plan, "", peer, true);
+                    let (uri, headers) = upstream_head(uri, headers, plan, "", peer);
                     Head::Fixed(handshake::request_head(&uri, &headers))
                 } else {
                     Head::PerServer(ClientHead::Map { uri, headers })
@@ -616,7 +610,7 @@ impl connect::Attempt for UpgradeAttempt<'_> {
             }
             Head::PerServer(ClientHead::Map { uri, headers }) => {
                 let (uri, headers) =
-                    upstream_head(uri, headers.clone(), self.plan, authority, self.peer, true);
+                    upstream_head(uri, headers.clone(), self.plan, authority, self.peer);
                 handshake::request_head(&uri, &headers)
             }
         };
@@ -745,14 +739,14 @@ async fn forward(
     rec.upstream = server.config.authority.clone();
     // Counted as active on the server until the response body is done (or dropped).
     rec.hold = Some(Arc::new(server.acquire()));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
     let (uri, headers) = upstream_head(
         &parts.uri,
         parts.headers,
         &plan,
         &server.config.authority,
         ctx.peer,
-        false,
     );
     let mut up = Request::new(Counted::new(body, rec.bytes_in.clone()));
     *up.method_mut() = parts.method;
