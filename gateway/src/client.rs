@@ -22,7 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::handshake::Switch;
-use crate::headers::{Fields, RawFields, has_token, span, value_has_token};
+use crate::headers::{
+    Fields, RawFields, has_token, parsed_values, push_field, span, value_has_token,
+};
 
 /// Most header fields in a request head judged here; more go to hyper (which answers
 /// 431 past its own limit of 100).
@@ -122,16 +124,12 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Pa
 /// turned into anything only for hyper to parse again, and an upgrade's fields stay spans
 /// of `buf` (`httparse` admits exactly the names and values a header map would).
 fn upgrade(req: &httparse::Request<'_, '_>, buf: &[u8]) -> Option<RequestLine> {
-    let named = |name: &'static str| {
-        req.headers
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-    };
-    if !named(header::UPGRADE.as_str()).any(|h| value_has_token(h.value, "websocket")) {
+    let named = |name| parsed_values(req.headers, name);
+    if !named(&header::UPGRADE).any(|v| value_has_token(v, "websocket")) {
         return None;
     }
-    if named(header::TRANSFER_ENCODING.as_str()).next().is_some()
-        || named(header::CONTENT_LENGTH.as_str()).any(|h| h.value != b"0")
+    if named(&header::TRANSFER_ENCODING).next().is_some()
+        || named(&header::CONTENT_LENGTH).any(|v| v != b"0")
     {
         return None;
     }
@@ -243,10 +241,7 @@ pub async fn write_response(
         if name == header::CONTENT_LENGTH || (close && name == header::CONNECTION) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !headers.contains_key(header::DATE) {
         push_date_field(&mut out);

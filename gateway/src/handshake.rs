@@ -20,8 +20,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::headers::{
-    RawFields, end_to_end, from_parsed, has_token, push_upgrade_fields, set_upgrade_hop,
-    value_has_token,
+    RawFields, end_to_end, from_parsed, has_token, is_named, parsed_values, push_field,
+    push_upgrade_fields, set_upgrade_hop, value_has_token,
 };
 use crate::tunnel::End;
 use crate::upgrade::accept_for;
@@ -78,14 +78,11 @@ impl Switch {
         );
         let mut has_date = false;
         for (name, value) in end_to_end(fields.iter().map(|h| (h.name.as_bytes(), h.value))) {
-            if name.eq_ignore_ascii_case(header::CONTENT_LENGTH.as_str().as_bytes()) {
+            if is_named(name, &header::CONTENT_LENGTH) {
                 continue;
             }
-            has_date |= name.eq_ignore_ascii_case(header::DATE.as_str().as_bytes());
-            lines.extend_from_slice(name);
-            lines.extend_from_slice(b": ");
-            lines.extend_from_slice(value);
-            lines.extend_from_slice(b"\r\n");
+            has_date |= is_named(name, &header::DATE);
+            push_field(&mut lines, name, value);
         }
         Switch { lines, has_date }
     }
@@ -185,10 +182,7 @@ enum Answer {
 pub fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
     let mut out = request_line(uri, 256 + headers.len() * 48);
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -276,17 +270,12 @@ async fn read_head(
 /// Whether a `101`'s fields make it a WebSocket answer to the key whose accept value is
 /// `accept`.
 fn check_switch(fields: &[httparse::Header<'_>], accept: &str) -> Result<(), HandshakeError> {
-    let named = |name: &'static str| {
-        fields
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-    };
-    if !named(header::UPGRADE.as_str()).any(|h| value_has_token(h.value, "websocket")) {
+    if !parsed_values(fields, &header::UPGRADE).any(|v| value_has_token(v, "websocket")) {
         return Err(HandshakeError::NotWebSocket);
     }
-    let mut accepts = named(header::SEC_WEBSOCKET_ACCEPT.as_str());
+    let mut accepts = parsed_values(fields, &header::SEC_WEBSOCKET_ACCEPT);
     match (accepts.next(), accepts.next()) {
-        (Some(a), None) if a.value == accept.as_bytes() => Ok(()),
+        (Some(a), None) if a == accept.as_bytes() => Ok(()),
         _ => Err(HandshakeError::BadAccept),
     }
 }

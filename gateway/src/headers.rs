@@ -209,6 +209,17 @@ pub fn is_named(raw: &[u8], name: &HeaderName) -> bool {
     raw.eq_ignore_ascii_case(name.as_str().as_bytes())
 }
 
+/// The values of the fields `httparse` parsed that are named `name`, in order.
+pub fn parsed_values<'a>(
+    fields: &'a [httparse::Header<'_>],
+    name: &'a HeaderName,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields
+        .iter()
+        .filter(move |h| is_named(h.name.as_bytes(), name))
+        .map(|h| h.value)
+}
+
 /// The trimmed, non-empty entries of a comma-separated header, over all its lines.
 pub fn tokens<'a, F: Fields + ?Sized>(
     fields: &'a F,
@@ -376,7 +387,7 @@ pub fn push_upgrade_fields(
 }
 
 /// Appends one `name: value` line.
-fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
