@@ -38,10 +38,7 @@ async fn forwards_end_to_end_headers_only(after_plain: bool) {
         .header("X-End-To-End", "kept")
         .header("X-Repeated", "one")
         .header("x-repeated", "two");
-    let mut client = RawClient::connect(gateway.addr()).await;
-    if after_plain {
-        assert_eq!(client.request(&Head::get("/plain")).await.status, 200);
-    }
+    let mut client = client_for(&gateway, after_plain).await;
     let answer = client.request(&head).await;
 
     assert_eq!(answer.status, 101, "{answer:?}");
@@ -116,13 +113,7 @@ async fn without_preserve_host_the_server_address_is_sent_as_host() {
         let (backend, gateway) =
             start_echo_gateway(|c| c.route_toml("preserve_host = false")).await;
         let head = Head::websocket("/").set("Host", "chat.example");
-        let mut client = RawClient::connect(gateway.addr()).await;
-        if after_plain {
-            assert_eq!(client.request(&Head::get("/plain")).await.status, 200);
-        }
-        assert_eq!(client.request(&head).await.status, 101);
-        let requests = backend.requests();
-        let seen = requests.last().unwrap();
+        let seen = upgrade_seen_upstream(&backend, &gateway, &head, after_plain).await;
         assert_eq!(
             seen.values("host"),
             [backend.addr.to_string()],
@@ -145,13 +136,7 @@ async fn a_host_listed_in_connection_is_replaced_by_the_servers_address() {
         let head = Head::websocket("/")
             .set("Host", "chat.example")
             .set("Connection", "Upgrade, Host");
-        let mut client = RawClient::connect(gateway.addr()).await;
-        if after_plain {
-            assert_eq!(client.request(&Head::get("/plain")).await.status, 200);
-        }
-        assert_eq!(client.request(&head).await.status, 101);
-        let requests = backend.requests();
-        let seen = requests.last().unwrap();
+        let seen = upgrade_seen_upstream(&backend, &gateway, &head, after_plain).await;
         assert_eq!(
             seen.values("host"),
             [backend.addr.to_string()],
@@ -159,6 +144,32 @@ async fn a_host_listed_in_connection_is_replaced_by_the_servers_address() {
         );
         assert!(seen.values("x-forwarded-host").is_empty(), "{seen:?}");
     }
+}
+
+/// A connection to `gateway` whose next request is its first head (read by the client
+/// stage), or, when `after_plain`, follows a plain request (read by hyper).
+async fn client_for(gateway: &Gateway, after_plain: bool) -> RawClient {
+    let mut client = RawClient::connect(gateway.addr()).await;
+    if after_plain {
+        assert_eq!(client.request(&Head::get("/plain")).await.status, 200);
+    }
+    client
+}
+
+/// Upgrades with `head` on a connection from [`client_for`], asserts the `101`, and
+/// returns the request the backend saw last (the upgrade).
+async fn upgrade_seen_upstream(
+    backend: &Backend,
+    gateway: &Gateway,
+    head: &Head,
+    after_plain: bool,
+) -> RecordedRequest {
+    let mut client = client_for(gateway, after_plain).await;
+    assert_eq!(client.request(head).await.status, 101);
+    backend
+        .requests()
+        .pop()
+        .expect("the backend saw the upgrade")
 }
 
 /// Sends `head` to a gateway in front of an echo backend, asserts the answer's status,
