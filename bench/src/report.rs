@@ -736,6 +736,18 @@ mod tests {
         assert_eq!(percentile_us(&[], 0.5), None);
     }
 
+    /// A measured run of `target` at 1,000 ops/s with `cpu` µs per operation.
+    fn measured(rep: usize, scenario: Scenario, target: Target, cpu: Option<f64>) -> RunRecord {
+        let conns = match scenario {
+            Scenario::Echo { .. } => 64,
+            _ => 32,
+        };
+        let mut r = RunRecord::failed(rep, scenario, target, conns, None);
+        r.ops_per_s = 1000.0;
+        r.cpu_us_per_op = cpu;
+        r
+    }
+
     #[test]
     fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
@@ -752,10 +764,7 @@ mod tests {
             (Target::Nginx, Some(11.0)),
             (Target::Haproxy, Some(12.0)),
         ] {
-            let mut r = RunRecord::failed(1, Scenario::Echo { size: 32 }, target, 64, None);
-            r.ops_per_s = 1000.0;
-            r.cpu_us_per_op = cpu;
-            records.push(r);
+            records.push(measured(1, Scenario::Echo { size: 32 }, target, cpu));
         }
         let md = markdown(&records);
         assert!(
@@ -779,9 +788,7 @@ mod tests {
                 (Target::Nginx, nginx),
                 (Target::Haproxy, haproxy),
             ] {
-                let mut r = RunRecord::failed(rep, Scenario::Handshake, target, 32, None);
-                r.ops_per_s = 1000.0;
-                r.cpu_us_per_op = Some(cpu);
+                let mut r = measured(rep, Scenario::Handshake, target, Some(cpu));
                 r.proxy_cpu_s = Some(cpu / 100.0);
                 r.proxy_user_cpu_s = Some(cpu / 1000.0 * f64::from(u8::try_from(rep).unwrap()));
                 r.host_steal_s = f64::from(u8::try_from(rep).unwrap()) / 10.0;
@@ -807,10 +814,7 @@ mod tests {
         let mut records = Vec::new();
         for (rep, a, b) in [(1, 100.0, 95.0), (2, 110.0, 99.0), (3, 90.0, 91.8)] {
             for (target, cpu) in [(Target::Sluice, a), (Target::SluiceB, b)] {
-                let mut r = RunRecord::failed(rep, Scenario::Handshake, target, 32, None);
-                r.ops_per_s = 1000.0;
-                r.cpu_us_per_op = Some(cpu);
-                records.push(r);
+                records.push(measured(rep, Scenario::Handshake, target, Some(cpu)));
             }
         }
         let md = markdown(&records);
@@ -832,10 +836,7 @@ mod tests {
             (Target::Haproxy, 12.0),
             (Target::Floor, 9.0),
         ] {
-            let mut r = RunRecord::failed(1, Scenario::Echo { size: 32 }, target, 64, None);
-            r.ops_per_s = 1000.0;
-            r.cpu_us_per_op = Some(cpu);
-            records.push(r);
+            records.push(measured(1, Scenario::Echo { size: 32 }, target, Some(cpu)));
         }
         let md = markdown(&records);
         assert!(
@@ -854,10 +855,7 @@ mod tests {
             (Target::Sluice1p, 205.0),
             (Target::Sluice4p, 240.0),
         ] {
-            let mut r = RunRecord::failed(1, Scenario::Handshake, target, 32, None);
-            r.ops_per_s = 1000.0;
-            r.cpu_us_per_op = Some(cpu);
-            records.push(r);
+            records.push(measured(1, Scenario::Handshake, target, Some(cpu)));
         }
         let md = markdown(&records);
         assert!(
