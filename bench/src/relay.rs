@@ -114,11 +114,9 @@ impl Worker {
     /// Accepts what is waiting; each client gets its own backend connection.
     fn accept(&mut self, listener: &TcpListener) {
         while let Ok((client, _)) = listener.accept() {
-            let Ok(server) = TcpStream::connect(self.upstream) else {
-                continue;
-            };
-            if self.pair(client, server).is_err() {
-                continue;
+            // A client whose backend connection fails is dropped (closed).
+            if let Ok(server) = TcpStream::connect(self.upstream) {
+                let _ = self.pair(client, server);
             }
         }
     }
