@@ -81,6 +81,9 @@ enum Cmd {
         /// Worker threads.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Relay on io_uring instead of `epoll` (the `floor-uring` target).
+        #[arg(long)]
+        uring: bool,
     },
 }
 
@@ -101,6 +104,16 @@ fn main() -> Result<()> {
             listen,
             upstream,
             workers,
+            uring: false,
         } => relay::serve(listen, upstream, workers),
+        Cmd::Relay {
+            listen,
+            upstream,
+            workers,
+            uring: true,
+        } => {
+            crate::sys::raise_nofile_limit();
+            Ok(sluice_bench_uring::serve(listen, upstream, workers)?)
+        }
     }
 }

@@ -505,7 +505,8 @@ pub fn markdown(records: &[RunRecord]) -> String {
 }
 
 /// The floor table when the run has a `floor` target (a plain TCP relay): each proxy's
-/// CPU per operation ÷ the floor's, and the floor ÷ the better peer's, which is the
+/// CPU per operation ÷ the floor's, the io_uring relay's (`floor-uring`) ÷ the floor's,
+/// and the floor ÷ the better peer's, which is the
 /// lowest ratio to that peer any relay making the same calls could reach.
 fn floor(out: &mut String, scenarios: &[String], summaries: &BTreeMap<(usize, Target), Summary>) {
     let cpu = |s, t| summaries.get(&(s, t)).and_then(|x| x.cpu_us_per_op);
@@ -517,12 +518,12 @@ fn floor(out: &mut String, scenarios: &[String], summaries: &BTreeMap<(usize, Ta
     }
     out.push_str(
         "
-Above the floor (`floor`: a plain TCP relay, one `recv` and one `send` per event, no protocol work): proxy CPU per op ÷ the floor's, and the floor ÷ the better peer:
+Above the floor (`floor`: a plain TCP relay, one `recv` and one `send` per event, no protocol work; `floor-uring`: the same relay on io_uring): proxy CPU per op ÷ the floor's, and the floor ÷ the better peer:
 
 ",
     );
-    out.push_str("| scenario | floor CPU µs/op | sluice ÷ floor | nginx ÷ floor | haproxy ÷ floor | floor ÷ better peer |
-|---|--:|--:|--:|--:|--:|
+    out.push_str("| scenario | floor CPU µs/op | sluice ÷ floor | nginx ÷ floor | haproxy ÷ floor | floor-uring ÷ floor | floor ÷ better peer |
+|---|--:|--:|--:|--:|--:|--:|
 ");
     for (s, floor) in rows {
         let over = |t| num(ratio(cpu(s, t), Some(floor)), 2);
@@ -532,12 +533,13 @@ Above the floor (`floor`: a plain TCP relay, one `recv` and one `send` per event
             .min_by(f64::total_cmp);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             scenarios[s],
             num(Some(floor), 1),
             over(Target::Sluice),
             over(Target::Nginx),
             over(Target::Haproxy),
+            over(Target::FloorUring),
             num(ratio(Some(floor), better), 2),
         );
     }
@@ -835,12 +837,13 @@ mod tests {
             (Target::Nginx, 10.0),
             (Target::Haproxy, 12.0),
             (Target::Floor, 9.0),
+            (Target::FloorUring, 9.9),
         ] {
             records.push(measured(1, Scenario::Echo { size: 32 }, target, Some(cpu)));
         }
         let md = markdown(&records);
         assert!(
-            md.contains("| echo-32 | 9.0 | 1.22 | 1.11 | 1.33 | 0.90 |"),
+            md.contains("| echo-32 | 9.0 | 1.22 | 1.11 | 1.33 | 1.10 | 0.90 |"),
             "{md}"
         );
         records.retain(|r| r.target != "floor");

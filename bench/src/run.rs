@@ -21,11 +21,11 @@ use crate::{plugins, sys};
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RunArgs {
     /// Targets, comma-separated: direct, sluice, sluice-b, sluice-1p, sluice-4p,
-    /// sluice-4p-called, nginx, haproxy, floor (sluice-b: the `--sluice-b` build,
+    /// sluice-4p-called, nginx, haproxy, floor, floor-uring (sluice-b: the `--sluice-b` build,
     /// configured as sluice; sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain;
     /// sluice-4p-called: the 4-plugin chain with decision reuse off; floor: a plain TCP
-    /// relay with no protocol work, the kernel's share of relaying; these five are not in
-    /// the default set).
+    /// relay with no protocol work, the kernel's share of relaying; floor-uring: that
+    /// relay on io_uring; these six are not in the default set).
     #[arg(
         long,
         value_delimiter = ',',

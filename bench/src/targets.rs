@@ -49,11 +49,14 @@ pub enum Target {
     /// A plain TCP relay that does nothing but one `recv` and one `send` per event
     /// ([`crate::relay`]): what relaying costs the kernel, the floor under every proxy.
     Floor,
+    /// The `floor` relay on io_uring instead of `epoll` (`sluice_bench_uring`): what
+    /// io_uring would save a relay.
+    FloorUring,
 }
 
 impl Target {
     /// All targets, in report order.
-    pub const ALL: [Target; 9] = [
+    pub const ALL: [Target; 10] = [
         Target::Direct,
         Target::Sluice,
         Target::SluiceB,
@@ -63,6 +66,7 @@ impl Target {
         Target::Nginx,
         Target::Haproxy,
         Target::Floor,
+        Target::FloorUring,
     ];
 
     /// The name used on the command line and in results.
@@ -77,6 +81,7 @@ impl Target {
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::Floor => "floor",
+            Target::FloorUring => "floor-uring",
         }
     }
 
@@ -117,7 +122,7 @@ impl Target {
             | Target::Sluice4pCalled => 1,
             Target::Nginx => 1 + workers,
             Target::Haproxy => 2,
-            Target::Floor => 1,
+            Target::Floor | Target::FloorUring => 1,
         }
     }
 }
@@ -143,7 +148,7 @@ impl FromStr for Target {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, nginx, haproxy or floor"
+                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, nginx, haproxy, floor or floor-uring"
                 )
             })
     }
@@ -536,10 +541,13 @@ backend echo
             cmd.args(["-db", "-f"]).arg(&config).arg("-p").arg(&pid);
             Ok((cmd, Some(pid)))
         }
-        Target::Floor => {
+        Target::Floor | Target::FloorUring => {
             let mut cmd = Command::new(std::env::current_exe()?);
-            cmd.arg("relay")
-                .arg("--listen")
+            cmd.arg("relay");
+            if target == Target::FloorUring {
+                cmd.arg("--uring");
+            }
+            cmd.arg("--listen")
                 .arg(addr.to_string())
                 .arg("--upstream")
                 .arg(backend.to_string())
