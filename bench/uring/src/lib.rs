@@ -7,10 +7,11 @@
 //! that takes its buffers from the worker's provided-buffer ring (no buffer is tied to a
 //! connection while nothing arrives). What arrives is sent on from that same buffer, one
 //! `send` in flight per socket so bytes keep their order, and the buffer goes back to the
-//! ring once the peer's socket has taken all of it. Completions are reaped in batches, one
-//! `io_uring_enter` submitting and waiting for each batch. It does no protocol work, so
-//! its CPU per round trip is what relaying costs the kernel when readiness, `recv` and
-//! `send` go through io_uring.
+//! ring once the peer's socket has taken all of it. When either side ends or fails, both
+//! sockets are shut, once what that side sent has gone on. Completions are reaped in
+//! batches, one `io_uring_enter` submitting and waiting for each batch. It does no
+//! protocol work, so its CPU per round trip is what relaying costs the kernel when
+//! readiness, `recv` and `send` go through io_uring.
 //!
 //! Linux only: elsewhere [`serve`] says so and fails.
 
