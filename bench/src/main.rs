@@ -104,16 +104,14 @@ fn main() -> Result<()> {
             listen,
             upstream,
             workers,
-            uring: false,
-        } => relay::serve(listen, upstream, workers),
-        Cmd::Relay {
-            listen,
-            upstream,
-            workers,
-            uring: true,
+            uring,
         } => {
-            crate::sys::raise_nofile_limit();
-            Ok(sluice_bench_uring::serve(listen, upstream, workers)?)
+            if uring {
+                sys::raise_nofile_limit();
+                Ok(sluice_bench_uring::serve(listen, upstream, workers)?)
+            } else {
+                relay::serve(listen, upstream, workers)
+            }
         }
     }
 }

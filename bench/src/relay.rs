@@ -230,42 +230,105 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    /// Bytes go through both ways unchanged, also when the peer's socket cannot take
-    /// them at once, and the backend's close reaches the client.
+    /// Starts a relay to `upstream` on an ephemeral port; returns its address.
+    type Start = fn(SocketAddr) -> SocketAddr;
+
+    /// The relays under test: this `epoll` one (`floor`), and the io_uring one
+    /// (`floor-uring`) where the kernel lets a process make a ring.
+    fn relays() -> Vec<(&'static str, Start)> {
+        let mut relays: Vec<(&'static str, Start)> = vec![("epoll", |upstream| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            std::thread::spawn(move || serve_on(listener, upstream, 2));
+            addr
+        })];
+        if sluice_bench_uring::available().unwrap() {
+            relays.push(("io_uring", |upstream| {
+                let listeners =
+                    sluice_bench_uring::bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+                let addr = listeners[0].local_addr().unwrap();
+                std::thread::spawn(move || sluice_bench_uring::serve_on(listeners, upstream));
+                addr
+            }));
+        } else {
+            eprintln!("io_uring is not available here: floor-uring not tested");
+        }
+        relays
+    }
+
+    /// Bytes go through both ways unchanged and in order, also when more arrive than
+    /// the peer's socket takes at once (and io_uring's buffer ring runs dry), and the
+    /// backend's close reaches the client.
     #[test]
     fn relays_bytes_both_ways_and_closes_both_sides() {
-        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-        let upstream = backend.local_addr().unwrap();
-        // Echo until the client half-closes, then close.
-        std::thread::spawn(move || {
-            let (mut s, _) = backend.accept().unwrap();
-            let _ = std::io::copy(&mut s.try_clone().unwrap(), &mut s);
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || serve_on(listener, upstream, 2));
+        for (relay, start) in relays() {
+            let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+            let upstream = backend.local_addr().unwrap();
+            // Echo until the client half-closes, then close. The backend reads nothing
+            // for its first half second, so what the client sends piles up in the relay.
+            std::thread::spawn(move || {
+                let (mut s, _) = backend.accept().unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+                let _ = std::io::copy(&mut s.try_clone().unwrap(), &mut s);
+            });
+            let addr = start(upstream);
 
-        let mut client = TcpStream::connect(addr).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        // 4 MiB: more than the sockets buffer, so the relay has to wait for room.
-        let sent: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
-        let writer = {
-            let mut client = client.try_clone().unwrap();
-            let sent = sent.clone();
-            std::thread::spawn(move || client.write_all(&sent))
-        };
-        let mut echoed = vec![0; sent.len()];
-        client.read_exact(&mut echoed).unwrap();
-        writer.join().unwrap().unwrap();
-        assert!(echoed == sent, "the echo differs from what was sent");
-        client.shutdown(Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        assert_eq!(
-            client.read_to_end(&mut rest).unwrap(),
-            0,
-            "closed, nothing more"
-        );
+            let mut client = TcpStream::connect(addr).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            // 16 MiB: more than the sockets and io_uring's buffer ring hold, so sends are
+            // partial and what is read waits for the peer to take it.
+            let sent: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 251) as u8).collect();
+            let writer = {
+                let mut client = client.try_clone().unwrap();
+                let sent = sent.clone();
+                std::thread::spawn(move || client.write_all(&sent))
+            };
+            let mut echoed = vec![0; sent.len()];
+            client.read_exact(&mut echoed).unwrap();
+            writer.join().unwrap().unwrap();
+            assert!(
+                echoed == sent,
+                "{relay}: the echo differs from what was sent"
+            );
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            assert_eq!(
+                client.read_to_end(&mut rest).unwrap(),
+                0,
+                "{relay}: closed, nothing more"
+            );
+        }
+    }
+
+    /// What a server sends just before it closes reaches the client before the close,
+    /// as in a WebSocket close handshake where the server closes TCP first.
+    #[test]
+    fn the_last_bytes_before_a_close_arrive() {
+        const ROUNDS: usize = 50;
+        for (relay, start) in relays() {
+            let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+            let upstream = backend.local_addr().unwrap();
+            std::thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    let (mut s, _) = backend.accept().unwrap();
+                    let mut hello = [0; 5];
+                    s.read_exact(&mut hello).unwrap();
+                    s.write_all(b"bye").unwrap();
+                }
+            });
+            let addr = start(upstream);
+            for round in 0..ROUNDS {
+                let mut client = TcpStream::connect(addr).unwrap();
+                client
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                client.write_all(b"hello").unwrap();
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).unwrap();
+                assert_eq!(got, b"bye", "{relay}: round {round}");
+            }
+        }
     }
 }

@@ -13,7 +13,8 @@
 //! protocol work, so its CPU per round trip is what relaying costs the kernel when
 //! readiness, `recv` and `send` go through io_uring.
 //!
-//! Linux only: elsewhere [`serve`] says so and fails.
+//! Linux only: elsewhere [`serve`] says so and fails. Its tests are the `floor` relay's
+//! (`bench/src/relay.rs`), run against both relays.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -26,8 +27,25 @@ pub fn serve(listen: SocketAddr, upstream: SocketAddr, workers: usize) -> io::Re
     serve_on(listeners, upstream)
 }
 
+/// Whether this kernel lets a process make an io_uring: `false` where it has none or
+/// forbids it (`ENOSYS`, `EPERM`), an error for anything else.
+#[cfg(target_os = "linux")]
+pub fn available() -> io::Result<bool> {
+    match io_uring::IoUring::new(2) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether this kernel lets a process make an io_uring: never, off Linux.
+#[cfg(not(target_os = "linux"))]
+pub fn available() -> io::Result<bool> {
+    Ok(false)
+}
+
 /// `count` listeners sharing `addr` with `SO_REUSEPORT` (the first may pick the port).
-fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
+pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
     use socket2::{Domain, Socket, Type};
     let mut addr = addr;
     let mut out = Vec::with_capacity(count);
@@ -47,16 +65,18 @@ fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
+/// [`serve`] on listeners from [`bind`], one worker thread each: fails off Linux.
 #[cfg(not(target_os = "linux"))]
-fn serve_on(_: Vec<TcpListener>, _: SocketAddr) -> io::Result<()> {
+pub fn serve_on(_: Vec<TcpListener>, _: SocketAddr) -> io::Result<()> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
         "io_uring is Linux only",
     ))
 }
 
+/// [`serve`] on listeners from [`bind`], one worker thread each, until killed.
 #[cfg(target_os = "linux")]
-fn serve_on(listeners: Vec<TcpListener>, upstream: SocketAddr) -> io::Result<()> {
+pub fn serve_on(listeners: Vec<TcpListener>, upstream: SocketAddr) -> io::Result<()> {
     let threads: Vec<_> = listeners
         .into_iter()
         .map(|listener| std::thread::spawn(move || ring::Worker::new(upstream)?.run(&listener)))
@@ -463,109 +483,5 @@ mod ring {
             }
             Ok(())
         }
-    }
-}
-
-#[cfg(all(test, target_os = "linux"))]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpStream};
-    use std::time::Duration;
-
-    /// Whether this kernel lets the tests make a ring; says so when not.
-    fn uring_available() -> bool {
-        match io_uring::IoUring::new(2) {
-            Ok(_) => true,
-            Err(e) => {
-                // Only where the kernel has no io_uring or forbids it may a test skip.
-                assert!(
-                    matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)),
-                    "{e}"
-                );
-                eprintln!("io_uring is not available here ({e}): not tested");
-                false
-            }
-        }
-    }
-
-    /// What a server sends just before it closes reaches the client before the close,
-    /// as in a WebSocket close handshake where the server closes TCP first.
-    #[test]
-    fn the_last_bytes_before_a_close_arrive() {
-        if !uring_available() {
-            return;
-        }
-        const ROUNDS: usize = 50;
-        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-        let upstream = backend.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for _ in 0..ROUNDS {
-                let (mut s, _) = backend.accept().unwrap();
-                let mut hello = [0; 5];
-                s.read_exact(&mut hello).unwrap();
-                s.write_all(b"bye").unwrap();
-            }
-        });
-        let listeners = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let addr = listeners[0].local_addr().unwrap();
-        std::thread::spawn(move || serve_on(listeners, upstream));
-        for round in 0..ROUNDS {
-            let mut client = TcpStream::connect(addr).unwrap();
-            client
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            client.write_all(b"hello").unwrap();
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).unwrap();
-            assert_eq!(got, b"bye", "round {round}");
-        }
-    }
-
-    /// Bytes go through both ways unchanged and in order, also when more arrive than
-    /// the peer's socket takes at once and the buffer ring runs dry, and the backend's
-    /// close reaches the client.
-    #[test]
-    fn relays_bytes_both_ways_and_closes_both_sides() {
-        if !uring_available() {
-            return;
-        }
-        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-        let upstream = backend.local_addr().unwrap();
-        // Echo until the client half-closes, then close. The backend reads nothing for
-        // its first half second, so what the client sends piles up in the relay's
-        // buffers until the ring is empty.
-        std::thread::spawn(move || {
-            let (mut s, _) = backend.accept().unwrap();
-            std::thread::sleep(Duration::from_millis(500));
-            let _ = std::io::copy(&mut s.try_clone().unwrap(), &mut s);
-        });
-        let listeners = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let addr = listeners[0].local_addr().unwrap();
-        std::thread::spawn(move || serve_on(listeners, upstream));
-
-        let mut client = TcpStream::connect(addr).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        // 16 MiB: more than the sockets and the buffer ring hold, so sends are partial,
-        // buffers queue behind them and the ring runs dry.
-        let sent: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 251) as u8).collect();
-        let writer = {
-            let mut client = client.try_clone().unwrap();
-            let sent = sent.clone();
-            std::thread::spawn(move || client.write_all(&sent))
-        };
-        let mut echoed = vec![0; sent.len()];
-        client.read_exact(&mut echoed).unwrap();
-        writer.join().unwrap().unwrap();
-        assert!(echoed == sent, "the echo differs from what was sent");
-        client.shutdown(Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        assert_eq!(
-            client.read_to_end(&mut rest).unwrap(),
-            0,
-            "closed, nothing more"
-        );
     }
 }
