@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 
-use crate::gateway::Gateway;
 use crate::serve;
+use crate::state::Gateway;
 
 /// Kernel accept backlog: bursts of thousands of WebSocket clients reconnecting at once
 /// should queue, not be refused.

@@ -11,8 +11,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::plugin::{Chain, CloseInfo, CloseReason as PluginCloseReason, RequestKind};
-use crate::tunnel::CloseReason;
+use crate::plugin::{Chain, CloseInfo, CloseReason, RequestKind};
+use crate::tunnel::{Ended, Report};
 
 /// The `tracing` target of access-log events.
 pub const TARGET: &str = "sluice::access";
@@ -62,7 +62,7 @@ pub struct CloseHook {
 impl Record {
     /// Runs the chain's `on-close` hooks in the background; does nothing (no
     /// `CloseInfo`, no task) when no plugin of the chain asked for them.
-    fn notify(&self, bytes_in: u64, bytes_out: u64, reason: PluginCloseReason) {
+    fn notify(&self, bytes_in: u64, bytes_out: u64, reason: CloseReason) {
         let Some(hook) = self
             .close_hook
             .as_ref()
@@ -90,22 +90,22 @@ impl Record {
     pub fn log_http(&self, bytes_out: u64) {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let reason = match self.status {
-            502 | 504 => PluginCloseReason::UpstreamError,
-            _ if self.upstream.is_empty() => PluginCloseReason::Denied,
-            _ => PluginCloseReason::Completed,
+            502 | 504 => CloseReason::UpstreamError,
+            _ if self.upstream.is_empty() => CloseReason::Denied,
+            _ => CloseReason::Completed,
         };
         self.notify(bytes_in, bytes_out, reason);
         self.emit(bytes_in, bytes_out, None, None);
     }
 
     /// Emits the event for a finished tunnel.
-    pub fn log_tunnel(&self, report: &crate::tunnel::Report) {
+    pub fn log_tunnel(&self, report: &Report) {
         let reason = match report.reason {
-            CloseReason::ClientClosed => PluginCloseReason::ClientClosed,
-            CloseReason::ServerClosed => PluginCloseReason::UpstreamClosed,
-            CloseReason::IdleTimeout => PluginCloseReason::IdleTimeout,
-            CloseReason::Shutdown => PluginCloseReason::Shutdown,
-            CloseReason::Error => PluginCloseReason::UpstreamError,
+            Ended::ClientClosed => CloseReason::ClientClosed,
+            Ended::ServerClosed => CloseReason::UpstreamClosed,
+            Ended::IdleTimeout => CloseReason::IdleTimeout,
+            Ended::Shutdown => CloseReason::Shutdown,
+            Ended::Error => CloseReason::UpstreamError,
         };
         self.notify(report.bytes_in, report.bytes_out, reason);
         let error = report.error.as_ref().map(|e| e.to_string());

@@ -1,14 +1,19 @@
 //! Select stage: each upstream pool's servers, their health, and the balancer that picks
-//! one for a new tunnel or request (round-robin, least-connections, consistent hashing).
+//! one for a new tunnel or request (round-robin, least-connections, consistent hashing,
+//! with the hash key taken from the request).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use http::header;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{Balance, HashKey, ServerConfig, UpstreamConfig};
+use crate::head::{HeaderFields, RequestHead};
+use crate::headers::value_text;
 
 /// Virtual nodes per server on the consistent-hash ring: enough that keys spread within a
 /// few percent across a handful of servers, small enough to rebuild on every reload.
@@ -213,6 +218,35 @@ impl Pool {
             _ => None,
         }
     }
+}
+
+/// The consistent-hash key for this request (empty unless the pool hashes). A request
+/// without the configured header, cookie or parameter hashes on its client IP.
+pub fn hash_key(pool: &Pool, req: &impl RequestHead, peer: SocketAddr) -> Vec<u8> {
+    let found = match pool.hash_key() {
+        None => return Vec::new(),
+        Some(HashKey::ClientIp) => None,
+        Some(HashKey::Header(name)) => req.fields().values_of(name).next().map(<[u8]>::to_vec),
+        Some(HashKey::Cookie(name)) => cookie(req.fields(), name).map(|v| v.as_bytes().to_vec()),
+        Some(HashKey::Query(name)) => req.uri().query().and_then(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_bytes().to_vec())
+        }),
+    };
+    found.unwrap_or_else(|| peer.ip().to_string().into_bytes())
+}
+
+/// The value of the cookie `name`, from any `Cookie` field.
+fn cookie<'a>(fields: &'a impl HeaderFields, name: &str) -> Option<&'a str> {
+    fields
+        .values_of(header::COOKIE.as_str())
+        .filter_map(value_text)
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Client stage: reads the first request head of a connection with `httparse` (the
 //! parser hyper itself uses) under the listener's size and time bounds, and writes
-//! Sluice's own answers on the raw socket.
+//! Sluice's own answers straight on the client's stream.
 //!
 //! A WebSocket upgrade is answered from here without a hyper server connection: no
 //! dispatcher, no service future, no upgrade hand-off and no spawned tunnel task (the
@@ -17,14 +17,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
-use http::{Method, Request, StatusCode, Uri, Version};
+use http::{Method, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 
-use crate::handshake::Switch;
-use crate::headers::{
-    Fields, RawFields, has_token, parsed_values, push_field, span, value_has_token,
-};
+use crate::head::{HeaderFields, RawFields, RequestHead, UpgradeHead, span};
+use crate::headers::{has_token, push_field, value_has_token};
+use crate::stream::Stream;
+use crate::upstream_handshake::Switch;
 
 /// Most header fields in a request head judged here; more go to hyper (which answers
 /// 431 past its own limit of 100).
@@ -51,19 +50,23 @@ pub enum FirstHead {
 
 /// Reads until one whole request head has arrived, the client is gone, `max` bytes are
 /// buffered (hyper then answers 431) or `timeout` passes.
-pub async fn read_first(stream: &mut TcpStream, max: usize, timeout: Duration) -> FirstHead {
+pub async fn read_first(
+    stream: &mut (impl AsyncRead + Unpin),
+    max: usize,
+    timeout: Duration,
+) -> FirstHead {
     let mut buf = BytesMut::with_capacity(FIRST_READ.min(max));
     match tokio::time::timeout(timeout, read_head(stream, &mut buf, max)).await {
         Ok(Parsed::Upgrade(line, spans, len)) => {
             let head = buf.split_to(len).freeze();
             match Uri::from_maybe_shared(head.slice(line.target)) {
                 Ok(uri) => FirstHead::Upgrade {
-                    req: UpgradeHead {
-                        method: line.method,
+                    req: UpgradeHead::new(
+                        line.method,
                         uri,
-                        version: line.version,
-                        fields: RawFields::new(head, spans),
-                    },
+                        line.version,
+                        RawFields::new(head, spans),
+                    ),
                     rest: buf.freeze(),
                 },
                 // A target `Uri` refuses: hyper answers it (400) from every byte read.
@@ -94,7 +97,11 @@ struct RequestLine {
     version: Version,
 }
 
-async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Parsed {
+async fn read_head(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    max: usize,
+) -> Parsed {
     loop {
         if buf.len() == buf.capacity() {
             buf.reserve((max - buf.len()).min(buf.capacity()));
@@ -124,13 +131,11 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut, max: usize) -> Pa
 /// turned into anything only for hyper to parse again, and an upgrade's fields stay spans
 /// of `buf` (`httparse` admits exactly the names and values a header map would).
 fn upgrade(req: &httparse::Request<'_, '_>, buf: &[u8]) -> Option<RequestLine> {
-    let named = |name| parsed_values(req.headers, name);
-    if !named(&header::UPGRADE).any(|v| value_has_token(v, "websocket")) {
+    let named = |name| req.headers.values_of(name);
+    if !named("upgrade").any(|v| value_has_token(v, "websocket")) {
         return None;
     }
-    if named(&header::TRANSFER_ENCODING).next().is_some()
-        || named(&header::CONTENT_LENGTH).any(|v| v != b"0")
-    {
+    if named("transfer-encoding").next().is_some() || named("content-length").any(|v| v != b"0") {
         return None;
     }
     Some(RequestLine {
@@ -141,64 +146,6 @@ fn upgrade(req: &httparse::Request<'_, '_>, buf: &[u8]) -> Option<RequestLine> {
             _ => Version::HTTP_11,
         },
     })
-}
-
-/// A request head, whichever stage read it: hyper's `Request`, or the client stage's
-/// [`UpgradeHead`]. The route, upgrade and policy stages read requests through it.
-pub trait RequestHead {
-    /// The head's fields.
-    type Fields: Fields;
-    /// The request method.
-    fn method(&self) -> &Method;
-    /// The request target.
-    fn uri(&self) -> &Uri;
-    /// The HTTP version.
-    fn version(&self) -> Version;
-    /// The header fields.
-    fn fields(&self) -> &Self::Fields;
-}
-
-impl<B> RequestHead for Request<B> {
-    type Fields = HeaderMap;
-    fn method(&self) -> &Method {
-        Request::method(self)
-    }
-    fn uri(&self) -> &Uri {
-        Request::uri(self)
-    }
-    fn version(&self) -> Version {
-        Request::version(self)
-    }
-    fn fields(&self) -> &HeaderMap {
-        Request::headers(self)
-    }
-}
-
-/// A first request head that asks for a WebSocket upgrade, its fields kept as spans of
-/// the bytes read ([`RawFields`]): no header map is made for it unless a plugin edits the
-/// upstream head.
-#[derive(Debug)]
-pub struct UpgradeHead {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    fields: RawFields,
-}
-
-impl RequestHead for UpgradeHead {
-    type Fields = RawFields;
-    fn method(&self) -> &Method {
-        &self.method
-    }
-    fn uri(&self) -> &Uri {
-        &self.uri
-    }
-    fn version(&self) -> Version {
-        self.version
-    }
-    fn fields(&self) -> &RawFields {
-        &self.fields
-    }
 }
 
 /// Whether the connection must close after answering `req` (HTTP/1.0 without
@@ -214,7 +161,7 @@ pub fn closes_after(req: &impl RequestHead) -> bool {
 
 /// The body of a response the client stage writes.
 #[derive(Debug, Clone, Copy)]
-pub struct Body<'a> {
+pub struct Payload<'a> {
     /// The body; its length is the `Content-Length`.
     pub bytes: &'a [u8],
     /// Whether the bytes are sent (not for an answer to `HEAD`).
@@ -225,10 +172,10 @@ pub struct Body<'a> {
 /// headers carry one, framing (`Content-Length`) and `Connection: close` when `close`,
 /// then the body. A `101` goes out through [`write_switch`].
 pub async fn write_response(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncWrite + Unpin),
     status: StatusCode,
     headers: &HeaderMap,
-    body: Body<'_>,
+    body: Payload<'_>,
     close: bool,
 ) -> io::Result<()> {
     let mut out = Vec::with_capacity(128 + headers.len() * 48 + body.bytes.len());
@@ -260,7 +207,7 @@ pub async fn write_response(
 /// Writes the client's `101` in one write: the status line, the server's end-to-end
 /// fields as they came, exactly one `Connection: Upgrade` and `Upgrade: websocket`, and
 /// `Date` unless the server sent one. No header map is made for it.
-pub async fn write_switch(stream: &mut TcpStream, head: &Switch) -> io::Result<()> {
+pub async fn write_switch(stream: &mut (impl AsyncWrite + Unpin), head: &Switch) -> io::Result<()> {
     let lines = head.lines();
     let mut out = Vec::with_capacity(128 + lines.len());
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
@@ -306,24 +253,24 @@ fn push_date(out: &mut Vec<u8>) {
 /// A client stream with bytes already read from it put back in front, so hyper parses
 /// the head this stage read first.
 #[derive(Debug)]
-pub struct Prefixed {
+pub struct Prefixed<S> {
     prefix: Bytes,
-    stream: TcpStream,
+    stream: S,
 }
 
-impl Prefixed {
+impl<S> Prefixed<S> {
     /// `stream`, reading `prefix` first.
-    pub fn new(prefix: Bytes, stream: TcpStream) -> Self {
+    pub fn new(prefix: Bytes, stream: S) -> Self {
         Prefixed { prefix, stream }
     }
 
     /// The stream and whatever of the prefix hyper has not read.
-    pub fn into_parts(self) -> (TcpStream, Bytes) {
+    pub fn into_parts(self) -> (S, Bytes) {
         (self.stream, self.prefix)
     }
 }
 
-impl AsyncRead for Prefixed {
+impl<S: Stream> AsyncRead for Prefixed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -344,7 +291,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: Stream> AsyncWrite for Prefixed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -392,5 +339,57 @@ mod tests {
             assert!(parsed <= after, "{text}");
             assert_eq!(out.len(), DATE_LEN);
         }
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use tokio::io::{AsyncWriteExt, duplex};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_upgrade_head_is_read_in_pieces_and_the_bytes_after_it_kept() {
+        let head = "GET /chat?room=1 HTTP/1.1\r\nHost: a.example\r\nUpgrade: websocket\r\n\
+                    Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let sent = [head.as_bytes(), b"\x81\x82abcdXY"].concat();
+        let (mut ours, mut theirs) = duplex(1 << 16);
+        let client = tokio::spawn(async move {
+            for chunk in sent.chunks(11) {
+                theirs.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            theirs
+        });
+        let first = read_first(&mut ours, 16 * 1024, Duration::from_secs(10)).await;
+        let FirstHead::Upgrade { req, rest } = first else {
+            panic!("not an upgrade: {first:?}");
+        };
+        assert_eq!(req.uri().path(), "/chat");
+        assert_eq!(
+            req.fields().values_of("host").next(),
+            Some(&b"a.example"[..])
+        );
+        // Whatever arrived after the head is kept for the tunnel (here, possibly part of
+        // the first frame: the rest is still on the stream).
+        assert!(b"\x81\x82abcdXY".starts_with(&rest));
+        drop(client.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn other_heads_go_to_hyper_with_every_byte_read() {
+        let sent = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
+        let (mut ours, mut theirs) = duplex(1 << 16);
+        theirs.write_all(sent).await.unwrap();
+        match read_first(&mut ours, 16 * 1024, Duration::from_secs(10)).await {
+            FirstHead::Other(read) => assert_eq!(&read[..], sent),
+            other => panic!("{other:?}"),
+        }
+        drop(theirs);
+        assert!(matches!(
+            read_first(&mut ours, 16 * 1024, Duration::from_secs(10)).await,
+            FirstHead::Gone
+        ));
     }
 }

@@ -8,13 +8,89 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use http::{Request, Response, StatusCode};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
-use crate::access::Counted;
+use crate::access::{Counted, Record};
+use crate::admit::Plan;
 use crate::balance::{Pool, Server};
-use crate::connect::{self, Attempt};
+use crate::connect::{self, Attempt, with_failover};
+use crate::headers::strip_hop_by_hop;
+use crate::respond::{ResponseBody, no_upstream, respond};
+
+/// Forwards a plain request to a server of the plan's pool and relays its response; a
+/// pooled connection the server closed meanwhile is retried once on a fresh one.
+pub async fn forward(
+    req: Request<Incoming>,
+    plan: Plan,
+    mut rec: Record,
+    conns: &Arc<UpstreamConns>,
+) -> Response<ResponseBody> {
+    let (route, pool) = (&plan.route, &plan.verdict.pool);
+    let attempt = Pooled { pool, conns };
+    let (server, Conn { mut sender, reused }) = match with_failover(pool, &plan.key, attempt).await
+    {
+        Ok(s) => s,
+        Err(e) => return no_upstream(rec, &e),
+    };
+    rec.upstream = server.config.authority.clone();
+    // Counted as active on the server until the response body is done (or dropped).
+    rec.hold = Some(Arc::new(server.acquire()));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let (uri, headers) = plan.upstream_head(&parts.uri, parts.headers, &server.config.authority);
+    let mut up = Request::new(Counted::new(body, rec.bytes_in.clone()));
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = headers;
+    let deadline = tokio::time::Instant::now() + route.config.request_timeout;
+    let mut result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
+    // A pooled connection the server closed meanwhile hands the request back unsent:
+    // retry it once on a fresh connection to the same server.
+    if let (true, Ok(Err(e))) = (reused, &mut result)
+        && let Some(up) = e.take_message()
+    {
+        match open(pool, &server).await {
+            Ok(fresh) => {
+                sender = fresh;
+                result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
+            }
+            Err(e) => tracing::warn!(upstream = %rec.upstream, error = %e, "reconnect failed"),
+        }
+    }
+    match result {
+        Err(_) => respond(
+            rec,
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream did not answer in time\n",
+            &[],
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(upstream = %rec.upstream, error = %e.error(), "upstream request failed");
+            respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "upstream request failed\n",
+                &[],
+            )
+        }
+        Ok(Ok(resp)) => {
+            conns.recycle(server.config.addr, sender);
+            relay(rec, resp)
+        }
+    }
+}
+
+/// Relays an upstream response head and streamed body, logging when the body ends.
+fn relay(mut rec: Record, resp: Response<Incoming>) -> Response<ResponseBody> {
+    rec.status = resp.status().as_u16();
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Counted::logged(Either::Left(body), rec))
+}
 
 /// The request body as sent upstream: the client's body, counted.
 pub type UpstreamBody = Counted<Incoming>;
@@ -61,7 +137,7 @@ impl UpstreamConns {
 }
 
 /// A fresh HTTP/1.1 connection to `server`.
-pub async fn open(pool: &Pool, server: &Server) -> io::Result<SendRequest<UpstreamBody>> {
+async fn open(pool: &Pool, server: &Server) -> io::Result<SendRequest<UpstreamBody>> {
     let tcp = connect::tcp(pool, server).await?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
@@ -73,19 +149,19 @@ pub async fn open(pool: &Pool, server: &Server) -> io::Result<SendRequest<Upstre
 }
 
 /// The attempt used by plain requests: an idle pooled connection, else a new one.
-pub struct Pooled<'a> {
+struct Pooled<'a> {
     /// The pool being balanced.
-    pub pool: &'a Pool,
+    pool: &'a Pool,
     /// Idle connections.
-    pub conns: &'a UpstreamConns,
+    conns: &'a UpstreamConns,
 }
 
 /// A connection from [`Pooled`], and whether it was reused.
-pub struct Conn {
+struct Conn {
     /// The request sender.
-    pub sender: SendRequest<UpstreamBody>,
+    sender: SendRequest<UpstreamBody>,
     /// True when it came from the idle list (it may have been closed by the server).
-    pub reused: bool,
+    reused: bool,
 }
 
 impl Attempt for Pooled<'_> {

@@ -1,137 +1,21 @@
 //! Header hygiene shared by the upgrade and plain-request paths: hop-by-hop stripping and
-//! the `X-Forwarded-*` headers.
+//! the `X-Forwarded-*` headers. Each rule has one definition, over [`HeaderFields`], which
+//! both the raw form (spans of the bytes read) and a header map implement.
 
 use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
 
-use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
+
+use crate::head::{HeaderFields, RawFields};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1, plus the legacy ones
-/// proxies still see).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// A request's header fields, whichever form they are in: a [`HeaderMap`] (hyper's path,
-/// or where a plugin edits them) or [`RawFields`] (the client stage's first head). Names
-/// are matched case-insensitively.
-pub trait Fields {
-    /// The values of the fields named `name`, in order.
-    fn values_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
-    /// Every field as `(name, value)`, in order (a map's names are lower-case, raw ones as
-    /// sent).
-    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
-}
-
-impl Fields for HeaderMap {
-    fn values_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.get_all(name).into_iter().map(HeaderValue::as_bytes)
-    }
-
-    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.iter()
-            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
-    }
-}
-
-/// Header fields as `httparse` parsed them, kept as spans of the head's own bytes: no
-/// allocation or copy per field, and no name parsed or hashed. `httparse` admits exactly
-/// the names and values a [`HeaderMap`] would, so [`RawFields::to_map`] cannot fail.
-#[derive(Debug, Clone)]
-pub struct RawFields {
-    head: Bytes,
-    /// Each field's name and value, as byte ranges of `head`.
-    spans: Vec<(Range<usize>, Range<usize>)>,
-}
-
-impl RawFields {
-    /// The byte ranges of `fields` within `base`, the buffer `httparse` parsed them from.
-    pub fn spans(
-        base: &[u8],
-        fields: &[httparse::Header<'_>],
-    ) -> Vec<(Range<usize>, Range<usize>)> {
-        fields
-            .iter()
-            .map(|h| (span(base, h.name.as_bytes()), span(base, h.value)))
-            .collect()
-    }
-
-    /// The fields at `spans` (from [`RawFields::spans`]) of `head`.
-    pub fn new(head: Bytes, spans: Vec<(Range<usize>, Range<usize>)>) -> RawFields {
-        RawFields { head, spans }
-    }
-
-    /// The bytes the fields are spans of.
-    pub fn head(&self) -> &Bytes {
-        &self.head
-    }
-
-    /// Every field as `(name, value)`, in the order sent.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
-        self.spans
-            .iter()
-            .map(|(n, v)| (&self.head[n.clone()], &self.head[v.clone()]))
-    }
-
-    /// The fields as a header map (with room for four more), for code that edits them.
-    pub fn to_map(&self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.spans.len() + 4);
-        for (name, value) in self.iter() {
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-                map.append(n, v);
-            }
-        }
-        map
-    }
-}
-
-/// Where `part`, a slice `httparse` returned, lies within `base`, the buffer it parsed.
-pub fn span(base: &[u8], part: &[u8]) -> Range<usize> {
-    let from = part.as_ptr() as usize - base.as_ptr() as usize;
-    from..from + part.len()
-}
-
-#[cfg(test)]
-impl RawFields {
-    /// The fields of a whole request head, for tests.
-    pub(crate) fn of_request(head: &str) -> RawFields {
-        let mut slots = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut slots);
-        assert!(req.parse(head.as_bytes()).unwrap().is_complete(), "{head}");
-        let spans = RawFields::spans(head.as_bytes(), req.headers);
-        RawFields::new(Bytes::copy_from_slice(head.as_bytes()), spans)
-    }
-}
-
-impl Fields for RawFields {
-    fn values_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
-    }
-
-    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.iter()
-    }
-}
-
 /// Whether `name` is one of the standard hop-by-hop headers.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+    is_hop_name(name.as_str().as_bytes())
 }
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
@@ -148,31 +32,36 @@ pub fn set_upgrade_hop(headers: &mut HeaderMap) {
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 }
 
-/// Removes the hop-by-hop headers present and those named in `Connection`, except
-/// `Connection` and `Upgrade` themselves when `keep_upgrade` (the caller overwrites them).
-///
-/// One pass over the names present decides, so nothing is parsed or hashed only to find
-/// it absent. When `Connection` names only standard hop-by-hop headers (`Upgrade`,
-/// `keep-alive`: the usual case) no name needs checking against it.
+/// Removes the fields [`hop_by_hop_in`] names, except `Connection` and `Upgrade`
+/// themselves when `keep_upgrade` (the caller overwrites them). One pass over the names
+/// present decides, so nothing is removed (or hashed) only to find it absent.
 fn strip(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let connection = headers.get_all(header::CONNECTION);
-    let names_others = connection.iter().any(|v| names_others(v.as_bytes()));
-    let doomed = |name: &HeaderName| {
-        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
-            return false;
+    let doomed: Vec<HeaderName> = {
+        let hop = hop_by_hop_in(&*headers);
+        let doomed = |name: &&HeaderName| {
+            let kept = keep_upgrade && (*name == header::CONNECTION || *name == header::UPGRADE);
+            !kept && hop(name.as_str().as_bytes())
+        };
+        if !headers.keys().any(|n| doomed(&n)) {
+            return;
         }
-        is_hop_by_hop(name)
-            || (names_others
-                && connection
-                    .iter()
-                    .any(|v| value_has_token(v.as_bytes(), name.as_str())))
+        headers.keys().filter(doomed).cloned().collect()
     };
-    if !headers.keys().any(doomed) {
-        return;
-    }
-    let doomed: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
     for name in doomed {
         headers.remove(name);
+    }
+}
+
+/// Which field names of one head are hop-by-hop: the standard ones, and those its
+/// `Connection` fields name. The one rule behind [`strip_hop_by_hop`] (a map) and
+/// [`end_to_end`] (raw fields). When `Connection` names only standard hop-by-hop headers
+/// (`Upgrade`, `keep-alive`: the usual case) no name is checked against it.
+fn hop_by_hop_in<F: HeaderFields + ?Sized>(fields: &F) -> impl Fn(&[u8]) -> bool + '_ {
+    let connection = header::CONNECTION.as_str();
+    let names_others = fields.values_of(connection).any(names_others);
+    move |name| {
+        is_hop_name(name)
+            || (names_others && fields.values_of(connection).any(|v| value_lists(v, name)))
     }
 }
 
@@ -186,8 +75,9 @@ fn names_others(value: &[u8]) -> bool {
         })
 }
 
-/// Whether a raw field name (any case) is one of [`HOP_BY_HOP`]. Its length picks the
-/// candidates, so most names take no comparison at all.
+/// Whether a raw field name (any case) is one of the headers that describe one hop and
+/// are never forwarded (RFC 9110 §7.6.1, plus the legacy ones proxies still see). Its
+/// length picks the candidates, so most names take no comparison at all.
 fn is_hop_name(name: &[u8]) -> bool {
     let candidates: &[&str] = match name.len() {
         2 => &["te"],
@@ -209,19 +99,8 @@ pub fn is_named(raw: &[u8], name: &HeaderName) -> bool {
     raw.eq_ignore_ascii_case(name.as_str().as_bytes())
 }
 
-/// The values of the fields `httparse` parsed that are named `name`, in order.
-pub fn parsed_values<'a>(
-    fields: &'a [httparse::Header<'_>],
-    name: &'a HeaderName,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
-    fields
-        .iter()
-        .filter(move |h| is_named(h.name.as_bytes(), name))
-        .map(|h| h.value)
-}
-
 /// The trimmed, non-empty entries of a comma-separated header, over all its lines.
-pub fn tokens<'a, F: Fields + ?Sized>(
+pub fn tokens<'a, F: HeaderFields + ?Sized>(
     fields: &'a F,
     name: &'a str,
 ) -> impl Iterator<Item = &'a str> {
@@ -254,7 +133,7 @@ fn value_tokens(value: &[u8]) -> impl Iterator<Item = &str> {
 }
 
 /// Whether a comma-separated header contains `token` (case-insensitive).
-pub fn has_token<F: Fields + ?Sized>(fields: &F, name: &str, token: &str) -> bool {
+pub fn has_token<F: HeaderFields + ?Sized>(fields: &F, name: &str, token: &str) -> bool {
     fields.values_of(name).any(|v| value_has_token(v, token))
 }
 
@@ -278,40 +157,20 @@ fn value_lists(value: &[u8], token: &[u8]) -> bool {
 /// invalid. It has room for the few headers a proxy adds (a full map grows on any
 /// insert, even of a name it has).
 pub fn from_parsed(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, &'static str> {
-    map_of(fields, |_| true)
-}
-
-/// The end-to-end fields among `fields` (`(name, value)` pairs, raw): what
-/// [`strip_hop_by_hop`] would leave of their map, without making one. Hop-by-hop fields
-/// and those named in a `Connection` field are skipped; when `Connection` names only
-/// standard hop-by-hop headers (the usual case) no name is checked against it.
-pub fn end_to_end<'a, I>(fields: I) -> impl Iterator<Item = (&'a [u8], &'a [u8])>
-where
-    I: Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
-{
-    let connection = fields
-        .clone()
-        .filter(|(n, _)| is_named(n, &header::CONNECTION));
-    let names_others = connection.clone().any(|(_, v)| names_others(v));
-    fields.filter(move |(name, _)| {
-        let hop = is_hop_name(name);
-        let listed = names_others && connection.clone().any(|(_, v)| value_lists(v, name));
-        !(hop || listed)
-    })
-}
-
-/// The map of the fields `keep` accepts, with room for four more.
-fn map_of(
-    fields: &[httparse::Header<'_>],
-    keep: impl Fn(&httparse::Header<'_>) -> bool,
-) -> Result<HeaderMap, &'static str> {
     let mut headers = HeaderMap::with_capacity(fields.len() + 4);
-    for h in fields.iter().filter(|h| keep(h)) {
+    for h in fields {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad header value")?;
         headers.append(name, value);
     }
     Ok(headers)
+}
+
+/// The end-to-end fields of `fields`, raw: what [`strip_hop_by_hop`] leaves of their map,
+/// without making one.
+pub fn end_to_end<F: HeaderFields + ?Sized>(fields: &F) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let hop = hop_by_hop_in(fields);
+    fields.each().filter(move |(name, _)| !hop(name))
 }
 
 /// Appends the client to `X-Forwarded-For` (keeping what earlier proxies wrote, merged
@@ -356,7 +215,7 @@ pub fn push_upgrade_fields(
     let mut client_host = None;
     // Earlier proxies' chain; allocated only when there is one.
     let mut chain = Vec::new();
-    for (name, value) in end_to_end(fields.iter()) {
+    for (name, value) in end_to_end(fields) {
         if is_named(name, &X_FORWARDED_FOR) {
             push_forwarded_entry(&mut chain, value);
             continue;
@@ -432,6 +291,19 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hop-by-hop headers [`is_hop_name`] knows, as a list.
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
 
     #[test]
     fn strips_listed_and_standard_hop_headers_whatever_the_case() {
@@ -548,8 +420,7 @@ mod tests {
         ];
         let mut stripped = from_parsed(&fields).unwrap();
         strip_hop_by_hop(&mut stripped);
-        let pairs = fields.iter().map(|h| (h.name.as_bytes(), h.value));
-        let kept: Vec<httparse::Header<'_>> = end_to_end(pairs)
+        let kept: Vec<httparse::Header<'_>> = end_to_end(&fields[..])
             .map(|(name, value)| httparse::Header {
                 name: std::str::from_utf8(name).unwrap(),
                 value,
@@ -560,7 +431,7 @@ mod tests {
     }
 
     /// What the map path sends upstream for an upgrade: the hop's rules, the
-    /// `X-Forwarded-*` fields, then `Host` when it is rewritten (as `serve::upstream_head`).
+    /// `X-Forwarded-*` fields, then `Host` when it is rewritten (as `admit::Plan::upstream_head`).
     fn through_a_map(fields: &RawFields, host: Option<&str>, client: SocketAddr) -> HeaderMap {
         let mut map = fields.to_map();
         set_upgrade_hop(&mut map);

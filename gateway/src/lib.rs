@@ -1,25 +1,38 @@
 //! Sluice: a WebSocket-first gateway. Modules are named for the stage of the data flow
-//! they own (see `DESIGN.md`):
-//!
-//! accept → client (first head) → serve (HTTP) → route → (policy) → balance (select) → connect →
-//! handshake → tunnel → access (close); plain requests take `forward` after `connect`.
+//! they own, and listed here in the order a connection meets them; `docs/ARCHITECTURE.md`
+//! follows one connection through them. A stage calls later stages, never earlier ones.
 #![forbid(unsafe_code)]
 
+// The process: config, the snapshot built from it, the state the stages share, and the
+// control loop that starts the workers, reloads and drains.
+pub mod config;
+pub mod control;
+pub mod snapshot;
+pub mod state;
+
+// One connection, in order.
 pub mod accept;
 pub mod access;
+pub mod admit;
 pub mod balance;
 pub mod client;
-pub mod config;
+pub mod client_handshake;
 pub mod connect;
 pub mod forward;
-pub mod gateway;
-pub mod handshake;
+pub mod head;
+pub mod open;
+pub mod policy;
+pub mod respond;
+pub mod route;
+pub mod serve;
+pub mod stream;
+pub mod tunnel;
+pub mod upstream_handshake;
+
+// Used by several stages.
 pub mod headers;
 pub mod health;
 pub mod plugin;
-pub mod policy;
-pub mod route;
-pub mod serve;
-pub mod snapshot;
-pub mod tunnel;
-pub mod upgrade;
+
+#[cfg(test)]
+mod module_graph;

@@ -65,8 +65,8 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
-    sluice::gateway::init_logging(&config);
-    match runtime.block_on(sluice::gateway::run(path.clone(), config)) {
+    sluice::control::init_logging(&config);
+    match runtime.block_on(sluice::control::run(path.clone(), config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sluice stopped with an error");

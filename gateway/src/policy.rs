@@ -9,10 +9,10 @@ use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
 use crate::balance::Pool;
-use crate::client::RequestHead;
-use crate::headers::{Fields, is_hop_by_hop, tokens, value_text};
+use crate::head::{HeaderFields, RequestHead};
+use crate::headers::{is_hop_by_hop, tokens, value_text};
 use crate::plugin::{ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind};
-use crate::route::Route;
+use crate::route::{Route, authority};
 use crate::snapshot::Snapshot;
 
 /// What the chain decided for a request that may proceed.
@@ -155,18 +155,7 @@ fn request_info(
             Some((name, value_text(v)?.to_string()))
         })
         .collect();
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            fields
-                .values_of(header::HOST.as_str())
-                .next()
-                .and_then(value_text)
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let authority = authority(req).unwrap_or_default().to_owned();
     let subprotocols = tokens(fields, header::SEC_WEBSOCKET_PROTOCOL.as_str())
         .map(str::to_string)
         .collect();

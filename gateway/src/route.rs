@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::balance::Pool;
-use crate::client::RequestHead;
 use crate::config::{HostMatch, RouteAction, RouteConfig};
-use crate::headers::{Fields, value_text};
+use crate::head::{HeaderFields, RequestHead};
+use crate::headers::value_text;
 use crate::plugin::{Chain, Plugin};
 
 /// A route with its pool resolved.
@@ -89,13 +89,19 @@ impl RouteTable {
     }
 }
 
-/// The host a request is for: the URI authority (absolute-form) or the `Host` header,
-/// lower-cased and without port.
+/// The authority a request is for, as sent: the URI's (absolute-form) or the first `Host`
+/// field's.
+pub fn authority(req: &impl RequestHead) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => value_text(req.fields().values_of(http::header::HOST.as_str()).next()?),
+    }
+}
+
+/// The host a request is for ([`authority`]), lower-cased and without port or userinfo.
 pub fn request_host(req: &impl RequestHead) -> Option<String> {
-    let raw = match req.uri().host() {
-        Some(h) => h,
-        None => value_text(req.fields().values_of(http::header::HOST.as_str()).next()?)?,
-    };
+    let raw = authority(req)?;
+    let raw = raw.rsplit_once('@').map_or(raw, |(_, host)| host);
     let host = if raw.starts_with('[') {
         // IPv6 literal: keep the brackets, drop the port.
         raw.split_inclusive(']').next().unwrap_or(raw)
@@ -243,5 +249,12 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(request_host(&r).as_deref(), Some("[::1]"));
+        // Absolute-form wins over Host; userinfo and port are not part of the host.
+        let r = http::Request::get("http://u@Other.example:81/x")
+            .header("host", "example.com")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("other.example"));
+        assert_eq!(authority(&r), Some("u@Other.example:81"));
     }
 }

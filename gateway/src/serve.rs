@@ -1,57 +1,63 @@
-//! HTTP stage: serves one client connection and walks each request through the later
-//! stages: route → (policy) → select/connect → handshake + tunnel, or forward. A first
-//! request that asks for a WebSocket is answered directly on the socket (read by the
-//! client stage); everything else is served by hyper (HTTP/1.1 with upgrades, bounded
-//! head size and head-read time).
+//! Connection driver: serves one client connection, over any [`Stream`], from its first
+//! request head to its end, handing each request to admission (`admit`) and then to the
+//! upstream upgrade (`open`) and the tunnel, or to `forward`.
+//!
+//! A first request that asks for a WebSocket is read and answered straight on the stream
+//! (the client stage), and its tunnel runs in this same task. Everything else — and
+//! whatever follows an upgrade that was refused — is served by hyper (HTTP/1.1 with
+//! upgrades, bounded head size and head-read time).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
-use http::header::{self, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::header;
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::access::{CloseHook, Counted, Record};
-use crate::balance::{ActiveGuard, Pool, Server};
-use crate::client::{self, Body, FirstHead, Prefixed, RequestHead, UpgradeHead};
-use crate::config::{HashKey, ListenerConfig, RouteAction};
-use crate::connect::{self, ConnectError, with_failover};
-use crate::forward::{self, Conn, Pooled};
-use crate::gateway::Gateway;
-use crate::handshake::{self, Outcome, Switch};
-use crate::headers::{
-    Fields, add_forwarded, has_token, set_upgrade_hop, strip_hop_by_hop, value_text,
-};
-use crate::plugin::{Denial, RequestKind};
-use crate::policy::{self, Verdict};
-use crate::route::{Route, normalize_path, request_host};
-use crate::snapshot::Snapshot;
-use crate::tunnel::{self, End};
-use crate::upgrade::{self, Upgrade};
-
-/// The body of every response Sluice sends: a relayed upstream body or its own text.
-pub type ResponseBody = Counted<Either<Incoming, Full<Bytes>>>;
+use crate::access::Counted;
+use crate::admit::{Admitted, Caller, admit};
+use crate::balance::ActiveGuard;
+use crate::client::{self, FirstHead, Payload, Prefixed};
+use crate::config::ListenerConfig;
+use crate::forward::forward;
+use crate::head::{RequestHead, UpgradeHead};
+use crate::headers::has_token;
+use crate::open::{ClientHead, Opened, Upstream, open};
+use crate::respond::{ResponseBody, respond};
+use crate::state::Gateway;
+use crate::stream::Stream;
+use crate::tunnel::{self, Side};
 
 /// Everything one client connection needs; shared by its requests and its tunnel.
 pub struct ClientConn {
     gw: Arc<Gateway>,
-    snapshot: Arc<Snapshot>,
+    snapshot: Arc<crate::snapshot::Snapshot>,
     listener: Arc<str>,
     peer: SocketAddr,
     /// Held until the connection and any tunnel it became have ended.
     _permit: OwnedSemaphorePermit,
+}
+
+impl ClientConn {
+    /// What admission reads of this connection.
+    fn caller(&self) -> Caller<'_> {
+        Caller {
+            snapshot: &self.snapshot,
+            listener: &self.listener,
+            peer: self.peer,
+        }
+    }
 }
 
 /// Serves one accepted connection until it closes, upgrades, or the gateway shuts down.
@@ -59,30 +65,29 @@ pub struct ClientConn {
 /// The first request head is read by the client stage. A WebSocket upgrade is answered
 /// here, and its tunnel runs in this same task; any other request (and whatever follows
 /// an upgrade that was refused) is served by hyper.
-pub fn connection(
+pub fn connection<S: Stream>(
     gw: Arc<Gateway>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     listener: Arc<str>,
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send {
     // Everything before the tunnel is boxed, and the rest is put together from
     // pin-projected combinators rather than `async` blocks, which keep a value moved into
-    // an `.await` twice: an upgraded connection's task holds only the tunnel's state
-    // (800 bytes; an `async fn` here took 1,864, the spawned tunnel task before it 904).
+    // an `.await` twice: an upgraded connection's task holds only the tunnel's state.
     Box::pin(prepare(gw, stream, peer, listener, permit))
         .then(|ready| OptionFuture::from(ready.map(Ready::run)))
         .map(drop)
 }
 
 /// Reads the first head and answers it; `Some` once a `101` has gone to the client.
-async fn prepare(
+async fn prepare<S: Stream>(
     gw: Arc<Gateway>,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: SocketAddr,
     listener: Arc<str>,
     permit: OwnedSemaphorePermit,
-) -> Option<Ready> {
+) -> Option<Ready<S>> {
     let snapshot = gw.snapshot();
     let limits = snapshot
         .config
@@ -110,7 +115,7 @@ async fn prepare(
         FirstHead::Upgrade { req, rest } => (req, rest),
     };
     match upgrade_direct(&mut stream, req, &ctx).await {
-        Direct::Tunnel(opened) => Some(Ready::new(ctx, stream, End::detach(rest), opened)),
+        Direct::Tunnel(opened) => Some(Ready::new(ctx, stream, tunnel::detach(rest), opened)),
         Direct::KeepAlive => {
             Box::pin(serve_http(ctx, Prefixed::new(rest, stream), limits)).await;
             None
@@ -120,21 +125,21 @@ async fn prepare(
 }
 
 /// A tunnel whose `101` has gone to the client: what it needs while it runs.
-struct Ready {
+struct Ready<S> {
     /// Holds the connection permit and the snapshot the tunnel started with.
     ctx: Arc<ClientConn>,
-    client: End,
-    server: End,
+    client: Side<S>,
+    server: Side<Upstream>,
     guard: ActiveGuard,
-    rec: Record,
-    idle: Option<std::time::Duration>,
+    rec: crate::access::Record,
+    idle: Option<Duration>,
 }
 
-impl Ready {
-    fn new(ctx: Arc<ClientConn>, stream: TcpStream, early: Bytes, opened: Opened) -> Ready {
+impl<S: Stream> Ready<S> {
+    fn new(ctx: Arc<ClientConn>, stream: S, early: Bytes, opened: Opened) -> Ready<S> {
         Ready {
             ctx,
-            client: End { stream, early },
+            client: Side { stream, early },
             server: opened.server,
             guard: opened.guard,
             rec: opened.rec,
@@ -163,7 +168,7 @@ impl Ready {
 #[derive(Clone, Copy)]
 struct HeadLimits {
     max_header_size: usize,
-    header_read_timeout: std::time::Duration,
+    header_read_timeout: Duration,
 }
 
 impl HeadLimits {
@@ -177,11 +182,11 @@ impl HeadLimits {
 
 /// Serves a connection with hyper: plain requests, keep-alive, and upgrades that follow a
 /// plain request.
-async fn serve_http(ctx: Arc<ClientConn>, io: Prefixed, limits: HeadLimits) {
+async fn serve_http<S: Stream>(ctx: Arc<ClientConn>, io: Prefixed<S>, limits: HeadLimits) {
     let gw = ctx.gw.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, ctx).await) }
+        async move { Ok::<_, Infallible>(handle::<S>(req, ctx).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -213,18 +218,22 @@ enum Direct {
     Closed,
 }
 
-/// Walks an upgrade head through route → policy → connect → handshake and writes the
+/// Walks an upgrade head through admission and the upstream upgrade, and writes the
 /// client's answer itself.
-async fn upgrade_direct(stream: &mut TcpStream, req: UpgradeHead, ctx: &Arc<ClientConn>) -> Direct {
+async fn upgrade_direct<S: Stream>(
+    stream: &mut S,
+    req: UpgradeHead,
+    ctx: &Arc<ClientConn>,
+) -> Direct {
     let close = client::closes_after(&req);
     let head_only = req.method() == Method::HEAD;
-    let resp = match admit(&req, ctx).await {
+    let resp = match admit(&req, ctx.caller()).await {
         Err(resp) => resp,
         Ok(Admitted {
             plan,
             rec,
             ws_key: Some(ws_key),
-        }) => match open(ClientHead::Raw(&req), ws_key, plan, rec, ctx).await {
+        }) => match open(ClientHead::Raw(&req), ws_key, plan, rec).await {
             Ok(opened) => {
                 let sent = client::write_switch(stream, &opened.head).await;
                 return match sent {
@@ -254,7 +263,7 @@ async fn upgrade_direct(stream: &mut TcpStream, req: UpgradeHead, ctx: &Arc<Clie
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     // The answer to a HEAD keeps its Content-Length but carries no body.
-    let body = Body {
+    let body = Payload {
         bytes: &body,
         send: !head_only,
     };
@@ -264,8 +273,13 @@ async fn upgrade_direct(stream: &mut TcpStream, req: UpgradeHead, ctx: &Arc<Clie
     }
 }
 
-async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<ResponseBody> {
-    let Admitted { plan, rec, ws_key } = match admit(&req, &ctx).await {
+/// One request hyper read: admitted, then upgraded (the `101` goes back through hyper) or
+/// forwarded.
+async fn handle<S: Stream>(
+    mut req: Request<Incoming>,
+    ctx: Arc<ClientConn>,
+) -> Response<ResponseBody> {
+    let Admitted { plan, rec, ws_key } = match admit(&req, ctx.caller()).await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
@@ -277,422 +291,18 @@ async fn handle(mut req: Request<Incoming>, ctx: Arc<ClientConn>) -> Response<Re
                 uri: req.uri(),
                 headers,
             };
-            match open(head, ws_key, plan, rec, &ctx).await {
-                Ok(opened) => switch(opened, on_upgrade, ctx),
+            match open(head, ws_key, plan, rec).await {
+                Ok(opened) => switch::<S>(opened, on_upgrade, ctx),
                 Err(resp) => resp,
             }
         }
-        None => forward(req, plan, rec, &ctx).await,
+        None => forward(req, plan, rec, ctx.gw.upstream_conns()).await,
     }
-}
-
-/// A request that may go upstream.
-struct Admitted {
-    plan: Plan,
-    rec: Record,
-    /// The client's `Sec-WebSocket-Key` when this is a valid WebSocket upgrade.
-    ws_key: Option<String>,
-}
-
-/// Route → upgrade validation → policy: where the request goes, or Sluice's answer.
-async fn admit(
-    req: &impl RequestHead,
-    ctx: &ClientConn,
-) -> Result<Admitted, Response<ResponseBody>> {
-    let mut rec = Record {
-        kind: "http",
-        client: ctx.peer,
-        listener: ctx.listener.clone(),
-        route: String::new(),
-        upstream: String::new(),
-        method: req.method().clone(),
-        path: req.uri().path().to_string(),
-        status: 0,
-        start: Instant::now(),
-        bytes_in: Arc::new(AtomicU64::new(0)),
-        hold: None,
-        tags: String::new(),
-        close_hook: None,
-    };
-    let host = request_host(req);
-    let path = normalize_path(req.uri().path());
-    let Some(route) = ctx
-        .snapshot
-        .routes
-        .find(&ctx.listener, host.as_deref(), &path)
-        .cloned()
-    else {
-        return Err(respond(
-            rec,
-            StatusCode::NOT_FOUND,
-            "no route for this request\n",
-            &[],
-        ));
-    };
-    rec.route = route.config.name.clone();
-    let pool = match (&route.config.action, &route.pool) {
-        (RouteAction::Respond { status, body }, _) => {
-            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN);
-            return Err(respond(rec, status, body, &[]));
-        }
-        (RouteAction::Proxy(_), Some(pool)) => pool.clone(),
-        (RouteAction::Proxy(_), None) => {
-            return Err(respond(
-                rec,
-                StatusCode::BAD_GATEWAY,
-                "route has no pool\n",
-                &[],
-            ));
-        }
-    };
-    let (kind, ws_key) = match upgrade::classify(req.method(), req.version(), req.fields()) {
-        Upgrade::Refused(r) => {
-            let headers = upgrade::refusal_headers(&r);
-            return Err(respond(rec, r.status, &format!("{}\n", r.reason), &headers));
-        }
-        Upgrade::WebSocket { key } => (RequestKind::WebSocket, Some(key)),
-        Upgrade::None => (RequestKind::Http, None),
-    };
-    if !route.chain.is_empty() {
-        rec.close_hook = Some(Arc::new(CloseHook {
-            chain: route.chain.clone(),
-            kind,
-            tenant: route.config.tenant.clone(),
-        }));
-    }
-    let verdict = match policy::decide(&route, &pool, &ctx.snapshot, req, kind, ctx.peer).await {
-        Ok(v) => v,
-        Err(denial) => return Err(deny(rec, denial)),
-    };
-    rec.tags = verdict.tags.clone();
-    if let (Some(hook), Some(tenant)) = (&mut rec.close_hook, &verdict.tenant) {
-        Arc::make_mut(hook).tenant = Some(tenant.clone());
-    }
-    let key = match (&verdict.sticky_key, verdict.pool.hash_key()) {
-        (Some(k), Some(_)) => k.as_bytes().to_vec(),
-        _ => hash_key(&verdict.pool, req, ctx.peer),
-    };
-    let plan = Plan {
-        route,
-        key,
-        verdict,
-    };
-    Ok(Admitted { plan, rec, ws_key })
-}
-
-/// Where a routed, policy-approved request goes.
-struct Plan {
-    route: Arc<Route>,
-    /// The consistent-hash key (empty unless the pool hashes).
-    key: Vec<u8>,
-    verdict: Verdict,
-}
-
-/// A plugin's refusal, sent as the plugin wrote it.
-fn deny(mut rec: Record, denial: Denial) -> Response<ResponseBody> {
-    let status = StatusCode::from_u16(denial.status).unwrap_or(StatusCode::FORBIDDEN);
-    if !denial.plugin.is_empty() {
-        let fields = denial
-            .log_fields
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()));
-        rec.tags =
-            policy::tags(std::iter::once(("denied_by", denial.plugin.as_str())).chain(fields));
-    }
-    let mut resp = respond(rec, status, &denial.body, &[]);
-    for (name, value) in &denial.headers {
-        if let (Ok(n), Ok(v)) = (
-            header::HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            resp.headers_mut().append(n, v);
-        }
-    }
-    resp
-}
-
-/// A response of Sluice's own, logged at once.
-fn respond(
-    mut rec: Record,
-    status: StatusCode,
-    body: &str,
-    headers: &[(header::HeaderName, &'static str)],
-) -> Response<ResponseBody> {
-    rec.status = status.as_u16();
-    let mut resp = Response::new(Counted::logged(
-        Either::Right(Full::new(Bytes::copy_from_slice(body.as_bytes()))),
-        rec,
-    ));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    for (name, value) in headers {
-        resp.headers_mut()
-            .insert(name.clone(), HeaderValue::from_static(value));
-    }
-    resp
-}
-
-/// The 502 for a request no server of its pool would take.
-fn no_upstream(rec: Record, route: &Route, e: &ConnectError) -> Response<ResponseBody> {
-    tracing::warn!(route = %route.config.name, error = %e, "no upstream server available");
-    respond(
-        rec,
-        StatusCode::BAD_GATEWAY,
-        "no upstream server is available\n",
-        &[],
-    )
-}
-
-/// Relays an upstream response head and streamed body, logging when the body ends.
-fn relay(mut rec: Record, resp: Response<Incoming>) -> Response<ResponseBody> {
-    rec.status = resp.status().as_u16();
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Counted::logged(Either::Left(body), rec))
-}
-
-/// Relays a server's refusal of an upgrade (read whole by the handshake stage), framed
-/// anew for the client.
-fn relay_refusal(
-    mut rec: Record,
-    status: StatusCode,
-    mut headers: HeaderMap,
-    body: Bytes,
-) -> Response<ResponseBody> {
-    rec.status = status.as_u16();
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::CONTENT_LENGTH);
-    let mut resp = Response::new(Counted::logged(Either::Right(Full::new(body)), rec));
-    *resp.status_mut() = status;
-    *resp.headers_mut() = headers;
-    resp
-}
-
-/// The consistent-hash key for this request (empty unless the pool hashes). A request
-/// without the configured header, cookie or parameter hashes on its client IP.
-fn hash_key(pool: &Pool, req: &impl RequestHead, peer: SocketAddr) -> Vec<u8> {
-    let found = match pool.hash_key() {
-        None => return Vec::new(),
-        Some(HashKey::ClientIp) => None,
-        Some(HashKey::Header(name)) => req.fields().values_of(name).next().map(<[u8]>::to_vec),
-        Some(HashKey::Cookie(name)) => cookie(req.fields(), name).map(|v| v.as_bytes().to_vec()),
-        Some(HashKey::Query(name)) => req.uri().query().and_then(|q| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_bytes().to_vec())
-        }),
-    };
-    found.unwrap_or_else(|| peer.ip().to_string().into_bytes())
-}
-
-fn cookie<'a>(fields: &'a impl Fields, name: &str) -> Option<&'a str> {
-    fields
-        .values_of(header::COOKIE.as_str())
-        .filter_map(value_text)
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
-/// The head sent upstream: origin-form URI, the client's `headers` (already cleaned for
-/// this hop by the caller: [`strip_hop_by_hop`], or [`set_upgrade_hop`] for an upgrade),
-/// `Host` per the route, and the `X-Forwarded-*` headers.
-fn upstream_head(
-    uri: &Uri,
-    mut headers: HeaderMap,
-    plan: &Plan,
-    authority: &str,
-    peer: SocketAddr,
-) -> (Uri, HeaderMap) {
-    let route = &plan.route;
-    let uri = uri
-        .path_and_query()
-        .map(|pq| Uri::from(pq.clone()))
-        .unwrap_or_else(|| Uri::from_static("/"));
-    // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
-    add_forwarded(&mut headers, peer, "http");
-    if !keeps_client_host(route, headers.contains_key(header::HOST))
-        && let Ok(v) = HeaderValue::from_str(authority)
-    {
-        headers.insert(header::HOST, v);
-    }
-    policy::apply(&plan.verdict, &mut headers);
-    (uri, headers)
-}
-
-/// Whether the upstream request keeps the client's `Host`: `preserve_host` (the default),
-/// and the client sent one that is not hop-by-hop. Otherwise `Host` names the server.
-fn keeps_client_host(route: &Route, has_host: bool) -> bool {
-    route.config.preserve_host && has_host
-}
-
-/// The client's upgrade request, in the form the stage that read it keeps.
-enum ClientHead<'a> {
-    /// Read by hyper: its fields in a header map.
-    Map { uri: &'a Uri, headers: HeaderMap },
-    /// Read by the client stage: its raw fields.
-    Raw(&'a UpgradeHead),
-}
-
-/// Connects to a server and sends it the upgrade head in the same step
-/// ([`connect::tcp_sending`]).
-struct UpgradeAttempt<'a> {
-    plan: &'a Plan,
-    peer: SocketAddr,
-    head: Head<'a>,
-}
-
-/// The upgrade head for the servers tried.
-enum Head<'a> {
-    /// `Host` is the client's (with `preserve_host`, the default): the same bytes for
-    /// every server, made once.
-    Fixed(Vec<u8>),
-    /// `Host` names the server: made for each server tried, from the client's head.
-    PerServer(ClientHead<'a>),
-}
-
-impl<'a> UpgradeAttempt<'a> {
-    /// The client's raw fields are written upstream without a header map unless a plugin
-    /// edits them (header changes or a subprotocol), which is done on a map.
-    fn new(client: ClientHead<'a>, plan: &'a Plan, peer: SocketAddr) -> Self {
-        let edits = !plan.verdict.headers.is_empty() || plan.verdict.subprotocol.is_some();
-        let client = match client {
-            ClientHead::Raw(req) if edits => ClientHead::Map {
-                uri: req.uri(),
-                headers: req.fields().to_map(),
-            },
-            client => client,
-        };
-        let head = match client {
-            ClientHead::Raw(req) => {
-                // Made at once with the client's `Host`, and kept if it had one.
-                let fixed = plan
-                    .route
-                    .config
-                    .preserve_host
-                    .then(|| handshake::request_head_raw(req.uri(), req.fields(), None, peer));
-                match fixed {
-                    Some((head, true)) => Head::Fixed(head),
-                    _ => Head::PerServer(ClientHead::Raw(req)),
-                }
-            }
-            ClientHead::Map { uri, mut headers } => {
-                // Cleaned for the hop once, for every server tried; the `Host` decision
-                // sees what goes upstream (a `Host` listed in `Connection` does not).
-                set_upgrade_hop(&mut headers);
-                if keeps_client_host(&plan.route, headers.contains_key(header::HOST)) {
-                    // No server's authority is written: the client's Host stays.
-                    let (uri, headers) = upstream_head(uri, headers, plan, "", peer);
-                    Head::Fixed(handshake::request_head(&uri, &headers))
-                } else {
-                    Head::PerServer(ClientHead::Map { uri, headers })
-                }
-            }
-        };
-        UpgradeAttempt { plan, peer, head }
-    }
-}
-
-impl connect::Attempt for UpgradeAttempt<'_> {
-    type Output = TcpStream;
-    async fn attempt(&mut self, server: &Arc<Server>) -> std::io::Result<TcpStream> {
-        let pool = &self.plan.verdict.pool;
-        let authority = server.config.authority.as_str();
-        let head = match &self.head {
-            Head::Fixed(head) => return connect::tcp_sending(pool, server, head).await,
-            Head::PerServer(ClientHead::Raw(req)) => {
-                handshake::request_head_raw(req.uri(), req.fields(), Some(authority), self.peer).0
-            }
-            Head::PerServer(ClientHead::Map { uri, headers }) => {
-                let (uri, headers) =
-                    upstream_head(uri, headers.clone(), self.plan, authority, self.peer);
-                handshake::request_head(&uri, &headers)
-            }
-        };
-        connect::tcp_sending(pool, server, &head).await
-    }
-}
-
-/// An upstream that answered the upgrade with a valid `101`.
-struct Opened {
-    /// The server's `101` fields for the client's `101`: its end-to-end ones (the client
-    /// stage or hyper adds exactly one `Upgrade`/`Connection` pair).
-    head: Switch,
-    /// The server's end of the tunnel.
-    server: End,
-    /// Counts the tunnel as active on its server.
-    guard: ActiveGuard,
-    rec: Record,
-    idle: Option<std::time::Duration>,
-}
-
-/// Connects to a server of the plan's pool and completes the WebSocket handshake with it;
-/// any failure or refusal is the client's answer instead.
-async fn open(
-    client: ClientHead<'_>,
-    ws_key: String,
-    plan: Plan,
-    mut rec: Record,
-    ctx: &ClientConn,
-) -> Result<Opened, Response<ResponseBody>> {
-    let (route, pool) = (&plan.route, &plan.verdict.pool);
-    let attempt = UpgradeAttempt::new(client, &plan, ctx.peer);
-    let (server, stream) = match with_failover(pool, &plan.key, attempt).await {
-        Ok(s) => s,
-        Err(e) => return Err(no_upstream(rec, route, &e)),
-    };
-    rec.upstream = server.config.authority.clone();
-    let guard = server.acquire();
-    let outcome = tokio::time::timeout(
-        route.config.handshake_timeout,
-        handshake::handshake(stream, &ws_key),
-    )
-    .await;
-    let (head, server_end) = match outcome {
-        Err(_) => {
-            tracing::warn!(route = %route.config.name, upstream = %rec.upstream, "upstream WebSocket handshake timed out");
-            return Err(respond(
-                rec,
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream did not answer the WebSocket handshake in time\n",
-                &[],
-            ));
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(route = %route.config.name, upstream = %rec.upstream, error = %e, "upstream WebSocket handshake refused");
-            return Err(respond(
-                rec,
-                StatusCode::BAD_GATEWAY,
-                "upstream sent an invalid WebSocket handshake\n",
-                &[],
-            ));
-        }
-        Ok(Ok(Outcome::Declined {
-            status,
-            headers,
-            body,
-        })) => return Err(relay_refusal(rec, status, headers, body)),
-        Ok(Ok(Outcome::Upgraded { head, server })) => (head, server),
-    };
-    rec.kind = "tunnel";
-    rec.status = 101;
-    Ok(Opened {
-        head,
-        server: server_end,
-        guard,
-        rec,
-        idle: route.config.idle_timeout,
-    })
 }
 
 /// The `101` for hyper, and the tunnel task that starts once hyper hands the client's
 /// connection over.
-fn switch(
+fn switch<S: Stream>(
     opened: Opened,
     on_upgrade: hyper::upgrade::OnUpgrade,
     ctx: Arc<ClientConn>,
@@ -705,12 +315,15 @@ fn switch(
     *resp.headers_mut() = opened.head.header_map();
     let tracker = ctx.gw.tracker().clone();
     tracker.spawn(async move {
-        match on_upgrade.await.map(|u| u.downcast::<TokioIo<Prefixed>>()) {
+        match on_upgrade
+            .await
+            .map(|u| u.downcast::<TokioIo<Prefixed<S>>>())
+        {
             Ok(Ok(parts)) => {
                 let (stream, unread) = parts.io.into_inner().into_parts();
                 // Bytes hyper had not read of the first head come before its read-ahead.
                 let early = if unread.is_empty() {
-                    End::detach(parts.read_buf)
+                    tunnel::detach(parts.read_buf)
                 } else {
                     [unread, parts.read_buf].concat().into()
                 };
@@ -722,70 +335,146 @@ fn switch(
     resp
 }
 
-async fn forward(
-    req: Request<Incoming>,
-    plan: Plan,
-    mut rec: Record,
-    ctx: &ClientConn,
-) -> Response<ResponseBody> {
-    let (route, pool) = (&plan.route, &plan.verdict.pool);
-    let conns = ctx.gw.upstream_conns();
-    let attempt = Pooled { pool, conns };
-    let (server, Conn { mut sender, reused }) = match with_failover(pool, &plan.key, attempt).await
-    {
-        Ok(s) => s,
-        Err(e) => return no_upstream(rec, route, &e),
-    };
-    rec.upstream = server.config.authority.clone();
-    // Counted as active on the server until the response body is done (or dropped).
-    rec.hold = Some(Arc::new(server.acquire()));
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    let (uri, headers) = upstream_head(
-        &parts.uri,
-        parts.headers,
-        &plan,
-        &server.config.authority,
-        ctx.peer,
-    );
-    let mut up = Request::new(Counted::new(body, rec.bytes_in.clone()));
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = uri;
-    *up.headers_mut() = headers;
-    let deadline = tokio::time::Instant::now() + route.config.request_timeout;
-    let mut result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
-    // A pooled connection the server closed meanwhile hands the request back unsent:
-    // retry it once on a fresh connection to the same server.
-    if let (true, Ok(Err(e))) = (reused, &mut result)
-        && let Some(up) = e.take_message()
-    {
-        match forward::open(pool, &server).await {
-            Ok(fresh) => {
-                sender = fresh;
-                result = tokio::time::timeout_at(deadline, sender.try_send_request(up)).await;
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, DuplexStream};
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::client_handshake::accept_for;
+    use crate::config::Config;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    /// A backend that completes one WebSocket upgrade and then echoes every byte.
+    async fn echo_backend() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            let mut key = None;
+            loop {
+                let mut line = String::new();
+                read.read_line(&mut line).await.unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("sec-websocket-key")
+                {
+                    key = Some(value.trim().to_owned());
+                }
             }
-            Err(e) => tracing::warn!(upstream = %rec.upstream, error = %e, "reconnect failed"),
-        }
+            let accept = accept_for(&key.unwrap());
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            write.write_all(answer.as_bytes()).await.unwrap();
+            tokio::io::copy(&mut read, &mut write).await.unwrap();
+        });
+        addr
     }
-    match result {
-        Err(_) => respond(
-            rec,
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream did not answer in time\n",
-            &[],
-        ),
-        Ok(Err(e)) => {
-            tracing::warn!(upstream = %rec.upstream, error = %e.error(), "upstream request failed");
-            respond(
-                rec,
-                StatusCode::BAD_GATEWAY,
-                "upstream request failed\n",
-                &[],
+
+    /// Serves one in-memory connection with a gateway proxying every path to `backend`
+    /// but `/fixed`, which answers 403 itself.
+    async fn serve_in_memory(backend: SocketAddr) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let config = Config::parse(
+            "mem.toml",
+            &format!(
+                "[listeners.mem]\nbind = \"127.0.0.1:0\"\n\
+                 [upstreams.echo]\nservers = [\"{backend}\"]\n\
+                 [[routes]]\nupstream = \"echo\"\n\
+                 [[routes]]\npath_prefix = \"/fixed\"\nstatus = 403\nbody = \"no\\n\"\n"
+            ),
+        )
+        .unwrap();
+        let gw = Arc::new(Gateway::load(config).await.unwrap());
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let (client, ours) = tokio::io::duplex(1 << 16);
+        let peer = "192.0.2.7:5555".parse().unwrap();
+        let served = tokio::spawn(connection(gw, ours, peer, "mem".into(), permit));
+        (client, served)
+    }
+
+    /// Reads one response head.
+    async fn read_head(stream: &mut DuplexStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.unwrap());
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    fn upgrade(version: &str) -> String {
+        format!(
+            "GET /chat HTTP/1.1\r\nHost: mem.example\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: {version}\r\n\
+             Sec-WebSocket-Key: {KEY}\r\n\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_client_upgrades_and_talks_through_the_tunnel() {
+        let (mut client, served) = serve_in_memory(echo_backend().await).await;
+        let frame = b"\x81\x85abcd\x09\x07\x0f\x08\x0e";
+        client
+            .write_all(&[upgrade("13").as_bytes(), frame].concat())
+            .await
+            .unwrap();
+        let head = read_head(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        assert!(head.contains(&format!("Sec-WebSocket-Accept: {}\r\n", accept_for(KEY))));
+        // The frame sent with the head went through the tunnel and came back.
+        let mut echoed = vec![0; frame.len()];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, frame);
+        drop(client);
+        served.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_a_refused_upgrade_the_in_memory_connection_stays_http() {
+        let (mut client, served) = serve_in_memory(echo_backend().await).await;
+        client.write_all(upgrade("8").as_bytes()).await.unwrap();
+        let head = read_head(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 426 "), "{head}");
+        assert!(head.contains("sec-websocket-version: 13\r\n"), "{head}");
+        // 426 closes the connection (`Connection: close`): nothing more is read from it.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"unsupported Sec-WebSocket-Version\n");
+        served.await.unwrap();
+
+        // A refusal that keeps the connection: the next request is hyper's to serve.
+        let (mut client, served) = serve_in_memory(echo_backend().await).await;
+        let bad_key = upgrade("13").replace(KEY, "c2hvcnQ=");
+        client
+            .write_all(
+                &[
+                    bad_key.as_bytes(),
+                    b"GET /fixed HTTP/1.1\r\nHost: m\r\n\r\n",
+                ]
+                .concat(),
             )
-        }
-        Ok(Ok(resp)) => {
-            conns.recycle(server.config.addr, sender);
-            relay(rec, resp)
-        }
+            .await
+            .unwrap();
+        let head = read_head(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut body = vec![0; len];
+        client.read_exact(&mut body).await.unwrap();
+        let head = read_head(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+        drop(client);
+        served.await.unwrap();
     }
 }

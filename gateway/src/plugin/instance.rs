@@ -192,7 +192,7 @@ struct Stats {
 
 /// A loaded plugin: its pre-linked component and a bounded pool of
 /// initialised instances, each used by one call at a time.
-pub(super) struct Pool {
+pub(super) struct InstancePool {
     pub(super) shared: Arc<Shared>,
     pub(super) limits: Limits,
     pub(super) fail_open: bool,
@@ -210,9 +210,9 @@ pub(super) struct Pool {
     stats: Stats,
 }
 
-impl std::fmt::Debug for Pool {
+impl std::fmt::Debug for InstancePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
+        f.debug_struct("InstancePool")
             .field("name", &self.shared.name)
             .field("limits", &self.limits)
             .field("fail_open", &self.fail_open)
@@ -220,7 +220,7 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-impl Pool {
+impl InstancePool {
     pub(super) fn new(
         engine: Engine,
         pre: bindings::PluginPre<State>,

@@ -16,102 +16,27 @@
 //!   └─ on_close(&CloseInfo)                       only the plugins that asked
 //! ```
 //!
-//! # Instance model and call model, by measurement
+//! # Instance model and call model
 //!
-//! Measured on the 2-core dev machine while another engineer's builds and
-//! benchmarks ran on it (load average ≈ 2–2.5 on 2 cores), so single runs
-//! swing by up to 2×; DESIGN.md has quiet-machine guest figures. Release
-//! build, pooling allocator, plugins built with `[profile.plugin]`
-//! (opt-level 3, LTO). `cargo test --release -p sluice --test plugin_host --
-//! --ignored --nocapture measure` prints, per call, the median of 15 runs and
-//! the fastest run (the least disturbed one; the better estimate of CPU cost
-//! here). Ranges are over 2–4 runs of the test.
+//! - Instances are **reused**: a bounded pool per plugin (`max_instances`), each
+//!   instance serving one call at a time, thrown away after any fault. A fresh instance
+//!   per request costs tens of times a call on a warm one.
+//! - Hooks run with wasmtime's **async** support on the calling task, not on a blocking
+//!   pool (a `spawn_blocking` hand-off costs more than a whole call). With a 1 ms epoch
+//!   tick a runaway plugin yields to the tokio scheduler every tick and is interrupted at
+//!   its CPU deadline, so it never holds a worker for long; synchronous calls would save
+//!   a fiber switch but hold a worker for the whole deadline.
+//! - **Only what a plugin reads is lowered into it**: `init` names the request headers
+//!   and fields `on-request` reads (`interest`); the others arrive as `none`, because
+//!   every string lowered is a guest allocation and a copy, for every plugin of a chain.
+//! - **Decisions are reused when the plugin allows it**: a decision carries `reuse-ms`,
+//!   and for that long (at most 5 minutes) a request that shows the plugin the same
+//!   inputs gets the same decision without a call (`reuse.rs`: a bounded table per
+//!   plugin, `max_reused` entries, emptied by a reload).
+//! - `on-close` is opt-in (`init`'s `hooks`): a chain whose plugins do not ask for it
+//!   costs nothing when a tunnel ends.
 //!
-//! | what                                                          | median       | fastest run  |
-//! |---------------------------------------------------------------|--------------|--------------|
-//! | reused instance, trivial Rust plugin, one call via `Chain`    | 5.2–7.5 µs   | 3.8–6.7 µs   |
-//! | reused instance, `origin-allowlist`                           | 3.6–6.6 µs   | 3.4–4.2 µs   |
-//! | reused instance, `jwt-auth` (HS256 verify)                    | 8.6–17 µs    | 8.5–10 µs    |
-//! | reused instance, `tenant-router`                              | 4.7–8.5 µs   | 4.6–5.7 µs   |
-//! | reused instance, `sticky-key` (JWT `sub`)                     | 4.4–7.7 µs   | 4.1–7.1 µs   |
-//! | 4-plugin chain (origin → jwt → tenant → sticky), one request  | 25–52 µs     | 23–26 µs     |
-//! | reused instance, JavaScript `api-key-js`                      | 140–230 µs   | 106–127 µs   |
-//! | fresh plugin per request (cached load, instantiate, init, call) | 140–250 µs | —            |
-//! | `tokio::task::spawn_blocking` round trip of an empty closure  | 14–35 µs     | —            |
-//!
-//! (Before the changes listed below, the same machine gave a chain of
-//! 45–60 µs median, fastest runs ≈ 27–30 µs; `jwt-auth` fastest 9.4–10 µs,
-//! `sticky-key` 5.5–5.7 µs.) What made the difference: `on-close` became
-//! opt-in (`init` returns `hooks`; a chain whose plugins do not ask for it
-//! costs nothing when a tunnel ends — before, 4 more calls and a spawned task
-//! per upgrade); checkout takes a free permit without arming a timer; HS256
-//! keys keep the keyed HMAC state; `sticky-key` decodes only the JWT payload
-//! and only its one claim; origin matching allocates nothing.
-//!
-//! So instances are **reused**: a bounded pool per plugin (`max_instances`),
-//! each instance serving one call at a time, thrown away after any fault. And
-//! hooks run with wasmtime's **async** support on the calling task rather than
-//! on a blocking pool: a whole async call costs a fraction of one
-//! `spawn_blocking` hand-off, and with an epoch tick of 1 ms a runaway plugin
-//! yields to the tokio scheduler every tick and is interrupted once it has
-//! run for its CPU deadline, so it never holds a worker for long.
-//!
-//! **Synchronous calls were measured and rejected.** Calling the exports
-//! synchronously (sync `bindgen!` exports, `add_to_linker_sync`, sync
-//! instantiate, `UpdateDeadline::Continue` then `Interrupt`) saves the fiber
-//! switch: A/B over 3 alternating runs of each build, fastest runs, sync vs
-//! async: `origin-allowlist` 3.35 vs 3.54 µs, `jwt-auth` 8.99 vs 9.35,
-//! `tenant-router` 4.32 vs 4.50, `sticky-key` 5.29 vs 5.54, 4-plugin chain
-//! 24.4 vs 26.6 µs — about 0.2–0.5 µs per call. That is not worth the cost:
-//! a synchronous runaway plugin would hold a tokio worker for its whole CPU
-//! deadline (10 ms by default) with no yield. The remaining per-call host
-//! cost (≈ 3 µs) is the async call machinery, lowering the request record
-//! (one guest `cabi_realloc` per string, for every plugin of the chain),
-//! lifting and validating the decision; the guest's own share is the SDK
-//! and plugin code.
-//!
-//! **Headers are lowered only into the plugins that read them.** Every
-//! string of the request record is one guest `cabi_realloc` (a wasm call)
-//! plus a copy, for every plugin of the chain, so a request's headers cost
-//! each plugin ≈ 0.34 µs apiece: a trivial plugin took 3.5 µs with no
-//! headers and 6.9 µs with a browser-like upgrade of ten. `init` therefore
-//! names the headers `on-request` reads (`interest.headers`; every shipped
-//! plugin does) and [`Chain::on_request`] shows each plugin only those.
-//! Measured on a quieter machine of the same kind (fastest runs), the
-//! 4-plugin chain on the ten-header request went from 22.4 µs (median
-//! 34.9) to 14.7 µs (median 15.6) — the same as on a two-header request;
-//! end to end (`sluice-bench`, `sluice-4p` against `sluice`, old and new
-//! builds alternating, 6 runs each) the chain's added CPU per upgrade went
-//! from +63 to +43 µs. In the gateway the chain costs about twice what it
-//! costs in this loop: the caches are cold between upgrades and the longer
-//! user-space burst costs more involuntary context switches.
-//!
-//! **So are the other fields** (WIT 0.2.0): `interest.fields` names the
-//! request fields a plugin reads and the others arrive as `none` (a `none`
-//! is no guest call at all; an empty string would still be one
-//! `cabi_realloc`). On a faster machine of the same kind (this session's
-//! `measure`, medians), per plugin: `origin-allowlist` 2.37 → 1.73 µs,
-//! `tenant-router` 2.97 → 2.38 µs, `jwt-auth` 3.99 → 3.52 µs; the 4-plugin
-//! chain 14.0 → 11.4 µs. End to end (alternating builds, 6 runs each) the
-//! chain's added CPU per upgrade went from +39 to +31 µs. Before that,
-//! `jwt-auth` began remembering the tokens it verified (6.8 → 4.0 µs per
-//! call on a reconnect with the same token; +52.5 → +40.9 µs end to end).
-//!
-//! **Decisions are reused when the plugin allows it** (WIT 0.3.0): a
-//! decision carries `reuse-ms`, and for that long (at most 5 minutes) a
-//! request that shows the plugin the same inputs — its kind and the
-//! headers and fields it reads, as it sees them, serialised and compared
-//! whole — gets the same decision without a call (`reuse.rs`: a bounded,
-//! direct-mapped table per plugin, `max_reused` entries, emptied by a
-//! reload). Origin checks, routing tables, sticky keys and a verified
-//! token until its `exp` depend on nothing else; a rate limit does, and
-//! does not ask. `client-ip` (the address without its port) joined the
-//! fields so that a decision on the client's address can be reused
-//! across its connections, and the chain copies out of the request only
-//! the headers and fields one of its plugins reads. `measure`, medians,
-//! on a slower state of the machine: the 4-plugin chain with every plugin
-//! called 11.2 µs, with every decision reused 1.9 µs (0.3–0.7 µs per
-//! plugin, most of it the key's copy of the inputs).
+//! The measurements behind each choice are in bench/README.md (*Plugin host*).
 //!
 //! To see guest functions in `perf report`, start the gateway with
 //! `SLUICE_WASM_PERFMAP=1`: wasmtime then writes `/tmp/perf-PID.map`.
@@ -144,7 +69,7 @@ pub use types::{
     PluginStats, RequestInfo, RequestKind, TlsInfo,
 };
 
-use instance::{Counters, Pool, Shared, State};
+use instance::{Counters, InstancePool, Shared, State};
 
 /// Why a plugin could not be loaded. Every variant names the plugin.
 #[derive(Debug, thiserror::Error)]
@@ -355,7 +280,7 @@ impl PluginHost {
             counters: self.counters.clone(),
             origin: Instant::now(),
         });
-        let pool = Pool::new(
+        let pool = InstancePool::new(
             self.engine.clone(),
             pre,
             shared,
@@ -480,7 +405,7 @@ fn spawn_ticker(engine: &Engine, tick: Duration) {
 /// A loaded plugin (cheap to clone; clones share the instance pool).
 #[derive(Debug, Clone)]
 pub struct Plugin {
-    pool: Arc<Pool>,
+    pool: Arc<InstancePool>,
     /// `init` asked for `on-close` (the `hooks` flags of the first instance).
     wants_close: bool,
     /// The request headers `init` said `on-request` reads (lower-case);

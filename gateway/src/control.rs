@@ -1,11 +1,11 @@
-//! The running gateway: binds listeners, publishes snapshots through `arc-swap`, reloads
-//! on SIGHUP and drains on SIGTERM/SIGINT.
+//! The control loop: binds the listeners, starts the worker threads that serve
+//! connections, reloads on SIGHUP and drains on SIGTERM/SIGINT. It runs on its own
+//! runtime, off the request path; the state it shares with the stages is in `state`.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -13,98 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::accept;
 use crate::config::{Config, LogFormat};
-use crate::forward::UpstreamConns;
-use crate::plugin::{PluginError, PluginHost};
-use crate::snapshot::Snapshot;
-
-/// State shared by every connection of the process.
-pub struct Gateway {
-    snapshot: ArcSwap<Snapshot>,
-    conns: Arc<UpstreamConns>,
-    /// Cancelled when shutdown starts: stop accepting, finish in-flight requests.
-    stopping: CancellationToken,
-    /// Cancelled when the drain deadline passes: close the remaining tunnels.
-    closing: CancellationToken,
-    tracker: TaskTracker,
-    /// The wasmtime engine, created the first time a config lists plugins.
-    plugin_host: OnceLock<PluginHost>,
-}
-
-impl Gateway {
-    /// The current snapshot.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
-    }
-
-    /// Pooled upstream connections for plain requests.
-    pub fn upstream_conns(&self) -> &Arc<UpstreamConns> {
-        &self.conns
-    }
-
-    /// Cancelled when shutdown begins.
-    pub fn stopping(&self) -> &CancellationToken {
-        &self.stopping
-    }
-
-    /// Cancelled when live tunnels must close.
-    pub fn closing(&self) -> &CancellationToken {
-        &self.closing
-    }
-
-    /// Tracks connection and tunnel tasks, so shutdown can wait for them.
-    pub fn tracker(&self) -> &TaskTracker {
-        &self.tracker
-    }
-
-    /// Re-reads the config file and swaps in a new snapshot; on error the old one keeps
-    /// serving. New plugins are compiled and initialised here, off the request path.
-    /// Listener changes need a restart.
-    pub async fn reload(&self, path: &std::path::Path) {
-        let old = self.snapshot();
-        let new = match self.next_snapshot(path, &old).await {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                tracing::error!(error = %e, "reload failed; still serving the previous config");
-                return;
-            }
-        };
-        self.snapshot.store(new);
-        old.retire();
-        tracing::info!(config = %path.display(), "config reloaded");
-    }
-
-    /// The snapshot a reload of `path` would publish after `old`.
-    async fn next_snapshot(
-        &self,
-        path: &std::path::Path,
-        old: &Snapshot,
-    ) -> anyhow::Result<Snapshot> {
-        let config = Config::load(path)?;
-        let same_listeners = config.listeners.len() == old.config.listeners.len()
-            && config
-                .listeners
-                .iter()
-                .zip(&old.config.listeners)
-                .all(|(a, b)| a.name == b.name && a.bind == b.bind);
-        if !same_listeners {
-            tracing::warn!("listener changes take effect on restart; other changes apply now");
-        }
-        Ok(load_snapshot(&self.plugin_host, config, Some(old)).await?)
-    }
-}
-
-/// Builds a snapshot, creating the plugin host first if the config is the first to need
-/// one (no wasmtime engine exists for configs without plugins).
-async fn load_snapshot(
-    host: &OnceLock<PluginHost>,
-    config: Config,
-    previous: Option<&Snapshot>,
-) -> Result<Snapshot, PluginError> {
-    if !config.plugins.is_empty() && host.get().is_none() {
-        let _ = host.set(PluginHost::new()?);
-    }
-    Snapshot::load(config, previous, host.get()).await
-}
+use crate::state::Gateway;
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains tunnels for the configured grace.
 ///
@@ -139,16 +48,7 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
             });
         }
     }
-    let plugin_host = OnceLock::new();
-    let first = load_snapshot(&plugin_host, config, None).await?;
-    let gw = Arc::new(Gateway {
-        snapshot: ArcSwap::from_pointee(first),
-        conns: Arc::default(),
-        stopping: CancellationToken::new(),
-        closing: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        plugin_host,
-    });
+    let gw = Arc::new(Gateway::load(config).await?);
     let accepting = TaskTracker::new();
     let done = CancellationToken::new();
     let mut threads = Vec::new();
@@ -196,19 +96,17 @@ pub async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
     }
 
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining tunnels");
-    gw.stopping.cancel();
+    gw.stopping().cancel();
     accepting.wait().await;
-    gw.tracker.close();
-    if tokio::time::timeout(grace, gw.tracker.wait())
-        .await
-        .is_err()
-    {
+    let tracker = gw.tracker();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::info!(
-            open = gw.tracker.len(),
+            open = tracker.len(),
             "drain deadline passed: closing tunnels"
         );
-        gw.closing.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), gw.tracker.wait()).await;
+        gw.closing().cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
     }
     done.cancel();
     for thread in threads {

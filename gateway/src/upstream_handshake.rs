@@ -16,15 +16,16 @@ use std::net::SocketAddr;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{StatusCode, Uri};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::client_handshake::accept_for;
+use crate::head::{HeaderFields, RawFields};
 use crate::headers::{
-    RawFields, end_to_end, from_parsed, has_token, is_named, parsed_values, push_field,
-    push_upgrade_fields, set_upgrade_hop, value_has_token,
+    end_to_end, from_parsed, has_token, is_named, push_field, push_upgrade_fields, set_upgrade_hop,
+    value_has_token,
 };
-use crate::tunnel::End;
-use crate::upgrade::accept_for;
+use crate::stream::Stream;
+use crate::tunnel::{self, Side};
 
 /// Largest upstream response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -34,14 +35,14 @@ pub const MAX_REFUSAL_BODY: usize = 1 << 20;
 const MAX_HEADERS: usize = 128;
 
 /// How the server answered the upgrade.
-pub enum Outcome {
+pub enum Outcome<S> {
     /// A valid `101`: its fields (for the client's `101`) and the server's end of the
     /// tunnel.
     Upgraded {
         /// The server's `101` fields, end-to-end ones only.
         head: Switch,
-        /// The server's socket and any bytes it sent right after the `101`.
-        server: End,
+        /// The server's stream and any bytes it sent right after the `101`.
+        server: Side<S>,
     },
     /// Any final status but `101`: relayed to the client as an ordinary response.
     Declined {
@@ -77,7 +78,7 @@ impl Switch {
                 .sum(),
         );
         let mut has_date = false;
-        for (name, value) in end_to_end(fields.iter().map(|h| (h.name.as_bytes(), h.value))) {
+        for (name, value) in end_to_end(fields) {
             if is_named(name, &header::CONTENT_LENGTH) {
                 continue;
             }
@@ -143,7 +144,7 @@ pub enum HandshakeError {
 
 /// Reads the server's answer to the upgrade head already sent on `stream` (made by
 /// [`request_head`]; the connect stage writes it); `key` is the `Sec-WebSocket-Key` sent.
-pub async fn handshake(mut stream: TcpStream, key: &str) -> Result<Outcome, HandshakeError> {
+pub async fn handshake<S: Stream>(mut stream: S, key: &str) -> Result<Outcome<S>, HandshakeError> {
     let accept = accept_for(key);
     let mut buf = BytesMut::with_capacity(1024);
     let (status, headers) = loop {
@@ -151,9 +152,9 @@ pub async fn handshake(mut stream: TcpStream, key: &str) -> Result<Outcome, Hand
             Answer::Switch(head) => {
                 return Ok(Outcome::Upgraded {
                     head,
-                    server: End {
+                    server: Side {
                         stream,
-                        early: End::detach(buf.freeze()),
+                        early: tunnel::detach(buf.freeze()),
                     },
                 });
             }
@@ -215,7 +216,10 @@ fn request_line(uri: &Uri, capacity: usize) -> Vec<u8> {
 }
 
 /// Reads more bytes into `buf`; the server closing is an error here.
-async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), HandshakeError> {
+async fn fill(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<(), HandshakeError> {
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(4096);
     }
@@ -229,7 +233,7 @@ async fn fill(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Handshak
 /// `Upgrade: websocket` and exactly one `Sec-WebSocket-Accept` equal to `accept`, checked
 /// on the raw fields, and only its end-to-end fields are kept.
 async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     accept: &str,
 ) -> Result<Answer, HandshakeError> {
@@ -270,10 +274,13 @@ async fn read_head(
 /// Whether a `101`'s fields make it a WebSocket answer to the key whose accept value is
 /// `accept`.
 fn check_switch(fields: &[httparse::Header<'_>], accept: &str) -> Result<(), HandshakeError> {
-    if !parsed_values(fields, &header::UPGRADE).any(|v| value_has_token(v, "websocket")) {
+    if !fields
+        .values_of(header::UPGRADE.as_str())
+        .any(|v| value_has_token(v, "websocket"))
+    {
         return Err(HandshakeError::NotWebSocket);
     }
-    let mut accepts = parsed_values(fields, &header::SEC_WEBSOCKET_ACCEPT);
+    let mut accepts = fields.values_of(header::SEC_WEBSOCKET_ACCEPT.as_str());
     match (accepts.next(), accepts.next()) {
         (Some(a), None) if a == accept.as_bytes() => Ok(()),
         _ => Err(HandshakeError::BadAccept),
@@ -283,7 +290,7 @@ fn check_switch(fields: &[httparse::Header<'_>], accept: &str) -> Result<(), Han
 /// Reads a refusal's whole body per its framing (RFC 9112 §6.3): none for 204/304,
 /// chunked, `Content-Length`, or until the server closes.
 async fn read_body(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     status: StatusCode,
     headers: &HeaderMap,
@@ -321,7 +328,10 @@ async fn read_body(
 }
 
 /// Decodes a chunked body (trailers are read and dropped).
-async fn read_chunked(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Bytes, HandshakeError> {
+async fn read_chunked(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<Bytes, HandshakeError> {
     let malformed = || HandshakeError::Malformed("bad chunked body".into());
     let mut body = BytesMut::new();
     loop {
@@ -357,5 +367,99 @@ async fn read_chunked(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Byte
         }
         body.extend_from_slice(&buf[..size]);
         buf.advance(size + 2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    /// Runs the handshake against a server that answers `answer` (sent in pieces of
+    /// `piece` bytes) and then ends its stream.
+    async fn against(
+        answer: &[u8],
+        piece: usize,
+    ) -> Result<Outcome<tokio::io::DuplexStream>, HandshakeError> {
+        let (ours, mut theirs) = duplex(1 << 20);
+        let answer = answer.to_vec();
+        tokio::spawn(async move {
+            for chunk in answer.chunks(piece) {
+                theirs.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        handshake(ours, KEY).await
+    }
+
+    #[tokio::test]
+    async fn a_valid_101_opens_the_tunnel_with_the_bytes_after_it() {
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade, X-Hop\r\nX-Hop: 1\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+            Sec-WebSocket-Protocol: chat\r\n\r\n\x81\x02hi";
+        for piece in [1, 7, answer.len()] {
+            let Ok(Outcome::Upgraded { head, mut server }) = against(answer, piece).await else {
+                panic!("not upgraded (piece {piece})");
+            };
+            // Only end-to-end fields are kept for the client's 101.
+            assert_eq!(
+                String::from_utf8_lossy(head.lines()),
+                "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n"
+            );
+            // The first frame, sent with the 101, goes into the tunnel: what was read
+            // with the head first, the rest from the stream.
+            let mut rest = Vec::new();
+            server.stream.read_to_end(&mut rest).await.unwrap();
+            assert_eq!([&server.early[..], &rest].concat(), b"\x81\x02hi");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_101_without_the_right_accept_is_refused() {
+        let wrong = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n";
+        assert!(matches!(
+            against(wrong, 5).await,
+            Err(HandshakeError::BadAccept)
+        ));
+        let twice = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+            Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(matches!(
+            against(twice, 64).await,
+            Err(HandshakeError::BadAccept)
+        ));
+        let not_ws = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\
+            Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(matches!(
+            against(not_ws, 64).await,
+            Err(HandshakeError::NotWebSocket)
+        ));
+        assert!(matches!(
+            against(b"HTTP/1.1 10", 3).await,
+            Err(HandshakeError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_read_whole_after_interim_answers() {
+        let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 Forbidden\r\n\
+            Transfer-Encoding: chunked\r\nX-Why: origin\r\n\r\n4\r\nnope\r\n3\r\n!!\n\r\n0\r\n\r\n";
+        for piece in [1, 9, answer.len()] {
+            let Ok(Outcome::Declined {
+                status,
+                headers,
+                body,
+            }) = against(answer, piece).await
+            else {
+                panic!("not declined (piece {piece})");
+            };
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert_eq!(headers["x-why"], "origin");
+            assert_eq!(&body[..], b"nope!!\n");
+        }
     }
 }

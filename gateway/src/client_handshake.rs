@@ -1,5 +1,6 @@
-//! Client handshake stage: decides whether a request is a valid WebSocket upgrade
-//! (RFC 6455 §4.2.1), a plain request, or a malformed upgrade that gets a 4xx.
+//! Client handshake stage: decides whether a client's request is a valid WebSocket
+//! upgrade (RFC 6455 §4.2.1), a plain request, or a malformed upgrade that gets a 4xx.
+//! The upstream side of the handshake is `upstream_handshake`.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -7,7 +8,8 @@ use http::header::{self, HeaderName};
 use http::{Method, StatusCode, Version};
 use sha1::{Digest, Sha1};
 
-use crate::headers::{Fields, is_named, value_has_token};
+use crate::head::HeaderFields;
+use crate::headers::{is_named, value_has_token};
 
 /// What the client asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,7 +39,7 @@ pub struct Refusal {
 pub const WS_VERSION: &str = "13";
 
 /// Classifies a request head, in one pass over its fields.
-pub fn classify(method: &Method, version: Version, fields: &impl Fields) -> Upgrade {
+pub fn classify(method: &Method, version: Version, fields: &impl HeaderFields) -> Upgrade {
     let (mut websocket, mut connection_upgrade) = (false, false);
     let (mut versions, mut keys) = (Once::None, Once::None);
     for (name, value) in fields.each() {
@@ -137,7 +139,7 @@ pub fn refusal_headers(r: &Refusal) -> Vec<(HeaderName, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::headers::RawFields;
+    use crate::head::RawFields;
     use http::HeaderMap;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

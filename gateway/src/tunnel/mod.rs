@@ -1,16 +1,14 @@
 //! Tunnel stage: relays bytes both ways between client and server after a validated
 //! upgrade — byte-exact, unbuffered (each read is written on at once), half-close aware,
-//! with an idle timeout and byte counters.
+//! with an idle timeout and byte counters — over any [`Stream`] on either side.
 //!
-//! An idle tunnel owns no relay buffer: each direction waits for readiness first and only
-//! then borrows a buffer from a small per-thread spare list, returning it as soon as the
-//! bytes are written. So memory per idle tunnel is the task plus two sockets, not the two
-//! 8 KiB buffers of `tokio::io::copy_bidirectional`.
-//!
-//! Both directions, the idle timer and the shutdown signal are polled by one hand-rolled
-//! state machine ([`Tunnel`]) inside one small future, instead of two pump futures under
-//! a `select!`: the spawned tunnel task shrank from 2,712 to 904 bytes, and the bench's
-//! memory per idle tunnel from 4,878 to 2,361 bytes (N = 9,000; HAProxy: 4,669).
+//! An idle tunnel owns no relay buffer: each direction waits for [`Stream::poll_read_ready`]
+//! and only then borrows a buffer from a small per-thread spare list, returning it as soon
+//! as the bytes are written (or at once when the read finds nothing). So memory per idle
+//! tunnel is the task plus the two streams, not the two 8 KiB buffers of
+//! `tokio::io::copy_bidirectional`. Both directions, the idle timer and the shutdown
+//! signal are polled by one hand-rolled state machine ([`Tunnel`]) inside one small
+//! future, which keeps the task small (bench/README.md has the figures).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -18,20 +16,23 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::ReadBuf;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::stream::{Stream, try_send};
+
 mod frames;
+#[cfg(test)]
+mod tests;
 
 use frames::{Frames, GOING_AWAY_TO_CLIENT, GOING_AWAY_TO_SERVER};
 
 /// Size of one relay read. Larger than a 16 KiB message and its frame header, so such a
-/// message moves in one read and one write (a 16 KiB buffer took two of each: 8.3 → 4.5
-/// syscalls per 16 KiB echo round trip). Buffers are borrowed only on readiness, so an
+/// message moves in one read and one write. Buffers are borrowed only on readiness, so an
 /// idle tunnel holds none.
 const BUF_SIZE: usize = 32 * 1024;
 /// Spare buffers kept per worker thread.
@@ -41,11 +42,19 @@ thread_local! {
     static SPARES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Relay buffers this thread has made, for the tests to compare with its spares.
+    static MADE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// A relay buffer (`BUF_SIZE` initialised bytes) from this thread's spares.
 fn take_buf() -> Vec<u8> {
-    SPARES
-        .with(|s| s.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0; BUF_SIZE])
+    SPARES.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| {
+        #[cfg(test)]
+        MADE.with(|m| m.set(m.get() + 1));
+        vec![0; BUF_SIZE]
+    })
 }
 
 /// Returns a buffer to this thread's spares (read-ahead copies are just dropped).
@@ -61,9 +70,9 @@ fn give_buf(buf: Vec<u8>) {
     });
 }
 
-/// Why a tunnel ended.
+/// Why a tunnel ended (the access log's `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
+pub enum Ended {
     /// The client's side ended first (EOF).
     ClientClosed,
     /// The server's side ended first (EOF).
@@ -72,24 +81,24 @@ pub enum CloseReason {
     IdleTimeout,
     /// The gateway's shutdown deadline passed.
     Shutdown,
-    /// A socket error before either side closed.
+    /// A stream error before either side closed.
     Error,
 }
 
-impl CloseReason {
+impl Ended {
     /// The name used in access logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            CloseReason::ClientClosed => "client_closed",
-            CloseReason::ServerClosed => "server_closed",
-            CloseReason::IdleTimeout => "idle_timeout",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::Error => "error",
+            Ended::ClientClosed => "client_closed",
+            Ended::ServerClosed => "server_closed",
+            Ended::IdleTimeout => "idle_timeout",
+            Ended::Shutdown => "shutdown",
+            Ended::Error => "error",
         }
     }
 }
 
-impl fmt::Display for CloseReason {
+impl fmt::Display for Ended {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -103,16 +112,16 @@ pub struct Report {
     /// Bytes from server to client.
     pub bytes_out: u64,
     /// Why it ended.
-    pub reason: CloseReason,
-    /// The socket error, when `reason` is [`CloseReason::Error`].
+    pub reason: Ended,
+    /// The stream error, when `reason` is [`Ended::Error`].
     pub error: Option<io::Error>,
 }
 
-/// One side of a tunnel: its socket and bytes already read from it that the other side
+/// One side of a tunnel: its stream and bytes already read from it that the other side
 /// must receive first (read past the HTTP head by the handshake parser).
-pub struct End {
-    /// The socket.
-    pub stream: TcpStream,
+pub struct Side<S> {
+    /// The stream.
+    pub stream: S,
     /// Bytes read ahead from this side.
     pub early: Bytes,
 }
@@ -173,24 +182,25 @@ impl Direction {
     }
 
     /// Moves bytes `from` → `to` until `from` ends (then half-closes `to` and is
-    /// `Ready(Ok)`), a socket fails, or it must wait for a socket.
+    /// `Ready(Ok)`), a stream fails, or it must wait for a stream.
     ///
-    /// Waiting happens on readiness alone; a buffer is borrowed only once bytes are
-    /// there. The read goes through `AsyncRead`, whose short-read rule clears readiness
-    /// when the socket is drained, so each message costs one read and one write syscall
-    /// (no extra read that ends in `EAGAIN`).
+    /// Waiting happens on [`Stream::poll_read_ready`] alone; a buffer is borrowed only
+    /// then, and given back at once if the read finds nothing. On TCP the read goes
+    /// through `AsyncRead`, whose short-read rule clears readiness when the socket is
+    /// drained, so each message costs one read and one write syscall (no extra read that
+    /// ends in `EAGAIN`).
     ///
     /// `Ready(Ok(true))` means the WebSocket closing handshake is over: both sides sent
     /// a whole Close frame (`other_closed` says so for the other direction) and this
     /// source ended. Then no half-close is passed on: the tunnel is over, and both
-    /// sockets close at once (RFC 6455 §7.1.1: the server closes TCP first). That saves
+    /// streams close at once (RFC 6455 §7.1.1: the server closes TCP first). That saves
     /// two `shutdown` calls and a read per tunnel; the other side gets its FIN from the
     /// close.
     fn poll_pump(
         &mut self,
         cx: &mut Context<'_>,
-        from: &mut TcpStream,
-        to: &mut TcpStream,
+        from: &mut impl Stream,
+        to: &mut impl Stream,
         other_closed: bool,
     ) -> Poll<io::Result<bool>> {
         if self.done {
@@ -245,30 +255,28 @@ impl Direction {
     }
 }
 
-impl End {
-    /// Copies read-ahead bytes out of hyper's read buffer. The `Bytes` hyper hands over
-    /// shares its whole 8 KiB+ allocation, which a long-lived tunnel would otherwise keep
-    /// alive for nothing: measured at 16 KiB per idle tunnel (two sides).
-    pub fn detach(read_buf: Bytes) -> Bytes {
-        if read_buf.is_empty() {
-            Bytes::new()
-        } else {
-            Bytes::copy_from_slice(&read_buf)
-        }
+/// Copies read-ahead bytes out of a parser's read buffer (hyper's or a handshake's): the
+/// `Bytes` a parser hands over shares its whole allocation (8 KiB+ for hyper), which a
+/// long-lived tunnel would otherwise keep alive for nothing.
+pub fn detach(read_buf: Bytes) -> Bytes {
+    if read_buf.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&read_buf)
     }
 }
 
-/// A running tunnel: both sockets, both directions, and what the close report needs.
-struct Tunnel {
-    client: TcpStream,
-    server: TcpStream,
+/// A running tunnel: both streams, both directions, and what the close report needs.
+struct Tunnel<C, S> {
+    client: C,
+    server: S,
     c2s: Direction,
     s2c: Direction,
     /// The side whose first Close frame passed first.
-    first_close: Option<CloseReason>,
+    first_close: Option<Ended>,
     /// The side whose stream ended first.
-    ended: Option<CloseReason>,
-    /// The socket error that stopped the tunnel.
+    ended: Option<Ended>,
+    /// The stream error that stopped the tunnel.
     error: Option<io::Error>,
     /// Bytes moved both ways when the idle clock was last updated.
     seen: u64,
@@ -276,38 +284,28 @@ struct Tunnel {
     last: Instant,
 }
 
-impl Tunnel {
+impl<C: Stream, S: Stream> Tunnel<C, S> {
     /// Polls both directions; `Ready` once the tunnel is over: `Some(Error)` for a
-    /// socket error before either side ended, `None` when both sides are done (or an
+    /// stream error before either side ended, `None` when both sides are done (or an
     /// error followed a side's end).
-    fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Poll<Option<CloseReason>> {
-        for side in [CloseReason::ClientClosed, CloseReason::ServerClosed] {
-            let (dir, other, from, to) = match side {
-                CloseReason::ClientClosed => {
-                    (&mut self.c2s, &self.s2c, &mut self.client, &mut self.server)
-                }
-                _ => (&mut self.s2c, &self.c2s, &mut self.server, &mut self.client),
-            };
-            let polled = dir.poll_pump(cx, from, to, other.closed_cleanly());
-            self.note_close(side);
-            match polled {
-                Poll::Ready(Ok(over)) => {
-                    self.ended.get_or_insert(side);
-                    if over {
-                        return Poll::Ready(None);
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    // An error after one side has already closed (say, a write to a
-                    // server that closed both ways) is part of that close.
-                    if self.ended.is_none() {
-                        self.error = Some(e);
-                        return Poll::Ready(Some(CloseReason::Error));
-                    }
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => {}
-            }
+    fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Poll<Option<Ended>> {
+        let polled = self.c2s.poll_pump(
+            cx,
+            &mut self.client,
+            &mut self.server,
+            self.s2c.closed_cleanly(),
+        );
+        if let Poll::Ready(stopped) = self.settle(Ended::ClientClosed, polled) {
+            return Poll::Ready(stopped);
+        }
+        let polled = self.s2c.poll_pump(
+            cx,
+            &mut self.server,
+            &mut self.client,
+            self.c2s.closed_cleanly(),
+        );
+        if let Poll::Ready(stopped) = self.settle(Ended::ServerClosed, polled) {
+            return Poll::Ready(stopped);
         }
         if self.c2s.done && self.s2c.done {
             return Poll::Ready(None);
@@ -315,11 +313,34 @@ impl Tunnel {
         Poll::Pending
     }
 
+    /// What one direction's poll means for the tunnel: `Ready` when it is over (as
+    /// [`Tunnel::poll_pumps`] says), `Pending` when it goes on.
+    fn settle(&mut self, side: Ended, polled: Poll<io::Result<bool>>) -> Poll<Option<Ended>> {
+        self.note_close(side);
+        match polled {
+            Poll::Ready(Ok(over)) => {
+                self.ended.get_or_insert(side);
+                if over {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            }
+            // An error after one side has already closed (say, a write to a server that
+            // closed both ways) is part of that close.
+            Poll::Ready(Err(e)) if self.ended.is_none() => {
+                self.error = Some(e);
+                Poll::Ready(Some(Ended::Error))
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// Records `side` as the first to send a Close frame, if its direction has seen one
     /// and no side was recorded before.
-    fn note_close(&mut self, side: CloseReason) {
+    fn note_close(&mut self, side: Ended) {
         let dir = match side {
-            CloseReason::ClientClosed => &self.c2s,
+            Ended::ClientClosed => &self.c2s,
             _ => &self.s2c,
         };
         if dir.frames.saw_close() {
@@ -339,10 +360,11 @@ impl Tunnel {
 /// The close reason names who closed first: the side that sent the first WebSocket Close
 /// frame, or, when neither did, the side whose TCP stream ended first. On an idle timeout
 /// or shutdown, each side that is between frames gets a Close frame with status 1001
-/// (going away) before the sockets close, so clients see a clean close, not a 1006.
-pub fn relay(
-    client: End,
-    server: End,
+/// (going away), written through its stream, before the streams close, so clients see a
+/// clean close, not a 1006.
+pub fn relay<C: Stream, S: Stream>(
+    client: Side<C>,
+    server: Side<S>,
     idle: Option<Duration>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = Report> {
@@ -359,8 +381,8 @@ pub fn relay(
     };
     t.c2s.early(client.early);
     t.s2c.early(server.early);
-    t.note_close(CloseReason::ClientClosed);
-    t.note_close(CloseReason::ServerClosed);
+    t.note_close(Ended::ClientClosed);
+    t.note_close(Ended::ServerClosed);
     // Built before the future so that the ends (and their read-ahead) are not also
     // kept in the future's argument slots for the tunnel's whole life.
     async move {
@@ -369,7 +391,7 @@ pub fn relay(
         tokio::pin!(sleep, cancelled);
         let stopped = std::future::poll_fn(|cx| {
             if cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Some(CloseReason::Shutdown));
+                return Poll::Ready(Some(Ended::Shutdown));
             }
             if let Poll::Ready(stopped) = t.poll_pumps(cx) {
                 return Poll::Ready(stopped);
@@ -382,17 +404,17 @@ pub fn relay(
                 while sleep.as_mut().poll(cx).is_ready() {
                     let deadline = t.last + idle;
                     if Instant::now() >= deadline {
-                        return Poll::Ready(Some(CloseReason::IdleTimeout));
+                        return Poll::Ready(Some(Ended::IdleTimeout));
                     }
-                    sleep.as_mut().reset(deadline.into());
+                    sleep.as_mut().reset(deadline);
                 }
             }
             Poll::Pending
         })
         .await;
         let Tunnel {
-            client,
-            server,
+            mut client,
+            mut server,
             c2s,
             s2c,
             first_close,
@@ -400,22 +422,22 @@ pub fn relay(
             error,
             ..
         } = t;
-        let mut reason = stopped.or(ended).unwrap_or(CloseReason::Error);
+        let mut reason = stopped.or(ended).unwrap_or(Ended::Error);
         match reason {
-            CloseReason::IdleTimeout | CloseReason::Shutdown => {
+            Ended::IdleTimeout | Ended::Shutdown => {
                 if s2c.may_inject_close() {
-                    let _ = client.try_write(&GOING_AWAY_TO_CLIENT);
+                    try_send(&mut client, &GOING_AWAY_TO_CLIENT);
                 }
                 if c2s.may_inject_close() {
-                    let _ = server.try_write(&GOING_AWAY_TO_SERVER);
+                    try_send(&mut server, &GOING_AWAY_TO_SERVER);
                 }
             }
-            CloseReason::ClientClosed | CloseReason::ServerClosed => {
+            Ended::ClientClosed | Ended::ServerClosed => {
                 if let Some(first) = first_close {
                     reason = first;
                 }
             }
-            CloseReason::Error => {}
+            Ended::Error => {}
         }
         Report {
             bytes_in: c2s.bytes,

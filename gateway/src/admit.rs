@@ -1,0 +1,182 @@
+//! Admission: route → client handshake → policy. Decides where a request goes (a
+//! [`Plan`]) or what Sluice answers instead, before any upstream is contacted, and says
+//! how the request's head is rewritten for the upstream hop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Response, StatusCode, Uri};
+
+use crate::access::{CloseHook, Record};
+use crate::balance::hash_key;
+use crate::client_handshake::{self, Upgrade};
+use crate::config::RouteAction;
+use crate::head::RequestHead;
+use crate::headers::add_forwarded;
+use crate::plugin::RequestKind;
+use crate::policy::{self, Verdict};
+use crate::respond::{ResponseBody, deny, respond};
+use crate::route::{Route, normalize_path, request_host};
+use crate::snapshot::Snapshot;
+
+/// Who is asking: what admission reads of the client's connection.
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
+    /// The snapshot the connection took at accept.
+    pub snapshot: &'a Snapshot,
+    /// The listener that accepted it.
+    pub listener: &'a Arc<str>,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+/// A request that may go upstream.
+pub struct Admitted {
+    /// Where it goes.
+    pub plan: Plan,
+    /// Its access record, logged when it ends.
+    pub rec: Record,
+    /// The client's `Sec-WebSocket-Key` when this is a valid WebSocket upgrade.
+    pub ws_key: Option<String>,
+}
+
+/// Where a routed, policy-approved request goes.
+pub struct Plan {
+    /// The matched route.
+    pub route: Arc<Route>,
+    /// The consistent-hash key (empty unless the pool hashes).
+    pub key: Vec<u8>,
+    /// What the plugin chain decided.
+    pub verdict: Verdict,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+/// Route → upgrade validation → policy: where the request goes, or Sluice's answer.
+pub async fn admit(
+    req: &impl RequestHead,
+    caller: Caller<'_>,
+) -> Result<Admitted, Response<ResponseBody>> {
+    let Caller {
+        snapshot,
+        listener,
+        peer,
+    } = caller;
+    let mut rec = Record {
+        kind: "http",
+        client: peer,
+        listener: listener.clone(),
+        route: String::new(),
+        upstream: String::new(),
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        status: 0,
+        start: Instant::now(),
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        hold: None,
+        tags: String::new(),
+        close_hook: None,
+    };
+    let host = request_host(req);
+    let path = normalize_path(req.uri().path());
+    let Some(route) = snapshot
+        .routes
+        .find(listener, host.as_deref(), &path)
+        .cloned()
+    else {
+        return Err(respond(
+            rec,
+            StatusCode::NOT_FOUND,
+            "no route for this request\n",
+            &[],
+        ));
+    };
+    rec.route = route.config.name.clone();
+    let pool = match (&route.config.action, &route.pool) {
+        (RouteAction::Respond { status, body }, _) => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN);
+            return Err(respond(rec, status, body, &[]));
+        }
+        (RouteAction::Proxy(_), Some(pool)) => pool.clone(),
+        (RouteAction::Proxy(_), None) => {
+            return Err(respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "route has no pool\n",
+                &[],
+            ));
+        }
+    };
+    let (kind, ws_key) = match client_handshake::classify(req.method(), req.version(), req.fields())
+    {
+        Upgrade::Refused(r) => {
+            let headers = client_handshake::refusal_headers(&r);
+            return Err(respond(rec, r.status, &format!("{}\n", r.reason), &headers));
+        }
+        Upgrade::WebSocket { key } => (RequestKind::WebSocket, Some(key)),
+        Upgrade::None => (RequestKind::Http, None),
+    };
+    if !route.chain.is_empty() {
+        rec.close_hook = Some(Arc::new(CloseHook {
+            chain: route.chain.clone(),
+            kind,
+            tenant: route.config.tenant.clone(),
+        }));
+    }
+    let verdict = match policy::decide(&route, &pool, snapshot, req, kind, peer).await {
+        Ok(v) => v,
+        Err(denial) => return Err(deny(rec, denial)),
+    };
+    rec.tags = verdict.tags.clone();
+    if let (Some(hook), Some(tenant)) = (&mut rec.close_hook, &verdict.tenant) {
+        Arc::make_mut(hook).tenant = Some(tenant.clone());
+    }
+    let key = match (&verdict.sticky_key, verdict.pool.hash_key()) {
+        (Some(k), Some(_)) => k.as_bytes().to_vec(),
+        _ => hash_key(&verdict.pool, req, peer),
+    };
+    let plan = Plan {
+        route,
+        key,
+        verdict,
+        peer,
+    };
+    Ok(Admitted { plan, rec, ws_key })
+}
+
+impl Plan {
+    /// The head sent upstream: origin-form URI, the client's `headers` (already cleaned
+    /// for this hop by the caller: `strip_hop_by_hop`, or `set_upgrade_hop` for an
+    /// upgrade), `Host` per the route (`authority` is the server's, for when the client's
+    /// is not kept), the `X-Forwarded-*` headers, and the plugins' header changes.
+    pub fn upstream_head(
+        &self,
+        uri: &Uri,
+        mut headers: HeaderMap,
+        authority: &str,
+    ) -> (Uri, HeaderMap) {
+        let uri = uri
+            .path_and_query()
+            .map(|pq| Uri::from(pq.clone()))
+            .unwrap_or_else(|| Uri::from_static("/"));
+        // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
+        add_forwarded(&mut headers, self.peer, "http");
+        if !self.keeps_client_host(headers.contains_key(header::HOST))
+            && let Ok(v) = HeaderValue::from_str(authority)
+        {
+            headers.insert(header::HOST, v);
+        }
+        policy::apply(&self.verdict, &mut headers);
+        (uri, headers)
+    }
+
+    /// Whether the upstream request keeps the client's `Host`: `preserve_host` (the
+    /// default), and the client sent one that is not hop-by-hop. Otherwise `Host` names
+    /// the server.
+    pub fn keeps_client_host(&self, has_host: bool) -> bool {
+        self.route.config.preserve_host && has_host
+    }
+}

@@ -1,0 +1,188 @@
+//! Opening the upstream side of an upgrade: connect to a server of the plan's pool with
+//! the upgrade head written at once (`connect::tcp_sending`), fail over to the next
+//! server on a failed connect, then complete the WebSocket handshake with it
+//! (`upstream_handshake`). The result is the server's side of the tunnel, or the
+//! client's answer (502, 504, or the server's own refusal).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header;
+use http::{HeaderMap, Response, StatusCode, Uri};
+use tokio::net::TcpStream;
+
+use crate::access::Record;
+use crate::admit::Plan;
+use crate::balance::{ActiveGuard, Server};
+use crate::connect::{self, with_failover};
+use crate::head::{RequestHead, UpgradeHead};
+use crate::headers::set_upgrade_hop;
+use crate::respond::{ResponseBody, no_upstream, relay_refusal, respond};
+use crate::tunnel::Side;
+use crate::upstream_handshake::{self, Outcome, Switch};
+
+/// The stream an upstream upgrade runs over.
+pub type Upstream = TcpStream;
+
+/// The client's upgrade request, in the form the stage that read it keeps.
+pub enum ClientHead<'a> {
+    /// Read by hyper: its fields in a header map.
+    Map {
+        /// The request target.
+        uri: &'a Uri,
+        /// The request's fields.
+        headers: HeaderMap,
+    },
+    /// Read by the client stage: its raw fields.
+    Raw(&'a UpgradeHead),
+}
+
+/// An upstream that answered the upgrade with a valid `101`.
+pub struct Opened {
+    /// The server's `101` fields for the client's `101`: its end-to-end ones (the client
+    /// stage or hyper adds exactly one `Upgrade`/`Connection` pair).
+    pub head: Switch,
+    /// The server's side of the tunnel.
+    pub server: Side<Upstream>,
+    /// Counts the tunnel as active on its server.
+    pub guard: ActiveGuard,
+    /// The access record, now of a tunnel.
+    pub rec: Record,
+    /// The route's idle timeout.
+    pub idle: Option<Duration>,
+}
+
+/// Connects to a server of the plan's pool and completes the WebSocket handshake with it;
+/// any failure or refusal is the client's answer instead.
+pub async fn open(
+    client: ClientHead<'_>,
+    ws_key: String,
+    plan: Plan,
+    mut rec: Record,
+) -> Result<Opened, Response<ResponseBody>> {
+    let (route, pool) = (&plan.route, &plan.verdict.pool);
+    let attempt = UpgradeAttempt::new(client, &plan);
+    let (server, stream) = match with_failover(pool, &plan.key, attempt).await {
+        Ok(s) => s,
+        Err(e) => return Err(no_upstream(rec, &e)),
+    };
+    rec.upstream = server.config.authority.clone();
+    let guard = server.acquire();
+    let outcome = tokio::time::timeout(
+        route.config.handshake_timeout,
+        upstream_handshake::handshake(stream, &ws_key),
+    )
+    .await;
+    let (head, server_side) = match outcome {
+        Err(_) => {
+            tracing::warn!(route = %route.config.name, upstream = %rec.upstream, "upstream WebSocket handshake timed out");
+            return Err(respond(
+                rec,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream did not answer the WebSocket handshake in time\n",
+                &[],
+            ));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(route = %route.config.name, upstream = %rec.upstream, error = %e, "upstream WebSocket handshake refused");
+            return Err(respond(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                "upstream sent an invalid WebSocket handshake\n",
+                &[],
+            ));
+        }
+        Ok(Ok(Outcome::Declined {
+            status,
+            headers,
+            body,
+        })) => return Err(relay_refusal(rec, status, headers, body)),
+        Ok(Ok(Outcome::Upgraded { head, server })) => (head, server),
+    };
+    rec.kind = "tunnel";
+    rec.status = 101;
+    Ok(Opened {
+        head,
+        server: server_side,
+        guard,
+        rec,
+        idle: route.config.idle_timeout,
+    })
+}
+
+/// Connects to a server and sends it the upgrade head in the same step
+/// ([`connect::tcp_sending`]).
+struct UpgradeAttempt<'a> {
+    plan: &'a Plan,
+    head: Head<'a>,
+}
+
+/// The upgrade head for the servers tried.
+enum Head<'a> {
+    /// `Host` is the client's (with `preserve_host`, the default): the same bytes for
+    /// every server, made once.
+    Fixed(Vec<u8>),
+    /// `Host` names the server: made for each server tried, from the client's head.
+    PerServer(ClientHead<'a>),
+}
+
+impl<'a> UpgradeAttempt<'a> {
+    /// The client's raw fields are written upstream without a header map unless a plugin
+    /// edits them (header changes or a subprotocol), which is done on a map.
+    fn new(client: ClientHead<'a>, plan: &'a Plan) -> Self {
+        let edits = !plan.verdict.headers.is_empty() || plan.verdict.subprotocol.is_some();
+        let client = match client {
+            ClientHead::Raw(req) if edits => ClientHead::Map {
+                uri: req.uri(),
+                headers: req.fields().to_map(),
+            },
+            client => client,
+        };
+        let head = match client {
+            ClientHead::Raw(req) => {
+                // Made at once with the client's `Host`, and kept if it had one.
+                let fixed = plan.route.config.preserve_host.then(|| {
+                    upstream_handshake::request_head_raw(req.uri(), req.fields(), None, plan.peer)
+                });
+                match fixed {
+                    Some((head, true)) => Head::Fixed(head),
+                    _ => Head::PerServer(ClientHead::Raw(req)),
+                }
+            }
+            ClientHead::Map { uri, mut headers } => {
+                // Cleaned for the hop once, for every server tried; the `Host` decision
+                // sees what goes upstream (a `Host` listed in `Connection` does not).
+                set_upgrade_hop(&mut headers);
+                if plan.keeps_client_host(headers.contains_key(header::HOST)) {
+                    // No server's authority is written: the client's Host stays.
+                    let (uri, headers) = plan.upstream_head(uri, headers, "");
+                    Head::Fixed(upstream_handshake::request_head(&uri, &headers))
+                } else {
+                    Head::PerServer(ClientHead::Map { uri, headers })
+                }
+            }
+        };
+        UpgradeAttempt { plan, head }
+    }
+}
+
+impl connect::Attempt for UpgradeAttempt<'_> {
+    type Output = Upstream;
+    async fn attempt(&mut self, server: &Arc<Server>) -> std::io::Result<Upstream> {
+        let pool = &self.plan.verdict.pool;
+        let authority = server.config.authority.as_str();
+        let head = match &self.head {
+            Head::Fixed(head) => return connect::tcp_sending(pool, server, head).await,
+            Head::PerServer(ClientHead::Raw(req)) => {
+                let peer = self.plan.peer;
+                upstream_handshake::request_head_raw(req.uri(), req.fields(), Some(authority), peer)
+                    .0
+            }
+            Head::PerServer(ClientHead::Map { uri, headers }) => {
+                let (uri, headers) = self.plan.upstream_head(uri, headers.clone(), authority);
+                upstream_handshake::request_head(&uri, &headers)
+            }
+        };
+        connect::tcp_sending(pool, server, &head).await
+    }
+}
