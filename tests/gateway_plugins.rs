@@ -470,6 +470,41 @@ async fn tenant_router_routes_hosts_and_paths_to_their_pools() {
     access_with_tags(&gateway, "/t/initech/ws", |t| t.contains("tenant=initech")).await;
 }
 
+/// A plugin's path rule sees the path routing matched, normalised: `..`, `.` and
+/// percent-encoded letters cannot walk a request past a rule on a prefix, into a path an
+/// upstream that normalises would serve.
+#[tokio::test]
+async fn a_path_rule_sees_the_normalised_path_and_cannot_be_walked_around() {
+    let config = json!({
+        "rules": [{"path_prefix": "/public/", "tenant": "public", "pool": "echo"}],
+    });
+    let (backend, gateway) = single_plugin_gateway("paths", "tenant-router", config).await;
+    let addr = gateway.addr();
+    assert_eq!(reach(addr, &Head::websocket("/public/chat")).await.0, "a");
+    for sneaky in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin",
+        "/public/./../ad%6din",
+        "//public/..//admin",
+    ] {
+        let answer = refused(addr, &Head::websocket(sneaky), 404).await;
+        assert_eq!(answer.text(), "no tenant for this request\n", "{sneaky}");
+    }
+    // A path that only looks odd but normalises under the prefix is let through.
+    assert_eq!(
+        reach(addr, &Head::websocket("/x/../public/./chat")).await.0,
+        "a"
+    );
+    assert!(
+        backend
+            .requests()
+            .iter()
+            .all(|r| !r.target.contains("admin")),
+        "a walked-around request reached the backend"
+    );
+}
+
 /// With `balance = "hash"`, sticky-key's key (a cookie or a query parameter) lands every
 /// reconnect on the same server, and different keys spread over the pool (all clients
 /// share one IP, so without the plugin's key they would all hash alike).

@@ -126,7 +126,7 @@ pub async fn admit(
             tenant: route.config.tenant.clone(),
         }));
     }
-    let verdict = match policy::decide(&route, &pool, snapshot, req, kind, peer).await {
+    let verdict = match policy::decide(&route, &pool, snapshot, req, &path, kind, peer).await {
         Ok(v) => v,
         Err(denial) => return Err(deny(rec, denial)),
     };

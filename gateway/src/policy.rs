@@ -32,12 +32,15 @@ pub struct Verdict {
     pub tags: String,
 }
 
-/// Runs the route's chain. A route without plugins costs nothing here.
+/// Runs the route's chain. A route without plugins costs nothing here. `path` is the
+/// normalised path routing matched, and the path plugins see: a rule on `/admin` must
+/// also catch `/public/../admin`, which routing and a normalising upstream treat alike.
 pub async fn decide(
     route: &Route,
     pool: &Arc<Pool>,
     snapshot: &Snapshot,
     req: &impl RequestHead,
+    path: &str,
     kind: RequestKind,
     peer: SocketAddr,
 ) -> Result<Verdict, Denial> {
@@ -52,7 +55,7 @@ pub async fn decide(
     if route.chain.is_empty() {
         return Ok(verdict);
     }
-    let info = request_info(route, req, kind, peer);
+    let info = request_info(route, req, path, kind, peer);
     let m: Mutations = match route.chain.on_request(&info).await {
         ChainDecision::Continue(m) => m,
         ChainDecision::Deny(d) => return Err(d),
@@ -143,6 +146,7 @@ pub fn apply(verdict: &Verdict, headers: &mut HeaderMap) {
 fn request_info(
     route: &Route,
     req: &impl RequestHead,
+    path: &str,
     kind: RequestKind,
     peer: SocketAddr,
 ) -> RequestInfo {
@@ -164,7 +168,7 @@ fn request_info(
         method: req.method().as_str().to_string(),
         scheme: "http".into(),
         authority,
-        path: req.uri().path().to_string(),
+        path: path.to_owned(),
         query: req.uri().query().unwrap_or_default().to_string(),
         headers,
         client_addr: peer,

@@ -20,7 +20,9 @@ impl Request {
         self.authority.as_deref().unwrap_or("")
     }
 
-    /// The path without the query; `""` unless the plugin reads `Fields::PATH`.
+    /// The path without the query, normalised as the gateway's routing matched it (`.`
+    /// and `..` resolved, `//` collapsed, escaped unreserved characters decoded); `""`
+    /// unless the plugin reads `Fields::PATH`.
     pub fn path(&self) -> &str {
         self.path.as_deref().unwrap_or("")
     }

@@ -36,7 +36,7 @@ pub struct RequestInfo {
     pub scheme: String,
     /// `host[:port]`.
     pub authority: String,
-    /// Path without query.
+    /// Path without query, normalised as routing matched it.
     pub path: String,
     /// Raw query without `?` (empty when absent).
     pub query: String,
