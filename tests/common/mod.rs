@@ -25,7 +25,7 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -161,6 +161,7 @@ impl Drop for TempDir {
 #[derive(Clone, Debug)]
 pub struct ConfigBuilder {
     servers: Vec<String>,
+    log_level: String,
     grace: String,
     listener: String,
     upstream: String,
@@ -174,6 +175,7 @@ impl ConfigBuilder {
     pub fn new(servers: &[SocketAddr]) -> ConfigBuilder {
         ConfigBuilder {
             servers: servers.iter().map(|s| s.to_string()).collect(),
+            log_level: "info".into(),
             grace: "5s".into(),
             listener: String::new(),
             upstream: String::new(),
@@ -210,6 +212,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Sets `[log] level` (a tracing filter such as `info,sluice::accept=debug`).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.into();
+        self
+    }
+
     /// Sets `[shutdown] grace`.
     pub fn grace(mut self, grace: &str) -> Self {
         self.grace = grace.into();
@@ -233,7 +241,7 @@ impl ConfigBuilder {
             .join(", ");
         format!(
             r#"[log]
-level = "info"
+level = "{log_level}"
 format = "json"
 
 [shutdown]
@@ -257,6 +265,7 @@ path_prefix = "/"
 upstream = "{route_upstream}"
 {route}
 {extra}"#,
+            log_level = self.log_level,
             grace = self.grace,
             listener = self.listener,
             upstream = self.upstream,
@@ -283,9 +292,13 @@ pub async fn start_echo_gateway(
 
 // ---- the gateway process --------------------------------------------------------------
 
-/// Lines read from a child's pipe by a background thread.
+/// Lines read from a child's pipe by a background thread, and whether the pipe has ended
+/// (every line the child wrote has then been collected).
 #[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<String>>>);
+struct Lines {
+    lines: Arc<Mutex<Vec<String>>>,
+    ended: Arc<AtomicBool>,
+}
 
 impl Lines {
     fn collect_from(pipe: impl std::io::Read + Send + 'static) -> Lines {
@@ -297,14 +310,19 @@ impl Lines {
                 let text = String::from_utf8_lossy(&line)
                     .trim_end_matches('\r')
                     .to_string();
-                sink.0.lock().expect("lines lock").push(text);
+                sink.lines.lock().expect("lines lock").push(text);
             }
+            sink.ended.store(true, Ordering::SeqCst);
         });
         lines
     }
 
     fn snapshot(&self) -> Vec<String> {
-        self.0.lock().expect("lines lock").clone()
+        self.lines.lock().expect("lines lock").clone()
+    }
+
+    fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
 }
 
@@ -447,6 +465,31 @@ impl Gateway {
             child.try_wait().expect("poll sluice")
         })
         .await
+    }
+
+    /// Sends SIGTERM and waits (up to [`STEP`] each) for the process to exit and for both
+    /// of its pipes to end. Afterwards [`Gateway::stdout_lines`] and
+    /// [`Gateway::stderr_lines`] hold everything it ever wrote: what is not there never
+    /// happened.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        let status = self.wait_exit(STEP).await;
+        let (stdout, stderr) = (&self.stdout, &self.stderr);
+        eventually(STEP, "the end of sluice's stdout and stderr", || {
+            (stdout.ended() && stderr.ended()).then_some(())
+        })
+        .await;
+        status
+    }
+
+    /// The number of worker threads, from the `listening` log line.
+    pub async fn workers(&self) -> usize {
+        let line = self
+            .wait_log("the `listening` log line", |l| l["message"] == "listening")
+            .await;
+        line["workers"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("`listening` without `workers`: {line}")) as usize
     }
 
     /// Lines written to stdout so far.
