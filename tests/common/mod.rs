@@ -105,10 +105,19 @@ pub fn checksum(data: &[u8]) -> String {
         .collect()
 }
 
-/// An address on which nothing listens (bound once, then released).
+/// An address on which nothing listens: a socket is bound to it and never listens, and it
+/// stays open for the rest of the test process, so that connects to it are refused and no
+/// other socket, of this or of a concurrent test process, can listen on the port (a port
+/// bound once and released may at once be some other test's backend).
 pub fn closed_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway port");
-    listener.local_addr().expect("local addr")
+    static HELD: Mutex<Vec<tokio::net::TcpSocket>> = Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a port");
+    let addr = socket.local_addr().expect("local addr");
+    HELD.lock().expect("held ports").push(socket);
+    addr
 }
 
 // ---- temporary directory --------------------------------------------------------------
