@@ -558,7 +558,11 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            std::thread::sleep(Duration::from_millis(100));
+            // The process is gone: its stderr ends once the reader has every line.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !self.stderr.ended() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             if let Some(status) = exited {
                 eprintln!("---- sluice had exited on its own: {status} ----");
             }
