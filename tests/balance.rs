@@ -264,13 +264,16 @@ async fn full_listener() -> (tokio::net::TcpListener, tokio::net::TcpStream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_completes_the_connect_late_still_gets_the_upgrade() {
     let (listener, filler) = full_listener().await;
+    // SYNs are retransmitted 1, 3 and 7 s after the first: room made within 7 s is found
+    // before this timeout, and before the client's handshake wait (10 s), runs out.
     let gateway = ConfigBuilder::new(&[listener.local_addr().unwrap()])
-        .upstream_toml("connect_timeout = \"5s\"")
+        .upstream_toml("connect_timeout = \"30s\"")
         .start()
         .await;
     let server = listener.local_addr().unwrap();
     let client = tokio::spawn(async move { reached(gateway.addr(), "/", &[]).await });
-    // The gateway's SYN was dropped: its connection waits for a retransmit.
+    // The gateway's SYN was dropped: its connection waits for a retransmit. (Reading the
+    // socket table can take a good part of a second on a busy machine.)
     eventually(STEP, "the gateway's connect in SYN-SENT", || {
         syn_sent_to(server).then_some(())
     })
@@ -279,7 +282,7 @@ async fn a_server_that_completes_the_connect_late_still_gets_the_upgrade() {
     let (queued, _) = listener.accept().await.unwrap();
     drop((queued, filler));
     let backend = Backend::serve("late", listener);
-    let name = within(Duration::from_secs(10), "the late upgrade", client)
+    let name = within(Duration::from_secs(30), "the late upgrade", client)
         .await
         .unwrap();
     assert_eq!(name, "late");
