@@ -173,18 +173,46 @@ async fn upgrade_seen_upstream(
 }
 
 /// Sends `head` to a gateway in front of an echo backend, asserts the answer's status,
-/// and that the backend never received a request. Returns the answer.
+/// and that the backend never received the request. Returns the answer.
+///
+/// The gateway must be done with the refused request before it serves the next one: a
+/// plain request on the same connection (or, when the refusal closed it, once the close
+/// has arrived, on a new one). That request reaching the backend is the moment after
+/// which the refused one can no longer show up there.
 async fn assert_refused(head: Head, status: u16) -> Response {
     let (backend, gateway) = start_echo_gateway(|c| c).await;
     let mut client = RawClient::connect(gateway.addr()).await;
+    let client_addr = client.local_addr().to_string();
     let answer = client.request(&head).await;
     assert_eq!(answer.status, status, "answer to {head:?}: {answer:?}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        backend.requests().is_empty(),
-        "backend was contacted: {:?}",
-        backend.requests()
+    let line = gateway
+        .wait_access_log("the refusal's access log", |l| l.client == client_addr)
+        .await;
+    assert_eq!(
+        (line.status, line.upstream.as_str()),
+        (status, ""),
+        "the refusal's access log names a server: {line:?}"
     );
+
+    let closes = answer
+        .header("connection")
+        .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+    if closes {
+        match client.read_some(STEP).await {
+            Some(Ok(bytes)) if bytes.is_empty() => {}
+            Some(Err(_)) => {}
+            other => panic!("no close after `Connection: close`: {other:?}"),
+        }
+        client = RawClient::connect(gateway.addr()).await;
+    }
+    let next = client.request(&Head::get("/next")).await;
+    assert_eq!(
+        (next.status, next.text()),
+        (200, "a".to_string()),
+        "{next:?}"
+    );
+    let targets: Vec<String> = backend.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/next"], "the backend saw the refused request");
     answer
 }
 
@@ -267,8 +295,15 @@ async fn assert_answer_keeps_connection_http(reply: &str, status: u16) -> Respon
     let smuggled = client.request(&Head::get("/internal/admin")).await;
     assert_eq!(smuggled.status, 403, "smuggled request: {smuggled:?}");
     assert_eq!(smuggled.text(), "forbidden");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let seen = backend.received_text();
+    // The gateway reads the next request on this connection only once it is done with the
+    // smuggled one, so by the time that request reaches the backend, anything sent on
+    // the smuggled one's behalf has too. (Its answer depends on the script; not read.)
+    client.send(Head::get("/after").to_bytes()).await;
+    let seen = eventually(STEP, "the next request at the backend", || {
+        let seen = backend.received_text();
+        seen.contains("GET /after HTTP/1.1").then_some(seen)
+    })
+    .await;
     assert!(
         !seen.contains("/internal"),
         "the backend received the smuggled request:\n{seen}"

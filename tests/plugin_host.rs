@@ -341,6 +341,8 @@ async fn call_number(chain: &Chain, req: &RequestInfo) -> String {
 #[tokio::test]
 async fn a_decision_is_given_again_only_for_the_same_inputs_and_only_as_long_as_allowed() {
     let host = PluginHost::new().unwrap();
+    // Long enough for the checks of reuse below on a loaded machine.
+    const REUSE: Duration = Duration::from_millis(1500);
     let reusing = |max_reused: usize| PluginSpec {
         limits: Limits {
             max_reused,
@@ -348,13 +350,15 @@ async fn a_decision_is_given_again_only_for_the_same_inputs_and_only_as_long_as_
         },
         ..spec(
             "hostile",
-            json!({"reuse_ms": 400, "headers": ["origin"], "fields": ["path"]}),
+            json!({"reuse_ms": REUSE.as_millis() as u64, "headers": ["origin"], "fields": ["path"]}),
         )
     };
     let plugin = load(&host, &reusing(1024)).await;
     let chain = Chain::new(vec![plugin.clone()]);
     let a = request(&[("origin", "https://a.example")]);
     let first = call_number(&chain, &a).await;
+    // The decision may be given again until `REUSE` after its call began, before this.
+    let reusable_until = Instant::now() + REUSE;
     assert_eq!(call_number(&chain, &a).await, first, "same inputs: reused");
     // What the plugin does not read makes no difference...
     let mut a_elsewhere = request(&[("origin", "https://a.example"), ("x-other", "1")]);
@@ -372,7 +376,7 @@ async fn a_decision_is_given_again_only_for_the_same_inputs_and_only_as_long_as_
     let stats = plugin.stats();
     assert_eq!((stats.calls, stats.reused), (3, 3), "{stats:?}");
     // After `reuse_ms`, the plugin is asked again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep_until((reusable_until + Duration::from_millis(50)).into()).await;
     assert_ne!(call_number(&chain, &a).await, first);
     assert_eq!(plugin.stats().calls, 4);
 

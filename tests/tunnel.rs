@@ -222,32 +222,44 @@ async fn idle_tunnel_is_closed_after_idle_timeout_while_a_busy_one_stays_open() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tunnel_leaves_one_json_access_log_line_at_close() {
-    let (backend, gateway) = start_echo_gateway(|c| c).await;
+    let (backend, mut gateway) = start_echo_gateway(|c| c).await;
     let mut clients = Vec::new();
     for i in 0..3 {
         let mut ws = ws_connect(gateway.addr(), &format!("/room/{i}")).await;
+        // The gateway's record of the tunnel starts before its 101 came.
+        let opened = Instant::now();
         let msg = Message::text("hello");
         assert_eq!(roundtrip(&mut ws, msg.clone()).await, msg);
         clients.push((
             ws.get_ref().local_addr().expect("local addr").to_string(),
             ws,
+            opened,
         ));
     }
-    // Before any tunnel closes, there is no tunnel access log line.
+    // The tunnels live a while, so that their lifetime is not their handshake's.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Before any tunnel closes, there is no tunnel access log line: a plain request's line,
+    // written after everything the gateway logged for the open tunnels, comes first.
+    let mut plain = RawClient::connect(gateway.addr()).await;
+    let plain_addr = plain.local_addr().to_string();
+    assert_eq!(plain.request(&Head::get("/plain")).await.status, 200);
+    gateway
+        .wait_access_log("the plain request's access log", |l| l.client == plain_addr)
+        .await;
     assert!(
         gateway.access_logs().iter().all(|l| l.kind != "tunnel"),
         "access log written before close: {:?}",
         gateway.access_logs()
     );
-    let mut names = Vec::new();
+    let mut closed = Vec::new();
     // The client closes its TCP connection first. (After a WebSocket close handshake the
     // server closes TCP first, per RFC 6455, so a byte-level tunnel sees the server end.)
-    for (name, ws) in clients {
+    for (name, ws, opened) in clients {
         drop(ws);
-        names.push(name);
+        // The gateway's record ends after this close.
+        closed.push((name, opened.elapsed()));
     }
-    for client in &names {
+    for (client, lived) in &closed {
         let line = gateway
             .wait_access_log("a tunnel's access log", |l| &l.client == client)
             .await;
@@ -261,11 +273,14 @@ async fn each_tunnel_leaves_one_json_access_log_line_at_close() {
         assert!(line.bytes_in >= 11, "{line:?}");
         assert!(line.bytes_out >= 7, "{line:?}");
         assert!(
-            line.duration_ms >= 300.0,
-            "tunnel lived over 300 ms: {line:?}"
+            line.duration_ms >= lived.as_millis() as f64,
+            "the tunnel lived {lived:?}: {line:?}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the gateway has exited and its stderr has ended, every line it will ever write
+    // is here: still one per tunnel, and all of them JSON.
+    let status = gateway.terminate().await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
     let tunnel_lines: Vec<AccessLog> = gateway
         .access_logs()
         .into_iter()

@@ -25,7 +25,7 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -105,10 +105,19 @@ pub fn checksum(data: &[u8]) -> String {
         .collect()
 }
 
-/// An address on which nothing listens (bound once, then released).
+/// An address on which nothing listens: a socket is bound to it and never listens, and it
+/// stays open for the rest of the test process, so that connects to it are refused and no
+/// other socket, of this or of a concurrent test process, can listen on the port (a port
+/// bound once and released may at once be some other test's backend).
 pub fn closed_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a throwaway port");
-    listener.local_addr().expect("local addr")
+    static HELD: Mutex<Vec<tokio::net::TcpSocket>> = Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a port");
+    let addr = socket.local_addr().expect("local addr");
+    HELD.lock().expect("held ports").push(socket);
+    addr
 }
 
 // ---- temporary directory --------------------------------------------------------------
@@ -161,6 +170,7 @@ impl Drop for TempDir {
 #[derive(Clone, Debug)]
 pub struct ConfigBuilder {
     servers: Vec<String>,
+    log_level: String,
     grace: String,
     listener: String,
     upstream: String,
@@ -174,6 +184,7 @@ impl ConfigBuilder {
     pub fn new(servers: &[SocketAddr]) -> ConfigBuilder {
         ConfigBuilder {
             servers: servers.iter().map(|s| s.to_string()).collect(),
+            log_level: "info".into(),
             grace: "5s".into(),
             listener: String::new(),
             upstream: String::new(),
@@ -210,6 +221,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Sets `[log] level` (a tracing filter such as `info,sluice::accept=debug`).
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.into();
+        self
+    }
+
     /// Sets `[shutdown] grace`.
     pub fn grace(mut self, grace: &str) -> Self {
         self.grace = grace.into();
@@ -233,7 +250,7 @@ impl ConfigBuilder {
             .join(", ");
         format!(
             r#"[log]
-level = "info"
+level = "{log_level}"
 format = "json"
 
 [shutdown]
@@ -257,6 +274,7 @@ path_prefix = "/"
 upstream = "{route_upstream}"
 {route}
 {extra}"#,
+            log_level = self.log_level,
             grace = self.grace,
             listener = self.listener,
             upstream = self.upstream,
@@ -283,9 +301,13 @@ pub async fn start_echo_gateway(
 
 // ---- the gateway process --------------------------------------------------------------
 
-/// Lines read from a child's pipe by a background thread.
+/// Lines read from a child's pipe by a background thread, and whether the pipe has ended
+/// (every line the child wrote has then been collected).
 #[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<String>>>);
+struct Lines {
+    lines: Arc<Mutex<Vec<String>>>,
+    ended: Arc<AtomicBool>,
+}
 
 impl Lines {
     fn collect_from(pipe: impl std::io::Read + Send + 'static) -> Lines {
@@ -297,14 +319,19 @@ impl Lines {
                 let text = String::from_utf8_lossy(&line)
                     .trim_end_matches('\r')
                     .to_string();
-                sink.0.lock().expect("lines lock").push(text);
+                sink.lines.lock().expect("lines lock").push(text);
             }
+            sink.ended.store(true, Ordering::SeqCst);
         });
         lines
     }
 
     fn snapshot(&self) -> Vec<String> {
-        self.0.lock().expect("lines lock").clone()
+        self.lines.lock().expect("lines lock").clone()
+    }
+
+    fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
 }
 
@@ -449,6 +476,31 @@ impl Gateway {
         .await
     }
 
+    /// Sends SIGTERM and waits (up to [`STEP`] each) for the process to exit and for both
+    /// of its pipes to end. Afterwards [`Gateway::stdout_lines`] and
+    /// [`Gateway::stderr_lines`] hold everything it ever wrote: what is not there never
+    /// happened.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        let status = self.wait_exit(STEP).await;
+        let (stdout, stderr) = (&self.stdout, &self.stderr);
+        eventually(STEP, "the end of sluice's stdout and stderr", || {
+            (stdout.ended() && stderr.ended()).then_some(())
+        })
+        .await;
+        status
+    }
+
+    /// The number of worker threads, from the `listening` log line.
+    pub async fn workers(&self) -> usize {
+        let line = self
+            .wait_log("the `listening` log line", |l| l["message"] == "listening")
+            .await;
+        line["workers"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("`listening` without `workers`: {line}")) as usize
+    }
+
     /// Lines written to stdout so far.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.snapshot()
@@ -506,7 +558,11 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            std::thread::sleep(Duration::from_millis(100));
+            // The process is gone: its stderr ends once the reader has every line.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !self.stderr.ended() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             if let Some(status) = exited {
                 eprintln!("---- sluice had exited on its own: {status} ----");
             }
