@@ -114,11 +114,11 @@ pub async fn open(
 /// ([`connect::tcp_sending`]).
 struct UpgradeAttempt<'a> {
     plan: &'a Plan,
-    head: Head<'a>,
+    head: Prepared<'a>,
 }
 
 /// The upgrade head for the servers tried.
-enum Head<'a> {
+enum Prepared<'a> {
     /// `Host` is the client's (with `preserve_host`, the default): the same bytes for
     /// every server, made once.
     Fixed(Vec<u8>),
@@ -145,8 +145,8 @@ impl<'a> UpgradeAttempt<'a> {
                     upstream_handshake::request_head_raw(req.uri(), req.fields(), None, plan.peer)
                 });
                 match fixed {
-                    Some((head, true)) => Head::Fixed(head),
-                    _ => Head::PerServer(ClientHead::Raw(req)),
+                    Some((head, true)) => Prepared::Fixed(head),
+                    _ => Prepared::PerServer(ClientHead::Raw(req)),
                 }
             }
             ClientHead::Map { uri, mut headers } => {
@@ -156,9 +156,9 @@ impl<'a> UpgradeAttempt<'a> {
                 if plan.keeps_client_host(headers.contains_key(header::HOST)) {
                     // No server's authority is written: the client's Host stays.
                     let (uri, headers) = plan.upstream_head(uri, headers, "");
-                    Head::Fixed(upstream_handshake::request_head(&uri, &headers))
+                    Prepared::Fixed(upstream_handshake::request_head(&uri, &headers))
                 } else {
-                    Head::PerServer(ClientHead::Map { uri, headers })
+                    Prepared::PerServer(ClientHead::Map { uri, headers })
                 }
             }
         };
@@ -172,13 +172,13 @@ impl connect::Attempt for UpgradeAttempt<'_> {
         let pool = &self.plan.verdict.pool;
         let authority = server.config.authority.as_str();
         let head = match &self.head {
-            Head::Fixed(head) => return connect::tcp_sending(pool, server, head).await,
-            Head::PerServer(ClientHead::Raw(req)) => {
+            Prepared::Fixed(head) => return connect::tcp_sending(pool, server, head).await,
+            Prepared::PerServer(ClientHead::Raw(req)) => {
                 let peer = self.plan.peer;
                 upstream_handshake::request_head_raw(req.uri(), req.fields(), Some(authority), peer)
                     .0
             }
-            Head::PerServer(ClientHead::Map { uri, headers }) => {
+            Prepared::PerServer(ClientHead::Map { uri, headers }) => {
                 let (uri, headers) = self.plan.upstream_head(uri, headers.clone(), authority);
                 upstream_handshake::request_head(&uri, &headers)
             }
