@@ -135,10 +135,11 @@ mod tests {
         drop(client);
     }
 
-    /// Listeners defer accepting until the client's first bytes arrive.
+    /// Listeners ask the kernel to defer accepting until the client's first bytes arrive
+    /// (that it does is `tests/limits.rs`: a silent connection takes no slot).
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn listeners_defer_accept_until_data() {
+    async fn listeners_ask_the_kernel_to_defer_accept() {
         let bound = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         for b in &bound {
             assert_eq!(

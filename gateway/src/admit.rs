@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{HeaderMap, Response, StatusCode, Uri};
 
 use crate::access::{CloseHook, Record};
@@ -15,7 +15,7 @@ use crate::balance::hash_key;
 use crate::client_handshake::{self, Upgrade};
 use crate::config::RouteAction;
 use crate::head::RequestHead;
-use crate::headers::add_forwarded;
+use crate::headers::set_upstream_fields;
 use crate::plugin::RequestKind;
 use crate::policy::{self, Verdict};
 use crate::respond::{ResponseBody, deny, respond};
@@ -162,13 +162,8 @@ impl Plan {
             .path_and_query()
             .map(|pq| Uri::from(pq.clone()))
             .unwrap_or_else(|| Uri::from_static("/"));
-        // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
-        add_forwarded(&mut headers, self.peer, "http");
-        if !self.keeps_client_host(headers.contains_key(header::HOST))
-            && let Ok(v) = HeaderValue::from_str(authority)
-        {
-            headers.insert(header::HOST, v);
-        }
+        let host = !self.keeps_client_host(headers.contains_key(header::HOST));
+        set_upstream_fields(&mut headers, self.peer, "http", host.then_some(authority));
         policy::apply(&self.verdict, &mut headers);
         (uri, headers)
     }

@@ -173,10 +173,27 @@ pub fn end_to_end<F: HeaderFields + ?Sized>(fields: &F) -> impl Iterator<Item = 
     fields.each().filter(move |(name, _)| !hop(name))
 }
 
+/// Makes a request's fields, already cleaned for the hop, those an upstream gets:
+/// [`add_forwarded`], then `Host: host` when the server's authority replaces the client's
+/// `Host` (`None` keeps the client's). [`push_upgrade_fields`] writes the same from raw
+/// fields.
+pub fn set_upstream_fields(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    proto: &'static str,
+    host: Option<&str>,
+) {
+    // X-Forwarded-Host names the host the client asked for, before Host is rewritten.
+    add_forwarded(headers, client, proto);
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert(header::HOST, v);
+    }
+}
+
 /// Appends the client to `X-Forwarded-For` (keeping what earlier proxies wrote, merged
 /// into one header) and sets `X-Forwarded-Proto` and `X-Forwarded-Host`, replacing any
 /// client-sent values of those two.
-pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, proto: &'static str) {
+fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, proto: &'static str) {
     let mut chain = Vec::with_capacity(48);
     for v in headers.get_all(X_FORWARDED_FOR) {
         push_forwarded_entry(&mut chain, v.as_bytes());
@@ -199,8 +216,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, proto: &'stati
 }
 
 /// Appends the header lines of one WebSocket upgrade hop made from a client's raw fields,
-/// with no header map: the same fields [`set_upgrade_hop`], [`add_forwarded`] and, when
-/// `host` is given, a `Host` rewrite make of their map. These are the end-to-end fields as
+/// with no header map: the same fields [`set_upgrade_hop`] and [`set_upstream_fields`]
+/// make of their map. These are the end-to-end fields as
 /// sent (less the `X-Forwarded-*` ones, and less `Host` when `host` is given), one
 /// `Connection: Upgrade`/`Upgrade: websocket` pair, `X-Forwarded-For` with `client`
 /// appended, `X-Forwarded-Proto`, `X-Forwarded-Host` (the client's first `Host`) and
@@ -430,15 +447,12 @@ mod tests {
         assert_eq!(stripped.len(), 3);
     }
 
-    /// What the map path sends upstream for an upgrade: the hop's rules, the
-    /// `X-Forwarded-*` fields, then `Host` when it is rewritten (as `admit::Plan::upstream_head`).
+    /// What the map path sends upstream for an upgrade no plugin edits (the calls
+    /// `open` and `admit::Plan::upstream_head` make).
     fn through_a_map(fields: &RawFields, host: Option<&str>, client: SocketAddr) -> HeaderMap {
         let mut map = fields.to_map();
         set_upgrade_hop(&mut map);
-        add_forwarded(&mut map, client, "http");
-        if let Some(h) = host {
-            map.insert(header::HOST, HeaderValue::from_str(h).unwrap());
-        }
+        set_upstream_fields(&mut map, client, "http", host);
         map
     }
 
