@@ -1,0 +1,114 @@
+//! The config as a user sees it: accepted files and their defaults, and the exact
+//! located messages for rejected ones.
+
+use std::time::Duration;
+
+use super::*;
+
+const BASE: &str = r#"
+[listeners.public]
+bind = "127.0.0.1:8080"
+
+[upstreams.echo]
+servers = ["127.0.0.1:9001"]
+
+[[routes]]
+path_prefix = "/"
+upstream = "echo"
+"#;
+
+fn err_of(src: &str) -> String {
+    Config::parse("sluice.toml", src).unwrap_err().to_string()
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = Config::parse("sluice.toml", BASE).unwrap();
+    assert_eq!(c.listeners[0].max_header_size, 16 * 1024);
+    assert_eq!(c.upstreams[0].balance, Balance::LeastConn);
+    assert_eq!(c.routes[0].idle_timeout, Some(Duration::from_secs(3600)));
+    assert!(c.routes[0].preserve_host);
+}
+
+#[test]
+fn unknown_field_names_file_line_and_field() {
+    let src = BASE.replace("servers = [", "serverz = 1\nservers = [");
+    assert_eq!(
+        err_of(&src),
+        "sluice.toml:6:1: upstreams.echo.serverz: unknown field `serverz`, expected one of `servers`, `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`"
+    );
+}
+
+#[test]
+fn bad_duration_names_the_field() {
+    let src = format!("{BASE}idle_timeout = \"3 weeks\"\n");
+    assert_eq!(
+        err_of(&src),
+        "sluice.toml:11:16: routes[0].idle_timeout: expected a duration such as \"30s\", \"500ms\" or \"1h\", got \"3 weeks\""
+    );
+}
+
+#[test]
+fn unknown_upstream_is_reported_at_its_use() {
+    let src = format!("{BASE}\n[[routes]]\npath_prefix = \"/x\"\nupstream = \"nope\"\n");
+    assert_eq!(
+        err_of(&src),
+        "sluice.toml:14:12: routes[1].upstream: unknown upstream `nope` (defined: echo)"
+    );
+}
+
+#[test]
+fn bad_hash_key_and_sizes() {
+    let src = BASE.replace(
+        "servers = [\"127.0.0.1:9001\"]",
+        "servers = [\"127.0.0.1:9001\"]\nbalance = \"hash\"\nhash_key = \"body:x\"",
+    );
+    assert!(err_of(&src).starts_with("sluice.toml:8:12: upstreams.echo.hash_key: expected"));
+    let src = BASE.replace(
+        "bind = \"127.0.0.1:8080\"",
+        "bind = \"127.0.0.1:8080\"\nmax_header_size = \"1KiB\"",
+    );
+    assert_eq!(
+        err_of(&src),
+        "sluice.toml:4:19: listeners.public.max_header_size: must be between 8KiB and 1MiB"
+    );
+}
+
+#[test]
+fn workers_default_to_the_cores_and_are_bounded() {
+    let c = Config::parse("sluice.toml", BASE).unwrap();
+    assert_eq!(
+        c.workers,
+        std::thread::available_parallelism().map_or(1, usize::from)
+    );
+    let c = Config::parse("sluice.toml", &format!("[runtime]\nworkers = 3\n{BASE}")).unwrap();
+    assert_eq!(c.workers, 3);
+    assert_eq!(
+        err_of(&format!("[runtime]\nworkers = 0\n{BASE}")),
+        "sluice.toml:2:11: runtime.workers: must be between 1 and 1024"
+    );
+}
+
+#[test]
+fn reused_decisions_default_can_be_turned_off_and_are_bounded() {
+    let with = |line: &str| format!("{BASE}\n[plugins.p]\npath = \"p.wasm\"\n{line}\n");
+    let limits = |src: &str| Config::parse("sluice.toml", src).unwrap().plugins[0].limits;
+    assert_eq!(limits(&with("")).max_reused, 1024);
+    assert_eq!(limits(&with("max_reused = 0")).max_reused, 0);
+    assert_eq!(
+        err_of(&with("max_reused = 70000")),
+        "sluice.toml:14:14: plugins.p.max_reused: must be at most 65536 (0 turns reuse off)"
+    );
+}
+
+#[test]
+fn durations_and_sizes_parse() {
+    assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+    assert!(parse_duration("5").is_err());
+    assert!(parse_duration("s").is_err());
+    assert_eq!(parse_size("16KiB").unwrap(), 16384);
+    assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
+    assert!(parse_size("lots").is_err());
+}
