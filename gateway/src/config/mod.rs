@@ -8,7 +8,7 @@ mod units;
 mod validate;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -16,8 +16,6 @@ use serde::Deserialize;
 use locate::{field_at, line_col};
 use raw::RawConfig;
 pub use units::{parse_duration, parse_size};
-
-use crate::plugin::{Limits, PluginSpec};
 
 /// A validated configuration, ready to build a snapshot from.
 #[derive(Debug, Clone)]
@@ -35,7 +33,7 @@ pub struct Config {
     /// Routes, in file order.
     pub routes: Vec<RouteConfig>,
     /// Policy plugins, in name order.
-    pub plugins: Vec<PluginSpec>,
+    pub plugins: Vec<PluginConfig>,
 }
 
 /// Logging settings (`[log]`).
@@ -214,6 +212,46 @@ pub enum RouteAction {
         /// Body text.
         body: String,
     },
+}
+
+/// A policy plugin (`[plugins.NAME]`): everything the plugin host needs to load it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginConfig {
+    /// Name used in logs, errors and metrics; also scopes its counters.
+    pub name: String,
+    /// Path of the component (`.wasm`).
+    pub wasm: PathBuf,
+    /// JSON text handed to `init`.
+    pub config_json: String,
+    /// Resource limits.
+    pub limits: PluginLimits,
+    /// On a fault, skip this plugin (true) instead of denying with 503.
+    pub fail_open: bool,
+}
+
+/// Per-plugin resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// CPU time one hook call (or instantiate + init) may use.
+    pub cpu_deadline: Duration,
+    /// Linear-memory cap per instance, in bytes.
+    pub memory_bytes: usize,
+    /// Instances kept (and calls run) concurrently, at most.
+    pub max_instances: usize,
+    /// Decisions kept for reuse (those the plugin returned with a
+    /// `reuse-ms`), at most; `0` calls the plugin for every request.
+    pub max_reused: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            cpu_deadline: Duration::from_millis(10),
+            memory_bytes: 64 << 20,
+            max_instances: 4,
+            max_reused: 1024,
+        }
+    }
 }
 
 /// A configuration that could not be loaded.

@@ -414,7 +414,7 @@ impl RawRoute {
 struct Known<'a> {
     listeners: &'a [ListenerConfig],
     upstreams: &'a [UpstreamConfig],
-    plugins: &'a [PluginSpec],
+    plugins: &'a [PluginConfig],
 }
 
 /// Checks that each name is one of `known` (`what` names the kind in the error).
@@ -450,8 +450,8 @@ impl RawPlugin {
         name: String,
         base_dir: &Path,
         err: &ErrAt<'_>,
-    ) -> Result<PluginSpec, ConfigError> {
-        let defaults = Limits::default();
+    ) -> Result<PluginConfig, ConfigError> {
+        let defaults = PluginLimits::default();
         let memory_bytes = match self.memory {
             Some(m) if m.get_ref().0 < 1 << 16 || m.get_ref().0 > 1 << 30 => {
                 return Err(err(m.span(), "must be between 64KiB and 1GiB".into()));
@@ -482,11 +482,11 @@ impl RawPlugin {
                 format!("config table is not JSON-compatible: {e}"),
             )
         })?;
-        Ok(PluginSpec {
+        Ok(PluginConfig {
             name,
             wasm: base_dir.join(self.path.get_ref()),
             config_json,
-            limits: Limits {
+            limits: PluginLimits {
                 cpu_deadline: nonzero(self.cpu_deadline, defaults.cpu_deadline, err)?,
                 memory_bytes,
                 max_instances,
