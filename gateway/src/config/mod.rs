@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use locate::{field_at, line_col};
 use raw::RawConfig;
-pub use units::{parse_duration, parse_size};
+pub use units::{MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size};
 
 /// A validated configuration, ready to build a snapshot from.
 #[derive(Debug, Clone)]

@@ -102,13 +102,67 @@ fn reused_decisions_default_can_be_turned_off_and_are_bounded() {
 }
 
 #[test]
-fn durations_and_sizes_parse() {
-    assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-    assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-    assert!(parse_duration("5").is_err());
-    assert!(parse_duration("s").is_err());
-    assert_eq!(parse_size("16KiB").unwrap(), 16384);
-    assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
-    assert!(parse_size("lots").is_err());
+fn durations_past_365_days_are_located_errors_not_panics() {
+    for (duration, line) in [
+        ("18446744073709551615s1s", 11),
+        ("9999999999999999h", 11),
+        ("99999999999999999999ms", 11),
+        ("366d", 11),
+    ] {
+        assert_eq!(
+            err_of(&format!("{BASE}idle_timeout = \"{duration}\"\n")),
+            format!(
+                "sluice.toml:{line}:16: routes[0].idle_timeout: must be at most 365d, got \"{duration}\""
+            )
+        );
+    }
+    assert_eq!(
+        err_of(&format!(
+            "[shutdown]\ngrace = \"9999999999999999h\"\n{BASE}"
+        )),
+        "sluice.toml:2:9: shutdown.grace: must be at most 365d, got \"9999999999999999h\""
+    );
+    let c = Config::parse("sluice.toml", &format!("{BASE}idle_timeout = \"365d\"\n")).unwrap();
+    assert_eq!(c.routes[0].idle_timeout, Some(MAX_DURATION));
+}
+
+#[test]
+fn sizes_past_one_tebibyte_are_located_errors_not_panics() {
+    let with = |size: &str| {
+        err_of(&BASE.replace(
+            "bind = \"127.0.0.1:8080\"",
+            &format!("bind = \"127.0.0.1:8080\"\nmax_header_size = {size}"),
+        ))
+    };
+    assert_eq!(
+        with("\"99999999999999999GiB\""),
+        "sluice.toml:4:19: listeners.public.max_header_size: must be at most 1TiB, got \"99999999999999999GiB\""
+    );
+    assert_eq!(
+        with("\"99999999999999999999999\""),
+        "sluice.toml:4:19: listeners.public.max_header_size: must be at most 1TiB, got \"99999999999999999999999\""
+    );
+    assert_eq!(
+        with("9223372036854775807"),
+        "sluice.toml:4:19: listeners.public.max_header_size: must be at most 1TiB, got 9223372036854775807"
+    );
+    assert_eq!(
+        with("-1"),
+        "sluice.toml:4:19: listeners.public.max_header_size: expected a size such as \"16KiB\" or \"1MiB\", got -1"
+    );
+    assert_eq!(
+        with("true"),
+        "sluice.toml:4:19: listeners.public.max_header_size: invalid type: boolean `true`, expected a size such as \"16KiB\" or a number of bytes"
+    );
+    // Within the bound, the field's own range still applies.
+    assert_eq!(
+        with("\"1TiB\""),
+        "sluice.toml:4:19: listeners.public.max_header_size: must be between 8KiB and 1MiB"
+    );
+    assert_eq!(
+        err_of(&format!(
+            "{BASE}\n[plugins.p]\npath = \"p.wasm\"\nmemory = \"18446744073709551615GB\"\n"
+        )),
+        "sluice.toml:14:10: plugins.p.memory: must be at most 1TiB, got \"18446744073709551615GB\""
+    );
 }
