@@ -166,3 +166,21 @@ fn sizes_past_one_tebibyte_are_located_errors_not_panics() {
         "sluice.toml:14:10: plugins.p.memory: must be at most 1TiB, got \"18446744073709551615GB\""
     );
 }
+
+#[test]
+fn max_connections_is_bounded() {
+    let with = |n: &str| {
+        BASE.replace(
+            "bind = \"127.0.0.1:8080\"",
+            &format!("bind = \"127.0.0.1:8080\"\nmax_connections = {n}"),
+        )
+    };
+    let c = Config::parse("sluice.toml", &with("10000000")).unwrap();
+    assert_eq!(c.listeners[0].max_connections, 10_000_000);
+    for n in ["0", "10000001", "4611686018427387904"] {
+        assert_eq!(
+            err_of(&with(n)),
+            "sluice.toml:4:19: listeners.public.max_connections: must be between 1 and 10000000"
+        );
+    }
+}

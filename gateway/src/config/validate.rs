@@ -17,6 +17,10 @@ pub(super) type ErrAt<'a> = dyn Fn(std::ops::Range<usize>, String) -> ConfigErro
 /// Most worker threads a config may ask for.
 pub(super) const MAX_WORKERS: u64 = 1024;
 
+/// Most connections one listener may serve at once: far past any file-descriptor limit,
+/// and far below the 2^61 permits past which tokio's semaphore panics.
+const MAX_CONNECTIONS: u64 = 10_000_000;
+
 impl RawConfig {
     pub(super) fn validate(self, base_dir: &Path, err: &ErrAt<'_>) -> Result<Config, ConfigError> {
         let mut listeners = Vec::new();
@@ -41,8 +45,11 @@ impl RawConfig {
                 ));
             }
             let max_connections = match l.max_connections {
-                Some(m) if *m.get_ref() == 0 => {
-                    return Err(err(m.span(), "must be at least 1".into()));
+                Some(m) if !(1..=MAX_CONNECTIONS).contains(m.get_ref()) => {
+                    return Err(err(
+                        m.span(),
+                        format!("must be between 1 and {MAX_CONNECTIONS}"),
+                    ));
                 }
                 Some(m) => *m.get_ref() as usize,
                 None => 10_000,
