@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use locate::{field_at, line_col};
+use locate::Locator;
 use raw::RawConfig;
 pub use units::{MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size};
 
@@ -294,24 +294,16 @@ impl Config {
 
     /// Validates config text; `file` is only used in error messages.
     pub fn parse(file: &str, src: &str) -> Result<Config, ConfigError> {
-        let at = |offset: usize, message: String| {
-            let (line, column) = line_col(src, offset);
-            ConfigError::Invalid {
-                file: file.to_string(),
-                line,
-                column,
-                field: field_at(src, offset),
-                message,
-            }
-        };
+        let locator = Locator::new(file, src);
         let raw: RawConfig = toml::from_str(src).map_err(|e| {
-            let offset = e.span().map(|s| s.start).unwrap_or(0);
-            at(offset, e.message().trim().to_string())
+            let message = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => locator.at(span, message),
+                None => locator.top_level(message),
+            }
         })?;
         let base_dir = Path::new(file).parent().unwrap_or(Path::new("."));
-        raw.validate(base_dir, &|span: std::ops::Range<usize>, msg: String| {
-            at(span.start, msg)
-        })
+        raw.validate(base_dir, &locator)
     }
 }
 

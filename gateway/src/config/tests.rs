@@ -184,3 +184,106 @@ fn max_connections_is_bounded() {
         );
     }
 }
+
+#[test]
+fn an_element_of_a_multi_line_array_is_named_by_its_index() {
+    let src = BASE.replace(
+        "servers = [\"127.0.0.1:9001\"]",
+        "servers = [\n  \"127.0.0.1:9001\",\n  \"host:port\",\n]",
+    );
+    assert_eq!(
+        err_of(&src),
+        "sluice.toml:8:3: upstreams.echo.servers[1]: expected \"host:port\" that resolves, got \"host:port\""
+    );
+}
+
+#[test]
+fn inline_tables_and_dotted_keys_are_named_by_their_full_path() {
+    let upstream = |health: &str| {
+        BASE.replace(
+            "servers = [\"127.0.0.1:9001\"]",
+            &format!("servers = [\"127.0.0.1:9001\"]\n{health}"),
+        )
+    };
+    assert_eq!(
+        err_of(&upstream("health = { check = \"ping\" }")),
+        "sluice.toml:7:20: upstreams.echo.health.check: expected \"tcp\" or \"http\", got \"ping\""
+    );
+    assert_eq!(
+        err_of(&upstream(
+            "health.check = \"tcp\"\nhealth.interval = \"soon\""
+        )),
+        "sluice.toml:8:19: upstreams.echo.health.interval: expected a duration such as \"30s\", \"500ms\" or \"1h\", got \"soon\""
+    );
+    assert_eq!(
+        err_of(&upstream("health = { check = \"tcp\", rise = 0 }")),
+        "sluice.toml:7:34: upstreams.echo.health.rise: must be at least 1"
+    );
+}
+
+#[test]
+fn routes_are_named_by_their_index_however_they_are_written() {
+    let three = format!(
+        "{BASE}\n[[routes]]\npath_prefix = \"/a\"\nupstream = \"echo\"\n\n[[routes]]\npath_prefix = \"b\"\nupstream = \"echo\"\n"
+    );
+    assert_eq!(
+        err_of(&three),
+        "sluice.toml:17:15: routes[2].path_prefix: must start with '/', got \"b\""
+    );
+    let inline = "[listeners.public]\nbind = \"127.0.0.1:8080\"\n[upstreams.echo]\nservers = [\"127.0.0.1:9001\"]\n\
+                  routes = [\n  { upstream = \"echo\" },\n  { upstream = \"echo\", listeners = [\"public\", \"admin\"] },\n]\n";
+    // `routes` written inline belongs to the table before it, as TOML reads it.
+    assert_eq!(
+        err_of(inline),
+        "sluice.toml:5:1: upstreams.echo.routes: unknown field `routes`, expected one of `servers`, `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`"
+    );
+    let inline = inline.replace("[upstreams.echo]\nservers = [\"127.0.0.1:9001\"]\n", "")
+        + "[upstreams.echo]\nservers = [\"127.0.0.1:9001\"]\n";
+    let inline = inline.replace("[listeners.public]\nbind = \"127.0.0.1:8080\"\n", "")
+        + "[listeners.public]\nbind = \"127.0.0.1:8080\"\n";
+    assert_eq!(
+        err_of(&inline),
+        "sluice.toml:3:47: routes[1].listeners[1]: unknown listener `admin` (defined: public)"
+    );
+}
+
+#[test]
+fn a_table_is_named_by_its_header_and_the_whole_file_as_top_level() {
+    let src = BASE.replace("[listeners.public]", "[listeners.\"pub lic\"]");
+    assert_eq!(
+        err_of(&src),
+        "sluice.toml:2:1: listeners.\"pub lic\": names use letters, digits, '-' and '_', got \"pub lic\""
+    );
+    let src = BASE.replace(
+        "[upstreams.echo]\nservers = [\"127.0.0.1:9001\"]\n",
+        "[upstreams.echo]\n",
+    );
+    assert_eq!(
+        err_of(&src),
+        "sluice.toml:5:1: upstreams.echo: missing field `servers`"
+    );
+    let routeless = &BASE[..BASE.find("[[routes]]").unwrap()];
+    assert_eq!(
+        err_of(routeless),
+        "sluice.toml:1:1: (top level): at least one [[routes]] entry is required"
+    );
+}
+
+#[test]
+fn syntax_errors_name_the_field_they_are_in() {
+    let src = BASE.replace("bind = \"127.0.0.1:8080\"", "bind = \"127.0.0.1:8080");
+    assert!(
+        err_of(&src).starts_with("sluice.toml:3:23: listeners.public.bind: "),
+        "{}",
+        err_of(&src)
+    );
+    let src = BASE.replace(
+        "upstream = \"echo\"",
+        "upstream = \"echo\"\nupstream = \"echo\"",
+    );
+    assert!(
+        err_of(&src).starts_with("sluice.toml:11:1: routes[0]: duplicate key"),
+        "{}",
+        err_of(&src)
+    );
+}

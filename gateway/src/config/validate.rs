@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::locate::Locator;
 use super::raw::{RawConfig, RawHealth, RawPlugin, RawRoute, RawUpstream};
 use super::units::Dur;
 use super::*;
-
-/// Builds the located error for a span of the file.
-pub(super) type ErrAt<'a> = dyn Fn(std::ops::Range<usize>, String) -> ConfigError + 'a;
 
 /// Most worker threads a config may ask for.
 pub(super) const MAX_WORKERS: u64 = 1024;
@@ -22,14 +20,18 @@ pub(super) const MAX_WORKERS: u64 = 1024;
 const MAX_CONNECTIONS: u64 = 10_000_000;
 
 impl RawConfig {
-    pub(super) fn validate(self, base_dir: &Path, err: &ErrAt<'_>) -> Result<Config, ConfigError> {
+    pub(super) fn validate(
+        self,
+        base_dir: &Path,
+        err: &Locator<'_>,
+    ) -> Result<Config, ConfigError> {
         let mut listeners = Vec::new();
         for (name, l) in self.listeners {
             let span = l.span();
             let l = l.into_inner();
             check_name(&name, span.clone(), err)?;
             let bind = l.bind.get_ref().parse::<SocketAddr>().map_err(|_| {
-                err(
+                err.at(
                     l.bind.span(),
                     format!(
                         "expected an IP address and port such as \"127.0.0.1:8080\", got {:?}",
@@ -39,17 +41,16 @@ impl RawConfig {
             })?;
             // Port 0 asks the OS for any free port, so it never collides.
             if bind.port() != 0 && listeners.iter().any(|x: &ListenerConfig| x.bind == bind) {
-                return Err(err(
+                return Err(err.at(
                     l.bind.span(),
                     format!("{bind} is already bound by another listener"),
                 ));
             }
             let max_connections = match l.max_connections {
                 Some(m) if !(1..=MAX_CONNECTIONS).contains(m.get_ref()) => {
-                    return Err(err(
-                        m.span(),
-                        format!("must be between 1 and {MAX_CONNECTIONS}"),
-                    ));
+                    return Err(
+                        err.at(m.span(), format!("must be between 1 and {MAX_CONNECTIONS}"))
+                    );
                 }
                 Some(m) => *m.get_ref() as usize,
                 None => 10_000,
@@ -57,7 +58,7 @@ impl RawConfig {
             let max_header_size = match l.max_header_size {
                 // hyper's HTTP/1 parser needs at least 8 KiB of buffer.
                 Some(s) if s.get_ref().0 < 8192 || s.get_ref().0 > 1 << 20 => {
-                    return Err(err(s.span(), "must be between 8KiB and 1MiB".to_string()));
+                    return Err(err.at(s.span(), "must be between 8KiB and 1MiB".to_string()));
                 }
                 Some(s) => s.into_inner().0 as usize,
                 None => 16 * 1024,
@@ -71,10 +72,7 @@ impl RawConfig {
             });
         }
         if listeners.is_empty() {
-            return Err(err(
-                0..0,
-                "at least one [listeners.NAME] table is required".into(),
-            ));
+            return Err(err.top_level("at least one [listeners.NAME] table is required".into()));
         }
 
         let mut upstreams = Vec::new();
@@ -102,24 +100,18 @@ impl RawConfig {
             routes.push(r.into_inner().validate(span, &known, err)?);
         }
         if routes.is_empty() {
-            return Err(err(
-                0..0,
-                "at least one [[routes]] entry is required".into(),
-            ));
+            return Err(err.top_level("at least one [[routes]] entry is required".into()));
         }
 
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(self.log.level.get_ref()) {
-            return Err(err(
+            return Err(err.at(
                 self.log.level.span(),
                 format!("expected a log filter such as \"info\" or \"sluice=debug,warn\": {e}"),
             ));
         }
         let workers = match self.runtime.workers {
             Some(w) if !(1..=MAX_WORKERS).contains(w.get_ref()) => {
-                return Err(err(
-                    w.span(),
-                    format!("must be between 1 and {MAX_WORKERS}"),
-                ));
+                return Err(err.at(w.span(), format!("must be between 1 and {MAX_WORKERS}")));
             }
             Some(w) => *w.get_ref() as usize,
             None => std::thread::available_parallelism().map_or(1, usize::from),
@@ -148,10 +140,10 @@ impl RawUpstream {
         self,
         name: String,
         span: std::ops::Range<usize>,
-        err: &ErrAt<'_>,
+        err: &Locator<'_>,
     ) -> Result<UpstreamConfig, ConfigError> {
         if self.servers.get_ref().is_empty() {
-            return Err(err(
+            return Err(err.at(
                 self.servers.span(),
                 "at least one server is required".into(),
             ));
@@ -164,13 +156,13 @@ impl RawUpstream {
                 .ok()
                 .and_then(|mut a| a.next())
                 .ok_or_else(|| {
-                    err(
+                    err.at(
                         s.span(),
                         format!("expected \"host:port\" that resolves, got {authority:?}"),
                     )
                 })?;
             if servers.iter().any(|x| x.addr == addr) {
-                return Err(err(s.span(), format!("server {authority} is listed twice")));
+                return Err(err.at(s.span(), format!("server {authority} is listed twice")));
             }
             servers.push(ServerConfig { authority, addr });
         }
@@ -180,10 +172,10 @@ impl RawUpstream {
             Some("hash") => Balance::Hash(match &self.hash_key {
                 None => HashKey::ClientIp,
                 Some(k) => parse_hash_key(k.get_ref())
-                    .ok_or_else(|| err(k.span(), format!("expected \"client-ip\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\", got {:?}", k.get_ref())))?,
+                    .ok_or_else(|| err.at(k.span(), format!("expected \"client-ip\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\", got {:?}", k.get_ref())))?,
             }),
             Some(other) => {
-                return Err(err(
+                return Err(err.at(
                     self.balance.as_ref().map(|b| b.span()).unwrap_or(span),
                     format!(
                         "expected \"round-robin\", \"least-conn\" or \"hash\", got {other:?}"
@@ -192,7 +184,7 @@ impl RawUpstream {
             }
         };
         if let (Some(k), false) = (&self.hash_key, matches!(balance, Balance::Hash(_))) {
-            return Err(err(k.span(), "hash_key needs balance = \"hash\"".into()));
+            return Err(err.at(k.span(), "hash_key needs balance = \"hash\"".into()));
         }
         let health = match self.health {
             None => None,
@@ -227,11 +219,11 @@ fn parse_hash_key(s: &str) -> Option<HashKey> {
 }
 
 impl RawHealth {
-    fn validate(self, err: &ErrAt<'_>) -> Result<HealthConfig, ConfigError> {
+    fn validate(self, err: &Locator<'_>) -> Result<HealthConfig, ConfigError> {
         let check = match self.check.get_ref().as_str() {
             "tcp" => {
                 if let Some(p) = &self.path {
-                    return Err(err(p.span(), "path needs check = \"http\"".into()));
+                    return Err(err.at(p.span(), "path needs check = \"http\"".into()));
                 }
                 HealthCheck::Tcp
             }
@@ -241,14 +233,14 @@ impl RawHealth {
                     .map(|p| p.into_inner())
                     .unwrap_or_else(|| "/".into());
                 if !path.starts_with('/') {
-                    return Err(err(
+                    return Err(err.at(
                         self.check.span(),
                         format!("path must start with '/', got {path:?}"),
                     ));
                 }
                 let expect_status = match self.expect_status {
                     Some(s) if !(100..=599).contains(s.get_ref()) => {
-                        return Err(err(s.span(), "expected an HTTP status code 100-599".into()));
+                        return Err(err.at(s.span(), "expected an HTTP status code 100-599".into()));
                     }
                     Some(s) => s.into_inner(),
                     None => 200,
@@ -259,14 +251,14 @@ impl RawHealth {
                 }
             }
             other => {
-                return Err(err(
+                return Err(err.at(
                     self.check.span(),
                     format!("expected \"tcp\" or \"http\", got {other:?}"),
                 ));
             }
         };
         let count = |v: Option<Spanned<u32>>, default: u32| match v {
-            Some(c) if *c.get_ref() == 0 => Err(err(c.span(), "must be at least 1".into())),
+            Some(c) if *c.get_ref() == 0 => Err(err.at(c.span(), "must be at least 1".into())),
             Some(c) => Ok(c.into_inner()),
             None => Ok(default),
         };
@@ -285,7 +277,7 @@ impl RawRoute {
         self,
         span: std::ops::Range<usize>,
         known: &Known<'_>,
-        err: &ErrAt<'_>,
+        err: &Locator<'_>,
     ) -> Result<RouteConfig, ConfigError> {
         let (listeners, upstreams) = (known.listeners, known.upstreams);
         let plugin_names: Vec<&str> = known.plugins.iter().map(|p| p.name.as_str()).collect();
@@ -298,7 +290,7 @@ impl RawRoute {
                 let mut names = Vec::new();
                 for l in ls {
                     if !listeners.iter().any(|x| x.name == *l.get_ref()) {
-                        return Err(err(
+                        return Err(err.at(
                             l.span(),
                             format!(
                                 "unknown listener `{}` (defined: {})",
@@ -321,7 +313,7 @@ impl RawRoute {
             Some(h) => {
                 let v = h.get_ref().to_ascii_lowercase();
                 if v.is_empty() || v.contains(['/', ':', ' ']) {
-                    return Err(err(
+                    return Err(err.at(
                         h.span(),
                         format!(
                             "expected a host name such as \"example.com\" or \"*.example.com\", got {:?}",
@@ -338,7 +330,7 @@ impl RawRoute {
         let path_prefix = match &self.path_prefix {
             None => "/".to_string(),
             Some(p) if !p.get_ref().starts_with('/') => {
-                return Err(err(
+                return Err(err.at(
                     p.span(),
                     format!("must start with '/', got {:?}", p.get_ref()),
                 ));
@@ -348,7 +340,7 @@ impl RawRoute {
         let action = match (self.upstream, self.status) {
             (Some(u), None) => {
                 if !upstreams.iter().any(|x| x.name == *u.get_ref()) {
-                    return Err(err(
+                    return Err(err.at(
                         u.span(),
                         format!(
                             "unknown upstream `{}` (defined: {})",
@@ -365,7 +357,7 @@ impl RawRoute {
             }
             (None, Some(s)) => {
                 if !(200..=599).contains(s.get_ref()) {
-                    return Err(err(s.span(), "expected an HTTP status code 200-599".into()));
+                    return Err(err.at(s.span(), "expected an HTTP status code 200-599".into()));
                 }
                 RouteAction::Respond {
                     status: s.into_inner(),
@@ -373,13 +365,13 @@ impl RawRoute {
                 }
             }
             (Some(u), Some(_)) => {
-                return Err(err(
+                return Err(err.at(
                     u.span(),
                     "a route has either `upstream` or `status`, not both".into(),
                 ));
             }
             (None, None) => {
-                return Err(err(
+                return Err(err.at(
                     span,
                     "a route needs `upstream` (proxy) or `status` (fixed answer)".into(),
                 ));
@@ -429,12 +421,12 @@ fn known_names(
     list: Option<Vec<Spanned<String>>>,
     known: &[&str],
     what: &str,
-    err: &ErrAt<'_>,
+    err: &Locator<'_>,
 ) -> Result<Vec<String>, ConfigError> {
     let mut out = Vec::new();
     for n in list.unwrap_or_default() {
         if !known.contains(&n.get_ref().as_str()) {
-            return Err(err(
+            return Err(err.at(
                 n.span(),
                 format!(
                     "unknown {what} `{}` (defined: {})",
@@ -456,26 +448,26 @@ impl RawPlugin {
         self,
         name: String,
         base_dir: &Path,
-        err: &ErrAt<'_>,
+        err: &Locator<'_>,
     ) -> Result<PluginConfig, ConfigError> {
         let defaults = PluginLimits::default();
         let memory_bytes = match self.memory {
             Some(m) if m.get_ref().0 < 1 << 16 || m.get_ref().0 > 1 << 30 => {
-                return Err(err(m.span(), "must be between 64KiB and 1GiB".into()));
+                return Err(err.at(m.span(), "must be between 64KiB and 1GiB".into()));
             }
             Some(m) => m.into_inner().0 as usize,
             None => defaults.memory_bytes,
         };
         let max_instances = match self.max_instances {
             Some(n) if *n.get_ref() == 0 || *n.get_ref() > 256 => {
-                return Err(err(n.span(), "must be between 1 and 256".into()));
+                return Err(err.at(n.span(), "must be between 1 and 256".into()));
             }
             Some(n) => n.into_inner() as usize,
             None => defaults.max_instances,
         };
         let max_reused = match self.max_reused {
             Some(n) if *n.get_ref() > MAX_REUSED => {
-                return Err(err(
+                return Err(err.at(
                     n.span(),
                     format!("must be at most {MAX_REUSED} (0 turns reuse off)"),
                 ));
@@ -484,7 +476,7 @@ impl RawPlugin {
             None => defaults.max_reused,
         };
         let config_json = serde_json::to_string(&self.config).map_err(|e| {
-            err(
+            err.at(
                 self.path.span(),
                 format!("config table is not JSON-compatible: {e}"),
             )
@@ -507,14 +499,14 @@ impl RawPlugin {
 fn check_name(
     name: &str,
     span: std::ops::Range<usize>,
-    err: &ErrAt<'_>,
+    err: &Locator<'_>,
 ) -> Result<(), ConfigError> {
     if name.is_empty()
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        return Err(err(
+        return Err(err.at(
             span,
             format!("names use letters, digits, '-' and '_', got {name:?}"),
         ));
@@ -522,10 +514,10 @@ fn check_name(
     Ok(())
 }
 
-fn nonzero(d: Option<Dur>, default: Duration, err: &ErrAt<'_>) -> Result<Duration, ConfigError> {
+fn nonzero(d: Option<Dur>, default: Duration, err: &Locator<'_>) -> Result<Duration, ConfigError> {
     match d {
         None => Ok(default),
-        Some(d) if d.value.is_zero() => Err(err(d.span, "must be greater than zero".into())),
+        Some(d) if d.value.is_zero() => Err(err.at(d.span, "must be greater than zero".into())),
         Some(d) => Ok(d.value),
     }
 }
