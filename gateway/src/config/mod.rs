@@ -167,6 +167,10 @@ pub struct RouteConfig {
     pub action: RouteAction,
     /// Forward the client's `Host` header (otherwise the server's address is sent).
     pub preserve_host: bool,
+    /// Send the upstream the normalised path that routing matched (`.`/`..` resolved,
+    /// `//` collapsed, unreserved %-escapes decoded) instead of the path as sent; as
+    /// Envoy's `normalize_path`.
+    pub normalize_path: bool,
     /// A tunnel with no bytes either way for this long is closed; `None` disables.
     pub idle_timeout: Option<Duration>,
     /// Deadline for the upstream to answer a WebSocket handshake.

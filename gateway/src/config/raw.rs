@@ -122,6 +122,7 @@ pub(super) struct RawRoute {
     pub(super) status: Option<Spanned<u16>>,
     pub(super) body: Option<String>,
     pub(super) preserve_host: Option<bool>,
+    pub(super) normalize_path: Option<bool>,
     pub(super) idle_timeout: Option<Dur>,
     pub(super) handshake_timeout: Option<Dur>,
     pub(super) request_timeout: Option<Dur>,

@@ -287,3 +287,15 @@ fn syntax_errors_name_the_field_they_are_in() {
         err_of(&src)
     );
 }
+
+#[test]
+fn routes_forward_the_path_as_sent_unless_asked_to_normalise_it() {
+    let with = |line: &str| format!("{BASE}{line}\n");
+    assert!(!Config::parse("sluice.toml", BASE).unwrap().routes[0].normalize_path);
+    let c = Config::parse("sluice.toml", &with("normalize_path = true")).unwrap();
+    assert!(c.routes[0].normalize_path);
+    assert_eq!(
+        err_of(&with("normalize_path = \"yes\"")),
+        "sluice.toml:11:18: routes[0].normalize_path: invalid type: string \"yes\", expected a boolean"
+    );
+}

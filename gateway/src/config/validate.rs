@@ -399,6 +399,7 @@ impl RawRoute {
             path_prefix,
             action,
             preserve_host: self.preserve_host.unwrap_or(true),
+            normalize_path: self.normalize_path.unwrap_or(false),
             idle_timeout,
             handshake_timeout: nonzero(self.handshake_timeout, Duration::from_secs(10), err)?,
             request_timeout: nonzero(self.request_timeout, Duration::from_secs(60), err)?,
