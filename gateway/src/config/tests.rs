@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::validate::MAX_WORKERS;
 use super::*;
 
 const BASE: &str = r#"
@@ -75,18 +76,29 @@ fn bad_hash_key_and_sizes() {
 }
 
 #[test]
-fn workers_default_to_the_cores_and_are_bounded() {
-    let c = Config::parse("sluice.toml", BASE).unwrap();
-    assert_eq!(
-        c.workers,
-        std::thread::available_parallelism().map_or(1, usize::from)
+fn workers_default_within_bounds_and_explicit_ones_are_kept_or_refused() {
+    let workers = |runtime: &str| {
+        Config::parse("sluice.toml", &format!("{runtime}{BASE}"))
+            .unwrap()
+            .workers
+    };
+    let default = workers("");
+    assert!(
+        (1..=MAX_WORKERS as usize).contains(&default),
+        "default workers {default}"
     );
-    let c = Config::parse("sluice.toml", &format!("[runtime]\nworkers = 3\n{BASE}")).unwrap();
-    assert_eq!(c.workers, 3);
-    assert_eq!(
-        err_of(&format!("[runtime]\nworkers = 0\n{BASE}")),
-        "sluice.toml:2:11: runtime.workers: must be between 1 and 1024"
-    );
+    assert_eq!(workers("[runtime]\nworkers = 3\n"), 3);
+    assert_eq!(workers("[runtime]\nworkers = 1024\n"), 1024);
+    for (n, message) in [
+        ("0", "must be between 1 and 1024"),
+        ("1025", "must be between 1 and 1024"),
+        ("-1", "invalid value: integer `-1`, expected u64"),
+    ] {
+        assert_eq!(
+            err_of(&format!("[runtime]\nworkers = {n}\n{BASE}")),
+            format!("sluice.toml:2:11: runtime.workers: {message}")
+        );
+    }
 }
 
 #[test]

@@ -114,7 +114,10 @@ impl RawConfig {
                 return Err(err.at(w.span(), format!("must be between 1 and {MAX_WORKERS}")));
             }
             Some(w) => *w.get_ref() as usize,
-            None => std::thread::available_parallelism().map_or(1, usize::from),
+            // One per core, within the bound an explicit value has.
+            None => std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_WORKERS as usize),
         };
         Ok(Config {
             workers,
