@@ -312,4 +312,6 @@ impl Config {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
