@@ -10,7 +10,10 @@ use toml::Spanned;
 use super::locate::Locator;
 use super::raw::{RawConfig, RawHealth, RawPlugin, RawRoute, RawUpstream};
 use super::units::Dur;
-use super::*;
+use super::{
+    Balance, Config, ConfigError, HashKey, HealthCheck, HealthConfig, HostMatch, ListenerConfig,
+    LogConfig, PluginConfig, PluginLimits, RouteAction, RouteConfig, ServerConfig, UpstreamConfig,
+};
 
 /// Most worker threads a config may ask for.
 pub(super) const MAX_WORKERS: u64 = 1024;
@@ -282,34 +285,14 @@ impl RawRoute {
         known: &Known<'_>,
         err: &Locator<'_>,
     ) -> Result<RouteConfig, ConfigError> {
-        let (listeners, upstreams) = (known.listeners, known.upstreams);
+        let listener_names: Vec<&str> = known.listeners.iter().map(|l| l.name.as_str()).collect();
+        let pool_names: Vec<&str> = known.upstreams.iter().map(|u| u.name.as_str()).collect();
         let plugin_names: Vec<&str> = known.plugins.iter().map(|p| p.name.as_str()).collect();
-        let pool_names: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
         let route_plugins = known_names(self.plugins, &plugin_names, "plugin", err)?;
         let route_pools = known_names(self.pools, &pool_names, "upstream", err)?;
         let route_listeners = match self.listeners {
             None => None,
-            Some(ls) => {
-                let mut names = Vec::new();
-                for l in ls {
-                    if !listeners.iter().any(|x| x.name == *l.get_ref()) {
-                        return Err(err.at(
-                            l.span(),
-                            format!(
-                                "unknown listener `{}` (defined: {})",
-                                l.get_ref(),
-                                listeners
-                                    .iter()
-                                    .map(|x| x.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                        ));
-                    }
-                    names.push(l.into_inner());
-                }
-                Some(names)
-            }
+            Some(ls) => Some(known_names(Some(ls), &listener_names, "listener", err)?),
         };
         let host = match &self.host {
             None => None,
@@ -341,23 +324,7 @@ impl RawRoute {
             Some(p) => p.get_ref().clone(),
         };
         let action = match (self.upstream, self.status) {
-            (Some(u), None) => {
-                if !upstreams.iter().any(|x| x.name == *u.get_ref()) {
-                    return Err(err.at(
-                        u.span(),
-                        format!(
-                            "unknown upstream `{}` (defined: {})",
-                            u.get_ref(),
-                            upstreams
-                                .iter()
-                                .map(|x| x.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ));
-                }
-                RouteAction::Proxy(u.into_inner())
-            }
+            (Some(u), None) => RouteAction::Proxy(known_name(u, &pool_names, "upstream", err)?),
             (None, Some(s)) => {
                 if !(200..=599).contains(s.get_ref()) {
                     return Err(err.at(s.span(), "expected an HTTP status code 200-599".into()));
@@ -427,21 +394,29 @@ fn known_names(
     what: &str,
     err: &Locator<'_>,
 ) -> Result<Vec<String>, ConfigError> {
-    let mut out = Vec::new();
-    for n in list.unwrap_or_default() {
-        if !known.contains(&n.get_ref().as_str()) {
-            return Err(err.at(
-                n.span(),
-                format!(
-                    "unknown {what} `{}` (defined: {})",
-                    n.get_ref(),
-                    known.join(", ")
-                ),
-            ));
-        }
-        out.push(n.into_inner());
+    (list.unwrap_or_default().into_iter())
+        .map(|n| known_name(n, known, what, err))
+        .collect()
+}
+
+/// Checks that a name is one of `known` (`what` names the kind in the error).
+fn known_name(
+    name: Spanned<String>,
+    known: &[&str],
+    what: &str,
+    err: &Locator<'_>,
+) -> Result<String, ConfigError> {
+    if !known.contains(&name.get_ref().as_str()) {
+        return Err(err.at(
+            name.span(),
+            format!(
+                "unknown {what} `{}` (defined: {})",
+                name.get_ref(),
+                known.join(", ")
+            ),
+        ));
     }
-    Ok(out)
+    Ok(name.into_inner())
 }
 
 /// Most decisions one plugin may keep for reuse (each holds its key, at most 4 KiB).
