@@ -50,12 +50,13 @@ fn assert_fails(subcommand: &str, config: &str, located: &str) {
     );
 }
 
-/// Runs `sluice SUBCOMMAND PATH` and asserts exit 1, nothing on stdout, and the line
-/// `expected` on stderr.
+/// Runs `sluice SUBCOMMAND PATH` and asserts exit 1 without a panic, nothing on stdout,
+/// and the line `expected` on stderr.
 fn assert_fails_at(subcommand: &str, path: &Path, expected: &str) {
     let out = sluice(subcommand, path);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     assert!(
         out.stdout.is_empty(),
         "stdout: {}",
@@ -104,6 +105,25 @@ fn check_and_run_report_a_bad_duration() {
              or \"1h\", got \"3 weeks\"",
         );
     }
+}
+
+#[test]
+fn check_reports_an_overflowing_duration_or_size_instead_of_panicking() {
+    for duration in ["18446744073709551615s1s", "9999999999999999h"] {
+        assert_fails(
+            "check",
+            &format!("{BASE}idle_timeout = \"{duration}\"\n"),
+            &format!("11:16: routes[0].idle_timeout: must be at most 365d, got \"{duration}\""),
+        );
+    }
+    assert_fails(
+        "check",
+        &BASE.replace(
+            "bind = \"127.0.0.1:0\"",
+            "bind = \"127.0.0.1:0\"\nmax_header_size = \"99999999999999999GiB\"",
+        ),
+        "4:19: listeners.public.max_header_size: must be at most 1TiB, got \"99999999999999999GiB\"",
+    );
 }
 
 #[test]

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use sluice::config::{PluginConfig, PluginLimits};
 use sluice::plugin::{
-    Chain, ChainDecision, CloseInfo, CloseReason, Fault, HeaderOp, Limits, Mutations, Plugin,
-    PluginError, PluginHost, PluginSpec, RequestInfo, RequestKind,
+    Chain, ChainDecision, CloseInfo, CloseReason, Fault, HeaderOp, Mutations, Plugin, PluginError,
+    PluginHost, RequestInfo, RequestKind,
 };
 
 const SECRET: &str = "plugin-host-test-secret";
@@ -25,31 +26,31 @@ fn wasm(name: &str) -> PathBuf {
     path
 }
 
-fn spec(name: &str, config: serde_json::Value) -> PluginSpec {
-    PluginSpec {
+fn spec(name: &str, config: serde_json::Value) -> PluginConfig {
+    PluginConfig {
         name: name.to_owned(),
         wasm: wasm(name),
         config_json: config.to_string(),
-        limits: Limits::default(),
+        limits: PluginLimits::default(),
         fail_open: false,
     }
 }
 
-fn hostile(name: &str, behaviour: &str, fail_open: bool) -> PluginSpec {
-    PluginSpec {
+fn hostile(name: &str, behaviour: &str, fail_open: bool) -> PluginConfig {
+    PluginConfig {
         name: name.to_owned(),
         fail_open,
-        limits: Limits {
+        limits: PluginLimits {
             cpu_deadline: Duration::from_millis(50),
             memory_bytes: 16 << 20,
             max_instances: 2,
-            ..Limits::default()
+            ..PluginLimits::default()
         },
         ..spec("hostile", json!({"on_request": behaviour}))
     }
 }
 
-async fn load(host: &PluginHost, spec: &PluginSpec) -> Plugin {
+async fn load(host: &PluginHost, spec: &PluginConfig) -> Plugin {
     match host.load(spec).await {
         Ok(plugin) => plugin,
         Err(e) => panic!("loading {}: {e}", spec.name),
@@ -110,7 +111,7 @@ fn denied(decision: &ChainDecision) -> (u16, &str, Option<&Fault>) {
 }
 
 /// origin-allowlist admitting `https://*.acme.example`.
-fn acme_origins() -> PluginSpec {
+fn acme_origins() -> PluginConfig {
     spec(
         "origin-allowlist",
         json!({"allowed": ["https://*.acme.example"]}),
@@ -128,7 +129,7 @@ async fn full_chain(host: &PluginHost) -> Chain {
     load_chain(host, &full_chain_specs()).await
 }
 
-async fn load_chain(host: &PluginHost, specs: &[PluginSpec]) -> Chain {
+async fn load_chain(host: &PluginHost, specs: &[PluginConfig]) -> Chain {
     let mut plugins = Vec::new();
     for s in specs {
         plugins.push(load(host, s).await);
@@ -136,7 +137,7 @@ async fn load_chain(host: &PluginHost, specs: &[PluginSpec]) -> Chain {
     Chain::new(plugins)
 }
 
-fn full_chain_specs() -> [PluginSpec; 4] {
+fn full_chain_specs() -> [PluginConfig; 4] {
     [
         acme_origins(),
         spec("jwt-auth", jwt_config()),
@@ -263,7 +264,7 @@ async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
     let host = PluginHost::new().unwrap();
     let auth = load(&host, &spec("jwt-auth", jwt_config())).await;
     assert_eq!(auth.headers(), Some(&["authorization".to_owned()][..]));
-    let narrow = PluginSpec {
+    let narrow = PluginConfig {
         name: "narrow".into(),
         ..spec("hostile", json!({"headers": ["X-User", "Origin"]}))
     };
@@ -297,11 +298,11 @@ async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
 #[tokio::test]
 async fn plugins_get_only_the_fields_they_read_and_later_plugins_get_them_all_back() {
     let host = PluginHost::new().unwrap();
-    let narrow = PluginSpec {
+    let narrow = PluginConfig {
         name: "narrow".into(),
         ..spec("hostile", json!({"fields": ["path", "client-addr"]}))
     };
-    let none = PluginSpec {
+    let none = PluginConfig {
         name: "none".into(),
         ..spec("hostile", json!({"fields": []}))
     };
@@ -343,10 +344,10 @@ async fn a_decision_is_given_again_only_for_the_same_inputs_and_only_as_long_as_
     let host = PluginHost::new().unwrap();
     // Long enough for the checks of reuse below on a loaded machine.
     const REUSE: Duration = Duration::from_millis(1500);
-    let reusing = |max_reused: usize| PluginSpec {
-        limits: Limits {
+    let reusing = |max_reused: usize| PluginConfig {
+        limits: PluginLimits {
             max_reused,
-            ..Limits::default()
+            ..PluginLimits::default()
         },
         ..spec(
             "hostile",
@@ -509,13 +510,13 @@ async fn load_errors_name_the_plugin_and_the_reason() {
     let with_file = |name: &str, bytes: &[u8]| {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
-        PluginSpec {
+        PluginConfig {
             wasm: path,
             ..spec("origin-allowlist", json!({}))
         }
     };
 
-    let missing = PluginSpec {
+    let missing = PluginConfig {
         wasm: dir.join("nope.wasm"),
         ..spec("origin-allowlist", json!({}))
     };
@@ -564,10 +565,10 @@ async fn load_errors_name_the_plugin_and_the_reason() {
         "{bad_config}"
     );
 
-    let tiny_memory = PluginSpec {
-        limits: Limits {
+    let tiny_memory = PluginConfig {
+        limits: PluginLimits {
             memory_bytes: 64 << 10,
-            ..Limits::default()
+            ..PluginLimits::default()
         },
         ..spec("origin-allowlist", json!({"allowed": []}))
     };
@@ -577,10 +578,10 @@ async fn load_errors_name_the_plugin_and_the_reason() {
         "{err}"
     );
 
-    let zero = PluginSpec {
-        limits: Limits {
+    let zero = PluginConfig {
+        limits: PluginLimits {
             max_instances: 0,
-            ..Limits::default()
+            ..PluginLimits::default()
         },
         ..spec("origin-allowlist", json!({"allowed": []}))
     };
@@ -594,7 +595,7 @@ async fn load_errors_name_the_plugin_and_the_reason() {
 #[tokio::test]
 async fn slow_init_fails_the_load_within_the_deadline() {
     let host = PluginHost::new().unwrap();
-    let slow = PluginSpec {
+    let slow = PluginConfig {
         config_json: json!({"init_ms": 10_000}).to_string(),
         ..hostile("slow-init", "allow", false)
     };
@@ -618,7 +619,7 @@ async fn slow_init_fails_the_load_within_the_deadline() {
     );
 
     // A merely slow init within the deadline loads fine.
-    let ok = PluginSpec {
+    let ok = PluginConfig {
         config_json: json!({"init_ms": 5}).to_string(),
         ..hostile("slowish-init", "allow", false)
     };
@@ -787,8 +788,8 @@ async fn measure() {
     // of a chain whose plugins do not allow reuse).
     let four_called = load_chain(
         &host,
-        &full_chain_specs().map(|s| PluginSpec {
-            limits: Limits {
+        &full_chain_specs().map(|s| PluginConfig {
+            limits: PluginLimits {
                 max_reused: 0,
                 ..s.limits
             },

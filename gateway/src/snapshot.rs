@@ -9,9 +9,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::Pool;
-use crate::config::Config;
+use crate::config::{Config, PluginConfig};
 use crate::health;
-use crate::plugin::{Plugin, PluginError, PluginHost, PluginSpec};
+use crate::plugin::{Plugin, PluginError, PluginHost};
 use crate::route::RouteTable;
 
 /// Routes, pools, plugins and the config they came from.
@@ -24,7 +24,7 @@ pub struct Snapshot {
     /// Pools by name.
     pub pools: HashMap<String, Arc<Pool>>,
     /// Loaded plugins by name, with the spec they were loaded from.
-    plugins: HashMap<String, (PluginSpec, Plugin)>,
+    plugins: HashMap<String, (PluginConfig, Plugin)>,
     health: CancellationToken,
 }
 

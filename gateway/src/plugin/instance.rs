@@ -13,12 +13,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{self, Decision, Request, host, wit};
 use super::reuse::{Reuse, reuse_ms};
-use super::types::{Fault, Limits, PluginStats};
+use super::types::{Fault, PluginStats};
+use crate::config::PluginLimits;
 
 /// Longest a call waits for a free instance before it is an `Overloaded` fault.
 /// Each busy instance frees itself within its CPU deadline, so this only
 /// trips when the plugin is swamped.
-fn queue_wait(limits: &Limits) -> Duration {
+fn queue_wait(limits: &PluginLimits) -> Duration {
     (limits.cpu_deadline * 4).max(Duration::from_millis(50))
 }
 
@@ -194,7 +195,7 @@ struct Stats {
 /// initialised instances, each used by one call at a time.
 pub(super) struct InstancePool {
     pub(super) shared: Arc<Shared>,
-    pub(super) limits: Limits,
+    pub(super) limits: PluginLimits,
     pub(super) fail_open: bool,
     engine: Engine,
     pre: bindings::PluginPre<State>,
@@ -225,7 +226,7 @@ impl InstancePool {
         engine: Engine,
         pre: bindings::PluginPre<State>,
         shared: Arc<Shared>,
-        limits: Limits,
+        limits: PluginLimits,
         fail_open: bool,
         config_json: String,
         tick: Duration,

@@ -4,7 +4,7 @@
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
 //!                              compilation cache; one linker (host imports + WASI)
-//!   └─ load(&PluginSpec)       read → compile once → InstancePre → instantiate + init
+//!   └─ load(&PluginConfig)     read → compile once → InstancePre → instantiate + init
 //!        └─ Plugin             bounded pool of initialised, reused instances
 //! Chain::new(vec![plugin…])
 //!   ├─ on_request(&RequestInfo) → ChainDecision   first deny wins, mutations accumulate;
@@ -65,10 +65,11 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use chain::Chain;
 pub use types::{
-    ChainDecision, CloseInfo, CloseReason, Denial, Fault, HeaderOp, Limits, Mutations, PluginSpec,
-    PluginStats, RequestInfo, RequestKind, TlsInfo,
+    ChainDecision, CloseInfo, CloseReason, Denial, Fault, HeaderOp, Mutations, PluginStats,
+    RequestInfo, RequestKind, TlsInfo,
 };
 
+use crate::config::PluginConfig;
 use instance::{Counters, InstancePool, Shared, State};
 
 /// Why a plugin could not be loaded. Every variant names the plugin.
@@ -249,7 +250,7 @@ impl PluginHost {
     /// the async workers; cached on disk across restarts), check it targets
     /// the plugin world, then start one instance and run `init` with the
     /// spec's config, so a bad config fails here, not on the request path.
-    pub async fn load(&self, spec: &PluginSpec) -> Result<Plugin, PluginError> {
+    pub async fn load(&self, spec: &PluginConfig) -> Result<Plugin, PluginError> {
         let plugin = spec.name.clone();
         self.check_limits(spec)?;
         let bytes = tokio::fs::read(&spec.wasm)
@@ -312,7 +313,7 @@ impl PluginHost {
         })
     }
 
-    fn check_limits(&self, spec: &PluginSpec) -> Result<(), PluginError> {
+    fn check_limits(&self, spec: &PluginConfig) -> Result<(), PluginError> {
         let l = &spec.limits;
         let reason = if l.max_instances == 0 {
             "max_instances must be at least 1".to_owned()

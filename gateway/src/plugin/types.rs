@@ -2,7 +2,6 @@
 //! hands the chain and what it gets back. No wasmtime type appears here.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Which kind of exchange a request opens.
@@ -174,46 +173,6 @@ pub enum Fault {
     /// A new instance could not be created.
     #[error("could not start an instance: {0}")]
     Start(String),
-}
-
-/// Per-plugin resource limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// CPU time one hook call (or instantiate + init) may use.
-    pub cpu_deadline: Duration,
-    /// Linear-memory cap per instance, in bytes.
-    pub memory_bytes: usize,
-    /// Instances kept (and calls run) concurrently, at most.
-    pub max_instances: usize,
-    /// Decisions kept for reuse (those the plugin returned with a
-    /// `reuse-ms`), at most; `0` calls the plugin for every request.
-    pub max_reused: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            cpu_deadline: Duration::from_millis(10),
-            memory_bytes: 64 << 20,
-            max_instances: 4,
-            max_reused: 1024,
-        }
-    }
-}
-
-/// Everything needed to load one plugin.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PluginSpec {
-    /// Name used in logs, errors and metrics; also scopes its counters.
-    pub name: String,
-    /// Path of the component (`.wasm`).
-    pub wasm: PathBuf,
-    /// JSON text handed to `init`.
-    pub config_json: String,
-    /// Resource limits.
-    pub limits: Limits,
-    /// On a fault, skip this plugin (true) instead of denying with 503.
-    pub fail_open: bool,
 }
 
 /// Counters of one plugin since it was loaded.

@@ -1,0 +1,317 @@
+//! Configuration: one TOML file, parsed with serde into a raw form that rejects unknown
+//! fields, then validated into the typed [`Config`] that a [`crate::snapshot::Snapshot`]
+//! is built from. Every error names the file, the line and the field.
+
+mod locate;
+mod raw;
+mod units;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use locate::Locator;
+use raw::RawConfig;
+pub use units::{MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size};
+
+/// A validated configuration, ready to build a snapshot from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Logging settings.
+    pub log: LogConfig,
+    /// How long tunnels may drain after SIGTERM/SIGINT before they are closed.
+    pub shutdown_grace: Duration,
+    /// Worker threads, each with its own event loop and its own socket per listener.
+    pub workers: usize,
+    /// Listening sockets, in name order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Upstream pools, in name order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Routes, in file order.
+    pub routes: Vec<RouteConfig>,
+    /// Policy plugins, in name order.
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// Logging settings (`[log]`).
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `sluice=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// Human-readable text or one JSON object per line.
+    pub format: LogFormat,
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// `key=value` text lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One listening socket (`[listeners.NAME]`).
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// The listener's name, used by routes and logs.
+    pub name: String,
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Connections served at once; further accepts wait.
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head (slowloris bound).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; larger ones get `431`.
+    pub max_header_size: usize,
+}
+
+/// An upstream pool (`[upstreams.NAME]`).
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The pool's name, used by routes and logs.
+    pub name: String,
+    /// The servers, in file order.
+    pub servers: Vec<ServerConfig>,
+    /// How a server is chosen for each new connection or request.
+    pub balance: Balance,
+    /// Deadline for a TCP connect to one server.
+    pub connect_timeout: Duration,
+    /// Consecutive connect failures that eject a server (0 disables passive ejection).
+    pub max_fails: u32,
+    /// How long a passively ejected server rests before it is tried again
+    /// (only when no active health check is configured; otherwise the check decides).
+    pub fail_timeout: Duration,
+    /// Active health check, if any.
+    pub health: Option<HealthConfig>,
+}
+
+/// One server of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerConfig {
+    /// The address as written, used as the `Host` when the route does not preserve it.
+    pub authority: String,
+    /// The resolved socket address.
+    pub addr: SocketAddr,
+}
+
+/// Balancing algorithm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    /// Each server in turn.
+    RoundRobin,
+    /// The server with the fewest open connections and tunnels (ties go round-robin).
+    LeastConn,
+    /// Consistent hashing of a per-request key onto a ring of servers.
+    Hash(HashKey),
+}
+
+/// Where the consistent-hash key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address.
+    ClientIp,
+    /// A request header (lower-case name).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query-string parameter.
+    Query(String),
+}
+
+/// Active health check settings (`[upstreams.NAME.health]`).
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// What a probe does.
+    pub check: HealthCheck,
+    /// Time between probes of one server.
+    pub interval: Duration,
+    /// Deadline for one probe.
+    pub timeout: Duration,
+    /// Consecutive successes that bring an unhealthy server back.
+    pub rise: u32,
+    /// Consecutive failures that take a healthy server out.
+    pub fall: u32,
+}
+
+/// The kind of probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers with the expected status.
+    Http {
+        /// Path requested.
+        path: String,
+        /// Status that counts as healthy.
+        expect_status: u16,
+    },
+}
+
+/// A route (`[[routes]]`).
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Name used in logs (defaults to `host+path_prefix`).
+    pub name: String,
+    /// Listeners the route applies to; `None` means all.
+    pub listeners: Option<Vec<String>>,
+    /// Host match; `None` matches any host.
+    pub host: Option<HostMatch>,
+    /// Path prefix matched against the normalised request path.
+    pub path_prefix: String,
+    /// What the route does with a matching request.
+    pub action: RouteAction,
+    /// Forward the client's `Host` header (otherwise the server's address is sent).
+    pub preserve_host: bool,
+    /// Send the upstream the normalised path that routing matched (`.`/`..` resolved,
+    /// `//` collapsed, unreserved %-escapes decoded) instead of the path as sent; as
+    /// Envoy's `normalize_path`.
+    pub normalize_path: bool,
+    /// A tunnel with no bytes either way for this long is closed; `None` disables.
+    pub idle_timeout: Option<Duration>,
+    /// Deadline for the upstream to answer a WebSocket handshake.
+    pub handshake_timeout: Duration,
+    /// Deadline for the upstream to answer a plain request's head (then `504`).
+    pub request_timeout: Duration,
+    /// Plugin chain run before upstream selection, in order.
+    pub plugins: Vec<String>,
+    /// Pools a plugin may switch this route to, besides its own.
+    pub pools: Vec<String>,
+    /// Tenant this route belongs to, told to plugins.
+    pub tenant: Option<String>,
+}
+
+impl RouteConfig {
+    /// The pool this route proxies to, if it proxies.
+    pub fn action_pool(&self) -> Option<&str> {
+        match &self.action {
+            RouteAction::Proxy(p) => Some(p),
+            RouteAction::Respond { .. } => None,
+        }
+    }
+}
+
+/// How a route's host matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// The host exactly (lower-case, without port).
+    Exact(String),
+    /// Any subdomain of this suffix (`*.example.com` stores `.example.com`).
+    Suffix(String),
+}
+
+/// What a route does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteAction {
+    /// Proxy to this upstream pool.
+    Proxy(String),
+    /// Answer with a fixed status and body, never proxying.
+    Respond {
+        /// Status code.
+        status: u16,
+        /// Body text.
+        body: String,
+    },
+}
+
+/// A policy plugin (`[plugins.NAME]`): everything the plugin host needs to load it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginConfig {
+    /// Name used in logs, errors and metrics; also scopes its counters.
+    pub name: String,
+    /// Path of the component (`.wasm`).
+    pub wasm: PathBuf,
+    /// JSON text handed to `init`.
+    pub config_json: String,
+    /// Resource limits.
+    pub limits: PluginLimits,
+    /// On a fault, skip this plugin (true) instead of denying with 503.
+    pub fail_open: bool,
+}
+
+/// Per-plugin resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PluginLimits {
+    /// CPU time one hook call (or instantiate + init) may use.
+    pub cpu_deadline: Duration,
+    /// Linear-memory cap per instance, in bytes.
+    pub memory_bytes: usize,
+    /// Instances kept (and calls run) concurrently, at most.
+    pub max_instances: usize,
+    /// Decisions kept for reuse (those the plugin returned with a
+    /// `reuse-ms`), at most; `0` calls the plugin for every request.
+    pub max_reused: usize,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            cpu_deadline: Duration::from_millis(10),
+            memory_bytes: 64 << 20,
+            max_instances: 4,
+            max_reused: 1024,
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read config: {source}")]
+    Io {
+        /// The file.
+        file: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file was read but is invalid.
+    #[error("{file}:{line}:{column}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The field, as a path such as `routes[1].upstream`.
+        field: String,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        Config::parse(&file, &src)
+    }
+
+    /// Validates config text; `file` is only used in error messages.
+    pub fn parse(file: &str, src: &str) -> Result<Config, ConfigError> {
+        let locator = Locator::new(file, src);
+        let raw: RawConfig = toml::from_str(src).map_err(|e| {
+            let message = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => locator.at(span, message),
+                None => locator.top_level(message),
+            }
+        })?;
+        let base_dir = Path::new(file).parent().unwrap_or(Path::new("."));
+        raw.validate(base_dir, &locator)
+    }
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

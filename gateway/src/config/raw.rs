@@ -1,0 +1,132 @@
+//! The configuration file as serde reads it: one struct per table, unknown fields
+//! refused, values still carrying their spans so that validation can point at them.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::LogFormat;
+use super::units::{Dur, Size};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) shutdown: RawShutdown,
+    #[serde(default)]
+    pub(super) runtime: RawRuntime,
+    #[serde(default)]
+    pub(super) listeners: BTreeMap<String, Spanned<RawListener>>,
+    #[serde(default)]
+    pub(super) upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub(super) routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub(super) plugins: BTreeMap<String, Spanned<RawPlugin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlugin {
+    pub(super) path: Spanned<String>,
+    #[serde(default)]
+    pub(super) config: toml::Table,
+    pub(super) fail_open: Option<bool>,
+    pub(super) cpu_deadline: Option<Dur>,
+    pub(super) memory: Option<Spanned<Size>>,
+    pub(super) max_instances: Option<Spanned<u32>>,
+    pub(super) max_reused: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    #[serde(default = "default_level")]
+    pub(super) level: Spanned<String>,
+    #[serde(default = "default_format")]
+    pub(super) format: LogFormat,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: default_level(),
+            format: default_format(),
+        }
+    }
+}
+
+fn default_level() -> Spanned<String> {
+    Spanned::new(0..0, "info".into())
+}
+fn default_format() -> LogFormat {
+    LogFormat::Text
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShutdown {
+    pub(super) grace: Option<Dur>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRuntime {
+    pub(super) workers: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub(super) bind: Spanned<String>,
+    pub(super) max_connections: Option<Spanned<u64>>,
+    pub(super) header_read_timeout: Option<Dur>,
+    pub(super) max_header_size: Option<Spanned<Size>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) servers: Spanned<Vec<Spanned<String>>>,
+    pub(super) balance: Option<Spanned<String>>,
+    pub(super) hash_key: Option<Spanned<String>>,
+    pub(super) connect_timeout: Option<Dur>,
+    pub(super) max_fails: Option<u32>,
+    pub(super) fail_timeout: Option<Dur>,
+    pub(super) health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub(super) check: Spanned<String>,
+    pub(super) path: Option<Spanned<String>>,
+    pub(super) expect_status: Option<Spanned<u16>>,
+    pub(super) interval: Option<Dur>,
+    pub(super) timeout: Option<Dur>,
+    pub(super) rise: Option<Spanned<u32>>,
+    pub(super) fall: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: Option<String>,
+    pub(super) listeners: Option<Vec<Spanned<String>>>,
+    pub(super) host: Option<Spanned<String>>,
+    pub(super) path_prefix: Option<Spanned<String>>,
+    pub(super) upstream: Option<Spanned<String>>,
+    pub(super) status: Option<Spanned<u16>>,
+    pub(super) body: Option<String>,
+    pub(super) preserve_host: Option<bool>,
+    pub(super) normalize_path: Option<bool>,
+    pub(super) idle_timeout: Option<Dur>,
+    pub(super) handshake_timeout: Option<Dur>,
+    pub(super) request_timeout: Option<Dur>,
+    pub(super) plugins: Option<Vec<Spanned<String>>>,
+    pub(super) pools: Option<Vec<Spanned<String>>>,
+    pub(super) tenant: Option<String>,
+}

@@ -1,0 +1,502 @@
+//! From the raw form to the typed [`Config`]: defaults filled in, ranges and
+//! cross-references checked, each error located at the value it is about.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::locate::Locator;
+use super::raw::{RawConfig, RawHealth, RawPlugin, RawRoute, RawUpstream};
+use super::units::Dur;
+use super::{
+    Balance, Config, ConfigError, HashKey, HealthCheck, HealthConfig, HostMatch, ListenerConfig,
+    LogConfig, PluginConfig, PluginLimits, RouteAction, RouteConfig, ServerConfig, UpstreamConfig,
+};
+
+/// Most worker threads a config may ask for.
+pub(super) const MAX_WORKERS: u64 = 1024;
+
+/// Most connections one listener may serve at once: far past any file-descriptor limit,
+/// and far below the 2^61 permits past which tokio's semaphore panics.
+const MAX_CONNECTIONS: u64 = 10_000_000;
+
+impl RawConfig {
+    pub(super) fn validate(
+        self,
+        base_dir: &Path,
+        err: &Locator<'_>,
+    ) -> Result<Config, ConfigError> {
+        let mut listeners = Vec::new();
+        for (name, l) in self.listeners {
+            let span = l.span();
+            let l = l.into_inner();
+            check_name(&name, span.clone(), err)?;
+            let bind = l.bind.get_ref().parse::<SocketAddr>().map_err(|_| {
+                err.at(
+                    l.bind.span(),
+                    format!(
+                        "expected an IP address and port such as \"127.0.0.1:8080\", got {:?}",
+                        l.bind.get_ref()
+                    ),
+                )
+            })?;
+            // Port 0 asks the OS for any free port, so it never collides.
+            if bind.port() != 0 && listeners.iter().any(|x: &ListenerConfig| x.bind == bind) {
+                return Err(err.at(
+                    l.bind.span(),
+                    format!("{bind} is already bound by another listener"),
+                ));
+            }
+            let max_connections = match l.max_connections {
+                Some(m) if !(1..=MAX_CONNECTIONS).contains(m.get_ref()) => {
+                    return Err(
+                        err.at(m.span(), format!("must be between 1 and {MAX_CONNECTIONS}"))
+                    );
+                }
+                Some(m) => *m.get_ref() as usize,
+                None => 10_000,
+            };
+            let max_header_size = match l.max_header_size {
+                // hyper's HTTP/1 parser needs at least 8 KiB of buffer.
+                Some(s) if s.get_ref().0 < 8192 || s.get_ref().0 > 1 << 20 => {
+                    return Err(err.at(s.span(), "must be between 8KiB and 1MiB".to_string()));
+                }
+                Some(s) => s.into_inner().0 as usize,
+                None => 16 * 1024,
+            };
+            listeners.push(ListenerConfig {
+                name,
+                bind,
+                max_connections,
+                header_read_timeout: nonzero(l.header_read_timeout, Duration::from_secs(10), err)?,
+                max_header_size,
+            });
+        }
+        if listeners.is_empty() {
+            return Err(err.top_level("at least one [listeners.NAME] table is required".into()));
+        }
+
+        let mut upstreams = Vec::new();
+        for (name, u) in self.upstreams {
+            let span = u.span();
+            let u = u.into_inner();
+            check_name(&name, span.clone(), err)?;
+            upstreams.push(u.validate(name, span, err)?);
+        }
+
+        let mut plugins = Vec::new();
+        for (name, p) in self.plugins {
+            check_name(&name, p.span(), err)?;
+            plugins.push(p.into_inner().validate(name, base_dir, err)?);
+        }
+
+        let mut routes = Vec::new();
+        for r in self.routes {
+            let span = r.span();
+            let known = Known {
+                listeners: &listeners,
+                upstreams: &upstreams,
+                plugins: &plugins,
+            };
+            routes.push(r.into_inner().validate(span, &known, err)?);
+        }
+        if routes.is_empty() {
+            return Err(err.top_level("at least one [[routes]] entry is required".into()));
+        }
+
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(self.log.level.get_ref()) {
+            return Err(err.at(
+                self.log.level.span(),
+                format!("expected a log filter such as \"info\" or \"sluice=debug,warn\": {e}"),
+            ));
+        }
+        let workers = match self.runtime.workers {
+            Some(w) if !(1..=MAX_WORKERS).contains(w.get_ref()) => {
+                return Err(err.at(w.span(), format!("must be between 1 and {MAX_WORKERS}")));
+            }
+            Some(w) => *w.get_ref() as usize,
+            // One per core, within the bound an explicit value has.
+            None => std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_WORKERS as usize),
+        };
+        Ok(Config {
+            workers,
+            log: LogConfig {
+                level: self.log.level.into_inner(),
+                format: self.log.format,
+            },
+            shutdown_grace: self
+                .shutdown
+                .grace
+                .map(|d| d.value)
+                .unwrap_or(Duration::from_secs(30)),
+            listeners,
+            upstreams,
+            routes,
+            plugins,
+        })
+    }
+}
+
+impl RawUpstream {
+    fn validate(
+        self,
+        name: String,
+        span: std::ops::Range<usize>,
+        err: &Locator<'_>,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        if self.servers.get_ref().is_empty() {
+            return Err(err.at(
+                self.servers.span(),
+                "at least one server is required".into(),
+            ));
+        }
+        let mut servers: Vec<ServerConfig> = Vec::new();
+        for s in self.servers.into_inner() {
+            let authority = s.get_ref().clone();
+            let addr = authority
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| {
+                    err.at(
+                        s.span(),
+                        format!("expected \"host:port\" that resolves, got {authority:?}"),
+                    )
+                })?;
+            if servers.iter().any(|x| x.addr == addr) {
+                return Err(err.at(s.span(), format!("server {authority} is listed twice")));
+            }
+            servers.push(ServerConfig { authority, addr });
+        }
+        let balance = match self.balance.as_ref().map(|b| b.get_ref().as_str()) {
+            None | Some("least-conn") => Balance::LeastConn,
+            Some("round-robin") => Balance::RoundRobin,
+            Some("hash") => Balance::Hash(match &self.hash_key {
+                None => HashKey::ClientIp,
+                Some(k) => parse_hash_key(k.get_ref())
+                    .ok_or_else(|| err.at(k.span(), format!("expected \"client-ip\", \"header:NAME\", \"cookie:NAME\" or \"query:NAME\", got {:?}", k.get_ref())))?,
+            }),
+            Some(other) => {
+                return Err(err.at(
+                    self.balance.as_ref().map(|b| b.span()).unwrap_or(span),
+                    format!(
+                        "expected \"round-robin\", \"least-conn\" or \"hash\", got {other:?}"
+                    ),
+                ));
+            }
+        };
+        if let (Some(k), false) = (&self.hash_key, matches!(balance, Balance::Hash(_))) {
+            return Err(err.at(k.span(), "hash_key needs balance = \"hash\"".into()));
+        }
+        let health = match self.health {
+            None => None,
+            Some(h) => Some(h.into_inner().validate(err)?),
+        };
+        Ok(UpstreamConfig {
+            name,
+            servers,
+            balance,
+            connect_timeout: nonzero(self.connect_timeout, Duration::from_secs(3), err)?,
+            max_fails: self.max_fails.unwrap_or(3),
+            fail_timeout: nonzero(self.fail_timeout, Duration::from_secs(10), err)?,
+            health,
+        })
+    }
+}
+
+fn parse_hash_key(s: &str) -> Option<HashKey> {
+    if s == "client-ip" {
+        return Some(HashKey::ClientIp);
+    }
+    let (kind, name) = s.split_once(':')?;
+    if name.is_empty() {
+        return None;
+    }
+    match kind {
+        "header" => Some(HashKey::Header(name.to_ascii_lowercase())),
+        "cookie" => Some(HashKey::Cookie(name.to_string())),
+        "query" => Some(HashKey::Query(name.to_string())),
+        _ => None,
+    }
+}
+
+impl RawHealth {
+    fn validate(self, err: &Locator<'_>) -> Result<HealthConfig, ConfigError> {
+        let check = match self.check.get_ref().as_str() {
+            "tcp" => {
+                if let Some(p) = &self.path {
+                    return Err(err.at(p.span(), "path needs check = \"http\"".into()));
+                }
+                HealthCheck::Tcp
+            }
+            "http" => {
+                let path = self
+                    .path
+                    .map(|p| p.into_inner())
+                    .unwrap_or_else(|| "/".into());
+                if !path.starts_with('/') {
+                    return Err(err.at(
+                        self.check.span(),
+                        format!("path must start with '/', got {path:?}"),
+                    ));
+                }
+                let expect_status = match self.expect_status {
+                    Some(s) if !(100..=599).contains(s.get_ref()) => {
+                        return Err(err.at(s.span(), "expected an HTTP status code 100-599".into()));
+                    }
+                    Some(s) => s.into_inner(),
+                    None => 200,
+                };
+                HealthCheck::Http {
+                    path,
+                    expect_status,
+                }
+            }
+            other => {
+                return Err(err.at(
+                    self.check.span(),
+                    format!("expected \"tcp\" or \"http\", got {other:?}"),
+                ));
+            }
+        };
+        let count = |v: Option<Spanned<u32>>, default: u32| match v {
+            Some(c) if *c.get_ref() == 0 => Err(err.at(c.span(), "must be at least 1".into())),
+            Some(c) => Ok(c.into_inner()),
+            None => Ok(default),
+        };
+        Ok(HealthConfig {
+            check,
+            interval: nonzero(self.interval, Duration::from_secs(5), err)?,
+            timeout: nonzero(self.timeout, Duration::from_secs(2), err)?,
+            rise: count(self.rise, 2)?,
+            fall: count(self.fall, 3)?,
+        })
+    }
+}
+
+impl RawRoute {
+    fn validate(
+        self,
+        span: std::ops::Range<usize>,
+        known: &Known<'_>,
+        err: &Locator<'_>,
+    ) -> Result<RouteConfig, ConfigError> {
+        let listener_names: Vec<&str> = known.listeners.iter().map(|l| l.name.as_str()).collect();
+        let pool_names: Vec<&str> = known.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let plugin_names: Vec<&str> = known.plugins.iter().map(|p| p.name.as_str()).collect();
+        let route_plugins = known_names(self.plugins, &plugin_names, "plugin", err)?;
+        let route_pools = known_names(self.pools, &pool_names, "upstream", err)?;
+        let route_listeners = match self.listeners {
+            None => None,
+            Some(ls) => Some(known_names(Some(ls), &listener_names, "listener", err)?),
+        };
+        let host = match &self.host {
+            None => None,
+            Some(h) => {
+                let v = h.get_ref().to_ascii_lowercase();
+                if v.is_empty() || v.contains(['/', ':', ' ']) {
+                    return Err(err.at(
+                        h.span(),
+                        format!(
+                            "expected a host name such as \"example.com\" or \"*.example.com\", got {:?}",
+                            h.get_ref()
+                        ),
+                    ));
+                }
+                Some(match v.strip_prefix("*.") {
+                    Some(rest) => HostMatch::Suffix(format!(".{rest}")),
+                    None => HostMatch::Exact(v),
+                })
+            }
+        };
+        let path_prefix = match &self.path_prefix {
+            None => "/".to_string(),
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(err.at(
+                    p.span(),
+                    format!("must start with '/', got {:?}", p.get_ref()),
+                ));
+            }
+            Some(p) => p.get_ref().clone(),
+        };
+        let action = match (self.upstream, self.status) {
+            (Some(u), None) => RouteAction::Proxy(known_name(u, &pool_names, "upstream", err)?),
+            (None, Some(s)) => {
+                if !(200..=599).contains(s.get_ref()) {
+                    return Err(err.at(s.span(), "expected an HTTP status code 200-599".into()));
+                }
+                RouteAction::Respond {
+                    status: s.into_inner(),
+                    body: self.body.unwrap_or_default(),
+                }
+            }
+            (Some(u), Some(_)) => {
+                return Err(err.at(
+                    u.span(),
+                    "a route has either `upstream` or `status`, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(err.at(
+                    span,
+                    "a route needs `upstream` (proxy) or `status` (fixed answer)".into(),
+                ));
+            }
+        };
+        let name = self.name.unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                self.host
+                    .as_ref()
+                    .map(|h| h.get_ref().as_str())
+                    .unwrap_or("*"),
+                path_prefix
+            )
+        });
+        let idle_timeout = match self.idle_timeout {
+            Some(d) if d.value.is_zero() => None,
+            Some(d) => Some(d.value),
+            None => Some(Duration::from_secs(3600)),
+        };
+        Ok(RouteConfig {
+            name,
+            listeners: route_listeners,
+            host,
+            path_prefix,
+            action,
+            preserve_host: self.preserve_host.unwrap_or(true),
+            normalize_path: self.normalize_path.unwrap_or(false),
+            idle_timeout,
+            handshake_timeout: nonzero(self.handshake_timeout, Duration::from_secs(10), err)?,
+            request_timeout: nonzero(self.request_timeout, Duration::from_secs(60), err)?,
+            plugins: route_plugins,
+            pools: route_pools,
+            tenant: self.tenant,
+        })
+    }
+}
+
+/// What routes may refer to.
+struct Known<'a> {
+    listeners: &'a [ListenerConfig],
+    upstreams: &'a [UpstreamConfig],
+    plugins: &'a [PluginConfig],
+}
+
+/// Checks that each name is one of `known` (`what` names the kind in the error).
+fn known_names(
+    list: Option<Vec<Spanned<String>>>,
+    known: &[&str],
+    what: &str,
+    err: &Locator<'_>,
+) -> Result<Vec<String>, ConfigError> {
+    (list.unwrap_or_default().into_iter())
+        .map(|n| known_name(n, known, what, err))
+        .collect()
+}
+
+/// Checks that a name is one of `known` (`what` names the kind in the error).
+fn known_name(
+    name: Spanned<String>,
+    known: &[&str],
+    what: &str,
+    err: &Locator<'_>,
+) -> Result<String, ConfigError> {
+    if !known.contains(&name.get_ref().as_str()) {
+        return Err(err.at(
+            name.span(),
+            format!(
+                "unknown {what} `{}` (defined: {})",
+                name.get_ref(),
+                known.join(", ")
+            ),
+        ));
+    }
+    Ok(name.into_inner())
+}
+
+/// Most decisions one plugin may keep for reuse (each holds its key, at most 4 KiB).
+const MAX_REUSED: u32 = 65_536;
+
+impl RawPlugin {
+    fn validate(
+        self,
+        name: String,
+        base_dir: &Path,
+        err: &Locator<'_>,
+    ) -> Result<PluginConfig, ConfigError> {
+        let defaults = PluginLimits::default();
+        let memory_bytes = match self.memory {
+            Some(m) if m.get_ref().0 < 1 << 16 || m.get_ref().0 > 1 << 30 => {
+                return Err(err.at(m.span(), "must be between 64KiB and 1GiB".into()));
+            }
+            Some(m) => m.into_inner().0 as usize,
+            None => defaults.memory_bytes,
+        };
+        let max_instances = match self.max_instances {
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 256 => {
+                return Err(err.at(n.span(), "must be between 1 and 256".into()));
+            }
+            Some(n) => n.into_inner() as usize,
+            None => defaults.max_instances,
+        };
+        let max_reused = match self.max_reused {
+            Some(n) if *n.get_ref() > MAX_REUSED => {
+                return Err(err.at(
+                    n.span(),
+                    format!("must be at most {MAX_REUSED} (0 turns reuse off)"),
+                ));
+            }
+            Some(n) => n.into_inner() as usize,
+            None => defaults.max_reused,
+        };
+        let config_json = serde_json::to_string(&self.config).map_err(|e| {
+            err.at(
+                self.path.span(),
+                format!("config table is not JSON-compatible: {e}"),
+            )
+        })?;
+        Ok(PluginConfig {
+            name,
+            wasm: base_dir.join(self.path.get_ref()),
+            config_json,
+            limits: PluginLimits {
+                cpu_deadline: nonzero(self.cpu_deadline, defaults.cpu_deadline, err)?,
+                memory_bytes,
+                max_instances,
+                max_reused,
+            },
+            fail_open: self.fail_open.unwrap_or(false),
+        })
+    }
+}
+
+fn check_name(
+    name: &str,
+    span: std::ops::Range<usize>,
+    err: &Locator<'_>,
+) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(err.at(
+            span,
+            format!("names use letters, digits, '-' and '_', got {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn nonzero(d: Option<Dur>, default: Duration, err: &Locator<'_>) -> Result<Duration, ConfigError> {
+    match d {
+        None => Ok(default),
+        Some(d) if d.value.is_zero() => Err(err.at(d.span, "must be greater than zero".into())),
+        Some(d) => Ok(d.value),
+    }
+}
