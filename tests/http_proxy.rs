@@ -255,3 +255,40 @@ async fn routes_match_exact_and_wildcard_hosts_before_the_catch_all() {
         .await;
     }
 }
+
+/// A route with `normalize_path = true` sends the upstream the normalised path routing
+/// matched (query kept); other routes send the path as the client wrote it. Both for
+/// plain requests and for upgrades, read first on the socket or after a plain request
+/// (by hyper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_may_send_the_normalised_path_upstream() {
+    let backend = Backend::start("a").await;
+    let gateway = ConfigBuilder::new(&[backend.addr])
+        .extra(
+            "[[routes]]\nname = \"norm\"\npath_prefix = \"/norm/\"\nupstream = \"echo\"\n\
+             normalize_path = true\n",
+        )
+        .start()
+        .await;
+    let addr = gateway.addr();
+    let cases = [
+        (Head::get("/norm/a/../b//c?x=1&y=..%2F"), "/norm/b/c?x=1&y=..%2F"),
+        (Head::get("/raw/a/../b//c"), "/raw/a/../b//c"),
+        (Head::get("/x/../norm/%61"), "/norm/a"),
+        (Head::get("/norm/already/normal?q"), "/norm/already/normal?q"),
+        (Head::websocket("/norm/./x/../ws"), "/norm/ws"),
+        (Head::websocket("/raw/./ws"), "/raw/./ws"),
+    ];
+    for (head, sent) in &cases {
+        let answer = request_once(addr, head).await;
+        assert!(matches!(answer.status, 200 | 101), "{head:?}: {answer:?}");
+        let seen = backend.requests().pop().unwrap();
+        assert_eq!(seen.target, *sent, "{head:?}");
+    }
+    // An upgrade after a plain request on the same connection (hyper's path).
+    let mut client = RawClient::connect(addr).await;
+    assert_eq!(client.request(&Head::get("/norm/first")).await.status, 200);
+    let answer = client.request(&Head::websocket("/norm//ws//")).await;
+    assert_eq!(answer.status, 101, "{answer:?}");
+    assert_eq!(backend.requests().pop().unwrap().target, "/norm/ws/");
+}

@@ -2,6 +2,7 @@
 //! [`Plan`]) or what Sluice answers instead, before any upstream is contacted, and says
 //! how the request's head is rewritten for the upstream hop.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -53,6 +54,9 @@ pub struct Plan {
     pub verdict: Verdict,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The origin-form target sent upstream instead of the client's: its normalised path
+    /// (and query), when the route has `normalize_path` and normalising changed it.
+    pub normal_target: Option<Uri>,
 }
 
 /// Route → upgrade validation → policy: where the request goes, or Sluice's answer.
@@ -138,27 +142,43 @@ pub async fn admit(
         (Some(k), Some(_)) => k.as_bytes().to_vec(),
         _ => hash_key(&verdict.pool, req, peer),
     };
+    let target = match &path {
+        Cow::Owned(normal) if route.config.normalize_path => {
+            let query = req.uri().query().map_or(String::new(), |q| format!("?{q}"));
+            Uri::try_from(format!("{normal}{query}")).ok()
+        }
+        _ => None,
+    };
     let plan = Plan {
         route,
         key,
         verdict,
         peer,
+        normal_target: target,
     };
     Ok(Admitted { plan, rec, ws_key })
 }
 
 impl Plan {
-    /// The head sent upstream: origin-form URI, the client's `headers` (already cleaned
-    /// for this hop by the caller: `strip_hop_by_hop`, or `set_upgrade_hop` for an
-    /// upgrade), `Host` per the route (`authority` is the server's, for when the client's
-    /// is not kept), the `X-Forwarded-*` headers, and the plugins' header changes.
+    /// The request target sent upstream for the client's `uri`: its own, or the
+    /// normalised one ([`Plan::normal_target`]).
+    pub fn target<'a>(&'a self, uri: &'a Uri) -> &'a Uri {
+        self.normal_target.as_ref().unwrap_or(uri)
+    }
+
+    /// The head sent upstream: origin-form URI ([`Plan::target`]), the client's `headers`
+    /// (already cleaned for this hop by the caller: `strip_hop_by_hop`, or
+    /// `set_upgrade_hop` for an upgrade), `Host` per the route (`authority` is the
+    /// server's, for when the client's is not kept), the `X-Forwarded-*` headers, and the
+    /// plugins' header changes.
     pub fn upstream_head(
         &self,
         uri: &Uri,
         mut headers: HeaderMap,
         authority: &str,
     ) -> (Uri, HeaderMap) {
-        let uri = uri
+        let uri = self
+            .target(uri)
             .path_and_query()
             .map(|pq| Uri::from(pq.clone()))
             .unwrap_or_else(|| Uri::from_static("/"));

@@ -142,7 +142,8 @@ impl<'a> UpgradeAttempt<'a> {
             ClientHead::Raw(req) => {
                 // Made at once with the client's `Host`, and kept if it had one.
                 let fixed = plan.route.config.preserve_host.then(|| {
-                    upstream_handshake::request_head_raw(req.uri(), req.fields(), None, plan.peer)
+                    let target = plan.target(req.uri());
+                    upstream_handshake::request_head_raw(target, req.fields(), None, plan.peer)
                 });
                 match fixed {
                     Some((head, true)) => Prepared::Fixed(head),
@@ -174,9 +175,8 @@ impl connect::Attempt for UpgradeAttempt<'_> {
         let head = match &self.head {
             Prepared::Fixed(head) => return connect::tcp_sending(pool, server, head).await,
             Prepared::PerServer(ClientHead::Raw(req)) => {
-                let peer = self.plan.peer;
-                upstream_handshake::request_head_raw(req.uri(), req.fields(), Some(authority), peer)
-                    .0
+                let (target, peer) = (self.plan.target(req.uri()), self.plan.peer);
+                upstream_handshake::request_head_raw(target, req.fields(), Some(authority), peer).0
             }
             Prepared::PerServer(ClientHead::Map { uri, headers }) => {
                 let (uri, headers) = self.plan.upstream_head(uri, headers.clone(), authority);
