@@ -272,10 +272,16 @@ async fn a_route_may_send_the_normalised_path_upstream() {
         .await;
     let addr = gateway.addr();
     let cases = [
-        (Head::get("/norm/a/../b//c?x=1&y=..%2F"), "/norm/b/c?x=1&y=..%2F"),
+        (
+            Head::get("/norm/a/../b//c?x=1&y=..%2F"),
+            "/norm/b/c?x=1&y=..%2F",
+        ),
         (Head::get("/raw/a/../b//c"), "/raw/a/../b//c"),
         (Head::get("/x/../norm/%61"), "/norm/a"),
-        (Head::get("/norm/already/normal?q"), "/norm/already/normal?q"),
+        (
+            Head::get("/norm/already/normal?q"),
+            "/norm/already/normal?q",
+        ),
         (Head::websocket("/norm/./x/../ws"), "/norm/ws"),
         (Head::websocket("/raw/./ws"), "/raw/./ws"),
     ];
