@@ -191,6 +191,8 @@ pub struct CpuUse {
     pub proxy: Option<f64>,
     /// The user-space part of `proxy`.
     pub proxy_user: Option<f64>,
+    /// The proxy's voluntary and involuntary context switches (all its threads).
+    pub proxy_switches: Option<(u64, u64)>,
     /// This process (the load generator).
     pub loadgen: f64,
     /// The echo backend process.
@@ -255,13 +257,15 @@ impl Probe {
     fn end(&mut self, mark: &Mark) -> Result<(Instant, CpuUse)> {
         let at = Instant::now();
         let (host_busy, host_steal) = HostCpu::take().seconds_since(&mark.host);
-        let proxy = self
+        let now = self
             .proxy
             .zip(mark.proxy.as_ref())
-            .map(|(root, before)| CpuMark::tree(root).split_since(before));
+            .map(|(root, before)| (CpuMark::tree(root), before));
+        let proxy = now.as_ref().map(|(now, before)| now.split_since(before));
         let cpu = CpuUse {
             proxy: proxy.map(|(user, system)| user + system),
             proxy_user: proxy.map(|(user, _)| user),
+            proxy_switches: now.as_ref().map(|(now, before)| now.switches_since(before)),
             loadgen: CpuMark::process(std::process::id()).seconds_since(&mark.loadgen),
             backend: CpuMark::process(self.backend).seconds_since(&mark.backend),
             host_busy,
