@@ -11,6 +11,7 @@
 #   BIN     the sluice binary (default target/dist/sluice; ignored for the peers)
 #   OUT     callgrind output file (default /tmp/TARGET.callgrind)
 #   N       measured upgrades (default 2000), after 200 unmeasured warm-up ones
+# CG_OPTS in the environment adds valgrind options (e.g. --dump-instr=yes).
 # CONC=C in the environment makes the measured upgrades C at a time (default 4; 1 makes
 # every event of an upgrade wake the proxy on its own).
 # PAIR=tungstenite in the environment drives the upgrades with tokio-tungstenite's client
@@ -66,7 +67,7 @@ mapfile -t cmd < <(target/dist/sluice-bench config "$TARGET" --backend "$backend
     --listen "127.0.0.1:$port" --dir "$dir/proxy" --sluice "$BIN" --single-process)
 [ "${#cmd[@]}" -gt 0 ] || exit 2
 
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+valgrind --tool=callgrind --instr-atstart=no ${CG_OPTS:-} --callgrind-out-file="$OUT" \
     --log-file="$dir/valgrind.log" "${cmd[@]}" > "$dir/proxy.out" 2>&1 &
 vg=$!
 pids+=($vg)
