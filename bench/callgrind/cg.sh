@@ -11,6 +11,12 @@
 #   BIN     the sluice binary (default target/dist/sluice; ignored for the peers)
 #   OUT     callgrind output file (default /tmp/TARGET.callgrind)
 #   N       measured upgrades (default 2000), after 200 unmeasured warm-up ones
+# CG_OPTS in the environment adds valgrind options (e.g. --dump-instr=yes).
+# CONC=C in the environment makes the measured upgrades C at a time (default 4; 1 makes
+# every event of an upgrade wake the proxy on its own).
+# PAIR=tungstenite in the environment drives the upgrades with tokio-tungstenite's client
+# (`sluice-bench drive --ws tungstenite`) against its echo server (the
+# handshake-tungstenite scenario's pair) instead of drive.py and the bench's backend.
 # Then: callgrind_annotate --inclusive=yes OUT | head -60
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +24,15 @@ TARGET=${1:-sluice}
 BIN=${2:-target/dist/sluice}
 OUT=${3:-/tmp/$TARGET.callgrind}
 N=${4:-2000}
-DRIVE=bench/callgrind/drive.py
+PAIR=${PAIR:-bench}
+CONC=${CONC:-4}
+drive() { # ADDR N C
+    if [ "$PAIR" = bench ]; then
+        python3 bench/callgrind/drive.py "$@"
+    else
+        target/dist/sluice-bench drive "$@" --ws "$PAIR"
+    fi
+}
 dir=$(mktemp -d)
 pids=()
 cleanup() {
@@ -41,7 +55,7 @@ wait_port() {
 mkfifo "$dir/hold"
 sleep 100000 > "$dir/hold" &
 pids+=($!)
-target/dist/sluice-bench backend --listen 127.0.0.1:0 < "$dir/hold" > "$dir/backend.out" &
+target/dist/sluice-bench backend --listen 127.0.0.1:0 --ws "$PAIR" < "$dir/hold" > "$dir/backend.out" &
 pids+=($!)
 for _ in $(seq 1 100); do grep -q listening "$dir/backend.out" 2>/dev/null && break; sleep 0.1; done
 backend=$(sed -n 's/.*listening \(127.0.0.1:[0-9]*\).*/\1/p' "$dir/backend.out" | head -1)
@@ -53,12 +67,12 @@ mapfile -t cmd < <(target/dist/sluice-bench config "$TARGET" --backend "$backend
     --listen "127.0.0.1:$port" --dir "$dir/proxy" --sluice "$BIN" --single-process)
 [ "${#cmd[@]}" -gt 0 ] || exit 2
 
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" \
+valgrind --tool=callgrind --instr-atstart=no ${CG_OPTS:-} --callgrind-out-file="$OUT" \
     --log-file="$dir/valgrind.log" "${cmd[@]}" > "$dir/proxy.out" 2>&1 &
 vg=$!
 pids+=($vg)
 wait_port "$port"
-python3 "$DRIVE" "127.0.0.1:$port" 200 4
+drive "127.0.0.1:$port" 200 4
 # callgrind_control's request is seen only when the program runs: a proxy asleep in
 # epoll_wait (nginx; HAProxy) is woken by single upgrades until it is. Those few, at most
 # partly counted, are reported.
@@ -69,16 +83,16 @@ toggle() {
     for _ in $(seq 1 50); do
         sleep 0.2
         kill -0 "$c" 2>/dev/null || break
-        python3 "$DRIVE" "127.0.0.1:$port" 1 1
+        drive "127.0.0.1:$port" 1 1
         wakes=$((wakes + 1))
     done
     wait "$c"
 }
 toggle on
-python3 "$DRIVE" "127.0.0.1:$port" "$N" 4
+drive "127.0.0.1:$port" "$N" "$CONC"
 toggle off
 kill -TERM "$vg"
 wait "$vg" || true
 total=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$dir/valgrind.log" | tail -1)
 [ -n "$total" ] || { cat "$dir/valgrind.log" >&2; exit 1; }
-echo "$TARGET instructions: $total for $N upgrades = $((total / N)) per upgrade ($OUT; $wakes wake-up upgrades)"
+echo "$TARGET ($PAIR pair, $CONC at a time) instructions: $total for $N upgrades = $((total / N)) per upgrade ($OUT; $wakes wake-up upgrades)"

@@ -5,6 +5,8 @@
 //! It runs as its own process (`sluice-bench backend`) so that its sockets count against
 //! its own open-file limit and its CPU never mixes with the load generator's. Per
 //! connection it holds one task and, until the first frame arrives, no buffers at all.
+//! With `--ws tungstenite` the same process serves tokio-tungstenite's echo server
+//! ([`crate::tung::echo`]) instead of the bench's own.
 
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
@@ -15,12 +17,13 @@ use anyhow::{Context, Result, bail};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::scenario::Pair;
 use crate::sys;
 use crate::ws::{self, OP_CLOSE, OP_PING, OP_PONG, Reader};
 
-/// Serves on `listen` until stdin closes (the parent exited) or the process is signalled.
-/// Prints `listening ADDR` on stdout once accepting.
-pub fn serve(listen: SocketAddr, threads: usize) -> Result<()> {
+/// Serves `pair`'s echo server on `listen` until stdin closes (the parent exited) or the
+/// process is signalled. Prints `listening ADDR` on stdout once accepting.
+pub fn serve(listen: SocketAddr, threads: usize, pair: Pair) -> Result<()> {
     sys::raise_nofile_limit();
     // A parent that dies without stopping us closes our stdin: exit with it.
     std::thread::spawn(|| {
@@ -36,7 +39,10 @@ pub fn serve(listen: SocketAddr, threads: usize) -> Result<()> {
                 Ok((stream, _)) => {
                     tokio::spawn(async move {
                         // A client that goes away mid-frame is normal at the end of a run.
-                        let _ = echo(stream).await;
+                        let _ = match pair {
+                            Pair::Bench => echo(stream).await,
+                            Pair::Tungstenite => crate::tung::echo(stream).await,
+                        };
                     });
                 }
                 // Out of descriptors or similar: back off rather than spin.
@@ -47,7 +53,7 @@ pub fn serve(listen: SocketAddr, threads: usize) -> Result<()> {
 }
 
 /// Completes the opening handshake on `stream`, then echoes until close or end of stream.
-async fn echo(stream: TcpStream) -> io::Result<()> {
+pub async fn echo(stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = Reader::new(stream);
     let head = reader.read_head().await?;
@@ -100,11 +106,19 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Starts `sluice-bench backend` (this same executable) on an ephemeral loopback port.
-    pub fn spawn(threads: usize) -> Result<Backend> {
+    /// Starts `sluice-bench backend` (this same executable) serving `pair`'s echo server
+    /// on an ephemeral loopback port.
+    pub fn spawn(threads: usize, pair: Pair) -> Result<Backend> {
         let exe = std::env::current_exe().context("locating sluice-bench")?;
         let mut child = Command::new(exe)
-            .args(["backend", "--listen", "127.0.0.1:0", "--threads"])
+            .args([
+                "backend",
+                "--listen",
+                "127.0.0.1:0",
+                "--ws",
+                pair.name(),
+                "--threads",
+            ])
             .arg(threads.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

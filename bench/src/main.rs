@@ -10,6 +10,7 @@ mod run;
 mod scenario;
 mod sys;
 mod targets;
+mod tung;
 mod ws;
 
 use std::net::SocketAddr;
@@ -67,6 +68,24 @@ enum Cmd {
         /// Runtime threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Which echo server: `bench` (the bench's own) or `tungstenite`.
+        #[arg(long, default_value = "bench")]
+        ws: scenario::Pair,
+    },
+    /// Makes N handshake cycles (connect, upgrade, close handshake, the server's TCP end)
+    /// through ADDR, C at a time, with a pair's client; exits non-zero on any error (used by
+    /// `bench/callgrind/cg.sh` and `bench/counts.sh`).
+    #[command(hide = true)]
+    Drive {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// Handshake cycles to make.
+        n: usize,
+        /// Cycles in flight at a time.
+        c: usize,
+        /// Which client: `bench` (the bench's own) or `tungstenite`.
+        #[arg(long, default_value = "bench")]
+        ws: scenario::Pair,
     },
     /// The `floor` target: a plain TCP relay doing one `recv` and one `send` per event
     /// (started by `run`).
@@ -99,7 +118,12 @@ fn main() -> Result<()> {
             sluice,
             single_process,
         } => targets::print_command(target, backend, listen, dir, sluice, single_process),
-        Cmd::Backend { listen, threads } => backend::serve(listen, threads),
+        Cmd::Backend {
+            listen,
+            threads,
+            ws,
+        } => backend::serve(listen, threads, ws),
+        Cmd::Drive { addr, n, c, ws } => scenario::drive(addr, n, c, ws),
         Cmd::Relay {
             listen,
             upstream,

@@ -17,7 +17,7 @@ pub struct RunRecord {
     pub kind: String,
     /// Repetition number, from 1.
     pub rep: usize,
-    /// Scenario name (`echo-32`, `echo-16k`, `handshake`, `idle`).
+    /// Scenario name (`echo-32`, `echo-16k`, `handshake`, `handshake-tungstenite`, `idle`).
     pub scenario: String,
     /// Target name (`direct`, `sluice`, `nginx`, `haproxy`).
     pub target: String,
@@ -47,6 +47,14 @@ pub struct RunRecord {
     /// the proxy's system calls).
     #[serde(default)]
     pub proxy_user_cpu_s: Option<f64>,
+    /// The proxy's voluntary context switches per operation (its threads waited for
+    /// events), from `/proc/PID/task/*/status`.
+    #[serde(default)]
+    pub voluntary_switches_per_op: Option<f64>,
+    /// The proxy's involuntary context switches per operation (its threads were
+    /// preempted).
+    #[serde(default)]
+    pub involuntary_switches_per_op: Option<f64>,
     /// Load generator CPU in the window, seconds.
     pub loadgen_cpu_s: f64,
     /// Echo backend CPU in the window, seconds.
@@ -117,6 +125,16 @@ impl RunRecord {
                 .proxy
                 .filter(|_| outcome.ops > 0)
                 .map(|s| s * 1e6 / outcome.ops as f64),
+            voluntary_switches_per_op: outcome
+                .cpu
+                .proxy_switches
+                .filter(|_| outcome.ops > 0)
+                .map(|(v, _)| v as f64 / outcome.ops as f64),
+            involuntary_switches_per_op: outcome
+                .cpu
+                .proxy_switches
+                .filter(|_| outcome.ops > 0)
+                .map(|(_, i)| i as f64 / outcome.ops as f64),
             loadgen_cpu_s: outcome.cpu.loadgen,
             backend_cpu_s: outcome.cpu.backend,
             host_busy_cpu_s: outcome.cpu.host_busy,
@@ -173,6 +191,8 @@ impl RunRecord {
             proxy_cpu_s: None,
             proxy_user_cpu_s: None,
             cpu_us_per_op: None,
+            voluntary_switches_per_op: None,
+            involuntary_switches_per_op: None,
             loadgen_cpu_s: 0.0,
             backend_cpu_s: 0.0,
             host_busy_cpu_s: 0.0,
@@ -209,6 +229,11 @@ fn percentile_us(sorted_ns: &[u64], q: f64) -> Option<f64> {
     Some(sorted_ns[rank - 1] as f64 / 1000.0)
 }
 
+/// `seconds` of CPU in `r`'s window per operation, in µs.
+fn per_op_us(r: &RunRecord, seconds: f64) -> Option<f64> {
+    (r.ops > 0).then(|| seconds * 1e6 / r.ops as f64)
+}
+
 /// The median of the values present (mean of the middle two for an even count).
 fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
@@ -232,6 +257,15 @@ struct Summary {
     cpu_us_per_op: Option<f64>,
     /// Percentage of the proxy's CPU spent in user space.
     user_pct: Option<f64>,
+    /// The proxy's user and system CPU per operation, µs.
+    user_us_per_op: Option<f64>,
+    system_us_per_op: Option<f64>,
+    /// The proxy's voluntary and involuntary context switches per operation.
+    voluntary_per_op: Option<f64>,
+    involuntary_per_op: Option<f64>,
+    /// CPU of the load generator and of the echo backend per operation, µs.
+    loadgen_us_per_op: Option<f64>,
+    backend_us_per_op: Option<f64>,
     rss_per_tunnel: Option<f64>,
     pss_per_tunnel: Option<f64>,
     other_cores: Option<f64>,
@@ -261,6 +295,12 @@ impl Summary {
                 let total = r.proxy_cpu_s.filter(|t| *t > 0.0)?;
                 Some(r.proxy_user_cpu_s? * 100.0 / total)
             }),
+            user_us_per_op: med(|r| per_op_us(r, r.proxy_user_cpu_s?)),
+            system_us_per_op: med(|r| per_op_us(r, r.proxy_cpu_s? - r.proxy_user_cpu_s?)),
+            voluntary_per_op: med(|r| r.voluntary_switches_per_op),
+            involuntary_per_op: med(|r| r.involuntary_switches_per_op),
+            loadgen_us_per_op: med(|r| per_op_us(r, r.loadgen_cpu_s)),
+            backend_us_per_op: med(|r| per_op_us(r, r.backend_cpu_s)),
             rss_per_tunnel: med(|r| r.rss_per_tunnel_b),
             pss_per_tunnel: med(|r| r.pss_per_tunnel_b),
             other_cores: med(RunRecord::other_cores),
@@ -363,6 +403,31 @@ pub fn markdown(records: &[RunRecord]) -> String {
         );
     }
 
+    if summaries.values().any(|x| x.voluntary_per_op.is_some()) {
+        out.push_str(
+            "\nThe proxy's CPU per operation split, its context switches per operation (from `/proc`: voluntary = a thread waited for events, involuntary = it was preempted), and the CPU the load generator and the backend spent per operation:\n\n",
+        );
+        out.push_str(
+            "| scenario | target | user µs/op | system µs/op | voluntary switches/op | involuntary switches/op | load generator µs/op | backend µs/op |\n|---|---|--:|--:|--:|--:|--:|--:|\n",
+        );
+        for (&(s, t), sum) in summaries
+            .iter()
+            .filter(|(_, x)| x.voluntary_per_op.is_some())
+        {
+            let _ = writeln!(
+                out,
+                "| {} | {t} | {} | {} | {} | {} | {} | {} |",
+                scenarios[s],
+                num(sum.user_us_per_op, 1),
+                num(sum.system_us_per_op, 1),
+                num(sum.voluntary_per_op, 2),
+                num(sum.involuntary_per_op, 2),
+                num(sum.loadgen_us_per_op, 1),
+                num(sum.backend_us_per_op, 1),
+            );
+        }
+    }
+
     if summaries.values().any(|x| x.syscalls_per_op.is_some()) {
         out.push_str(
             "\nProfiled with perf (which slows the proxy; counts, not times, are the point):\n\n",
@@ -442,6 +507,14 @@ pub fn markdown(records: &[RunRecord]) -> String {
         Goal {
             scenario: "handshake",
             label: "proxy CPU per upgrade",
+            metric: cpu,
+            per_run: run_cpu,
+            limit: 1.0,
+            haproxy_only: false,
+        },
+        Goal {
+            scenario: "handshake-tungstenite",
+            label: "proxy CPU per upgrade (tokio-tungstenite pair)",
             metric: cpu,
             per_run: run_cpu,
             limit: 1.0,
@@ -697,7 +770,7 @@ Policy plugin chains (added = Sluice with the chain minus Sluice without, same r
             num(added, 1),
             num(ratio(sum.ops_per_s, base.ops_per_s), 2),
         );
-        if scenarios[s] == "handshake" && t.plugins() == 4 {
+        if scenarios[s].starts_with("handshake") && t.plugins() == 4 {
             let met = match added {
                 Some(a) if a <= CHAIN4_UPGRADE_LIMIT_US => "yes",
                 Some(_) => "**no**",
@@ -705,7 +778,8 @@ Policy plugin chains (added = Sluice with the chain minus Sluice without, same r
             };
             let _ = writeln!(
                 out,
-                "\nGoal: the 4-plugin chain ({t}) adds ≤ {CHAIN4_UPGRADE_LIMIT_US} µs per upgrade: {} µs, met: {met}.\n",
+                "\nGoal: the 4-plugin chain ({t}) adds ≤ {CHAIN4_UPGRADE_LIMIT_US} µs per upgrade ({}): {} µs, met: {met}.\n",
+                scenarios[s],
                 num(added, 1)
             );
         }
@@ -728,6 +802,7 @@ fn num(v: Option<f64>, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::Pair;
 
     #[test]
     fn percentiles_use_nearest_rank() {
@@ -790,7 +865,7 @@ mod tests {
                 (Target::Nginx, nginx),
                 (Target::Haproxy, haproxy),
             ] {
-                let mut r = measured(rep, Scenario::Handshake, target, Some(cpu));
+                let mut r = measured(rep, Scenario::Handshake(Pair::Bench), target, Some(cpu));
                 r.proxy_cpu_s = Some(cpu / 100.0);
                 r.proxy_user_cpu_s = Some(cpu / 1000.0 * f64::from(u8::try_from(rep).unwrap()));
                 r.host_steal_s = f64::from(u8::try_from(rep).unwrap()) / 10.0;
@@ -811,12 +886,42 @@ mod tests {
         );
     }
 
+    /// Each pair's handshakes have their own row and goal.
+    #[test]
+    fn both_pairs_have_an_upgrade_goal() {
+        let mut records = Vec::new();
+        for (pair, sluice, nginx) in [
+            (Pair::Bench, 90.0, 100.0),
+            (Pair::Tungstenite, 105.0, 100.0),
+        ] {
+            for (target, cpu) in [(Target::Sluice, sluice), (Target::Nginx, nginx)] {
+                records.push(measured(1, Scenario::Handshake(pair), target, Some(cpu)));
+            }
+        }
+        let md = markdown(&records);
+        assert!(
+            md.contains("| proxy CPU per upgrade | 90.0 | 100.0 | 0.90 | ≤ 1 | yes | 0.90 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| proxy CPU per upgrade (tokio-tungstenite pair) | 105.0 | 100.0 | 1.05 | ≤ 1 | **no** | 1.05 |"
+            ),
+            "{md}"
+        );
+    }
+
     #[test]
     fn report_has_an_ab_table_with_per_repetition_ratios() {
         let mut records = Vec::new();
         for (rep, a, b) in [(1, 100.0, 95.0), (2, 110.0, 99.0), (3, 90.0, 91.8)] {
             for (target, cpu) in [(Target::Sluice, a), (Target::SluiceB, b)] {
-                records.push(measured(rep, Scenario::Handshake, target, Some(cpu)));
+                records.push(measured(
+                    rep,
+                    Scenario::Handshake(Pair::Bench),
+                    target,
+                    Some(cpu),
+                ));
             }
         }
         let md = markdown(&records);
@@ -851,6 +956,30 @@ mod tests {
     }
 
     #[test]
+    fn report_splits_cpu_and_counts_switches_per_op() {
+        let scenario = Scenario::Handshake(Pair::Tungstenite);
+        let mut r = measured(1, scenario, Target::Sluice, Some(120.0));
+        r.ops = 10_000;
+        r.proxy_cpu_s = Some(1.2);
+        r.proxy_user_cpu_s = Some(0.2);
+        r.voluntary_switches_per_op = Some(1.25);
+        r.involuntary_switches_per_op = Some(0.25);
+        r.loadgen_cpu_s = 1.4;
+        r.backend_cpu_s = 0.9;
+        let md = markdown(&[r]);
+        assert!(
+            md.contains(
+                "| handshake-tungstenite | sluice | 20.0 | 100.0 | 1.25 | 0.25 | 140.0 | 90.0 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| proxy CPU per upgrade (tokio-tungstenite pair) | 120.0 | – |"),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn report_has_plugin_chain_cost() {
         let mut records = Vec::new();
         for (target, cpu) in [
@@ -858,7 +987,12 @@ mod tests {
             (Target::Sluice1p, 205.0),
             (Target::Sluice4p, 240.0),
         ] {
-            records.push(measured(1, Scenario::Handshake, target, Some(cpu)));
+            records.push(measured(
+                1,
+                Scenario::Handshake(Pair::Bench),
+                target,
+                Some(cpu),
+            ));
         }
         let md = markdown(&records);
         assert!(
@@ -870,7 +1004,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("(sluice-4p) adds ≤ 25 µs per upgrade: 40.0 µs, met: **no**."),
+            md.contains("(sluice-4p) adds ≤ 25 µs per upgrade (handshake): 40.0 µs, met: **no**."),
             "{md}"
         );
     }

@@ -2,6 +2,7 @@
 //! fresh target, run the scenario, stop the target and record one JSON line; finally
 //! print and save the Markdown report.
 
+use std::collections::{BTreeMap, btree_map};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,11 +33,16 @@ pub struct RunArgs {
         default_value = "direct,sluice,nginx,haproxy"
     )]
     pub targets: Vec<Target>,
-    /// Scenarios, comma-separated: echo-SIZE (e.g. echo-32, echo-16k), handshake, idle.
+    /// Scenarios, comma-separated: echo-SIZE (e.g. echo-32, echo-16k), handshake,
+    /// handshake-tungstenite, idle. `handshake` runs the bench's own client and echo
+    /// backend; `handshake-tungstenite` the same cycle with tokio-tungstenite on both ends
+    /// (`client_async` with tungstenite's own request head, then `close` and read to the
+    /// end; an `accept_async` echo server in its own process that answers the Close and
+    /// drops the connection, so the server ends TCP first).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo-32,echo-16k,handshake,idle"
+        default_value = "echo-32,echo-16k,handshake,handshake-tungstenite,idle"
     )]
     pub scenarios: Vec<Scenario>,
     /// Repetitions of every scenario and target; the report shows medians.
@@ -156,12 +162,19 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let jsonl_path = args.out.join(format!("{stamp}.jsonl"));
     let mut jsonl = fs::File::create(&jsonl_path)?;
 
-    let backend = Backend::spawn(args.backend_threads)?;
+    // One echo backend process per client/server pair the scenarios use.
+    let mut backends = BTreeMap::new();
+    for pair in args.scenarios.iter().map(|s| s.pair()) {
+        if let btree_map::Entry::Vacant(slot) = backends.entry(pair) {
+            slot.insert(Backend::spawn(args.backend_threads, pair)?);
+        }
+    }
+    let first = backends.values().next().context("no scenario")?;
     let work_dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     fs::create_dir_all(&work_dir)?;
-    let env = Env {
-        backend: backend.addr,
-        backend_pid: backend.pid(),
+    let mut env = Env {
+        backend: first.addr,
+        backend_pid: first.pid(),
         workers: args.workers,
         sluice_bin: sluice_bin.clone(),
         sluice_b_bin: args
@@ -200,6 +213,9 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         let turn = (rep - 1) % order.len().max(1);
         order.rotate_left(turn);
         for &scenario in &args.scenarios {
+            let backend = &backends[&scenario.pair()];
+            env.backend = backend.addr;
+            env.backend_pid = backend.pid();
             for &target in &order {
                 eprintln!("[rep {rep}/{}] {scenario} via {target}", args.reps);
                 let conns = params.conns(scenario);
@@ -222,7 +238,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             }
         }
     }
-    drop(backend);
+    drop(backends);
     let _ = fs::remove_dir_all(&work_dir);
 
     let md = report::markdown(&records);

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -36,8 +37,9 @@ pub enum Scenario {
         /// Payload bytes per message.
         size: usize,
     },
-    /// Handshake rate: each worker connects, upgrades, closes, and repeats.
-    Handshake,
+    /// Handshake rate: each worker connects, upgrades, closes, and repeats, with the
+    /// given client and server.
+    Handshake(Pair),
     /// Idle hold: open many tunnels, measure memory, then ping each once end to end.
     Idle,
 }
@@ -47,9 +49,51 @@ impl fmt::Display for Scenario {
         match self {
             Scenario::Echo { size } if size % 1024 == 0 => write!(f, "echo-{}k", size / 1024),
             Scenario::Echo { size } => write!(f, "echo-{size}"),
-            Scenario::Handshake => f.write_str("handshake"),
+            Scenario::Handshake(Pair::Bench) => f.write_str("handshake"),
+            Scenario::Handshake(Pair::Tungstenite) => f.write_str("handshake-tungstenite"),
             Scenario::Idle => f.write_str("idle"),
         }
+    }
+}
+
+impl Scenario {
+    /// The client and echo server this scenario runs with.
+    pub fn pair(self) -> Pair {
+        match self {
+            Scenario::Handshake(pair) => pair,
+            Scenario::Echo { .. } | Scenario::Idle => Pair::Bench,
+        }
+    }
+}
+
+/// A load-generator client with its echo server: the bench's own minimal pair, or
+/// tokio-tungstenite on both ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pair {
+    /// The bench's own client and backend (`src/ws.rs`, `src/client.rs`, `src/backend.rs`).
+    Bench,
+    /// tokio-tungstenite's `client_async` and `accept_async` ([`crate::tung`]).
+    Tungstenite,
+}
+
+impl Pair {
+    /// The name used by `sluice-bench backend --ws`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pair::Bench => "bench",
+            Pair::Tungstenite => "tungstenite",
+        }
+    }
+}
+
+impl FromStr for Pair {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Pair, String> {
+        [Pair::Bench, Pair::Tungstenite]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown pair {s:?}: expected bench or tungstenite"))
     }
 }
 
@@ -64,7 +108,8 @@ impl FromStr for Scenario {
 
     fn from_str(s: &str) -> Result<Scenario, String> {
         match s {
-            "handshake" => Ok(Scenario::Handshake),
+            "handshake" => Ok(Scenario::Handshake(Pair::Bench)),
+            "handshake-tungstenite" => Ok(Scenario::Handshake(Pair::Tungstenite)),
             "idle" => Ok(Scenario::Idle),
             _ => {
                 let size = s
@@ -75,7 +120,7 @@ impl FromStr for Scenario {
                     })
                     .filter(|size| *size <= 1 << 20)
                     .ok_or_else(|| {
-                        format!("unknown scenario {s:?}: expected echo-SIZE (e.g. echo-32, echo-16k), handshake or idle")
+                        format!("unknown scenario {s:?}: expected echo-SIZE (e.g. echo-32, echo-16k), handshake, handshake-tungstenite or idle")
                     })?;
                 Ok(Scenario::Echo { size })
             }
@@ -105,7 +150,7 @@ impl Params {
     pub fn conns(&self, scenario: Scenario) -> usize {
         match scenario {
             Scenario::Echo { .. } => self.echo_conns,
-            Scenario::Handshake => self.handshake_conns,
+            Scenario::Handshake(_) => self.handshake_conns,
             Scenario::Idle => self.idle_conns,
         }
     }
@@ -146,6 +191,8 @@ pub struct CpuUse {
     pub proxy: Option<f64>,
     /// The user-space part of `proxy`.
     pub proxy_user: Option<f64>,
+    /// The proxy's voluntary and involuntary context switches (all its threads).
+    pub proxy_switches: Option<(u64, u64)>,
     /// This process (the load generator).
     pub loadgen: f64,
     /// The echo backend process.
@@ -210,13 +257,15 @@ impl Probe {
     fn end(&mut self, mark: &Mark) -> Result<(Instant, CpuUse)> {
         let at = Instant::now();
         let (host_busy, host_steal) = HostCpu::take().seconds_since(&mark.host);
-        let proxy = self
+        let now = self
             .proxy
             .zip(mark.proxy.as_ref())
-            .map(|(root, before)| CpuMark::tree(root).split_since(before));
+            .map(|(root, before)| (CpuMark::tree(root), before));
+        let proxy = now.as_ref().map(|(now, before)| now.split_since(before));
         let cpu = CpuUse {
             proxy: proxy.map(|(user, system)| user + system),
             proxy_user: proxy.map(|(user, _)| user),
+            proxy_switches: now.as_ref().map(|(now, before)| now.switches_since(before)),
             loadgen: CpuMark::process(std::process::id()).seconds_since(&mark.loadgen),
             backend: CpuMark::process(self.backend).seconds_since(&mark.backend),
             host_busy,
@@ -261,10 +310,11 @@ pub async fn run(
                 .collect();
             closed_loop(workers, params, probe).await
         }
-        Scenario::Handshake => {
+        Scenario::Handshake(pair) => {
             let workers = (0..params.handshake_conns)
                 .map(|i| Cycle {
                     endpoint: endpoint.clone(),
+                    pair,
                     rng: Rng::new(seed.wrapping_add(i as u64 * 0x9E37_79B9)),
                 })
                 .collect();
@@ -303,13 +353,19 @@ impl Op for Echo {
 /// A whole connection lifetime: connect, upgrade, close handshake, TCP close.
 struct Cycle {
     endpoint: Endpoint,
+    pair: Pair,
     rng: Rng,
 }
 
 impl Op for Cycle {
     async fn run(&mut self) -> io::Result<()> {
-        let rng = Rng::new(self.rng.next_u64());
-        Conn::open(&self.endpoint, rng).await?.close().await
+        match self.pair {
+            Pair::Bench => {
+                let rng = Rng::new(self.rng.next_u64());
+                Conn::open(&self.endpoint, rng).await?.close().await
+            }
+            Pair::Tungstenite => crate::tung::cycle(&self.endpoint).await,
+        }
     }
 
     fn recoverable(&self) -> bool {
@@ -410,6 +466,47 @@ async fn idle(
     })
 }
 
+/// Makes `count` handshake cycles through `addr` with `pair`'s client, `concurrency` at a
+/// time, on a current-thread runtime (`sluice-bench drive`, for the counting scripts);
+/// fails when any cycle failed or the whole took longer than [`SWEEP_TIMEOUT`].
+pub fn drive(addr: SocketAddr, count: usize, concurrency: usize, pair: Pair) -> Result<()> {
+    let endpoint = Endpoint::plain(addr);
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + SWEEP_TIMEOUT;
+    let (ok, errors) = crate::sys::runtime(1)?.block_on(async {
+        let mut tasks = JoinSet::new();
+        for i in 0..concurrency.clamp(1, count.max(1)) {
+            let next = next.clone();
+            let mut cycle = Cycle {
+                endpoint: endpoint.clone(),
+                pair,
+                rng: Rng::new(0x5EED + i as u64),
+            };
+            tasks.spawn(async move {
+                let (mut ok, mut errors) = (0u64, 0u64);
+                while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < count {
+                    match timeout(OP_TIMEOUT, cycle.run()).await {
+                        Ok(Ok(())) => ok += 1,
+                        _ => errors += 1,
+                    }
+                }
+                (ok, errors)
+            });
+        }
+        let (mut ok, mut errors) = (0, 0);
+        while let Some(joined) = tasks.join_next().await {
+            let (o, e) = joined.unwrap_or((0, 1));
+            ok += o;
+            errors += e;
+        }
+        (ok, errors)
+    });
+    if errors > 0 || ok < count as u64 {
+        bail!("{ok} of {count} cycles completed, {errors} failed");
+    }
+    Ok(())
+}
+
 /// Opens `count` connections, `concurrency` at a time; returns those that opened and the
 /// number that failed.
 async fn open_many(
@@ -494,7 +591,14 @@ mod tests {
 
     #[test]
     fn scenario_names_round_trip() {
-        for name in ["echo-32", "echo-16k", "echo-1000", "handshake", "idle"] {
+        for name in [
+            "echo-32",
+            "echo-16k",
+            "echo-1000",
+            "handshake",
+            "handshake-tungstenite",
+            "idle",
+        ] {
             assert_eq!(name.parse::<Scenario>().unwrap().to_string(), name);
         }
         assert_eq!("echo-16K".parse(), Ok(Scenario::Echo { size: 16384 }));

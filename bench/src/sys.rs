@@ -123,11 +123,33 @@ fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     Some((utime, stime))
 }
 
-/// CPU time of a process tree at one instant.
+/// Voluntary and involuntary context switches of one process, summed over its threads
+/// (`/proc/PID/task/*/status`).
+fn context_switches(pid: u32) -> Option<(u64, u64)> {
+    let mut sum = (0, 0);
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            let count = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
+            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                sum.0 += count(v);
+            } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                sum.1 += count(v);
+            }
+        }
+    }
+    Some(sum)
+}
+
+/// CPU time and context switches of a process tree at one instant.
 #[derive(Debug, Clone)]
 pub struct CpuMark {
     /// User and system ticks per process.
     ticks: HashMap<u32, (u64, u64)>,
+    /// Voluntary and involuntary context switches per process (all its threads).
+    switches: HashMap<u32, (u64, u64)>,
 }
 
 impl CpuMark {
@@ -142,11 +164,28 @@ impl CpuMark {
     }
 
     fn of(pids: impl IntoIterator<Item = u32>) -> CpuMark {
+        let pids: Vec<u32> = pids.into_iter().collect();
         let ticks = pids
-            .into_iter()
-            .filter_map(|pid| Some((pid, cpu_ticks(pid)?)))
+            .iter()
+            .filter_map(|&pid| Some((pid, cpu_ticks(pid)?)))
             .collect();
-        CpuMark { ticks }
+        let switches = pids
+            .iter()
+            .filter_map(|&pid| Some((pid, context_switches(pid)?)))
+            .collect();
+        CpuMark { ticks, switches }
+    }
+
+    /// Voluntary (the thread waited, e.g. in `epoll_wait`) and involuntary (it was
+    /// preempted) context switches since `earlier`, all threads of all processes.
+    pub fn switches_since(&self, earlier: &CpuMark) -> (u64, u64) {
+        let (mut voluntary, mut involuntary) = (0, 0);
+        for (pid, (v, i)) in &self.switches {
+            let (v0, i0) = earlier.switches.get(pid).copied().unwrap_or_default();
+            voluntary += v.saturating_sub(v0);
+            involuntary += i.saturating_sub(i0);
+        }
+        (voluntary, involuntary)
     }
 
     /// CPU seconds (user + system) the processes used since `earlier`; a process that
