@@ -17,6 +17,9 @@
 # PAIR=tungstenite in the environment drives the upgrades with tokio-tungstenite's client
 # (`sluice-bench drive --ws tungstenite`) against its echo server (the
 # handshake-tungstenite scenario's pair) instead of drive.py and the bench's backend.
+# ECHO=SIZE in the environment counts echo round trips instead of upgrades: N round trips
+# of a masked SIZE-byte frame over CONC upgraded connections (drive_echo.py, bench pair
+# only), the per-message cost of the tunnel.
 # Then: callgrind_annotate --inclusive=yes OUT | head -60
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,6 +29,7 @@ OUT=${3:-/tmp/$TARGET.callgrind}
 N=${4:-2000}
 PAIR=${PAIR:-bench}
 CONC=${CONC:-4}
+ECHO=${ECHO:-}
 drive() { # ADDR N C
     if [ "$PAIR" = bench ]; then
         python3 bench/callgrind/drive.py "$@"
@@ -89,10 +93,18 @@ toggle() {
     wait "$c"
 }
 toggle on
-drive "127.0.0.1:$port" "$N" "$CONC"
+if [ -n "$ECHO" ]; then
+    python3 bench/callgrind/drive_echo.py "127.0.0.1:$port" "$N" "$CONC" "$ECHO"
+else
+    drive "127.0.0.1:$port" "$N" "$CONC"
+fi
 toggle off
 kill -TERM "$vg"
 wait "$vg" || true
 total=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$dir/valgrind.log" | tail -1)
 [ -n "$total" ] || { cat "$dir/valgrind.log" >&2; exit 1; }
-echo "$TARGET ($PAIR pair, $CONC at a time) instructions: $total for $N upgrades = $((total / N)) per upgrade ($OUT; $wakes wake-up upgrades)"
+if [ -n "$ECHO" ]; then
+    echo "$TARGET ($ECHO B echo, $CONC connections) instructions: $total for $N round trips = $((total / N)) per round trip (+ $CONC upgrades; $OUT; $wakes wake-up upgrades)"
+else
+    echo "$TARGET ($PAIR pair, $CONC at a time) instructions: $total for $N upgrades = $((total / N)) per upgrade ($OUT; $wakes wake-up upgrades)"
+fi

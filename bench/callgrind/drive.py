@@ -15,7 +15,8 @@ import threading
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def one(host, port):
+def upgrade(host, port):
+    """An upgraded connection, and the bytes read past the 101."""
     key = base64.b64encode(os.urandom(16))
     expect = base64.b64encode(hashlib.sha1(key + GUID).digest())
     s = socket.create_connection((host, port), timeout=10)
@@ -38,6 +39,11 @@ def one(host, port):
     accept = [l.split(b":", 1)[1].strip() for l in lines[1:] if l.lower().startswith(b"sec-websocket-accept:")]
     if accept != [expect]:
         raise RuntimeError("bad Sec-WebSocket-Accept")
+    return s, rest
+
+
+def one(host, port):
+    s, rest = upgrade(host, port)
     # Close frame, masked, payload 1000 (normal closure).
     mask = os.urandom(4)
     payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\x03\xe8"))
