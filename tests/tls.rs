@@ -596,3 +596,34 @@ async fn a_handshake_in_progress_holds_a_connection_slot() {
     let rest = read_until_closed(&mut stalled, STEP, "the stalled handshake to be closed").await;
     assert!(rest.is_empty());
 }
+
+#[tokio::test]
+async fn sluice_check_names_a_mismatched_key_and_its_listener() {
+    let dir = TempDir::new();
+    let ca = TestCa::new("Sluice test CA");
+    let (cert, _key) = ca.issue("a", &["a.test"]).write(&dir, "a");
+    let (_, other_key) = ca.issue("b", &["b.test"]).write(&dir, "b");
+    let config = ConfigBuilder::new(&["127.0.0.1:9".parse().expect("addr")])
+        .listener_toml(&tls_table(&[(&cert, &other_key)], ""))
+        .build();
+    let path = dir.write("check.toml", &config);
+    let out = sluice_command("check", &path)
+        .output()
+        .expect("run sluice check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("listeners.public.tls.certificates[0].key")
+            && stderr.contains("b-key.pem: this key does not fit the certificate in"),
+        "{stderr}"
+    );
+    let path = dir.write("ok.toml", &config.replace("b-key.pem", "a-key.pem"));
+    let out = sluice_command("check", &path)
+        .output()
+        .expect("run sluice check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
