@@ -2,8 +2,11 @@
 //! the real `sluice` binary, and the page's own script opens a WebSocket back through
 //! Sluice, learns which echo backend it reached and sends one message round trip.
 //!
-//! Sluice runs on `examples/quickstart.toml` itself, with its listener moved to port 0 and
-//! its pool to the test's echo backends (`sluice_examples`, which also serve the page).
+//! Sluice runs on `examples/quickstart.toml` (and `quickstart-tls.toml`) itself, with its
+//! listener moved to port 0 and its pool to the test's echo backends (`sluice_examples`,
+//! which also serve the page). Over TLS the certificates are the TLS quickstart's own,
+//! made at test time, and Chromium trusts the served key by its pin
+//! (`--ignore-certificate-errors-spki-list`), computed here from the certificate's DER.
 //! Chromium is driven over the DevTools protocol (`--remote-debugging-port=0`): the test
 //! navigates, waits for the `load` event, then evaluates a promise that settles when the
 //! page's `#status` leaves `connecting` (a `MutationObserver`, no polling), so the
@@ -24,9 +27,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine;
 use common::{Gateway, TempDir, eventually, within};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use sluice_examples::tls;
 use tokio_tungstenite::tungstenite::Message;
 
 /// How long Chromium may take to start and open its DevTools endpoint (2 shared cores).
@@ -67,6 +73,50 @@ async fn echo_backends() -> Vec<SocketAddr> {
         addrs.push(addr);
     }
     addrs
+}
+
+// ---- certificates ---------------------------------------------------------------------
+
+/// Chromium's pin for the first certificate in the PEM file `path`: base64 of the SHA-256 of
+/// its SubjectPublicKeyInfo, read from the certificate itself (not from the key).
+fn spki_pin(path: &std::path::Path) -> String {
+    let pem = std::fs::read_to_string(path).expect("read the certificate");
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("certificate base64");
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    //   serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, ... } ... }
+    let (_, certificate, _) = der_element(&der);
+    let (_, mut tbs, _) = der_element(certificate);
+    if tbs[0] == 0xa0 {
+        tbs = der_element(tbs).2;
+    }
+    for _ in 0..5 {
+        tbs = der_element(tbs).2;
+    }
+    let spki_len = tbs.len() - der_element(tbs).2.len();
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&tbs[..spki_len]))
+}
+
+/// The DER element at the start of `der`: (tag, contents, the bytes after it).
+fn der_element(der: &[u8]) -> (u8, &[u8], &[u8]) {
+    let (len, header) = match der[1] {
+        short if short < 0x80 => (usize::from(short), 2),
+        long => {
+            let count = usize::from(long & 0x7f);
+            let len = der[2..2 + count]
+                .iter()
+                .fold(0usize, |len, b| len << 8 | usize::from(*b));
+            (len, 2 + count)
+        }
+    };
+    (der[0], &der[header..header + len], &der[header + len..])
 }
 
 // ---- Chromium -------------------------------------------------------------------------
@@ -377,5 +427,71 @@ async fn quickstart_page_echoes_over_ws_in_chromium() {
         page.log
             .starts_with(&format!("connected to ws://{addr}/echo\n")),
         "the WebSocket did not go to the gateway: {page:?}"
+    );
+}
+
+/// The TLS quickstart: `https://` page through Sluice's TLS listener, `wss://` echo through
+/// it, in a Chromium that trusts the served key by its pin; without the pin Chromium
+/// refuses the page, so the certificate really is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_quickstart_page_echoes_over_wss_in_chromium() {
+    let dir = TempDir::new();
+    let certs = tls::generate_certs(dir.path()).expect("make certificates");
+    let pin = spki_pin(&certs.cert);
+    assert_eq!(
+        pin, certs.spki_sha256,
+        "the pin quickstart-tls prints is not that of the certificate it serves"
+    );
+    let backends = echo_backends().await;
+    let quickstart_dir = tls::QUICKSTART_DIR;
+    let config = example_config(
+        "quickstart-tls.toml",
+        &[
+            (
+                "bind = \"127.0.0.1:8443\"",
+                "bind = \"127.0.0.1:0\"".to_string(),
+            ),
+            (
+                "servers = [\"127.0.0.1:9011\", \"127.0.0.1:9012\"]",
+                servers_line(&backends),
+            ),
+            (
+                &format!("\"{quickstart_dir}/{}\"", tls::CERT_FILE),
+                format!("{:?}", certs.cert),
+            ),
+            (
+                &format!("\"{quickstart_dir}/{}\"", tls::KEY_FILE),
+                format!("{:?}", certs.key),
+            ),
+        ],
+    );
+    let gateway = Gateway::start(&config).await;
+    let port = gateway.listener("secure").port();
+    let url = format!("https://localhost:{port}/");
+
+    let strict = Chromium::launch(&[]).await;
+    let refused = strict
+        .open(&url)
+        .await
+        .expect_err("an unknown CA's certificate accepted");
+    assert!(refused.contains("ERR_CERT_AUTHORITY_INVALID"), "{refused}");
+    drop(strict);
+
+    let chromium =
+        Chromium::launch(&[format!("--ignore-certificate-errors-spki-list={pin}")]).await;
+    let page = chromium
+        .open(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}; Chromium's stderr:\n{}", chromium.stderr()));
+    assert_eq!(page.state, "ok", "the page reported no echo: {page:?}");
+    assert!(
+        page.status
+            .starts_with("echo ok: hello, sluice (wss: tunnel to backend-"),
+        "{page:?}"
+    );
+    assert!(
+        page.log
+            .starts_with(&format!("connected to wss://localhost:{port}/echo\n")),
+        "the WebSocket did not go to the gateway over TLS: {page:?}"
     );
 }
