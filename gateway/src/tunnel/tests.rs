@@ -416,7 +416,10 @@ async fn each_message_is_flushed_through_a_stream_that_holds_writes() {
         let up = from_client(TEXT, &[i; 40]);
         rig.client.write_all(&up).await.unwrap();
         let read = tokio::time::timeout(Duration::from_secs(10), read_n(&mut server, up.len()));
-        assert_eq!(read.await.expect("message {i} was held back"), up);
+        let got = read
+            .await
+            .unwrap_or_else(|_| panic!("message {i} was held back"));
+        assert_eq!(got, up);
     }
     drop(rig.client);
     assert_eq!(read_to_end(&mut server).await, b"");
