@@ -178,12 +178,23 @@ async fn upgrade_fails(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> b
 }
 
 #[tokio::test]
-async fn client_certificates_are_required_verified_and_named_in_the_log() {
+async fn client_certificates_are_required_verified_and_reach_plugins_and_the_log() {
     let dir = TempDir::new();
     let clients = TestCa::new("Client CA");
     let ca_path = dir.write("clients.pem", &clients.pem);
     let extra = format!("client_auth = \"required\"\nclient_ca = [{ca_path:?}]");
-    let (ca, backend, gateway) = tls_gateway(&dir, &extra, |c| c).await;
+    // A plugin that reports, in upstream headers, what it was told of the connection.
+    let seer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/hostile.wasm");
+    assert!(
+        seer.exists(),
+        "run plugins/build.sh first: {}",
+        seer.display()
+    );
+    let plugin = format!("[plugins.seer]\npath = {seer:?}\nconfig = {{ on_request = \"allow\" }}");
+    let (ca, backend, gateway) = tls_gateway(&dir, &extra, |c| {
+        c.route_toml("plugins = [\"seer\"]").extra(&plugin)
+    })
+    .await;
 
     // No certificate, and one from another CA: refused, and nothing reaches the backend.
     assert!(upgrade_fails(gateway.addr(), ca.client()).await);
@@ -202,6 +213,16 @@ async fn client_certificates_are_required_verified_and_named_in_the_log() {
         .expect("upgrade with a client certificate");
     echo(&mut ws, "mutual").await;
     ws.close(None).await.expect("close");
+    let upgrade = backend
+        .requests()
+        .pop()
+        .expect("the upgrade reached the backend");
+    assert_eq!(upgrade.header("x-hostile-scheme"), Some("https"));
+    assert_eq!(
+        upgrade.header("x-hostile-tls"),
+        Some("localhost;http/1.1;CN=alice;alice.test"),
+        "the plugin sees SNI, ALPN and the client certificate's subject and names"
+    );
     let log = gateway
         .wait_access_log("the tunnel's access log", |l| l.kind == "tunnel")
         .await;

@@ -193,6 +193,7 @@ fn request_info(
             sni: t.sni.clone(),
             alpn: t.alpn.clone(),
             client_cert_subject: t.client_subject.clone(),
+            client_cert_names: t.client_names.clone(),
         }),
         route: route.config.name.clone(),
         tenant: route.config.tenant.clone(),

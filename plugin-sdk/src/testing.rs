@@ -123,6 +123,7 @@ impl RequestBuilder {
             sni: Some(sni.into()),
             alpn: Some("http/1.1".into()),
             client_cert_subject: None,
+            client_cert_names: Vec::new(),
         });
         self
     }

@@ -71,6 +71,7 @@ pub(super) fn request(
                 sni: t.sni.clone(),
                 alpn: t.alpn.clone(),
                 client_cert_subject: t.client_cert_subject.clone(),
+                client_cert_names: t.client_cert_names.clone(),
             }),
         route: text(wit::Fields::ROUTE, &req.route),
         // Earlier plugins may set the tenant, so it is always carried.

@@ -1,5 +1,5 @@
 //! The plugin host: runs policy plugins (WebAssembly components of the
-//! `sluice:plugin@0.4.0` world in `wit/`) with hard limits, and chains them.
+//! `sluice:plugin@0.5.0` world in `wit/`) with hard limits, and chains them.
 //!
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
@@ -96,8 +96,8 @@ pub enum PluginError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The component does not target the `sluice:plugin@0.4.0` `plugin` world.
-    #[error("plugin `{plugin}`: not a sluice:plugin@0.4.0 plugin: {reason}")]
+    /// The component does not target the `sluice:plugin@0.5.0` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.5.0 plugin: {reason}")]
     WrongWorld {
         /// Plugin name.
         plugin: String,
@@ -371,7 +371,7 @@ impl PluginHost {
 }
 
 /// The version of the WIT package `wit/` defines, as component import names spell it.
-const WIT_VERSION: &str = "0.4.0";
+const WIT_VERSION: &str = "0.5.0";
 
 /// The `sluice:plugin` version a component imports or exports, when it is not
 /// [`WIT_VERSION`] (a plugin built against an older or newer WIT).

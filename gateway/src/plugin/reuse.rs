@@ -138,6 +138,10 @@ fn serialise(req: &Request, out: &mut Vec<u8>) {
             for field in [&tls.sni, &tls.alpn, &tls.client_cert_subject] {
                 opt(out, field.as_deref());
             }
+            count(out, tls.client_cert_names.len());
+            for name in &tls.client_cert_names {
+                text(out, name);
+            }
         }
     }
     opt(out, req.route.as_deref());

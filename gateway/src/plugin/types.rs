@@ -22,6 +22,8 @@ pub struct TlsInfo {
     pub alpn: Option<String>,
     /// Verified client-certificate subject (mutual TLS).
     pub client_cert_subject: Option<String>,
+    /// DNS names of the verified client certificate's SAN list.
+    pub client_cert_names: Vec<String>,
 }
 
 /// A request as the policy stage sees it.
