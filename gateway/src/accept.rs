@@ -1,6 +1,7 @@
 //! Accept stage: listening sockets (one per listener and worker, joined by
-//! `SO_REUSEPORT`), the per-listener connection limit, and handing each connection to
-//! the HTTP stage on the worker that accepted it.
+//! `SO_REUSEPORT`), the per-listener connection limit, and handing each connection — after
+//! its TLS handshake on a TLS listener (`tls`) — to the connection driver (`serve`) on the
+//! worker that accepted it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -101,13 +102,42 @@ pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, limit:
         // (see the test below); elsewhere it is set on each one.
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
-        gw.tracker().spawn(serve::connection(
-            gw.clone(),
-            stream,
-            peer,
-            name.clone(),
-            permit,
-        ));
+        // The snapshot of this moment decides TLS: a reload's certificates serve the
+        // handshakes that start after it.
+        let snapshot = gw.snapshot();
+        match snapshot.acceptors.get(&*name) {
+            None => {
+                gw.tracker().spawn(serve::connection(
+                    gw.clone(),
+                    snapshot,
+                    stream,
+                    peer,
+                    name.clone(),
+                    None,
+                    permit,
+                ));
+            }
+            Some(tls) => {
+                let (tls, gw, name) = (tls.clone(), gw.clone(), name.clone());
+                gw.clone().tracker().spawn(async move {
+                    // The handshake holds the connection slot, and the drain cancels it.
+                    let shake = tokio::select! {
+                        r = tls.accept(stream) => r,
+                        () = gw.stopping().cancelled() => return,
+                    };
+                    match shake {
+                        Ok((stream, facts)) => {
+                            let facts = Some(Arc::new(facts));
+                            serve::connection(gw, snapshot, stream, peer, name, facts, permit)
+                                .await;
+                        }
+                        Err(e) => {
+                            tracing::debug!(listener = %name, client = %peer, error = %e, "TLS handshake failed");
+                        }
+                    }
+                });
+            }
+        }
     }
     tracing::debug!(listener = %name, "stopped accepting");
 }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::plugin::{Chain, CloseInfo, CloseReason, RequestKind};
+use crate::tls::Facts;
 use crate::tunnel::{Ended, Report};
 
 /// The `tracing` target of access-log events.
@@ -46,6 +47,8 @@ pub struct Record {
     pub tags: String,
     /// The route's plugin chain, told when the exchange ends.
     pub close_hook: Option<Arc<CloseHook>>,
+    /// The client's TLS session, on a TLS listener (logged as `sni` and `tls_client`).
+    pub tls: Option<Arc<Facts>>,
 }
 
 /// What `on-close` needs beyond the record.
@@ -119,6 +122,7 @@ impl Record {
 
     /// The access-log event itself; `reason` and `error` appear only when set.
     fn emit(&self, bytes_in: u64, bytes_out: u64, reason: Option<&str>, error: Option<&str>) {
+        let tls = self.tls.as_deref();
         tracing::info!(
             target: TARGET,
             kind = self.kind,
@@ -134,6 +138,8 @@ impl Record {
             duration_ms = self.start.elapsed().as_millis() as u64,
             reason,
             error,
+            sni = tls.and_then(|t| t.sni.as_deref()),
+            tls_client = tls.and_then(|t| t.client_subject.as_deref()),
             tags = %self.tags,
             "access"
         );

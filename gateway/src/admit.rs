@@ -18,10 +18,11 @@ use crate::config::RouteAction;
 use crate::head::RequestHead;
 use crate::headers::set_upstream_fields;
 use crate::plugin::RequestKind;
-use crate::policy::{self, Verdict};
+use crate::policy::{self, Client, Verdict};
 use crate::respond::{ResponseBody, deny, respond};
 use crate::route::{Route, normalize_path, request_host};
 use crate::snapshot::Snapshot;
+use crate::tls::Facts;
 
 /// Who is asking: what admission reads of the client's connection.
 #[derive(Clone, Copy)]
@@ -32,6 +33,8 @@ pub struct Caller<'a> {
     pub listener: &'a Arc<str>,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The client's TLS session, on a TLS listener.
+    pub tls: Option<&'a Arc<Facts>>,
 }
 
 /// A request that may go upstream.
@@ -54,6 +57,8 @@ pub struct Plan {
     pub verdict: Verdict,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The scheme the client used (`http` or `https`), for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
     /// The origin-form target sent upstream instead of the client's: its normalised path
     /// (and query), when the route has `normalize_path` and normalising changed it.
     pub normal_target: Option<Uri>,
@@ -68,6 +73,7 @@ pub async fn admit(
         snapshot,
         listener,
         peer,
+        tls,
     } = caller;
     let mut rec = Record {
         kind: "http",
@@ -83,6 +89,7 @@ pub async fn admit(
         hold: None,
         tags: String::new(),
         close_hook: None,
+        tls: tls.cloned(),
     };
     let host = request_host(req);
     let path = normalize_path(req.uri().path());
@@ -130,7 +137,20 @@ pub async fn admit(
             tenant: route.config.tenant.clone(),
         }));
     }
-    let verdict = match policy::decide(&route, &pool, snapshot, req, &path, kind, peer).await {
+    let verdict = match policy::decide(
+        &route,
+        &pool,
+        snapshot,
+        req,
+        &path,
+        kind,
+        Client {
+            addr: peer,
+            tls: tls.map(|t| &**t),
+        },
+    )
+    .await
+    {
         Ok(v) => v,
         Err(denial) => return Err(deny(rec, denial)),
     };
@@ -154,6 +174,7 @@ pub async fn admit(
         key,
         verdict,
         peer,
+        scheme: if tls.is_some() { "https" } else { "http" },
         normal_target: target,
     };
     Ok(Admitted { plan, rec, ws_key })
@@ -183,7 +204,12 @@ impl Plan {
             .map(|pq| Uri::from(pq.clone()))
             .unwrap_or_else(|| Uri::from_static("/"));
         let host = !self.keeps_client_host(headers.contains_key(header::HOST));
-        set_upstream_fields(&mut headers, self.peer, "http", host.then_some(authority));
+        set_upstream_fields(
+            &mut headers,
+            self.peer,
+            self.scheme,
+            host.then_some(authority),
+        );
         policy::apply(&self.verdict, &mut headers);
         (uri, headers)
     }

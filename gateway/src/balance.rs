@@ -14,6 +14,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::config::{Balance, HashKey, ServerConfig, UpstreamConfig};
 use crate::head::{HeaderFields, RequestHead};
 use crate::headers::value_text;
+use crate::tls::Connector;
 
 /// Virtual nodes per server on the consistent-hash ring: enough that keys spread within a
 /// few percent across a handful of servers, small enough to rebuild on every reload.
@@ -133,8 +134,10 @@ pub struct Pool {
     pub servers: Vec<Arc<Server>>,
     /// Balancing algorithm.
     pub balance: Balance,
-    /// Deadline for one TCP connect.
+    /// Deadline for one TCP connect (and the TLS handshake after it).
     pub connect_timeout: Duration,
+    /// TLS to the pool's TLS servers.
+    pub tls: Option<Arc<Connector>>,
     max_fails: u32,
     fail_timeout: Duration,
     has_health_check: bool,
@@ -145,7 +148,11 @@ pub struct Pool {
 
 impl Pool {
     /// Builds a pool, reusing the live state of servers that `previous` already had.
-    pub fn new(config: &UpstreamConfig, previous: Option<&Pool>) -> Pool {
+    pub fn new(
+        config: &UpstreamConfig,
+        previous: Option<&Pool>,
+        tls: Option<Arc<Connector>>,
+    ) -> Pool {
         let servers: Vec<Arc<Server>> = config
             .servers
             .iter()
@@ -176,6 +183,7 @@ impl Pool {
             servers,
             balance: config.balance.clone(),
             connect_timeout: config.connect_timeout,
+            tls,
             max_fails: config.max_fails,
             fail_timeout: config.fail_timeout,
             has_health_check: config.health.is_some(),
@@ -263,7 +271,7 @@ mod tests {
             servers.join(",")
         );
         let c = Config::parse("t.toml", &src).unwrap();
-        Pool::new(&c.upstreams[0], None)
+        Pool::new(&c.upstreams[0], None, None)
     }
 
     #[test]

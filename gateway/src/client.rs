@@ -201,7 +201,9 @@ pub async fn write_response(
     if body.send {
         out.extend_from_slice(body.bytes);
     }
-    stream.write_all(&out).await
+    stream.write_all(&out).await?;
+    // A TLS stream holds what it encrypted until flushed; a socket's flush is nothing.
+    stream.flush().await
 }
 
 /// Writes the client's `101` in one write: the status line, the server's end-to-end
@@ -217,7 +219,9 @@ pub async fn write_switch(stream: &mut (impl AsyncWrite + Unpin), head: &Switch)
         push_date_field(&mut out);
     }
     out.extend_from_slice(b"\r\n");
-    stream.write_all(&out).await
+    stream.write_all(&out).await?;
+    // A TLS stream holds what it encrypted until flushed; a socket's flush is nothing.
+    stream.flush().await
 }
 
 /// Appends a `date` field with the current value.

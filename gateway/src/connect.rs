@@ -1,14 +1,77 @@
-//! Connect stage: a TCP connection to a server the balancer picks, with a connect
-//! deadline, passive ejection, and failover to the next healthy server.
+//! Connect stage: a connection to a server the balancer picks — TCP, and TLS over it for
+//! a TLS server — with a connect deadline, passive ejection, and failover to the next
+//! healthy server.
 
 use std::io::{self, Write};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::balance::{Pool, Server};
+use crate::stream::Stream;
+
+/// A connection to an upstream server.
+pub enum Upstream {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// TLS over TCP (boxed: a TLS session is a few hundred bytes, a socket a few).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Stream for Upstream {
+    /// A plain socket's readiness; a TLS session's read itself waits.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Upstream::Tcp(s) => Stream::poll_read_ready(s, cx),
+            Upstream::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
 
 /// Why no upstream connection could be made (the client gets a 502).
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +147,42 @@ pub async fn tcp(pool: &Pool, server: &Server) -> io::Result<TcpStream> {
     let stream = within_connect_timeout(pool, TcpStream::connect(server.config.addr)).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A connection to `server`: TCP, and the TLS handshake over it for a TLS server, both
+/// within the pool's connect deadline.
+pub async fn stream(pool: &Pool, server: &Server) -> io::Result<Upstream> {
+    let tcp = tcp(pool, server).await?;
+    tls_over(pool, server, tcp).await
+}
+
+/// A connection to `server` whose first bytes are `first` (an upgrade head): written with
+/// the connect on plain TCP ([`tcp_sending`]), after the handshake on TLS.
+pub async fn sending(pool: &Pool, server: &Server, first: &[u8]) -> io::Result<Upstream> {
+    if !server.config.tls {
+        return tcp_sending(pool, server, first).await.map(Upstream::Tcp);
+    }
+    let mut stream = stream(pool, server).await?;
+    let write = async {
+        stream.write_all(first).await?;
+        stream.flush().await
+    };
+    within_connect_timeout(pool, write).await?;
+    Ok(stream)
+}
+
+/// Wraps a connected socket in TLS when `server` speaks it.
+async fn tls_over(pool: &Pool, server: &Server, tcp: TcpStream) -> io::Result<Upstream> {
+    if !server.config.tls {
+        return Ok(Upstream::Tcp(tcp));
+    }
+    let Some(connector) = &pool.tls else {
+        return Err(io::Error::other(
+            "TLS server in a pool without TLS settings",
+        ));
+    };
+    let tls = within_connect_timeout(pool, connector.connect(&server.config, tcp)).await?;
+    Ok(Upstream::Tls(Box::new(tls)))
 }
 
 /// Runs `connecting` within the pool's connect deadline; running out is `TimedOut`.

@@ -78,7 +78,7 @@ pub async fn forward(
             )
         }
         Ok(Ok(resp)) => {
-            conns.recycle(server.config.addr, sender);
+            conns.recycle(conn_key(&server), sender);
             relay(rec, resp)
         }
     }
@@ -103,11 +103,20 @@ const IDLE_FOR: Duration = Duration::from_secs(60);
 /// Idle keep-alive connections to upstream servers, shared by every route and snapshot.
 #[derive(Default)]
 pub struct UpstreamConns {
-    idle: DashMap<SocketAddr, Vec<(SendRequest<UpstreamBody>, Instant)>>,
+    idle: DashMap<ConnKey, Vec<(SendRequest<UpstreamBody>, Instant)>>,
+}
+
+/// What pooled connections are shared by: the server's address, and whether it is
+/// spoken to over TLS.
+type ConnKey = (SocketAddr, bool);
+
+/// The pool key of a server's connections.
+fn conn_key(server: &Server) -> ConnKey {
+    (server.config.addr, server.config.tls)
 }
 
 impl UpstreamConns {
-    fn take(&self, addr: SocketAddr) -> Option<SendRequest<UpstreamBody>> {
+    fn take(&self, addr: ConnKey) -> Option<SendRequest<UpstreamBody>> {
         let mut list = self.idle.get_mut(&addr)?;
         while let Some((sender, since)) = list.pop() {
             if since.elapsed() < IDLE_FOR && sender.is_ready() {
@@ -117,7 +126,7 @@ impl UpstreamConns {
         None
     }
 
-    fn put(&self, addr: SocketAddr, sender: SendRequest<UpstreamBody>) {
+    fn put(&self, addr: ConnKey, sender: SendRequest<UpstreamBody>) {
         let mut list = self.idle.entry(addr).or_default();
         list.retain(|(s, since)| since.elapsed() < IDLE_FOR && !s.is_closed());
         if list.len() < MAX_IDLE_PER_SERVER {
@@ -126,7 +135,7 @@ impl UpstreamConns {
     }
 
     /// Returns `sender` to the idle list once its current response has been read.
-    pub fn recycle(self: &Arc<Self>, addr: SocketAddr, mut sender: SendRequest<UpstreamBody>) {
+    fn recycle(self: &Arc<Self>, addr: ConnKey, mut sender: SendRequest<UpstreamBody>) {
         let conns = self.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
@@ -138,8 +147,8 @@ impl UpstreamConns {
 
 /// A fresh HTTP/1.1 connection to `server`.
 async fn open(pool: &Pool, server: &Server) -> io::Result<SendRequest<UpstreamBody>> {
-    let tcp = connect::tcp(pool, server).await?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let stream = connect::stream(pool, server).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(io::Error::other)?;
     tokio::spawn(async move {
@@ -167,7 +176,7 @@ struct Conn {
 impl Attempt for Pooled<'_> {
     type Output = Conn;
     async fn attempt(&mut self, server: &Arc<Server>) -> io::Result<Conn> {
-        if let Some(sender) = self.conns.take(server.config.addr) {
+        if let Some(sender) = self.conns.take(conn_key(server)) {
             return Ok(Conn {
                 sender,
                 reused: true,

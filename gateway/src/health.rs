@@ -4,31 +4,36 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{Pool, Server};
 use crate::config::{HealthCheck, HealthConfig};
+use crate::connect;
 
 /// Starts the probes of one pool; they stop when `stop` is cancelled.
 pub fn spawn(pool: &Arc<Pool>, config: &HealthConfig, stop: &CancellationToken) {
     for server in &pool.servers {
         let (server, config, stop) = (server.clone(), config.clone(), stop.clone());
-        let pool_name = pool.name.clone();
+        let pool = pool.clone();
         tokio::spawn(async move {
-            stop.run_until_cancelled(probe_loop(pool_name, server, config))
+            stop.run_until_cancelled(probe_loop(pool, server, config))
                 .await;
         });
     }
 }
 
-async fn probe_loop(pool: String, server: Arc<Server>, config: HealthConfig) {
+async fn probe_loop(pool: Arc<Pool>, server: Arc<Server>, config: HealthConfig) {
+    let pool_name = &pool.name;
     let (mut oks, mut fails) = (0u32, 0u32);
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = match tokio::time::timeout(config.timeout, probe(&server, &config.check)).await
+        let result = match tokio::time::timeout(
+            config.timeout,
+            probe(&pool, &server, &config.check),
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => Err("probe timed out".to_string()),
@@ -38,22 +43,23 @@ async fn probe_loop(pool: String, server: Arc<Server>, config: HealthConfig) {
                 (oks, fails) = (oks.saturating_add(1), 0);
                 if !server.is_healthy() && oks >= config.rise {
                     server.set_healthy(true);
-                    tracing::info!(%pool, server = %server.config.authority, "server is healthy again");
+                    tracing::info!(pool = %pool_name, server = %server.config.authority, "server is healthy again");
                 }
             }
             Err(why) => {
                 (oks, fails) = (0, fails.saturating_add(1));
                 if server.is_healthy() && fails >= config.fall {
                     server.set_healthy(false);
-                    tracing::warn!(%pool, server = %server.config.authority, reason = %why, "server marked unhealthy");
+                    tracing::warn!(pool = %pool_name, server = %server.config.authority, reason = %why, "server marked unhealthy");
                 }
             }
         }
     }
 }
 
-async fn probe(server: &Server, check: &HealthCheck) -> Result<(), String> {
-    let mut stream = TcpStream::connect(server.config.addr)
+/// One probe: a connection (with TLS to a TLS server), and for an HTTP check a request.
+async fn probe(pool: &Pool, server: &Server, check: &HealthCheck) -> Result<(), String> {
+    let mut stream = connect::stream(pool, server)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let HealthCheck::Http {

@@ -26,6 +26,7 @@ pub mod respond;
 pub mod route;
 pub mod serve;
 pub mod stream;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream_handshake;
 

@@ -57,8 +57,8 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Check { .. } = cli.command {
-        // Plugins are compiled and their `init` run with their config, as `run` would.
-        if let Err(e) = runtime.block_on(sluice::snapshot::Snapshot::check_plugins(&config)) {
+        // TLS settings built and plugins compiled and their `init` run, as `run` would.
+        if let Err(e) = runtime.block_on(sluice::snapshot::Snapshot::check(&config)) {
             eprintln!("error: {}: {e}", path.display());
             return ExitCode::FAILURE;
         }

@@ -1,5 +1,5 @@
 //! Opening the upstream side of an upgrade: connect to a server of the plan's pool with
-//! the upgrade head written at once (`connect::tcp_sending`), fail over to the next
+//! the upgrade head written at once (`connect::sending`), fail over to the next
 //! server on a failed connect, then complete the WebSocket handshake with it
 //! (`upstream_handshake`). The result is the server's side of the tunnel, or the
 //! client's answer (502, 504, or the server's own refusal).
@@ -9,20 +9,16 @@ use std::time::Duration;
 
 use http::header;
 use http::{HeaderMap, Response, StatusCode, Uri};
-use tokio::net::TcpStream;
 
 use crate::access::Record;
 use crate::admit::Plan;
 use crate::balance::{ActiveGuard, Server};
-use crate::connect::{self, with_failover};
+use crate::connect::{self, Upstream, with_failover};
 use crate::head::{RequestHead, UpgradeHead};
 use crate::headers::set_upgrade_hop;
 use crate::respond::{ResponseBody, no_upstream, relay_refusal, respond};
 use crate::tunnel::Side;
 use crate::upstream_handshake::{self, Outcome, Switch};
-
-/// The stream an upstream upgrade runs over.
-pub type Upstream = TcpStream;
 
 /// The client's upgrade request, in the form the stage that read it keeps.
 pub enum ClientHead<'a> {
@@ -111,7 +107,7 @@ pub async fn open(
 }
 
 /// Connects to a server and sends it the upgrade head in the same step
-/// ([`connect::tcp_sending`]).
+/// ([`connect::sending`]).
 struct UpgradeAttempt<'a> {
     plan: &'a Plan,
     head: Prepared<'a>,
@@ -143,7 +139,13 @@ impl<'a> UpgradeAttempt<'a> {
                 // Made at once with the client's `Host`, and kept if it had one.
                 let fixed = plan.route.config.preserve_host.then(|| {
                     let target = plan.target(req.uri());
-                    upstream_handshake::request_head_raw(target, req.fields(), None, plan.peer)
+                    upstream_handshake::request_head_raw(
+                        target,
+                        req.fields(),
+                        None,
+                        plan.peer,
+                        plan.scheme,
+                    )
                 });
                 match fixed {
                     Some((head, true)) => Prepared::Fixed(head),
@@ -173,16 +175,19 @@ impl connect::Attempt for UpgradeAttempt<'_> {
         let pool = &self.plan.verdict.pool;
         let authority = server.config.authority.as_str();
         let head = match &self.head {
-            Prepared::Fixed(head) => return connect::tcp_sending(pool, server, head).await,
+            Prepared::Fixed(head) => return connect::sending(pool, server, head).await,
             Prepared::PerServer(ClientHead::Raw(req)) => {
                 let (target, peer) = (self.plan.target(req.uri()), self.plan.peer);
-                upstream_handshake::request_head_raw(target, req.fields(), Some(authority), peer).0
+                let fields = req.fields();
+                let scheme = self.plan.scheme;
+                upstream_handshake::request_head_raw(target, fields, Some(authority), peer, scheme)
+                    .0
             }
             Prepared::PerServer(ClientHead::Map { uri, headers }) => {
                 let (uri, headers) = self.plan.upstream_head(uri, headers.clone(), authority);
                 upstream_handshake::request_head(&uri, &headers)
             }
         };
-        connect::tcp_sending(pool, server, &head).await
+        connect::sending(pool, server, &head).await
     }
 }

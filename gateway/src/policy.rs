@@ -11,9 +11,12 @@ use http::header::{self, HeaderName, HeaderValue};
 use crate::balance::Pool;
 use crate::head::{HeaderFields, RequestHead};
 use crate::headers::{is_hop_by_hop, tokens, value_text};
-use crate::plugin::{ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind};
+use crate::plugin::{
+    ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind, TlsInfo,
+};
 use crate::route::{Route, authority};
 use crate::snapshot::Snapshot;
+use crate::tls::Facts;
 
 /// What the chain decided for a request that may proceed.
 #[derive(Debug)]
@@ -32,6 +35,15 @@ pub struct Verdict {
     pub tags: String,
 }
 
+/// Who sent a request: what plugins are told of the client's connection.
+#[derive(Clone, Copy)]
+pub struct Client<'a> {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Its TLS session, on a TLS listener.
+    pub tls: Option<&'a Facts>,
+}
+
 /// Runs the route's chain. A route without plugins costs nothing here. `path` is the
 /// normalised path routing matched, and the path plugins see: a rule on `/admin` must
 /// also catch `/public/../admin`, which routing and a normalising upstream treat alike.
@@ -42,7 +54,7 @@ pub async fn decide(
     req: &impl RequestHead,
     path: &str,
     kind: RequestKind,
-    peer: SocketAddr,
+    client: Client<'_>,
 ) -> Result<Verdict, Denial> {
     let mut verdict = Verdict {
         pool: pool.clone(),
@@ -55,7 +67,7 @@ pub async fn decide(
     if route.chain.is_empty() {
         return Ok(verdict);
     }
-    let info = request_info(route, req, path, kind, peer);
+    let info = request_info(route, req, path, kind, client);
     let m: Mutations = match route.chain.on_request(&info).await {
         ChainDecision::Continue(m) => m,
         ChainDecision::Deny(d) => return Err(d),
@@ -148,7 +160,7 @@ fn request_info(
     req: &impl RequestHead,
     path: &str,
     kind: RequestKind,
-    peer: SocketAddr,
+    client: Client<'_>,
 ) -> RequestInfo {
     let fields = req.fields();
     // Names lower-case, as a header map has them, whichever form the head is in.
@@ -166,13 +178,22 @@ fn request_info(
     RequestInfo {
         kind,
         method: req.method().as_str().to_string(),
-        scheme: "http".into(),
+        scheme: if client.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+        .into(),
         authority,
         path: path.to_owned(),
         query: req.uri().query().unwrap_or_default().to_string(),
         headers,
-        client_addr: peer,
-        tls: None,
+        client_addr: client.addr,
+        tls: client.tls.map(|t| TlsInfo {
+            sni: t.sni.clone(),
+            alpn: t.alpn.clone(),
+            client_cert_subject: t.client_subject.clone(),
+        }),
         route: route.config.name.clone(),
         tenant: route.config.tenant.clone(),
         subprotocols,

@@ -30,21 +30,26 @@ use crate::admit::{Admitted, Caller, admit};
 use crate::balance::ActiveGuard;
 use crate::client::{self, FirstHead, Payload, Prefixed};
 use crate::config::ListenerConfig;
+use crate::connect::Upstream;
 use crate::forward::forward;
 use crate::head::{RequestHead, UpgradeHead};
 use crate::headers::has_token;
-use crate::open::{ClientHead, Opened, Upstream, open};
+use crate::open::{ClientHead, Opened, open};
 use crate::respond::{ResponseBody, respond};
+use crate::snapshot::Snapshot;
 use crate::state::Gateway;
 use crate::stream::Stream;
+use crate::tls::Facts;
 use crate::tunnel::{self, Side};
 
 /// Everything one client connection needs; shared by its requests and its tunnel.
 pub struct ClientConn {
     gw: Arc<Gateway>,
-    snapshot: Arc<crate::snapshot::Snapshot>,
+    snapshot: Arc<Snapshot>,
     listener: Arc<str>,
     peer: SocketAddr,
+    /// The client's TLS session, on a TLS listener.
+    tls: Option<Arc<Facts>>,
     /// Held until the connection and any tunnel it became have ended.
     _permit: OwnedSemaphorePermit,
 }
@@ -56,6 +61,7 @@ impl ClientConn {
             snapshot: &self.snapshot,
             listener: &self.listener,
             peer: self.peer,
+            tls: self.tls.as_ref(),
         }
     }
 }
@@ -67,41 +73,40 @@ impl ClientConn {
 /// an upgrade that was refused) is served by hyper.
 pub fn connection<S: Stream>(
     gw: Arc<Gateway>,
+    snapshot: Arc<Snapshot>,
     stream: S,
     peer: SocketAddr,
     listener: Arc<str>,
+    tls: Option<Arc<Facts>>,
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send {
+    let ctx = ClientConn {
+        gw,
+        snapshot,
+        listener,
+        peer,
+        tls,
+        _permit: permit,
+    };
     // Everything before the tunnel is boxed, and the rest is put together from
     // pin-projected combinators rather than `async` blocks, which keep a value moved into
     // an `.await` twice: an upgraded connection's task holds only the tunnel's state.
-    Box::pin(prepare(gw, stream, peer, listener, permit))
+    Box::pin(prepare(ctx, stream))
         .then(|ready| OptionFuture::from(ready.map(Ready::run)))
         .map(drop)
 }
 
 /// Reads the first head and answers it; `Some` once a `101` has gone to the client.
-async fn prepare<S: Stream>(
-    gw: Arc<Gateway>,
-    mut stream: S,
-    peer: SocketAddr,
-    listener: Arc<str>,
-    permit: OwnedSemaphorePermit,
-) -> Option<Ready<S>> {
-    let snapshot = gw.snapshot();
-    let limits = snapshot
+async fn prepare<S: Stream>(ctx: ClientConn, mut stream: S) -> Option<Ready<S>> {
+    let limits = ctx
+        .snapshot
         .config
         .listeners
         .iter()
-        .find(|l| *l.name == *listener)
+        .find(|l| *l.name == *ctx.listener)
         .map(HeadLimits::of)?;
-    let ctx = Arc::new(ClientConn {
-        gw: gw.clone(),
-        snapshot,
-        listener,
-        peer,
-        _permit: permit,
-    });
+    let ctx = Arc::new(ctx);
+    let gw = ctx.gw.clone();
     let first = tokio::select! {
         head = client::read_first(&mut stream, limits.max_header_size, limits.header_read_timeout) => head,
         () = gw.stopping().cancelled() => return None,
@@ -396,7 +401,16 @@ mod tests {
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         let (client, ours) = tokio::io::duplex(1 << 16);
         let peer = "192.0.2.7:5555".parse().unwrap();
-        let served = tokio::spawn(connection(gw, ours, peer, "mem".into(), permit));
+        let snapshot = gw.snapshot();
+        let served = tokio::spawn(connection(
+            gw,
+            snapshot,
+            ours,
+            peer,
+            "mem".into(),
+            None,
+            permit,
+        ));
         (client, served)
     }
 

@@ -13,6 +13,31 @@ use crate::config::{Config, PluginConfig};
 use crate::health;
 use crate::plugin::{Plugin, PluginError, PluginHost};
 use crate::route::RouteTable;
+use crate::tls::{self, Acceptor, Connector};
+
+/// Why a snapshot could not be built (the running one, if any, keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A plugin failed to compile or initialise.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// A listener's TLS settings were refused.
+    #[error("listener `{listener}`: TLS: {source}")]
+    ListenerTls {
+        /// The listener.
+        listener: String,
+        /// Why.
+        source: tls::TlsError,
+    },
+    /// A pool's TLS settings were refused.
+    #[error("upstream `{pool}`: TLS: {source}")]
+    UpstreamTls {
+        /// The pool.
+        pool: String,
+        /// Why.
+        source: tls::TlsError,
+    },
+}
 
 /// Routes, pools, plugins and the config they came from.
 #[derive(Debug)]
@@ -23,6 +48,9 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Pools by name.
     pub pools: HashMap<String, Arc<Pool>>,
+    /// TLS handshakes of the TLS listeners, by listener name: the certificates this
+    /// snapshot's config read, so a reload rotates them.
+    pub acceptors: HashMap<String, Acceptor>,
     /// Loaded plugins by name, with the spec they were loaded from.
     plugins: HashMap<String, (PluginConfig, Plugin)>,
     health: CancellationToken,
@@ -39,7 +67,27 @@ impl Snapshot {
         config: Config,
         previous: Option<&Snapshot>,
         host: Option<&PluginHost>,
-    ) -> Result<Snapshot, PluginError> {
+    ) -> Result<Snapshot, LoadError> {
+        let mut acceptors = HashMap::new();
+        for l in &config.listeners {
+            if let Some(t) = &l.tls {
+                let acceptor = Acceptor::new(t).map_err(|source| LoadError::ListenerTls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
+                acceptors.insert(l.name.clone(), acceptor);
+            }
+        }
+        let mut connectors = HashMap::new();
+        for u in &config.upstreams {
+            if let Some(t) = &u.tls {
+                let connector = Connector::new(t).map_err(|source| LoadError::UpstreamTls {
+                    pool: u.name.clone(),
+                    source,
+                })?;
+                connectors.insert(u.name.clone(), Arc::new(connector));
+            }
+        }
         let mut plugins = HashMap::new();
         for spec in &config.plugins {
             let reused = previous
@@ -53,7 +101,8 @@ impl Snapshot {
                     return Err(PluginError::Host(format!(
                         "plugin `{}`: the plugin runtime is not available",
                         spec.name
-                    )));
+                    ))
+                    .into());
                 }
             };
             plugins.insert(spec.name.clone(), (spec.clone(), plugin));
@@ -64,7 +113,7 @@ impl Snapshot {
             .iter()
             .map(|u| {
                 let prev = previous.and_then(|p| p.pools.get(&u.name)).map(|p| &**p);
-                let pool = Arc::new(Pool::new(u, prev));
+                let pool = Arc::new(Pool::new(u, prev, connectors.remove(&u.name)));
                 if let Some(h) = &u.health {
                     health::spawn(&pool, h, &health);
                 }
@@ -80,14 +129,32 @@ impl Snapshot {
             config,
             routes,
             pools,
+            acceptors,
             plugins,
             health,
         })
     }
 
-    /// Loads every plugin of `config` once (compile + `init`), as `sluice check` does,
-    /// without starting anything else.
-    pub async fn check_plugins(config: &Config) -> Result<(), PluginError> {
+    /// Builds what `sluice check` checks beyond the config file itself: each TLS
+    /// listener's and pool's rustls settings, and every plugin loaded once (compile +
+    /// `init`); nothing is started.
+    pub async fn check(config: &Config) -> Result<(), LoadError> {
+        for l in &config.listeners {
+            if let Some(t) = &l.tls {
+                Acceptor::new(t).map_err(|source| LoadError::ListenerTls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
+            }
+        }
+        for u in &config.upstreams {
+            if let Some(t) = &u.tls {
+                Connector::new(t).map_err(|source| LoadError::UpstreamTls {
+                    pool: u.name.clone(),
+                    source,
+                })?;
+            }
+        }
         if config.plugins.is_empty() {
             return Ok(());
         }

@@ -11,8 +11,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::forward::UpstreamConns;
-use crate::plugin::{PluginError, PluginHost};
-use crate::snapshot::Snapshot;
+use crate::plugin::PluginHost;
+use crate::snapshot::{LoadError, Snapshot};
 
 /// State shared by every connection of the process.
 pub struct Gateway {
@@ -30,7 +30,7 @@ pub struct Gateway {
 impl Gateway {
     /// Loads the first snapshot of `config` (compiling its plugins) and the state around
     /// it. Must run inside the tokio runtime.
-    pub async fn load(config: Config) -> Result<Gateway, PluginError> {
+    pub async fn load(config: Config) -> Result<Gateway, LoadError> {
         let plugin_host = OnceLock::new();
         let first = load_snapshot(&plugin_host, config, None).await?;
         Ok(Gateway {
@@ -107,9 +107,9 @@ async fn load_snapshot(
     host: &OnceLock<PluginHost>,
     config: Config,
     previous: Option<&Snapshot>,
-) -> Result<Snapshot, PluginError> {
+) -> Result<Snapshot, LoadError> {
     if !config.plugins.is_empty() && host.get().is_none() {
-        let _ = host.set(PluginHost::new()?);
+        let _ = host.set(PluginHost::new().map_err(LoadError::Plugin)?);
     }
     Snapshot::load(config, previous, host.get()).await
 }

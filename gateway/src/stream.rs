@@ -39,6 +39,9 @@ impl Stream for TcpStream {
 
 impl Stream for DuplexStream {}
 
+/// A client's TLS session on a TLS listener: readiness is its read's to tell.
+impl Stream for tokio_rustls::server::TlsStream<TcpStream> {}
+
 /// Writes `bytes` if the stream takes them all at once, and flushes; never waits. For the
 /// last words of a connection (a Close frame at idle timeout or shutdown), written
 /// through the stream's own write path. Returns whether all of `bytes` were taken.

@@ -192,15 +192,16 @@ pub fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
 /// The upgrade's request head made from a client's raw fields, as [`request_head`] makes
 /// it from their map after the upgrade hop's rules ([`push_upgrade_fields`]): `host`
 /// replaces the client's `Host` when given. Also says whether the client's end-to-end
-/// fields had a `Host`.
+/// fields had a `Host`. `proto` is the client's scheme, for `X-Forwarded-Proto`.
 pub fn request_head_raw(
     uri: &Uri,
     fields: &RawFields,
     host: Option<&str>,
     client: SocketAddr,
+    proto: &str,
 ) -> (Vec<u8>, bool) {
     let mut out = request_line(uri, 256 + fields.head().len());
-    let had_host = push_upgrade_fields(&mut out, fields, host, client, "http");
+    let had_host = push_upgrade_fields(&mut out, fields, host, client, proto);
     out.extend_from_slice(b"\r\n");
     (out, had_host)
 }

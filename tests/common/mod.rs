@@ -359,6 +359,12 @@ pub struct AccessLog {
     /// Why a tunnel ended: `client_closed`, `server_closed`, `idle_timeout`, `shutdown`, `error`.
     #[serde(default)]
     pub reason: Option<String>,
+    /// The server name a TLS client asked for.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// The subject of a TLS client's verified certificate.
+    #[serde(default)]
+    pub tls_client: Option<String>,
 }
 
 /// `sluice SUBCOMMAND PATH` with stdout and stderr piped, no stdin, and no `RUST_LOG`
@@ -405,7 +411,9 @@ impl Gateway {
         };
         let expected = config
             .lines()
-            .filter(|l| l.trim_start().starts_with("[listeners."))
+            .filter_map(|l| l.trim_start().strip_prefix("[listeners."))
+            // `[listeners.NAME]`, not one of its sub-tables such as `[listeners.NAME.tls]`.
+            .filter(|rest| rest.split(']').next().is_some_and(|n| !n.contains('.')))
             .count();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -700,6 +708,33 @@ impl Backend {
         Backend { addr, state, task }
     }
 
+    /// Starts a backend called `name` on `127.0.0.1:0` that speaks only TLS, with `tls`.
+    pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let state = Arc::new(BackendState {
+            name: name.to_string(),
+            requests: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
+            upgrades: AtomicUsize::new(0),
+            open_tunnels: AtomicUsize::new(0),
+            health: AtomicU16::new(200),
+        });
+        let shared = state.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let task = tokio::spawn(accept_loop(listener, move |stream, conn| {
+            let (state, acceptor) = (shared.clone(), acceptor.clone());
+            async move {
+                if let Ok(stream) = acceptor.accept(stream).await {
+                    serve_backend(stream, conn, state).await;
+                }
+            }
+        }));
+        Backend { addr, state, task }
+    }
+
     /// Starts backends named `a`, `b`, `c`, ... (`n` of them).
     pub async fn start_many(n: usize) -> Vec<Backend> {
         let mut backends = Vec::new();
@@ -777,7 +812,10 @@ impl Drop for Decrement<'_> {
     }
 }
 
-async fn serve_backend(stream: TcpStream, conn: usize, state: Arc<BackendState>) {
+async fn serve_backend<S>(stream: S, conn: usize, state: Arc<BackendState>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     state.connections.fetch_add(1, Ordering::SeqCst);
     let slot = UpgradeSlot::default();
     let (service_state, service_slot) = (state.clone(), slot.clone());
@@ -1551,4 +1589,261 @@ pub async fn close_ws(mut ws: Ws) {
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
+}
+
+// ---- TLS ------------------------------------------------------------------------------
+
+/// A certificate authority made at test time (ECDSA P-256), and the certificates it issues.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// The CA certificate, PEM.
+    pub pem: String,
+    der: rustls::pki_types::CertificateDer<'static>,
+}
+
+/// A certificate and its key, issued by a [`TestCa`].
+#[derive(Clone)]
+pub struct Issued {
+    /// The certificate then the CA's, PEM (a chain as servers send it).
+    pub chain_pem: String,
+    /// The private key, PEM (PKCS#8).
+    pub key_pem: String,
+    /// The certificate, DER.
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl TestCa {
+    /// A new CA called `name`.
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("self-sign CA");
+        TestCa {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses), with `cn` as its subject's
+    /// common name, valid from yesterday for a year.
+    pub fn issue(&self, cn: &str, names: &[&str]) -> Issued {
+        let now = time_now();
+        self.issue_between(cn, names, now - DAY, now + 365 * DAY)
+    }
+
+    /// A certificate that expired yesterday.
+    pub fn issue_expired(&self, cn: &str, names: &[&str]) -> Issued {
+        let now = time_now();
+        self.issue_between(cn, names, now - 30 * DAY, now - DAY)
+    }
+
+    fn issue_between(
+        &self,
+        cn: &str,
+        names: &[&str],
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Issued {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).expect("leaf params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        Issued {
+            chain_pem: format!("{}{}", cert.pem(), self.pem),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            ca_der: self.der.clone(),
+        }
+    }
+
+    /// Roots holding only this CA.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).expect("add CA root");
+        roots
+    }
+
+    /// A client config that trusts only this CA, offering ALPN `http/1.1`.
+    pub fn client(&self) -> Arc<rustls::ClientConfig> {
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(self.roots())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// A client config that trusts this CA and presents `cert`.
+    pub fn client_with(&self, cert: &Issued) -> Arc<rustls::ClientConfig> {
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(cert.chain(), cert.key())
+            .expect("client certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn time_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
+impl Issued {
+    /// Writes `NAME.pem` (the chain) and `NAME-key.pem` into `dir`; returns both paths.
+    pub fn write(&self, dir: &TempDir, name: &str) -> (PathBuf, PathBuf) {
+        (
+            dir.write(&format!("{name}.pem"), &self.chain_pem),
+            dir.write(&format!("{name}-key.pem"), &self.key_pem),
+        )
+    }
+
+    /// The chain, DER.
+    pub fn chain(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        vec![self.der.clone(), self.ca_der.clone()]
+    }
+
+    /// The key, DER.
+    pub fn key(&self) -> rustls::pki_types::PrivateKeyDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("key PEM")
+    }
+
+    /// A server config serving this certificate, ALPN `http/1.1`.
+    pub fn server(&self) -> Arc<rustls::ServerConfig> {
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(self.chain(), self.key())
+            .expect("server certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// A client config that accepts any server certificate, to see what a server presents
+/// for a name it may not hold.
+pub fn any_cert_client() -> Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A TLS connection to `addr` asking for `sni`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+}
+
+/// The DNS names in the SAN list of the certificate a TLS server presented.
+pub fn served_names(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<String> {
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("the server sent a certificate");
+    sluice::config::san_dns_names(leaf)
+}
+
+/// A WebSocket over TLS to `path` on `addr`, asking for server name `sni` (also the
+/// `Host`).
+pub async fn wss_connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+    path: &str,
+) -> WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tls = within(STEP, "TLS handshake", tls_connect(addr, sni, config))
+        .await
+        .expect("TLS handshake");
+    let url = format!("wss://{sni}:{}{path}", addr.port());
+    let (ws, resp) = within(
+        STEP,
+        "WebSocket handshake over TLS",
+        tokio_tungstenite::client_async_with_config(url, tls, Some(ws_config())),
+    )
+    .await
+    .expect("WebSocket handshake over TLS");
+    assert_eq!(resp.status(), 101);
+    ws
 }

@@ -4,6 +4,7 @@
 
 mod locate;
 mod raw;
+mod tls;
 mod units;
 mod validate;
 
@@ -15,6 +16,9 @@ use serde::Deserialize;
 
 use locate::Locator;
 use raw::RawConfig;
+pub use tls::{
+    ClientAuth, ListenerTls, ServedCert, UnknownName, UpstreamTls, crypto_provider, san_dns_names,
+};
 pub use units::{MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size};
 
 /// A validated configuration, ready to build a snapshot from.
@@ -68,6 +72,8 @@ pub struct ListenerConfig {
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger ones get `431`.
     pub max_header_size: usize,
+    /// TLS termination, when the table is present.
+    pub tls: Option<ListenerTls>,
 }
 
 /// An upstream pool (`[upstreams.NAME]`).
@@ -88,6 +94,8 @@ pub struct UpstreamConfig {
     pub fail_timeout: Duration,
     /// Active health check, if any.
     pub health: Option<HealthConfig>,
+    /// How TLS servers of the pool are reached; `Some` when any server speaks TLS.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// One server of a pool.
@@ -97,6 +105,9 @@ pub struct ServerConfig {
     pub authority: String,
     /// The resolved socket address.
     pub addr: SocketAddr,
+    /// Whether the server is reached over TLS (`wss://`, `https://`, or the pool's
+    /// `tls` table for a server written without a scheme).
+    pub tls: bool,
 }
 
 /// Balancing algorithm.

@@ -85,6 +85,25 @@ pub(super) struct RawListener {
     pub(super) max_connections: Option<Spanned<u64>>,
     pub(super) header_read_timeout: Option<Dur>,
     pub(super) max_header_size: Option<Spanned<Size>>,
+    pub(super) tls: Option<Spanned<RawListenerTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenerTls {
+    pub(super) certificates: Spanned<Vec<Spanned<RawCertificate>>>,
+    pub(super) unknown_name: Option<Spanned<String>>,
+    pub(super) handshake_timeout: Option<Dur>,
+    pub(super) client_auth: Option<Spanned<String>>,
+    pub(super) client_ca: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertificate {
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
+    pub(super) names: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +116,16 @@ pub(super) struct RawUpstream {
     pub(super) max_fails: Option<u32>,
     pub(super) fail_timeout: Option<Dur>,
     pub(super) health: Option<Spanned<RawHealth>>,
+    pub(super) tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    pub(super) ca: Option<Spanned<String>>,
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) client_cert: Option<Spanned<String>>,
+    pub(super) client_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -36,7 +36,7 @@ fn unknown_field_names_file_line_and_field() {
     let src = BASE.replace("servers = [", "serverz = 1\nservers = [");
     assert_eq!(
         err_of(&src),
-        "sluice.toml:6:1: upstreams.echo.serverz: unknown field `serverz`, expected one of `servers`, `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`"
+        "sluice.toml:6:1: upstreams.echo.serverz: unknown field `serverz`, expected one of `servers`, `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`, `tls`"
     );
 }
 
@@ -247,7 +247,7 @@ fn routes_are_named_by_their_index_however_they_are_written() {
     // `routes` written inline belongs to the table before it, as TOML reads it.
     assert_eq!(
         err_of(inline),
-        "sluice.toml:5:1: upstreams.echo.routes: unknown field `routes`, expected one of `servers`, `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`"
+        "sluice.toml:5:1: upstreams.echo.routes: unknown field `routes`, expected one of `servers`, `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`, `tls`"
     );
     let inline = inline.replace("[upstreams.echo]\nservers = [\"127.0.0.1:9001\"]\n", "")
         + "[upstreams.echo]\nservers = [\"127.0.0.1:9001\"]\n";
@@ -309,5 +309,222 @@ fn routes_forward_the_path_as_sent_unless_asked_to_normalise_it() {
     assert_eq!(
         err_of(&with("normalize_path = \"yes\"")),
         "sluice.toml:11:18: routes[0].normalize_path: invalid type: string \"yes\", expected a boolean"
+    );
+}
+
+/// TLS files made at test time in a fresh directory, and config text that names them.
+mod tls_files {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    pub(super) struct Dir(pub(super) PathBuf);
+
+    impl Dir {
+        pub(super) fn new() -> Dir {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "sluice-config-tls-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Dir(dir)
+        }
+
+        pub(super) fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+
+        /// Parses `src` as `DIR/sluice.toml`, so relative paths are the directory's.
+        pub(super) fn parse(&self, src: &str) -> Result<Config, ConfigError> {
+            let file = self.0.join("sluice.toml");
+            Config::parse(&file.display().to_string(), src)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A self-signed certificate for `names`, valid from `from` to `to` days from now,
+    /// with its key: (certificate PEM, key PEM).
+    pub(super) fn cert(names: &[&str], from: i64, to: i64) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        let now = std::time::SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let at = |d: i64| {
+            if d < 0 {
+                now - day * d.unsigned_abs() as u32
+            } else {
+                now + day * d as u32
+            }
+        };
+        params.not_before = at(from).into();
+        params.not_after = at(to).into();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// BASE with a TLS table on `public` holding `tls` lines.
+    pub(super) fn with_tls(tls: &str) -> String {
+        BASE.replace(
+            "bind = \"127.0.0.1:8080\"\n",
+            &format!("bind = \"127.0.0.1:8080\"\n[listeners.public.tls]\n{tls}\n"),
+        )
+    }
+}
+
+#[test]
+fn a_tls_listener_reads_its_certificates_and_names_them_by_san() {
+    let dir = tls_files::Dir::new();
+    let (cert, key) = tls_files::cert(&["a.test", "*.b.test"], -1, 30);
+    dir.write("a.pem", &cert);
+    dir.write("a-key.pem", &key);
+    let (cert, key) = tls_files::cert(&["c.test"], -1, 30);
+    dir.write("c.pem", &cert);
+    dir.write("c-key.pem", &key);
+    let c = dir
+        .parse(&tls_files::with_tls(
+            "certificates = [{ cert = \"a.pem\", key = \"a-key.pem\" }, \
+             { cert = \"c.pem\", key = \"c-key.pem\", names = [\"C.Test\", \"*.d.test\"] }]",
+        ))
+        .unwrap();
+    let tls = c.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.certificates[0].names, ["a.test", "*.b.test"]);
+    assert_eq!(tls.certificates[1].names, ["c.test", "*.d.test"]);
+    assert_eq!(tls.unknown_name, UnknownName::Default);
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+    assert!(matches!(tls.client_auth, ClientAuth::None));
+}
+
+#[test]
+fn bad_tls_files_are_errors_naming_the_file_and_the_listener() {
+    let dir = tls_files::Dir::new();
+    let (cert, key) = tls_files::cert(&["a.test"], -1, 30);
+    dir.write("a.pem", &cert);
+    dir.write("a-key.pem", &key);
+    let (_, other_key) = tls_files::cert(&["x.test"], -1, 30);
+    dir.write("other-key.pem", &other_key);
+    let (old, old_key) = tls_files::cert(&["old.test"], -30, -1);
+    dir.write("old.pem", &old);
+    dir.write("old-key.pem", &old_key);
+    dir.write("junk.pem", "not pem at all\n");
+    let d = dir.0.display();
+    let pair = |c: &str, k: &str| format!("certificates = [{{ cert = \"{c}\", key = \"{k}\" }}]");
+    let cases = [
+        (
+            pair("missing.pem", "a-key.pem"),
+            format!("listeners.public.tls.certificates[0].cert: {d}/missing.pem: cannot read"),
+        ),
+        (
+            pair("a.pem", "missing-key.pem"),
+            format!("listeners.public.tls.certificates[0].key: {d}/missing-key.pem: cannot read"),
+        ),
+        (
+            pair("junk.pem", "a-key.pem"),
+            format!(
+                "listeners.public.tls.certificates[0].cert: {d}/junk.pem: no CERTIFICATE block"
+            ),
+        ),
+        (
+            pair("a.pem", "other-key.pem"),
+            format!(
+                "listeners.public.tls.certificates[0].key: {d}/other-key.pem: this key does \
+                 not fit the certificate in {d}/a.pem"
+            ),
+        ),
+        (
+            pair("old.pem", "old-key.pem"),
+            format!(
+                "listeners.public.tls.certificates[0].cert: {d}/old.pem: the certificate \
+                 expired on"
+            ),
+        ),
+        (
+            "certificates = []".to_string(),
+            "listeners.public.tls.certificates: at least one { cert, key } pair".to_string(),
+        ),
+        (
+            format!("{}\nclient_auth = \"required\"", pair("a.pem", "a-key.pem")),
+            "listeners.public.tls.client_auth: client certificates need `client_ca`".to_string(),
+        ),
+        (
+            format!("{}\nunknown_name = \"ignore\"", pair("a.pem", "a-key.pem")),
+            "listeners.public.tls.unknown_name: expected \"default\" or \"refuse\"".to_string(),
+        ),
+        (
+            "certificates = [{ cert = \"a.pem\", key = \"a-key.pem\", names = [\"a b\"] }]"
+                .to_string(),
+            "listeners.public.tls.certificates[0].names[0]: expected a DNS name".to_string(),
+        ),
+    ];
+    for (tls, expected) in cases {
+        let err = dir
+            .parse(&tls_files::with_tls(&tls))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&expected),
+            "{tls}\n got: {err}\nwant: {expected}"
+        );
+        assert!(err.starts_with(&format!("{d}/sluice.toml:")), "{err}");
+    }
+}
+
+#[test]
+fn upstream_servers_say_tls_by_scheme_or_by_the_pool_table() {
+    let src = BASE.replace(
+        "servers = [\"127.0.0.1:9001\"]",
+        "servers = [\"wss://127.0.0.1\", \"ws://127.0.0.1\", \"https://127.0.0.1:8443/\", \"127.0.0.1:9001\"]",
+    );
+    let c = Config::parse("sluice.toml", &src).unwrap();
+    let servers: Vec<(&str, bool)> = c.upstreams[0]
+        .servers
+        .iter()
+        .map(|s| (s.authority.as_str(), s.tls))
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            ("127.0.0.1:443", true),
+            ("127.0.0.1:80", false),
+            ("127.0.0.1:8443", true),
+            ("127.0.0.1:9001", false),
+        ]
+    );
+    assert!(c.upstreams[0].tls.is_some());
+
+    // A `tls` table makes scheme-less servers TLS; `ws://` stays plain.
+    let src = BASE.replace(
+        "servers = [\"127.0.0.1:9001\"]",
+        "servers = [\"127.0.0.1:9001\", \"ws://127.0.0.1:9002\"]\n\
+         [upstreams.echo.tls]\nserver_name = \"backend.internal\"",
+    );
+    let c = Config::parse("sluice.toml", &src).unwrap();
+    assert!(c.upstreams[0].servers[0].tls);
+    assert!(!c.upstreams[0].servers[1].tls);
+
+    for (server, field) in [
+        ("ftp://127.0.0.1:21", "upstreams.echo.servers[0]"),
+        ("wss://user@127.0.0.1", "upstreams.echo.servers[0]"),
+    ] {
+        let src = BASE.replace("\"127.0.0.1:9001\"", &format!("{server:?}"));
+        let err = err_of(&src);
+        assert!(err.contains(field), "{server}: {err}");
+    }
+    let src = BASE.replace(
+        "servers = [\"127.0.0.1:9001\"]",
+        "servers = [\"127.0.0.1:9001\"]\n[upstreams.echo.tls]\nclient_cert = \"c.pem\"",
+    );
+    assert!(
+        err_of(&src).contains("upstreams.echo.tls.client_cert: client_cert needs client_key"),
+        "{}",
+        err_of(&src)
     );
 }

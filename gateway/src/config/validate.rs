@@ -66,12 +66,17 @@ impl RawConfig {
                 Some(s) => s.into_inner().0 as usize,
                 None => 16 * 1024,
             };
+            let tls = match l.tls {
+                Some(t) => Some(t.into_inner().validate(base_dir, err)?),
+                None => None,
+            };
             listeners.push(ListenerConfig {
                 name,
                 bind,
                 max_connections,
                 header_read_timeout: nonzero(l.header_read_timeout, Duration::from_secs(10), err)?,
                 max_header_size,
+                tls,
             });
         }
         if listeners.is_empty() {
@@ -83,7 +88,7 @@ impl RawConfig {
             let span = u.span();
             let u = u.into_inner();
             check_name(&name, span.clone(), err)?;
-            upstreams.push(u.validate(name, span, err)?);
+            upstreams.push(u.validate(name, span, base_dir, err)?);
         }
 
         let mut plugins = Vec::new();
@@ -146,8 +151,13 @@ impl RawUpstream {
         self,
         name: String,
         span: std::ops::Range<usize>,
+        base_dir: &Path,
         err: &Locator<'_>,
     ) -> Result<UpstreamConfig, ConfigError> {
+        let pool_tls = match self.tls {
+            Some(t) => Some(t.into_inner().validate(base_dir, err)?),
+            None => None,
+        };
         if self.servers.get_ref().is_empty() {
             return Err(err.at(
                 self.servers.span(),
@@ -156,7 +166,16 @@ impl RawUpstream {
         }
         let mut servers: Vec<ServerConfig> = Vec::new();
         for s in self.servers.into_inner() {
-            let authority = s.get_ref().clone();
+            let (scheme_tls, authority) = server_authority(s.get_ref()).ok_or_else(|| {
+                err.at(
+                    s.span(),
+                    format!(
+                        "expected \"host:port\" (or ws://, wss://, http://, https:// and \
+                         host[:port]), got {:?}",
+                        s.get_ref()
+                    ),
+                )
+            })?;
             let addr = authority
                 .to_socket_addrs()
                 .ok()
@@ -170,8 +189,17 @@ impl RawUpstream {
             if servers.iter().any(|x| x.addr == addr) {
                 return Err(err.at(s.span(), format!("server {authority} is listed twice")));
             }
-            servers.push(ServerConfig { authority, addr });
+            let tls = scheme_tls.unwrap_or(pool_tls.is_some());
+            servers.push(ServerConfig {
+                authority,
+                addr,
+                tls,
+            });
         }
+        let tls = servers
+            .iter()
+            .any(|s| s.tls)
+            .then(|| pool_tls.unwrap_or_default());
         let balance = match self.balance.as_ref().map(|b| b.get_ref().as_str()) {
             None | Some("least-conn") => Balance::LeastConn,
             Some("round-robin") => Balance::RoundRobin,
@@ -204,7 +232,31 @@ impl RawUpstream {
             max_fails: self.max_fails.unwrap_or(3),
             fail_timeout: nonzero(self.fail_timeout, Duration::from_secs(10), err)?,
             health,
+            tls,
         })
+    }
+}
+
+/// A server as written: `host:port`, or with a scheme that says whether it speaks TLS
+/// (`wss://`, `https://`) or not (`ws://`, `http://`) and gives the default port. Returns
+/// the scheme's word on TLS (`None` without one) and the `host:port` authority.
+fn server_authority(s: &str) -> Option<(Option<bool>, String)> {
+    let (tls, rest, port) = match s.split_once("://") {
+        None => (None, s, None),
+        Some(("wss" | "https", rest)) => (Some(true), rest, Some(443)),
+        Some(("ws" | "http", rest)) => (Some(false), rest, Some(80)),
+        Some(_) => return None,
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let authority: http::uri::Authority = rest.parse().ok()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    match (authority.port_u16(), port) {
+        (Some(_), _) => Some((tls, authority.to_string())),
+        (None, Some(port)) => Some((tls, format!("{}:{port}", authority.host()))),
+        // Without a scheme, the port is required (`to_socket_addrs` says so).
+        (None, None) => Some((tls, authority.to_string())),
     }
 }
 
@@ -493,7 +545,11 @@ fn check_name(
     Ok(())
 }
 
-fn nonzero(d: Option<Dur>, default: Duration, err: &Locator<'_>) -> Result<Duration, ConfigError> {
+pub(super) fn nonzero(
+    d: Option<Dur>,
+    default: Duration,
+    err: &Locator<'_>,
+) -> Result<Duration, ConfigError> {
     match d {
         None => Ok(default),
         Some(d) if d.value.is_zero() => Err(err.at(d.span, "must be greater than zero".into())),

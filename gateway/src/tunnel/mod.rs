@@ -215,6 +215,11 @@ impl Direction {
                         Err(e) => return Poll::Ready(Err(e)),
                     }
                 }
+                // Through a stream that buffers what it frames (TLS): out now, not with
+                // the next message. A socket's flush returns at once.
+                if let Err(e) = ready!(Pin::new(&mut *to).poll_flush(cx)) {
+                    return Poll::Ready(Err(e));
+                }
                 if let Some(p) = self.pending.take() {
                     give_buf(p.buf);
                 }
@@ -241,6 +246,13 @@ impl Direction {
                 Poll::Ready(Ok(())) => {
                     self.account(&buf[..end]);
                     self.pending = Some(Pending { buf, at: 0, end });
+                }
+                // A TLS peer that closed its socket without `close_notify`: for a
+                // WebSocket, whose own Close frames say whether it ended cleanly, that is
+                // the stream's end (browsers do it routinely), not a failure.
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    give_buf(buf);
+                    self.eof = true;
                 }
                 Poll::Ready(Err(e)) => {
                     give_buf(buf);
