@@ -725,10 +725,32 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Debian's nginx and HAProxy start with their TLS configs and carry `wss://` to a
-    /// plain echo server (skipped where they are not installed).
+    /// A `sluice` built in this workspace (`dist`, then `release`, then `debug`) whose
+    /// `sluice check` accepts the bench's TLS config; `None` when there is none (not
+    /// built, or built before listener TLS).
+    fn sluice_with_tls(env: &Env) -> Option<PathBuf> {
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        let bin = ["dist", "release", "debug"]
+            .iter()
+            .map(|profile| target.join(profile).join("sluice"))
+            .find(|bin| bin.is_file())?;
+        let dir = env.work_dir.join("sluice-check");
+        fs::create_dir_all(&dir).ok()?;
+        let addr: SocketAddr = "127.0.0.1:9".parse().ok()?;
+        command(Target::Sluice, env, addr, &dir, false, env.pki.as_ref()).ok()?;
+        let checked = Command::new(&bin)
+            .arg("check")
+            .arg(dir.join("sluice.toml"))
+            .output()
+            .ok()?;
+        checked.status.success().then_some(bin)
+    }
+
+    /// Sluice (when built with listener TLS), Debian's nginx and HAProxy start with their
+    /// TLS configs and carry `wss://` to a plain echo server (each skipped where it is
+    /// not available).
     #[test]
-    fn nginx_and_haproxy_terminate_tls() {
+    fn proxies_terminate_tls() {
         let rt = crate::sys::runtime(2).unwrap();
         let backend = rt.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -742,10 +764,18 @@ mod tests {
         });
         let dir = temp_dir("peers");
         let pki = Pki::generate(&dir.join("tls")).unwrap();
-        let env = env(&dir, backend, Some(pki));
-        for (target, program) in [(Target::Nginx, "nginx"), (Target::Haproxy, "haproxy")] {
-            if sys::version_of(program, &["-v"]) == "unavailable" {
-                eprintln!("{program} not installed: skipped");
+        let mut env = env(&dir, backend, Some(pki));
+        match sluice_with_tls(&env) {
+            Some(bin) => env.sluice_bin = bin,
+            None => eprintln!("no sluice with listener TLS built: skipped"),
+        }
+        for target in [Target::Sluice, Target::Nginx, Target::Haproxy] {
+            let available = match target {
+                Target::Sluice => env.sluice_bin.is_file(),
+                _ => sys::version_of(target.name(), &["-v"]) != "unavailable",
+            };
+            if !available {
+                eprintln!("{target} not available: skipped");
                 continue;
             }
             let running = start(target, &env, true).unwrap();
