@@ -91,7 +91,7 @@ fn check_reports_an_unknown_field_with_file_line_and_field() {
         "check",
         &BASE.replace("servers = [", "serverz = 1\nservers = ["),
         "6:1: upstreams.echo.serverz: unknown field `serverz`, expected one of `servers`, \
-         `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`",
+         `balance`, `hash_key`, `connect_timeout`, `max_fails`, `fail_timeout`, `health`, `tls`",
     );
 }
 

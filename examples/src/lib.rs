@@ -1,5 +1,6 @@
 //! Demo backends for Sluice's quickstart: a WebSocket echo server that also serves a
-//! small page with a browser client on plain `GET`s.
+//! small page with a browser client on plain `GET`s, and the TLS quickstart's throw-away
+//! certificates ([`tls`]).
 
 use std::net::SocketAddr;
 
@@ -7,6 +8,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+
+pub mod tls;
 
 /// The page served on plain requests: type a message, see it echoed through Sluice.
 const PAGE: &str = include_str!("page.html");

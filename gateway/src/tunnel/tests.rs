@@ -346,3 +346,83 @@ async fn an_idle_tunnel_holds_no_relay_buffer() {
     drop(rig.server);
     rig.tunnel.await.unwrap();
 }
+
+/// A stream like a TLS one on the write side: what it is given waits inside it (as
+/// encrypted records waiting for the socket) until it is flushed.
+struct Holding {
+    held: Vec<u8>,
+    inner: DuplexStream,
+}
+
+impl AsyncRead for Holding {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Holding {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.held.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while !this.held.is_empty() {
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+            this.held.drain(..n);
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Stream for Holding {}
+
+#[tokio::test]
+async fn each_message_is_flushed_through_a_stream_that_holds_writes() {
+    let (client, client_side) = duplex(1 << 16);
+    let (mut server, server_side) = duplex(1 << 16);
+    let mut rig = Rig::around(
+        client,
+        duplex(8).0,
+        Side {
+            stream: client_side,
+            early: Bytes::new(),
+        },
+        Side {
+            stream: Holding {
+                held: Vec::new(),
+                inner: server_side,
+            },
+            early: Bytes::new(),
+        },
+        None,
+    );
+    // Each message arrives on its own, not with the next one.
+    for i in 0..5u8 {
+        let up = from_client(TEXT, &[i; 40]);
+        rig.client.write_all(&up).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), read_n(&mut server, up.len()));
+        let got = read
+            .await
+            .unwrap_or_else(|_| panic!("message {i} was held back"));
+        assert_eq!(got, up);
+    }
+    drop(rig.client);
+    assert_eq!(read_to_end(&mut server).await, b"");
+    drop(server);
+    rig.tunnel.await.unwrap();
+}

@@ -1,0 +1,497 @@
+//! The quickstart in a real browser: headless Chromium loads the quickstart page through
+//! the real `sluice` binary, and the page's own script opens a WebSocket back through
+//! Sluice, learns which echo backend it reached and sends one message round trip.
+//!
+//! Sluice runs on `examples/quickstart.toml` (and `quickstart-tls.toml`) itself, with its
+//! listener moved to port 0 and its pool to the test's echo backends (`sluice_examples`,
+//! which also serve the page). Over TLS the certificates are the TLS quickstart's own,
+//! made at test time, and Chromium trusts the served key by its pin
+//! (`--ignore-certificate-errors-spki-list`), computed here from the certificate's DER.
+//! Chromium is driven over the DevTools protocol (`--remote-debugging-port=0`): the test
+//! navigates, waits for the `load` event, then evaluates a promise that settles when the
+//! page's `#status` leaves `connecting` (a `MutationObserver`, no polling), so the
+//! assertion runs on what the page reported after the echo. Every step is bounded.
+//!
+//! Chromium is required: without it (`chromium` on `PATH`, or the path in `$CHROMIUM`)
+//! these tests fail, saying so. `.ci/run` installs Debian's `chromium`.
+
+#![forbid(unsafe_code)]
+
+mod common;
+
+use std::collections::VecDeque;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use common::{Gateway, TempDir, eventually, within};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use sluice_examples::tls;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long Chromium may take to start and open its DevTools endpoint (2 shared cores).
+const START: Duration = Duration::from_secs(30);
+/// How long one DevTools call or one page load may take.
+const CALL: Duration = Duration::from_secs(30);
+/// How long the page may take, after `load`, to report its echo (the page's own bound;
+/// the test's is [`CALL`] on top).
+const ECHO_MS: u64 = 20_000;
+
+// ---- the quickstart's config, moved to test addresses --------------------------------
+
+/// `examples/NAME` with `edits` applied, each `(from, to)` required to occur.
+fn example_config(name: &str, edits: &[(&str, String)]) -> String {
+    let path = format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"));
+    let mut text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    for (from, to) in edits {
+        assert!(text.contains(from), "{path} no longer contains {from:?}");
+        text = text.replace(from, to);
+    }
+    text
+}
+
+/// The `servers = [...]` line for `backends`.
+fn servers_line(backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("servers = [{}]", list.join(", "))
+}
+
+/// Two quickstart echo backends (which also serve the page) on ephemeral ports.
+async fn echo_backends() -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for name in ["backend-a", "backend-b"] {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let addr = sluice_examples::bind_echo(any, name)
+            .await
+            .expect("bind an echo backend");
+        addrs.push(addr);
+    }
+    addrs
+}
+
+// ---- certificates ---------------------------------------------------------------------
+
+/// Chromium's pin for the first certificate in the PEM file `path`: base64 of the SHA-256 of
+/// its SubjectPublicKeyInfo, read from the certificate itself (not from the key).
+fn spki_pin(path: &std::path::Path) -> String {
+    let pem = std::fs::read_to_string(path).expect("read the certificate");
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE-----"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("certificate base64");
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    //   serialNumber, signature, issuer, validity, subject, subjectPublicKeyInfo, ... } ... }
+    let (_, certificate, _) = der_element(&der);
+    let (_, mut tbs, _) = der_element(certificate);
+    if tbs[0] == 0xa0 {
+        tbs = der_element(tbs).2;
+    }
+    for _ in 0..5 {
+        tbs = der_element(tbs).2;
+    }
+    let spki_len = tbs.len() - der_element(tbs).2.len();
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&tbs[..spki_len]))
+}
+
+/// The DER element at the start of `der`: (tag, contents, the bytes after it).
+fn der_element(der: &[u8]) -> (u8, &[u8], &[u8]) {
+    let (len, header) = match der[1] {
+        short if short < 0x80 => (usize::from(short), 2),
+        long => {
+            let count = usize::from(long & 0x7f);
+            let len = der[2..2 + count]
+                .iter()
+                .fold(0usize, |len, b| len << 8 | usize::from(*b));
+            (len, 2 + count)
+        }
+    };
+    (der[0], &der[header..header + len], &der[header + len..])
+}
+
+// ---- Chromium -------------------------------------------------------------------------
+
+/// A headless Chromium with a fresh profile and its DevTools endpoint; the whole process
+/// group is killed on drop.
+struct Chromium {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+    devtools: String,
+    _profile: TempDir,
+}
+
+impl Chromium {
+    /// Starts Chromium (with `extra` flags) on `about:blank` and waits for its DevTools
+    /// endpoint.
+    async fn launch(extra: &[String]) -> Chromium {
+        let binary = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".to_string());
+        let profile = TempDir::new();
+        let mut command = Command::new(&binary);
+        command
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--no-proxy-server",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // Its own process group, so drop can end the renderers and helpers with it.
+            .process_group(0);
+        let mut child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start Chromium ({binary:?}): {e}. These tests need a Chromium: \
+                 `apt-get install chromium` (as .ci/run does), or set CHROMIUM to its path"
+            )
+        });
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        let pipe = child.stderr.take().expect("chromium stderr");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("stderr lock").push(line);
+            }
+        });
+        let mut chromium = Chromium {
+            child,
+            stderr,
+            devtools: String::new(),
+            _profile: profile,
+        };
+        let (lines, child) = (&chromium.stderr, &mut chromium.child);
+        chromium.devtools = eventually(START, "Chromium's `DevTools listening on`", || {
+            if let Some(status) = child.try_wait().expect("poll chromium") {
+                panic!(
+                    "Chromium exited ({status}) before opening DevTools; stderr:\n{}",
+                    lines.lock().expect("stderr lock").join("\n")
+                );
+            }
+            lines.lock().expect("stderr lock").iter().find_map(|l| {
+                l.split_once("DevTools listening on ")
+                    .map(|(_, url)| url.trim().to_string())
+            })
+        })
+        .await;
+        chromium
+    }
+
+    /// Opens `url` in a new tab, waits for its `load` event and then for the page's
+    /// `#status` to leave `connecting`, and returns what the page shows.
+    async fn open(&self, url: &str) -> Result<Page, String> {
+        let mut cdp = Cdp::connect(&self.devtools).await;
+        let target = cdp
+            .call("Target.createTarget", json!({"url": "about:blank"}), None)
+            .await?;
+        let target = target["targetId"].as_str().expect("targetId").to_string();
+        let attached = cdp
+            .call(
+                "Target.attachToTarget",
+                json!({"targetId": target, "flatten": true}),
+                None,
+            )
+            .await?;
+        let session = attached["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_string();
+        let session = Some(session.as_str());
+        cdp.call("Page.enable", json!({}), session).await?;
+        let navigated = cdp
+            .call("Page.navigate", json!({"url": url}), session)
+            .await?;
+        if let Some(error) = navigated["errorText"].as_str() {
+            return Err(format!("navigation to {url} failed: {error}"));
+        }
+        cdp.event("Page.loadEventFired", session).await;
+        let report = cdp
+            .call(
+                "Runtime.evaluate",
+                json!({
+                    "expression": REPORT_JS.replace("ECHO_MS", &ECHO_MS.to_string()),
+                    "awaitPromise": true,
+                    "returnByValue": true,
+                }),
+                session,
+            )
+            .await?;
+        if let Some(exception) = report.get("exceptionDetails") {
+            return Err(format!("the page's report threw: {exception}"));
+        }
+        let value = &report["result"]["value"];
+        let field = |name: &str| value[name].as_str().unwrap_or_default().to_string();
+        Ok(Page {
+            state: field("state"),
+            status: field("status"),
+            backend: field("backend"),
+            log: field("log"),
+        })
+    }
+
+    /// Chromium's stderr so far, for failure messages.
+    fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").join("\n")
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        // The group's id is the browser's pid (`process_group(0)`).
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Settles when `#status` leaves `connecting`, or after `ECHO_MS` with it still there.
+const REPORT_JS: &str = r#"new Promise((resolve) => {
+  const status = document.getElementById('status');
+  const report = () => resolve({
+    state: status.dataset.state,
+    status: status.textContent,
+    backend: document.querySelector('b').textContent,
+    log: document.getElementById('log').textContent,
+  });
+  if (status.dataset.state !== 'connecting') return report();
+  new MutationObserver(() => { if (status.dataset.state !== 'connecting') report(); })
+    .observe(status, { attributes: true });
+  setTimeout(report, ECHO_MS);
+})"#;
+
+/// What the quickstart page showed.
+#[derive(Debug)]
+struct Page {
+    /// `#status`'s `data-state`: `ok`, `failed`, or still `connecting`.
+    state: String,
+    /// `#status`'s text, e.g. `echo ok: hello, sluice (ws: tunnel to backend-a)`.
+    status: String,
+    /// The backend that served the page.
+    backend: String,
+    /// The page's message log.
+    log: String,
+}
+
+/// A DevTools protocol connection (browser endpoint, flattened sessions): calls by id, and
+/// events kept until asked for, so none is missed between calls.
+struct Cdp {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next_id: u64,
+    events: VecDeque<Value>,
+}
+
+impl Cdp {
+    async fn connect(url: &str) -> Cdp {
+        let (ws, _) = within(
+            CALL,
+            "the DevTools WebSocket",
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("DevTools WebSocket {url}: {e}"));
+        Cdp {
+            ws,
+            next_id: 1,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Calls `method` and returns its result, or the protocol's error as text.
+    async fn call(
+        &mut self,
+        method: &str,
+        params: Value,
+        session: Option<&str>,
+    ) -> Result<Value, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut message = json!({"id": id, "method": method, "params": params});
+        if let Some(session) = session {
+            message["sessionId"] = json!(session);
+        }
+        let text = message.to_string();
+        let what = format!("DevTools {method}");
+        within(CALL, &what, async {
+            self.ws
+                .send(Message::text(text))
+                .await
+                .unwrap_or_else(|e| panic!("send {method}: {e}"));
+            loop {
+                let message = self.next_message(method).await;
+                if message["id"] == json!(id) {
+                    return match message.get("error") {
+                        Some(error) => Err(format!("{method}: {error}")),
+                        None => Ok(message["result"].clone()),
+                    };
+                }
+                self.events.push_back(message);
+            }
+        })
+        .await
+    }
+
+    /// Waits for event `method` on `session` (one already received counts).
+    async fn event(&mut self, method: &str, session: Option<&str>) -> Value {
+        let matches = |m: &Value| m["method"] == method && m["sessionId"].as_str() == session;
+        if let Some(i) = self.events.iter().position(matches) {
+            return self.events.remove(i).expect("event at index");
+        }
+        within(CALL, &format!("DevTools event {method}"), async {
+            loop {
+                let message = self.next_message(method).await;
+                if matches(&message) {
+                    return message;
+                }
+                self.events.push_back(message);
+            }
+        })
+        .await
+    }
+
+    async fn next_message(&mut self, waiting_for: &str) -> Value {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(text.as_str()).expect("DevTools JSON");
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("DevTools connection failed waiting for {waiting_for}: {e}"),
+                None => panic!("DevTools connection closed waiting for {waiting_for}"),
+            }
+        }
+    }
+}
+
+// ---- tests ----------------------------------------------------------------------------
+
+/// The plain quickstart: `http://` page through Sluice, `ws://` echo through Sluice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_page_echoes_over_ws_in_chromium() {
+    let backends = echo_backends().await;
+    let config = example_config(
+        "quickstart.toml",
+        &[
+            (
+                "bind = \"127.0.0.1:8080\"",
+                "bind = \"127.0.0.1:0\"".to_string(),
+            ),
+            (
+                "servers = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]",
+                servers_line(&backends),
+            ),
+        ],
+    );
+    let gateway = Gateway::start(&config).await;
+    let addr = gateway.addr();
+    let chromium = Chromium::launch(&[]).await;
+    let page = chromium
+        .open(&format!("http://{addr}/"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}; Chromium's stderr:\n{}", chromium.stderr()));
+
+    assert_eq!(page.state, "ok", "the page reported no echo: {page:?}");
+    assert!(
+        page.status
+            .starts_with("echo ok: hello, sluice (ws: tunnel to backend-"),
+        "{page:?}"
+    );
+    assert!(
+        ["backend-a", "backend-b"].contains(&page.backend.as_str()),
+        "page not served by a quickstart backend: {page:?}"
+    );
+    assert!(
+        page.log
+            .starts_with(&format!("connected to ws://{addr}/echo\n")),
+        "the WebSocket did not go to the gateway: {page:?}"
+    );
+}
+
+/// The TLS quickstart: `https://` page through Sluice's TLS listener, `wss://` echo through
+/// it, in a Chromium that trusts the served key by its pin; without the pin Chromium
+/// refuses the page, so the certificate really is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_quickstart_page_echoes_over_wss_in_chromium() {
+    let dir = TempDir::new();
+    let certs = tls::generate_certs(dir.path()).expect("make certificates");
+    let pin = spki_pin(&certs.cert);
+    assert_eq!(
+        pin, certs.spki_sha256,
+        "the pin quickstart-tls prints is not that of the certificate it serves"
+    );
+    let backends = echo_backends().await;
+    let quickstart_dir = tls::QUICKSTART_DIR;
+    let config = example_config(
+        "quickstart-tls.toml",
+        &[
+            (
+                "bind = \"127.0.0.1:8443\"",
+                "bind = \"127.0.0.1:0\"".to_string(),
+            ),
+            (
+                "servers = [\"127.0.0.1:9011\", \"127.0.0.1:9012\"]",
+                servers_line(&backends),
+            ),
+            (
+                &format!("\"{quickstart_dir}/{}\"", tls::CERT_FILE),
+                format!("{:?}", certs.cert),
+            ),
+            (
+                &format!("\"{quickstart_dir}/{}\"", tls::KEY_FILE),
+                format!("{:?}", certs.key),
+            ),
+        ],
+    );
+    let gateway = Gateway::start(&config).await;
+    let port = gateway.listener("secure").port();
+    let url = format!("https://localhost:{port}/");
+
+    let strict = Chromium::launch(&[]).await;
+    let refused = strict
+        .open(&url)
+        .await
+        .expect_err("an unknown CA's certificate accepted");
+    assert!(refused.contains("ERR_CERT_AUTHORITY_INVALID"), "{refused}");
+    drop(strict);
+
+    let chromium =
+        Chromium::launch(&[format!("--ignore-certificate-errors-spki-list={pin}")]).await;
+    let page = chromium
+        .open(&url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}; Chromium's stderr:\n{}", chromium.stderr()));
+    assert_eq!(page.state, "ok", "the page reported no echo: {page:?}");
+    assert!(
+        page.status
+            .starts_with("echo ok: hello, sluice (wss: tunnel to backend-"),
+        "{page:?}"
+    );
+    assert!(
+        page.log
+            .starts_with(&format!("connected to wss://localhost:{port}/echo\n")),
+        "the WebSocket did not go to the gateway over TLS: {page:?}"
+    );
+}
