@@ -497,7 +497,7 @@ upstream = "echo"
             };
             // nginx's TLS defaults otherwise (OpenSSL's ciphers and groups, no session
             // cache, tickets on), except `ssl_protocols`: 1.22's default has no TLSv1.3
-            // (it came with 1.23.4), and Debian's OpenSSL refuses below TLSv1.2 anyway.
+            // (it came with 1.23.4); the client speaks TLS 1.3 only.
             let (ssl, certificate) = match tls {
                 None => ("", String::new()),
                 Some(pki) => (
