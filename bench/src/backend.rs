@@ -14,7 +14,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::scenario::Pair;
@@ -55,6 +55,11 @@ pub fn serve(listen: SocketAddr, threads: usize, pair: Pair) -> Result<()> {
 /// Completes the opening handshake on `stream`, then echoes until close or end of stream.
 pub async fn echo(stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    echo_on(stream).await
+}
+
+/// [`echo`] on any stream (the TLS client's tests put a rustls server in front of it).
+pub async fn echo_on<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> io::Result<()> {
     let mut reader = Reader::new(stream);
     let head = reader.read_head().await?;
     let Some(key) = ws::header(&head, "sec-websocket-key") else {
@@ -67,6 +72,7 @@ pub async fn echo(stream: TcpStream) -> io::Result<()> {
         ws::accept_key(key)
     );
     reader.get_mut().write_all(reply.as_bytes()).await?;
+    reader.get_mut().flush().await?;
 
     // Replies to everything already buffered go out in one write.
     let mut out = Vec::new();
@@ -86,6 +92,8 @@ pub async fn echo(stream: TcpStream) -> io::Result<()> {
         }
         if !out.is_empty() {
             reader.get_mut().write_all(&out).await?;
+            // Over TLS (the tests' server) records may wait for a flush.
+            reader.get_mut().flush().await?;
             out.clear();
         }
         if closing {

@@ -1,4 +1,5 @@
-//! The load generator's WebSocket client: open (TCP connect + upgrade), round trips, close.
+//! The load generator's WebSocket client: open (TCP connect, the TLS handshake for
+//! `wss://`, upgrade), round trips, close.
 
 use std::io;
 use std::net::SocketAddr;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::tls::{self, Stream};
 use crate::ws::{self, OP_CLOSE, OP_PONG, Reader, Rng};
 
 /// Where the load generator connects, and what its upgrade requests carry beyond the
@@ -18,6 +20,9 @@ pub struct Endpoint {
     /// Extra request header lines, each ending in CRLF (empty for none): what a target's
     /// policy plugins need to admit the request, e.g. `Origin` and `Authorization`.
     pub headers: Arc<str>,
+    /// `wss://`: the TLS client every connection makes a full handshake with; `None` for
+    /// `ws://`.
+    pub tls: Option<tls::Client>,
 }
 
 impl Endpoint {
@@ -26,6 +31,7 @@ impl Endpoint {
         Endpoint {
             addr,
             headers: Arc::from(""),
+            tls: None,
         }
     }
 }
@@ -33,19 +39,24 @@ impl Endpoint {
 /// One client connection whose opening handshake has completed.
 #[derive(Debug)]
 pub struct Conn {
-    reader: Reader<TcpStream>,
+    reader: Reader<Stream>,
     out: Vec<u8>,
     rng: Rng,
 }
 
 impl Conn {
-    /// Connects to `endpoint`, sends the upgrade request (with the endpoint's extra
-    /// headers) and checks the `101` answer, including `Sec-WebSocket-Accept`; any other
-    /// answer, such as a plugin's 401 or 403, is an error.
+    /// Connects to `endpoint` (with a full TLS handshake for `wss://`), sends the
+    /// upgrade request (with the endpoint's extra headers) and checks the `101` answer,
+    /// including `Sec-WebSocket-Accept`; any other answer, such as a plugin's 401 or 403,
+    /// is an error.
     pub async fn open(endpoint: &Endpoint, mut rng: Rng) -> io::Result<Conn> {
         let addr = endpoint.addr;
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let stream = match &endpoint.tls {
+            None => Stream::Plain(tcp),
+            Some(client) => client.connect(tcp).await?,
+        };
         let key = ws::client_key(&mut rng);
         let extra = &endpoint.headers;
         let request = format!(
@@ -54,6 +65,8 @@ impl Conn {
         );
         let mut reader = Reader::new(stream);
         reader.get_mut().write_all(request.as_bytes()).await?;
+        // TLS may hold records back when the socket is full; plain TCP flushes nothing.
+        reader.get_mut().flush().await?;
         let head = reader.read_head().await?;
         if !head.starts_with("HTTP/1.1 101") {
             let status = head.lines().next().unwrap_or_default();
@@ -74,7 +87,9 @@ impl Conn {
     pub async fn round_trip(&mut self, opcode: u8, payload: &[u8], expect: u8) -> io::Result<()> {
         self.out.clear();
         ws::encode_frame(&mut self.out, opcode, payload, Some(self.rng.mask()));
-        self.reader.get_mut().write_all(&self.out).await?;
+        let stream = self.reader.get_mut();
+        stream.write_all(&self.out).await?;
+        stream.flush().await?;
         loop {
             match self.reader.read_frame().await? {
                 None => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -91,12 +106,30 @@ impl Conn {
         }
     }
 
+    /// What the TLS handshake negotiated (`None` for `ws://`).
+    pub fn tls_parameters(&mut self) -> Option<String> {
+        self.reader.get_mut().tls_parameters()
+    }
+
     /// The closing handshake: sends a close, awaits the echoed close, then waits for the
-    /// server to close TCP first (so TIME_WAIT stays on the server side).
+    /// server to close TCP first (so TIME_WAIT stays on the server side). Over TLS, a
+    /// TCP end without the server's `close_notify` also counts as the end: the WebSocket
+    /// closing handshake is already complete, and proxies differ in whether they send one.
     pub async fn close(mut self) -> io::Result<()> {
         let normal = 1000u16.to_be_bytes();
         self.round_trip(OP_CLOSE, &normal, OP_CLOSE).await?;
-        while self.reader.fill().await? != 0 {}
-        Ok(())
+        loop {
+            match self.reader.fill().await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::UnexpectedEof
+                        && matches!(self.reader.get_mut(), Stream::Tls(_)) =>
+                {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }

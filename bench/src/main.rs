@@ -10,6 +10,7 @@ mod run;
 mod scenario;
 mod sys;
 mod targets;
+mod tls;
 mod tung;
 mod ws;
 
@@ -58,6 +59,10 @@ enum Cmd {
         /// nginx without its master process, HAProxy without master-worker.
         #[arg(long)]
         single_process: bool,
+        /// Listen with TLS: a throw-away CA and certificate are written into DIR
+        /// (`ca.pem` is what `drive --tls-ca` trusts).
+        #[arg(long)]
+        tls: bool,
     },
     /// The echo backend (started by `run` as a separate process).
     #[command(hide = true)]
@@ -86,6 +91,10 @@ enum Cmd {
         /// Which client: `bench` (the bench's own) or `tungstenite`.
         #[arg(long, default_value = "bench")]
         ws: scenario::Pair,
+        /// Speak TLS (full TLS 1.3 handshakes), trusting the CA certificate in this PEM
+        /// file (the bench pair only).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
     /// The `floor` target: a plain TCP relay doing one `recv` and one `send` per event
     /// (started by `run`).
@@ -117,13 +126,20 @@ fn main() -> Result<()> {
             dir,
             sluice,
             single_process,
-        } => targets::print_command(target, backend, listen, dir, sluice, single_process),
+            tls,
+        } => targets::print_command(target, backend, listen, dir, sluice, single_process, tls),
         Cmd::Backend {
             listen,
             threads,
             ws,
         } => backend::serve(listen, threads, ws),
-        Cmd::Drive { addr, n, c, ws } => scenario::drive(addr, n, c, ws),
+        Cmd::Drive {
+            addr,
+            n,
+            c,
+            ws,
+            tls_ca,
+        } => scenario::drive(addr, n, c, ws, tls_ca.as_deref()),
         Cmd::Relay {
             listen,
             upstream,

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scenario::{Outcome, Scenario};
+use crate::scenario::{Load, Outcome, Scenario};
 use crate::targets::Target;
 
 /// The measurements of one run (one scenario, one target, one repetition).
@@ -85,6 +85,10 @@ pub struct RunRecord {
     pub errors: u64,
     /// Why the run produced no measurements, if it failed outright.
     pub error: Option<String>,
+    /// `wss-*` scenarios: what the client negotiated with the proxy, e.g.
+    /// `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full`.
+    #[serde(default)]
+    pub tls: Option<String>,
 }
 
 impl RunRecord {
@@ -159,6 +163,7 @@ impl RunRecord {
             pss_per_tunnel_b: per_tunnel(|m| m.pss_kib),
             tunnels: outcome.idle.map(|m| m.tunnels),
             errors: outcome.errors,
+            tls: outcome.tls.clone(),
             ..RunRecord::failed(rep, scenario, target, conns, None)
         }
     }
@@ -177,8 +182,8 @@ impl RunRecord {
             scenario: scenario.to_string(),
             target: target.to_string(),
             conns,
-            size: match scenario {
-                Scenario::Echo { size } => Some(size),
+            size: match scenario.load {
+                Load::Echo { size } => Some(size),
                 _ => None,
             },
             tunnels: None,
@@ -207,6 +212,7 @@ impl RunRecord {
             pss_per_tunnel_b: None,
             errors: 0,
             error,
+            tls: None,
         }
     }
 }
@@ -328,8 +334,8 @@ impl Summary {
 /// A figure read from a summary.
 type Metric = fn(&Summary) -> Option<f64>;
 
-/// One of issue #4's goals: Sluice's `metric` in `scenario` at most `limit` times the
-/// better peer's (or HAProxy's).
+/// One of the issues' goals (#4 for `ws://`, #21 for `wss://`): Sluice's `metric` in
+/// `scenario` at most `limit` times the better peer's (or HAProxy's).
 struct Goal {
     scenario: &'static str,
     label: &'static str,
@@ -528,8 +534,40 @@ pub fn markdown(records: &[RunRecord]) -> String {
             limit: 0.6,
             haproxy_only: true,
         },
+        Goal {
+            scenario: "wss-handshake",
+            label: "wss: proxy CPU per upgrade with a full TLS 1.3 handshake",
+            metric: cpu,
+            per_run: run_cpu,
+            limit: 0.8,
+            haproxy_only: false,
+        },
+        Goal {
+            scenario: "wss-echo-16k",
+            label: "wss: proxy CPU per 16 KiB echo",
+            metric: cpu,
+            per_run: run_cpu,
+            limit: 0.8,
+            haproxy_only: false,
+        },
+        Goal {
+            scenario: "wss-echo-32",
+            label: "wss: proxy CPU per 32 B echo",
+            metric: cpu,
+            per_run: run_cpu,
+            limit: 1.0,
+            haproxy_only: false,
+        },
+        Goal {
+            scenario: "wss-idle",
+            label: "wss: RSS per idle TLS tunnel (vs HAProxy)",
+            metric: |x| x.rss_per_tunnel,
+            per_run: |r| r.rss_per_tunnel_b,
+            limit: 0.6,
+            haproxy_only: true,
+        },
     ];
-    out.push_str("\nIssue #4 goals for Sluice (ratio to the better of nginx and HAProxy, or to HAProxy where stated):\n\n");
+    out.push_str("\nGoals for Sluice (issue #4 for `ws://`, issue #21 for `wss://`; ratio to the better of nginx and HAProxy, or to HAProxy where stated):\n\n");
     out.push_str(
         "| goal | sluice | reference | ratio | limit | met | per repetition |\n|---|--:|--:|--:|--:|---|---|\n",
     );
@@ -571,10 +609,29 @@ pub fn markdown(records: &[RunRecord]) -> String {
         );
     }
 
+    negotiated(&mut out, records);
     plugin_chains(&mut out, &scenarios, &summaries);
     ab(&mut out, records, &scenarios, &summaries);
     floor(&mut out, &scenarios, &summaries);
     out
+}
+
+/// What each target negotiated with the load generator in the `wss-*` runs (each distinct
+/// value once, with the runs that saw it).
+fn negotiated(out: &mut String, records: &[RunRecord]) {
+    let mut seen: BTreeMap<(Target, &str), usize> = BTreeMap::new();
+    for r in records {
+        if let (Some(tls), Ok(target)) = (&r.tls, r.target.parse::<Target>()) {
+            *seen.entry((target, tls.as_str())).or_default() += 1;
+        }
+    }
+    if seen.is_empty() {
+        return;
+    }
+    out.push_str("\nTLS as negotiated with each target (`wss-*` runs; a connection opened before each run):\n\n| target | protocol, cipher suite, key exchange, handshake | runs |\n|---|---|--:|\n");
+    for ((target, tls), runs) in seen {
+        let _ = writeln!(out, "| {target} | {tls} | {runs} |");
+    }
 }
 
 /// The floor table when the run has a `floor` target (a plain TCP relay): each proxy's
@@ -815,8 +872,8 @@ mod tests {
 
     /// A measured run of `target` at 1,000 ops/s with `cpu` µs per operation.
     fn measured(rep: usize, scenario: Scenario, target: Target, cpu: Option<f64>) -> RunRecord {
-        let conns = match scenario {
-            Scenario::Echo { .. } => 64,
+        let conns = match scenario.load {
+            Load::Echo { .. } => 64,
             _ => 32,
         };
         let mut r = RunRecord::failed(rep, scenario, target, conns, None);
@@ -841,7 +898,7 @@ mod tests {
             (Target::Nginx, Some(11.0)),
             (Target::Haproxy, Some(12.0)),
         ] {
-            records.push(measured(1, Scenario::Echo { size: 32 }, target, cpu));
+            records.push(measured(1, Load::Echo { size: 32 }.into(), target, cpu));
         }
         let md = markdown(&records);
         assert!(
@@ -865,7 +922,7 @@ mod tests {
                 (Target::Nginx, nginx),
                 (Target::Haproxy, haproxy),
             ] {
-                let mut r = measured(rep, Scenario::Handshake(Pair::Bench), target, Some(cpu));
+                let mut r = measured(rep, Load::Handshake(Pair::Bench).into(), target, Some(cpu));
                 r.proxy_cpu_s = Some(cpu / 100.0);
                 r.proxy_user_cpu_s = Some(cpu / 1000.0 * f64::from(u8::try_from(rep).unwrap()));
                 r.host_steal_s = f64::from(u8::try_from(rep).unwrap()) / 10.0;
@@ -895,7 +952,7 @@ mod tests {
             (Pair::Tungstenite, 105.0, 100.0),
         ] {
             for (target, cpu) in [(Target::Sluice, sluice), (Target::Nginx, nginx)] {
-                records.push(measured(1, Scenario::Handshake(pair), target, Some(cpu)));
+                records.push(measured(1, Load::Handshake(pair).into(), target, Some(cpu)));
             }
         }
         let md = markdown(&records);
@@ -918,7 +975,7 @@ mod tests {
             for (target, cpu) in [(Target::Sluice, a), (Target::SluiceB, b)] {
                 records.push(measured(
                     rep,
-                    Scenario::Handshake(Pair::Bench),
+                    Load::Handshake(Pair::Bench).into(),
                     target,
                     Some(cpu),
                 ));
@@ -944,7 +1001,12 @@ mod tests {
             (Target::Floor, 9.0),
             (Target::FloorUring, 9.9),
         ] {
-            records.push(measured(1, Scenario::Echo { size: 32 }, target, Some(cpu)));
+            records.push(measured(
+                1,
+                Load::Echo { size: 32 }.into(),
+                target,
+                Some(cpu),
+            ));
         }
         let md = markdown(&records);
         assert!(
@@ -957,7 +1019,7 @@ mod tests {
 
     #[test]
     fn report_splits_cpu_and_counts_switches_per_op() {
-        let scenario = Scenario::Handshake(Pair::Tungstenite);
+        let scenario = Load::Handshake(Pair::Tungstenite).into();
         let mut r = measured(1, scenario, Target::Sluice, Some(120.0));
         r.ops = 10_000;
         r.proxy_cpu_s = Some(1.2);
@@ -979,6 +1041,51 @@ mod tests {
         );
     }
 
+    /// The `wss://` goals: 0.8 of the better peer for upgrades and 16 KiB echoes, 1.0 for
+    /// 32 B echoes, 0.6 of HAProxy for idle tunnels; and what each target negotiated.
+    #[test]
+    fn wss_scenarios_have_their_goals_and_tls_table() {
+        let wss = |load: Load| Scenario { load, tls: true };
+        let mut records = Vec::new();
+        for (scenario, sluice, nginx, haproxy) in [
+            (wss(Load::Handshake(Pair::Bench)), 150.0, 200.0, 250.0),
+            (wss(Load::Echo { size: 16384 }), 40.0, 60.0, 50.0),
+            (wss(Load::Echo { size: 32 }), 20.0, 19.0, 21.0),
+        ] {
+            for (target, cpu) in [
+                (Target::Sluice, sluice),
+                (Target::Nginx, nginx),
+                (Target::Haproxy, haproxy),
+            ] {
+                let mut r = measured(1, scenario, target, Some(cpu));
+                r.tls = Some(format!(
+                    "TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full {target}"
+                ));
+                records.push(r);
+            }
+        }
+        for (target, rss) in [
+            (Target::Sluice, 9000.0),
+            (Target::Nginx, 30000.0),
+            (Target::Haproxy, 20000.0),
+        ] {
+            let mut r = measured(1, wss(Load::Idle), target, Some(30.0));
+            r.rss_per_tunnel_b = Some(rss);
+            records.push(r);
+        }
+        let md = markdown(&records);
+        for row in [
+            "| wss: proxy CPU per upgrade with a full TLS 1.3 handshake | 150.0 | 200.0 | 0.75 | ≤ 0.8 | yes | 0.75 |",
+            "| wss: proxy CPU per 16 KiB echo | 40.0 | 50.0 | 0.80 | ≤ 0.8 | yes | 0.80 |",
+            "| wss: proxy CPU per 32 B echo | 20.0 | 19.0 | 1.05 | ≤ 1 | **no** | 1.05 |",
+            "| wss: RSS per idle TLS tunnel (vs HAProxy) | 9000.0 | 20000.0 | 0.45 | ≤ 0.6 | yes | 0.45 |",
+            "| wss-handshake | proxy CPU µs/op | 0.75 | 0.60 | 0.80 |",
+            "| nginx | TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full nginx | 3 |",
+        ] {
+            assert!(md.contains(row), "{row}\n{md}");
+        }
+    }
+
     #[test]
     fn report_has_plugin_chain_cost() {
         let mut records = Vec::new();
@@ -989,7 +1096,7 @@ mod tests {
         ] {
             records.push(measured(
                 1,
-                Scenario::Handshake(Pair::Bench),
+                Load::Handshake(Pair::Bench).into(),
                 target,
                 Some(cpu),
             ));

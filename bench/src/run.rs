@@ -34,15 +34,19 @@ pub struct RunArgs {
     )]
     pub targets: Vec<Target>,
     /// Scenarios, comma-separated: echo-SIZE (e.g. echo-32, echo-16k), handshake,
-    /// handshake-tungstenite, idle. `handshake` runs the bench's own client and echo
+    /// handshake-tungstenite, idle, and over TLS wss-echo-SIZE, wss-handshake, wss-idle.
+    /// `handshake` runs the bench's own client and echo
     /// backend; `handshake-tungstenite` the same cycle with tokio-tungstenite on both ends
     /// (`client_async` with tungstenite's own request head, then `close` and read to the
     /// end; an `accept_async` echo server in its own process that answers the Close and
-    /// drops the connection, so the server ends TCP first).
+    /// drops the connection, so the server ends TCP first). `wss-*`: the proxy
+    /// terminates TLS (a full TLS 1.3 handshake per connection, a throw-away ECDSA P-256
+    /// certificate per run) and proxies to the same plain echo backend; targets without
+    /// TLS (direct, floor, floor-uring) skip them.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo-32,echo-16k,handshake,handshake-tungstenite,idle"
+        default_value = "echo-32,echo-16k,handshake,handshake-tungstenite,idle,wss-echo-32,wss-echo-16k,wss-handshake,wss-idle"
     )]
     pub scenarios: Vec<Scenario>,
     /// Repetitions of every scenario and target; the report shows medians.
@@ -172,6 +176,12 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let first = backends.values().next().context("no scenario")?;
     let work_dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     fs::create_dir_all(&work_dir)?;
+    // One throw-away CA and server certificate per run, for every TLS target.
+    let pki = if args.scenarios.iter().any(|s| s.tls) {
+        Some(crate::tls::Pki::generate(&work_dir.join("tls"))?)
+    } else {
+        None
+    };
     let mut env = Env {
         backend: first.addr,
         backend_pid: first.pid(),
@@ -186,6 +196,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         plugin_dir,
         token: plugins::token(),
         peers_defer_accept: args.peers_defer_accept,
+        pki,
     };
 
     let meta = serde_json::json!({
@@ -197,6 +208,8 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             "nginx": sys::version_of("nginx", &["-v"]),
             "haproxy": sys::version_of("haproxy", &["-v"]),
             "kernel": sys::version_of("uname", &["-r"]),
+            "nginx_openssl": sys::line_of("nginx", &["-V"], "OpenSSL"),
+            "haproxy_openssl": sys::line_of("haproxy", &["-vv"], "Running on OpenSSL"),
         },
         "open_file_limit": nofile,
         "settings": &args,
@@ -217,6 +230,15 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             env.backend = backend.addr;
             env.backend_pid = backend.pid();
             for &target in &order {
+                if scenario.tls && !target.supports_tls() {
+                    if rep == 1 {
+                        eprintln!(
+                            "[rep {rep}/{}] {scenario}: {target} has no TLS, skipped",
+                            args.reps
+                        );
+                    }
+                    continue;
+                }
                 eprintln!("[rep {rep}/{}] {scenario} via {target}", args.reps);
                 let conns = params.conns(scenario);
                 let perf = (args.perf && target != Target::Direct).then(|| {
@@ -260,7 +282,7 @@ fn run_one(
     target: Target,
     perf: Option<PathBuf>,
 ) -> Result<scenario::Outcome> {
-    let running = targets::start(target, env)?;
+    let running = targets::start(target, env, scenario.tls)?;
     let mut probe = Probe::new(running.pid(), env.backend_pid, perf);
     let outcome = rt.block_on(scenario::run(
         scenario,

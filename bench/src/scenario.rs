@@ -29,29 +29,49 @@ const SWEEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Connections opened before an idle baseline so lazy start-up costs are already paid.
 const IDLE_WARMUP_TUNNELS: usize = 64;
 
-/// One benchmark scenario.
+/// One benchmark scenario: a load pattern, over `ws://` or `wss://`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scenario {
+pub struct Scenario {
+    /// What one operation is.
+    pub load: Load,
+    /// Whether the client speaks TLS to the proxy (`wss-*`): the proxy terminates it, and
+    /// its upstream to the echo backend stays plain TCP.
+    pub tls: bool,
+}
+
+/// The load pattern of a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Load {
     /// Closed loop: each connection sends a `size`-byte binary message and awaits its echo.
     Echo {
         /// Payload bytes per message.
         size: usize,
     },
     /// Handshake rate: each worker connects, upgrades, closes, and repeats, with the
-    /// given client and server.
+    /// given client and server (over TLS: a full TLS 1.3 handshake first, every time).
     Handshake(Pair),
     /// Idle hold: open many tunnels, measure memory, then ping each once end to end.
     Idle,
 }
 
+impl From<Load> for Scenario {
+    /// The `ws://` scenario of a load.
+    fn from(load: Load) -> Scenario {
+        Scenario { load, tls: false }
+    }
+}
+
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Scenario::Echo { size } if size % 1024 == 0 => write!(f, "echo-{}k", size / 1024),
-            Scenario::Echo { size } => write!(f, "echo-{size}"),
-            Scenario::Handshake(Pair::Bench) => f.write_str("handshake"),
-            Scenario::Handshake(Pair::Tungstenite) => f.write_str("handshake-tungstenite"),
-            Scenario::Idle => f.write_str("idle"),
+        if self.tls {
+            f.write_str("wss-")?;
+        }
+        match self.load {
+            Load::Echo { size } if size % 1024 == 0 => write!(f, "echo-{}k", size / 1024),
+            Load::Echo { size } => write!(f, "echo-{size}"),
+            Load::Handshake(Pair::Bench) => f.write_str("handshake"),
+            Load::Handshake(Pair::Tungstenite) => f.write_str("handshake-tungstenite"),
+            Load::Idle => f.write_str("idle"),
         }
     }
 }
@@ -59,9 +79,9 @@ impl fmt::Display for Scenario {
 impl Scenario {
     /// The client and echo server this scenario runs with.
     pub fn pair(self) -> Pair {
-        match self {
-            Scenario::Handshake(pair) => pair,
-            Scenario::Echo { .. } | Scenario::Idle => Pair::Bench,
+        match self.load {
+            Load::Handshake(pair) => pair,
+            Load::Echo { .. } | Load::Idle => Pair::Bench,
         }
     }
 }
@@ -106,11 +126,20 @@ impl serde::Serialize for Scenario {
 impl FromStr for Scenario {
     type Err = String;
 
-    fn from_str(s: &str) -> Result<Scenario, String> {
-        match s {
-            "handshake" => Ok(Scenario::Handshake(Pair::Bench)),
-            "handshake-tungstenite" => Ok(Scenario::Handshake(Pair::Tungstenite)),
-            "idle" => Ok(Scenario::Idle),
+    fn from_str(name: &str) -> Result<Scenario, String> {
+        let (tls, s) = match name.strip_prefix("wss-") {
+            Some(rest) => (true, rest),
+            None => (false, name),
+        };
+        let load = match s {
+            "handshake" => Load::Handshake(Pair::Bench),
+            "handshake-tungstenite" if tls => {
+                return Err(format!(
+                    "{name}: over TLS only the bench's own pair runs (wss-handshake)"
+                ));
+            }
+            "handshake-tungstenite" => Load::Handshake(Pair::Tungstenite),
+            "idle" => Load::Idle,
             _ => {
                 let size = s
                     .strip_prefix("echo-")
@@ -120,11 +149,12 @@ impl FromStr for Scenario {
                     })
                     .filter(|size| *size <= 1 << 20)
                     .ok_or_else(|| {
-                        format!("unknown scenario {s:?}: expected echo-SIZE (e.g. echo-32, echo-16k), handshake, handshake-tungstenite or idle")
+                        format!("unknown scenario {name:?}: expected echo-SIZE (e.g. echo-32, echo-16k), handshake, handshake-tungstenite or idle, or wss- and one of them (not handshake-tungstenite)")
                     })?;
-                Ok(Scenario::Echo { size })
+                Load::Echo { size }
             }
-        }
+        };
+        Ok(Scenario { load, tls })
     }
 }
 
@@ -148,10 +178,10 @@ pub struct Params {
 impl Params {
     /// The connection count a scenario runs with.
     pub fn conns(&self, scenario: Scenario) -> usize {
-        match scenario {
-            Scenario::Echo { .. } => self.echo_conns,
-            Scenario::Handshake(_) => self.handshake_conns,
-            Scenario::Idle => self.idle_conns,
+        match scenario.load {
+            Load::Echo { .. } => self.echo_conns,
+            Load::Handshake(_) => self.handshake_conns,
+            Load::Idle => self.idle_conns,
         }
     }
 }
@@ -171,6 +201,9 @@ pub struct Outcome {
     pub cpu: CpuUse,
     /// Idle scenario: proxy memory before and after opening the tunnels, and how many opened.
     pub idle: Option<IdleMemory>,
+    /// `wss-*` scenarios: what a connection opened before the run negotiated
+    /// ([`crate::tls::describe`]).
+    pub tls: Option<String>,
 }
 
 /// Proxy memory around the idle scenario's tunnel opening.
@@ -290,8 +323,12 @@ pub async fn run(
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0x5EED, |d| d.as_nanos() as u64);
-    match scenario {
-        Scenario::Echo { size } => {
+    let tls = match &endpoint.tls {
+        Some(_) => Some(negotiated(endpoint, seed).await?),
+        None => None,
+    };
+    let outcome = match scenario.load {
+        Load::Echo { size } => {
             let (conns, errors) =
                 open_many(endpoint, params.echo_conns, params.echo_conns, seed).await;
             if errors > 0 {
@@ -310,7 +347,7 @@ pub async fn run(
                 .collect();
             closed_loop(workers, params, probe).await
         }
-        Scenario::Handshake(pair) => {
+        Load::Handshake(pair) => {
             let workers = (0..params.handshake_conns)
                 .map(|i| Cycle {
                     endpoint: endpoint.clone(),
@@ -320,8 +357,22 @@ pub async fn run(
                 .collect();
             closed_loop(workers, params, probe).await
         }
-        Scenario::Idle => idle(endpoint, params, probe, seed).await,
-    }
+        Load::Idle => idle(endpoint, params, probe, seed).await,
+    }?;
+    Ok(Outcome { tls, ..outcome })
+}
+
+/// Opens and closes one `wss://` connection: what it negotiated, in one line.
+async fn negotiated(endpoint: &Endpoint, seed: u64) -> Result<String> {
+    let mut conn = timeout(OP_TIMEOUT, Conn::open(endpoint, Rng::new(seed ^ 0x7157)))
+        .await
+        .map_err(|_| anyhow::anyhow!("the first wss connection timed out"))?
+        .map_err(|e| anyhow::anyhow!("the first wss connection failed: {e}"))?;
+    let params = conn.tls_parameters().unwrap_or_default();
+    timeout(OP_TIMEOUT, conn.close())
+        .await
+        .map_err(|_| anyhow::anyhow!("closing the first wss connection timed out"))??;
+    Ok(params)
 }
 
 /// One repeatable operation of a closed loop, run by one worker.
@@ -463,14 +514,28 @@ async fn idle(
             after,
             tunnels: opened,
         }),
+        tls: None,
     })
 }
 
 /// Makes `count` handshake cycles through `addr` with `pair`'s client, `concurrency` at a
 /// time, on a current-thread runtime (`sluice-bench drive`, for the counting scripts);
-/// fails when any cycle failed or the whole took longer than [`SWEEP_TIMEOUT`].
-pub fn drive(addr: SocketAddr, count: usize, concurrency: usize, pair: Pair) -> Result<()> {
-    let endpoint = Endpoint::plain(addr);
+/// with `tls_ca`, over TLS trusting that CA (the bench pair only). Fails when any cycle
+/// failed or the whole took longer than [`SWEEP_TIMEOUT`].
+pub fn drive(
+    addr: SocketAddr,
+    count: usize,
+    concurrency: usize,
+    pair: Pair,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<()> {
+    if tls_ca.is_some() && pair != Pair::Bench {
+        bail!("over TLS only the bench's own pair runs");
+    }
+    let endpoint = Endpoint {
+        tls: tls_ca.map(crate::tls::Client::trusting).transpose()?,
+        ..Endpoint::plain(addr)
+    };
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + SWEEP_TIMEOUT;
     let (ok, errors) = crate::sys::runtime(1)?.block_on(async {
@@ -601,8 +666,26 @@ mod tests {
         ] {
             assert_eq!(name.parse::<Scenario>().unwrap().to_string(), name);
         }
-        assert_eq!("echo-16K".parse(), Ok(Scenario::Echo { size: 16384 }));
+        assert_eq!(
+            "echo-16K".parse(),
+            Ok(Scenario::from(Load::Echo { size: 16384 }))
+        );
         assert!("echo-".parse::<Scenario>().is_err());
         assert!("ping".parse::<Scenario>().is_err());
+        for name in ["wss-echo-32", "wss-echo-16k", "wss-handshake", "wss-idle"] {
+            let scenario = name.parse::<Scenario>().unwrap();
+            assert!(scenario.tls, "{name}");
+            assert_eq!(scenario.to_string(), name);
+        }
+        assert_eq!(
+            "wss-handshake".parse(),
+            Ok(Scenario {
+                load: Load::Handshake(Pair::Bench),
+                tls: true
+            })
+        );
+        assert!("wss-handshake-tungstenite".parse::<Scenario>().is_err());
+        assert!("wss-".parse::<Scenario>().is_err());
+        assert!("wss-wss-idle".parse::<Scenario>().is_err());
     }
 }

@@ -83,6 +83,24 @@ pub fn version_of(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unavailable".into())
 }
 
+/// The first line a command prints (stdout, then stderr) that contains `needle`, trimmed,
+/// or `"unavailable"`.
+pub fn line_of(program: &str, args: &[&str], needle: &str) -> String {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = [out.stdout, out.stderr].concat();
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "unavailable".into())
+}
+
 /// `root` and all its descendants, found by walking `/proc/*/stat` parent links.
 pub fn process_tree(root: u32) -> Vec<u32> {
     let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();

@@ -2,6 +2,12 @@
 //! front of it (Sluice also with a 1- or 4-plugin policy chain, see [`crate::plugins`]). Each proxy run gets a fresh process on an ephemeral loopback port, with its
 //! config, pid file and log in a temporary directory; it is stopped by PID afterwards.
 //! Nothing under `/etc` and no system service is involved.
+//!
+//! For the `wss-*` scenarios the same proxies listen with TLS, from the run's certificate
+//! files ([`crate::tls::Pki`]), each with its own TLS defaults otherwise: Sluice's
+//! `[listeners.NAME.tls]` with one certificate, nginx's `listen … ssl` with
+//! `ssl_certificate`/`ssl_certificate_key`, HAProxy's `bind … ssl crt`. Their upstream to
+//! the echo backend stays plain TCP. The direct and floor targets have no TLS.
 
 use std::fmt;
 use std::fs;
@@ -15,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::client::Endpoint;
-use crate::{plugins, sys};
+use crate::tls::Pki;
+use crate::{plugins, sys, tls};
 
 /// How long a proxy may take to start accepting connections.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -106,6 +113,12 @@ impl Target {
         }
     }
 
+    /// Whether the target can terminate TLS (the `wss-*` scenarios): the proxies, not the
+    /// backend itself nor the plain TCP relays.
+    pub fn supports_tls(self) -> bool {
+        !matches!(self, Target::Direct | Target::Floor | Target::FloorUring)
+    }
+
     /// Whether the target's plugins may reuse their decisions (Sluice's default).
     pub fn reuses_decisions(self) -> bool {
         self != Target::Sluice4pCalled
@@ -176,6 +189,8 @@ pub struct Env {
     /// Whether nginx and HAProxy listen with `TCP_DEFER_ACCEPT` (`listen … deferred`,
     /// `bind … defer-accept`), which Sluice always does; off in their standard recipes.
     pub peers_defer_accept: bool,
+    /// The run's certificate files, when a `wss-*` scenario runs.
+    pub pki: Option<Pki>,
 }
 
 /// A running target, stopped when dropped.
@@ -227,8 +242,16 @@ impl Drop for Running {
     }
 }
 
-/// Starts `target` and waits until it accepts connections with all its processes up.
-pub fn start(target: Target, env: &Env) -> Result<Running> {
+/// Starts `target` and waits until it accepts connections with all its processes up;
+/// with `tls`, listening for `wss://` (the endpoint then carries a fresh TLS client for
+/// the run's CA).
+pub fn start(target: Target, env: &Env, tls: bool) -> Result<Running> {
+    let pki = match (tls, &env.pki) {
+        (false, _) => None,
+        (true, _) if !target.supports_tls() => bail!("{target} has no TLS"),
+        (true, None) => bail!("no certificate for a TLS target"),
+        (true, Some(pki)) => Some(pki),
+    };
     if target == Target::Direct {
         return Ok(Running {
             endpoint: Endpoint::plain(env.backend),
@@ -240,7 +263,7 @@ pub fn start(target: Target, env: &Env) -> Result<Running> {
     let dir = env.work_dir.join(format!("{target}-{}", addr.port()));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log = dir.join(format!("{target}.log"));
-    let (mut command, pid_file) = command(target, env, addr, &dir, false)?;
+    let (mut command, pid_file) = command(target, env, addr, &dir, false, pki)?;
     let log_file = fs::File::create(&log)?;
     let child = command
         .stdin(Stdio::null())
@@ -252,6 +275,7 @@ pub fn start(target: Target, env: &Env) -> Result<Running> {
         endpoint: Endpoint {
             addr,
             headers: plugins::headers(target.plugins(), &env.token).into(),
+            tls: pki.map(Pki::client).transpose()?,
         },
         child: Some(child),
         log,
@@ -259,7 +283,7 @@ pub fn start(target: Target, env: &Env) -> Result<Running> {
     let ready = wait_ready(target, env, &mut running, pid_file.as_deref()).and_then(|()| {
         match target.plugins() {
             0 => Ok(()),
-            _ => refused_without_origin(addr),
+            _ => refused_without_origin(addr, running.endpoint.tls.as_ref()),
         }
     });
     if let Err(e) = ready {
@@ -304,15 +328,21 @@ fn wait_ready(
 }
 
 /// Checks that the plugin chain is in force: an upgrade without `Origin` (and without a
-/// token) must get `origin-allowlist`'s 403, not a `101`.
-fn refused_without_origin(addr: SocketAddr) -> Result<()> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+/// token) must get `origin-allowlist`'s 403, not a `101`; over TLS with `tls`.
+fn refused_without_origin(addr: SocketAddr, tls: Option<&tls::Client>) -> Result<()> {
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut stream: Box<dyn ReadWrite> = match tls {
+        None => Box::new(tcp),
+        Some(client) => Box::new(client.blocking(tcp)?),
+    };
     write!(
         stream,
         "GET /bench HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )?;
+    stream.flush()?;
     let mut head = [0u8; 64];
     let n = stream.read(&mut head)?;
     let status = String::from_utf8_lossy(&head[..n]);
@@ -322,6 +352,11 @@ fn refused_without_origin(addr: SocketAddr) -> Result<()> {
     }
     Ok(())
 }
+
+/// A blocking byte stream: plain TCP or rustls over it.
+trait ReadWrite: Read + Write {}
+
+impl<T: Read + Write> ReadWrite for T {}
 
 /// A loopback address with a port that was free a moment ago.
 fn free_port() -> Result<SocketAddr> {
@@ -333,7 +368,9 @@ fn free_port() -> Result<SocketAddr> {
 /// prints the command that runs it, one argument per line (`bench/callgrind/cg.sh` runs
 /// it under valgrind, so that it measures the configs the bench measures). With
 /// `single_process`, nginx runs without its master and HAProxy without master-worker:
-/// the process started is then the one that does the work.
+/// the process started is then the one that does the work. With `tls`, the proxy listens
+/// with TLS, from a throw-away CA and certificate written into `dir` (`ca.pem` is what
+/// `sluice-bench drive --tls-ca` trusts).
 pub fn print_command(
     target: Target,
     backend: SocketAddr,
@@ -341,11 +378,14 @@ pub fn print_command(
     dir: PathBuf,
     sluice_bin: PathBuf,
     single_process: bool,
+    tls: bool,
 ) -> Result<()> {
-    if target == Target::Direct || target.plugins() > 0 {
+    if !matches!(target, Target::Sluice | Target::Nginx | Target::Haproxy) {
         bail!("`config` writes the configs of sluice, nginx and haproxy only");
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::path::absolute(&dir)?;
+    let pki = tls.then(|| Pki::generate(&dir)).transpose()?;
     let env = Env {
         backend,
         backend_pid: 0,
@@ -356,8 +396,9 @@ pub fn print_command(
         plugin_dir: PathBuf::new(),
         token: String::new(),
         peers_defer_accept: false,
+        pki: None,
     };
-    let (cmd, _) = command(target, &env, addr, &dir, single_process)?;
+    let (cmd, _) = command(target, &env, addr, &dir, single_process, pki.as_ref())?;
     println!("{}", cmd.get_program().to_string_lossy());
     for arg in cmd.get_args() {
         println!("{}", arg.to_string_lossy());
@@ -366,14 +407,19 @@ pub fn print_command(
 }
 
 /// Writes the target's config into `dir`; returns the command to run and its pid file.
-/// `single_process`: see [`print_command`].
+/// `single_process`: see [`print_command`]. With `tls`, the proxy listens with TLS from
+/// those certificate files (absolute paths).
 fn command(
     target: Target,
     env: &Env,
     addr: SocketAddr,
     dir: &Path,
     single_process: bool,
+    tls: Option<&Pki>,
 ) -> Result<(Command, Option<PathBuf>)> {
+    if tls.is_some() && !target.supports_tls() {
+        bail!("{target} has no TLS");
+    }
     let backend = env.backend;
     let workers = env.workers;
     let d = dir.display();
@@ -391,6 +437,15 @@ fn command(
                 &env.plugin_dir,
                 backend,
             );
+            // Sluice's TLS defaults otherwise (handshake timeout, no client certificates).
+            let tls = match tls {
+                None => String::new(),
+                Some(pki) => format!(
+                    "\n[listeners.bench.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
+                    pki.cert.display().to_string(),
+                    pki.key.display().to_string()
+                ),
+            };
             fs::write(
                 &config,
                 format!(
@@ -404,7 +459,7 @@ workers = {workers}
 [listeners.bench]
 bind = "{addr}"
 max_connections = {NOFILE}
-
+{tls}
 [upstreams.echo]
 servers = ["{backend}"]
 
@@ -440,6 +495,21 @@ upstream = "echo"
             } else {
                 ""
             };
+            // nginx's TLS defaults otherwise (OpenSSL's ciphers and groups, no session
+            // cache, tickets on), except `ssl_protocols`: 1.22's default has no TLSv1.3
+            // (it came with 1.23.4); the client speaks TLS 1.3 only.
+            let (ssl, certificate) = match tls {
+                None => ("", String::new()),
+                Some(pki) => (
+                    " ssl",
+                    format!(
+                        "ssl_certificate {};\n        ssl_certificate_key {};\n        \
+                         ssl_protocols TLSv1.2 TLSv1.3;\n        ",
+                        pki.cert.display(),
+                        pki.key.display()
+                    ),
+                ),
+            };
             fs::write(
                 &config,
                 format!(
@@ -472,8 +542,8 @@ http {{
     }}
 
     server {{
-        listen {addr}{deferred};
-        location / {{
+        listen {addr}{ssl}{deferred};
+        {certificate}location / {{
             proxy_pass http://echo;
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
@@ -506,6 +576,11 @@ http {{
             } else {
                 ""
             };
+            // HAProxy's TLS defaults otherwise (OpenSSL's, `ssl-min-ver TLSv1.2`).
+            let ssl = match tls {
+                None => String::new(),
+                Some(pki) => format!(" ssl crt {}", pki.combined.display()),
+            };
             fs::write(
                 &config,
                 format!(
@@ -525,7 +600,7 @@ defaults
     timeout tunnel 1h
 
 frontend bench
-    bind {addr}{defer}
+    bind {addr}{ssl}{defer}
     default_backend echo
 
 backend echo
@@ -555,5 +630,180 @@ backend echo
                 .arg(workers.to_string());
             Ok((cmd, None))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::client::Conn;
+    use crate::tls::tests::temp_dir;
+    use crate::ws::{OP_BINARY, OP_PING, OP_PONG, Rng};
+
+    fn env(dir: &Path, backend: SocketAddr, pki: Option<Pki>) -> Env {
+        Env {
+            backend,
+            backend_pid: 0,
+            workers: 2,
+            sluice_bin: PathBuf::from("/nonexistent/sluice"),
+            sluice_b_bin: None,
+            work_dir: dir.to_path_buf(),
+            plugin_dir: PathBuf::new(),
+            token: String::new(),
+            peers_defer_accept: false,
+            pki,
+        }
+    }
+
+    /// Renders `target`'s config into a fresh directory; returns its text.
+    fn render(target: Target, pki: Option<&Pki>, dir: &Path) -> String {
+        let env = env(dir, "127.0.0.1:9".parse().unwrap(), pki.cloned());
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        command(target, &env, addr, dir, false, pki).unwrap();
+        let file = match target {
+            Target::Nginx => "nginx.conf",
+            Target::Haproxy => "haproxy.cfg",
+            _ => "sluice.toml",
+        };
+        fs::read_to_string(dir.join(file)).unwrap()
+    }
+
+    /// Each proxy's TLS variant names the run's certificate files, and only the listener
+    /// changes: the plain config is the TLS one without the TLS lines.
+    #[test]
+    fn tls_configs_name_the_certificate_files() {
+        let dir = temp_dir("configs");
+        let pki = Pki::generate(&dir.join("tls")).unwrap();
+        let (cert, key, combined) = (
+            pki.cert.display().to_string(),
+            pki.key.display().to_string(),
+            pki.combined.display().to_string(),
+        );
+
+        let plain = render(Target::Sluice, None, &dir);
+        let tls = render(Target::Sluice, Some(&pki), &dir);
+        let table = format!(
+            "\n[listeners.bench.tls]\ncertificates = [{{ cert = \"{cert}\", key = \"{key}\" }}]\n"
+        );
+        assert!(tls.contains(&table), "{tls}");
+        assert_eq!(tls.replacen(&table, "", 1), plain);
+        assert!(!plain.contains("tls"), "{plain}");
+
+        let plain = render(Target::Nginx, None, &dir);
+        let tls = render(Target::Nginx, Some(&pki), &dir);
+        assert!(tls.contains("listen 127.0.0.1:8443 ssl;\n"), "{tls}");
+        assert!(tls.contains(&format!("ssl_certificate {cert};\n")), "{tls}");
+        assert!(
+            tls.contains(&format!("ssl_certificate_key {key};\n")),
+            "{tls}"
+        );
+        assert!(tls.contains("ssl_protocols TLSv1.2 TLSv1.3;\n"), "{tls}");
+        assert!(!tls.contains("ssl_session") && !tls.contains("ssl_ciphers"));
+        assert!(plain.contains("listen 127.0.0.1:8443;\n") && !plain.contains("ssl"));
+
+        let plain = render(Target::Haproxy, None, &dir);
+        let tls = render(Target::Haproxy, Some(&pki), &dir);
+        assert!(
+            tls.contains(&format!("bind 127.0.0.1:8443 ssl crt {combined}\n")),
+            "{tls}"
+        );
+        assert_eq!(tls.replacen(&format!(" ssl crt {combined}"), "", 1), plain);
+
+        for target in [Target::Direct, Target::Floor, Target::FloorUring] {
+            assert!(!target.supports_tls());
+            assert!(
+                start(
+                    target,
+                    &env(&dir, "127.0.0.1:9".parse().unwrap(), Some(pki.clone())),
+                    true
+                )
+                .is_err()
+            );
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `sluice` built in this workspace (`dist`, then `release`, then `debug`) whose
+    /// `sluice check` accepts the bench's TLS config; `None` when there is none (not
+    /// built, or built before listener TLS).
+    fn sluice_with_tls(env: &Env) -> Option<PathBuf> {
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        let bin = ["dist", "release", "debug"]
+            .iter()
+            .map(|profile| target.join(profile).join("sluice"))
+            .find(|bin| bin.is_file())?;
+        let dir = env.work_dir.join("sluice-check");
+        fs::create_dir_all(&dir).ok()?;
+        let addr: SocketAddr = "127.0.0.1:9".parse().ok()?;
+        command(Target::Sluice, env, addr, &dir, false, env.pki.as_ref()).ok()?;
+        let checked = Command::new(&bin)
+            .arg("check")
+            .arg(dir.join("sluice.toml"))
+            .output()
+            .ok()?;
+        checked.status.success().then_some(bin)
+    }
+
+    /// Sluice (when built with listener TLS), Debian's nginx and HAProxy start with their
+    /// TLS configs and carry `wss://` to a plain echo server (each skipped where it is
+    /// not available).
+    #[test]
+    fn proxies_terminate_tls() {
+        let rt = crate::sys::runtime(2).unwrap();
+        let backend = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tokio::spawn(crate::backend::echo(tcp));
+                }
+            });
+            addr
+        });
+        let dir = temp_dir("peers");
+        let pki = Pki::generate(&dir.join("tls")).unwrap();
+        let mut env = env(&dir, backend, Some(pki));
+        match sluice_with_tls(&env) {
+            Some(bin) => env.sluice_bin = bin,
+            None => eprintln!("no sluice with listener TLS built: skipped"),
+        }
+        for target in [Target::Sluice, Target::Nginx, Target::Haproxy] {
+            let available = match target {
+                Target::Sluice => env.sluice_bin.is_file(),
+                _ => sys::version_of(target.name(), &["-v"]) != "unavailable",
+            };
+            if !available {
+                eprintln!("{target} not available: skipped");
+                continue;
+            }
+            let running = start(target, &env, true).unwrap();
+            let conversation = async {
+                for i in 0..5u64 {
+                    let mut conn = Conn::open(&running.endpoint, Rng::new(i + 1))
+                        .await
+                        .unwrap_or_else(|e| panic!("{target}: {e}"));
+                    let params = conn.tls_parameters().unwrap();
+                    assert!(params.starts_with("TLSv1_3 "), "{target}: {params}");
+                    assert!(params.ends_with(" Full"), "{target}: {params}");
+                    conn.round_trip(OP_BINARY, &[5; 16 << 10], OP_BINARY)
+                        .await
+                        .unwrap();
+                    conn.round_trip(OP_PING, b"p", OP_PONG).await.unwrap();
+                    conn.close().await.unwrap();
+                }
+                // A plain client gets no WebSocket from a TLS listener.
+                let plain = Endpoint::plain(running.endpoint.addr);
+                assert!(Conn::open(&plain, Rng::new(9)).await.is_err(), "{target}");
+            };
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(60), conversation)
+                    .await
+                    .expect("timed out")
+            });
+            running.stop().unwrap();
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
