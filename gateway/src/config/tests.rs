@@ -447,6 +447,11 @@ fn bad_tls_files_are_errors_naming_the_file_and_the_listener() {
             ),
         ),
         (
+            pair("/dev/zero", "a-key.pem"),
+            "listeners.public.tls.certificates[0].cert: /dev/zero: cannot read: not a regular file"
+                .to_string(),
+        ),
+        (
             "certificates = []".to_string(),
             "listeners.public.tls.certificates: at least one { cert, key } pair".to_string(),
         ),

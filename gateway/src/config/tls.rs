@@ -284,7 +284,8 @@ fn certified_key(
     let at_key = |m: String| err.at(key.span(), format!("{}: {m}", key_path.display()));
     let chain = read_certs(&cert_path).map_err(at_cert)?;
     check_validity(&chain[0]).map_err(at_cert)?;
-    let der = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| at_key(pem_error(e)))?;
+    let pem = read_pem(&key_path).map_err(at_key)?;
+    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| at_key(pem_error(e)))?;
     let certified = CertifiedKey::from_der(chain, der, crypto_provider()).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => at_key(format!(
             "this key does not fit the certificate in {}",
@@ -314,14 +315,30 @@ fn add_roots(
 
 /// Every certificate of a PEM file, in order; at least one.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(pem_error)?
+    let pem = read_pem(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_error)?;
     if certs.is_empty() {
         return Err("no CERTIFICATE block in this PEM file".into());
     }
     Ok(certs)
+}
+
+/// Largest PEM file read (a CA bundle of every public root is about 200 KiB).
+const MAX_PEM: u64 = 4 << 20;
+
+/// A PEM file's bytes: a regular file of at most [`MAX_PEM`], so a path such as
+/// `/dev/zero` or a FIFO is an error, not a hang.
+fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("cannot read: not a regular file".into());
+    }
+    if meta.len() > MAX_PEM {
+        return Err(format!("larger than {} MiB: not a PEM file", MAX_PEM >> 20));
+    }
+    std::fs::read(path).map_err(|e| format!("cannot read: {e}"))
 }
 
 /// What went wrong reading a PEM file, in a config error's words.
