@@ -96,11 +96,42 @@ async fn wss_and_https_go_through_a_tls_listener_and_upstreams_learn_https() {
     );
     let answer = http_get(tls, "/internal").await;
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
-    let tls = tls_connect(gateway.addr(), "localhost", ca.client())
+    let client = ca.client();
+    let tls = tls_connect(gateway.addr(), "localhost", client.clone())
         .await
         .expect("TLS handshake");
     let answer = http_get(tls, "/page").await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    // The session resumes on the next connection (the tickets came with the first).
+    let tls = tls_connect(gateway.addr(), "localhost", client)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    // TLS 1.2 clients are served too, with an AEAD suite.
+    let mut tls12 =
+        rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+            .with_root_certificates(ca.roots())
+            .with_no_client_auth();
+    tls12.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tls_connect(gateway.addr(), "localhost", Arc::new(tls12))
+        .await
+        .expect("TLS 1.2 handshake");
+    let conn = tls.get_ref().1;
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let suite = format!(
+        "{:?}",
+        conn.negotiated_cipher_suite().expect("suite").suite()
+    );
+    assert!(
+        suite.starts_with("TLS_ECDHE_") && (suite.contains("GCM") || suite.contains("CHACHA20")),
+        "{suite}"
+    );
     assert!(
         answer.ends_with("a"),
         "the backend's name as body: {answer}"
