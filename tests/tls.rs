@@ -679,3 +679,36 @@ async fn sluice_check_names_a_mismatched_key_and_its_listener() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_certificate_close_to_expiry_is_logged_at_load() {
+    let dir = TempDir::new();
+    let ca = TestCa::new("Sluice test CA");
+    let (soon, soon_key) = ca
+        .issue_for_days("soon", &["soon.test"], 3)
+        .write(&dir, "soon");
+    let (later, later_key) = ca
+        .issue_for_days("later", &["later.test"], 60)
+        .write(&dir, "later");
+    let table = tls_table(&[(&later, &later_key), (&soon, &soon_key)], "");
+    let (_backend, mut gateway) = start_echo_gateway(|c| c.listener_toml(&table)).await;
+    let warning = gateway
+        .wait_log("the expiry warning", |l| {
+            l["message"] == "TLS certificate expires soon"
+        })
+        .await;
+    assert_eq!(warning["listener"], "public");
+    assert_eq!(warning["names"], "soon.test");
+    assert!(
+        warning["days_left"].as_u64().is_some_and(|d| d <= 3),
+        "{warning}"
+    );
+    // Only the one close to expiry: everything logged is there once the process is gone.
+    gateway.terminate().await;
+    let warnings = gateway
+        .json_logs()
+        .into_iter()
+        .filter(|l| l["message"] == "TLS certificate expires soon")
+        .count();
+    assert_eq!(warnings, 1);
+}

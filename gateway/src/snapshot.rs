@@ -5,15 +5,38 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::Pool;
-use crate::config::{Config, PluginConfig};
+use crate::config::{Config, ListenerTls, PluginConfig};
 use crate::health;
 use crate::plugin::{Plugin, PluginError, PluginHost};
 use crate::route::RouteTable;
 use crate::tls::{self, Acceptor, Connector};
+
+/// A served certificate this close to its expiry is logged at every load.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// Warns about the listener's certificates that expire within [`EXPIRY_WARNING`]
+/// (expired ones never load).
+fn warn_expiring(listener: &str, tls: &ListenerTls) {
+    for cert in &tls.certificates {
+        let left = cert
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if left < EXPIRY_WARNING {
+            tracing::warn!(
+                listener,
+                names = %cert.names.join(","),
+                days_left = left.as_secs() / 86_400,
+                "TLS certificate expires soon"
+            );
+        }
+    }
+}
 
 /// Why a snapshot could not be built (the running one, if any, keeps serving).
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +94,7 @@ impl Snapshot {
         let mut acceptors = HashMap::new();
         for l in &config.listeners {
             if let Some(t) = &l.tls {
+                warn_expiring(&l.name, t);
                 let acceptor = Acceptor::new(t).map_err(|source| LoadError::ListenerTls {
                     listener: l.name.clone(),
                     source,

@@ -1642,6 +1642,12 @@ impl TestCa {
         self.issue_between(cn, names, now - DAY, now + 365 * DAY)
     }
 
+    /// A certificate valid from yesterday for `days` more days.
+    pub fn issue_for_days(&self, cn: &str, names: &[&str], days: u32) -> Issued {
+        let now = time_now();
+        self.issue_between(cn, names, now - DAY, now + days * DAY)
+    }
+
     /// A certificate that expired yesterday.
     pub fn issue_expired(&self, cn: &str, names: &[&str]) -> Issued {
         let now = time_now();

@@ -50,6 +50,8 @@ pub struct ServedCert {
     /// Lower-case names, exact (`example.com`) or wildcard (`*.example.com`): the
     /// config's `names`, or else the DNS names of the certificate's SAN list.
     pub names: Vec<String>,
+    /// When the leaf certificate expires (its `notAfter`).
+    pub expires: SystemTime,
 }
 
 /// The answer to a client whose server name (SNI) no certificate serves.
@@ -202,7 +204,12 @@ impl RawCertificate {
                 .filter_map(|n| server_name_pattern(&n))
                 .collect(),
         };
-        Ok(ServedCert { key, names })
+        let expires = not_after(&key.cert[0]).unwrap_or(UNIX_EPOCH);
+        Ok(ServedCert {
+            key,
+            names,
+            expires,
+        })
     }
 }
 
@@ -363,6 +370,13 @@ fn check_validity(cert: &CertificateDer<'_>) -> Result<(), String> {
         return Err(format!("the certificate expired on {not_after}"));
     }
     Ok(())
+}
+
+/// A certificate's `notAfter`.
+fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, x509) = X509Certificate::from_der(cert).ok()?;
+    let secs = u64::try_from(x509.validity().not_after.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// The DNS names of a certificate's subject alternative names.
