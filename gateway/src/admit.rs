@@ -22,7 +22,7 @@ use crate::policy::{self, Client, Verdict};
 use crate::respond::{ResponseBody, deny, respond};
 use crate::route::{Route, normalize_path, request_host};
 use crate::snapshot::Snapshot;
-use crate::tls::Facts;
+use crate::tls::{self, Facts};
 
 /// Who is asking: what admission reads of the client's connection.
 #[derive(Clone, Copy)]
@@ -174,7 +174,7 @@ pub async fn admit(
         key,
         verdict,
         peer,
-        scheme: if tls.is_some() { "https" } else { "http" },
+        scheme: tls::scheme(tls.map(|t| &**t)),
         normal_target: target,
     };
     Ok(Admitted { plan, rec, ws_key })

@@ -16,7 +16,7 @@ use crate::plugin::{
 };
 use crate::route::{Route, authority};
 use crate::snapshot::Snapshot;
-use crate::tls::Facts;
+use crate::tls::{self, Facts};
 
 /// What the chain decided for a request that may proceed.
 #[derive(Debug)]
@@ -178,12 +178,7 @@ fn request_info(
     RequestInfo {
         kind,
         method: req.method().as_str().to_string(),
-        scheme: if client.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        }
-        .into(),
+        scheme: tls::scheme(client.tls).into(),
         authority,
         path: path.to_owned(),
         query: req.uri().query().unwrap_or_default().to_string(),

@@ -62,6 +62,42 @@ pub enum LoadError {
     },
 }
 
+/// The rustls sides a config asks for: an acceptor per TLS listener, a connector per
+/// pool with TLS servers.
+struct Tls {
+    acceptors: HashMap<String, Acceptor>,
+    connectors: HashMap<String, Arc<Connector>>,
+}
+
+impl Tls {
+    fn build(config: &Config) -> Result<Tls, LoadError> {
+        let mut acceptors = HashMap::new();
+        for l in &config.listeners {
+            if let Some(t) = &l.tls {
+                let acceptor = Acceptor::new(t).map_err(|source| LoadError::ListenerTls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
+                acceptors.insert(l.name.clone(), acceptor);
+            }
+        }
+        let mut connectors = HashMap::new();
+        for u in &config.upstreams {
+            if let Some(t) = &u.tls {
+                let connector = Connector::new(t).map_err(|source| LoadError::UpstreamTls {
+                    pool: u.name.clone(),
+                    source,
+                })?;
+                connectors.insert(u.name.clone(), Arc::new(connector));
+            }
+        }
+        Ok(Tls {
+            acceptors,
+            connectors,
+        })
+    }
+}
+
 /// Routes, pools, plugins and the config they came from.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -91,25 +127,13 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         host: Option<&PluginHost>,
     ) -> Result<Snapshot, LoadError> {
-        let mut acceptors = HashMap::new();
+        let Tls {
+            acceptors,
+            mut connectors,
+        } = Tls::build(&config)?;
         for l in &config.listeners {
             if let Some(t) = &l.tls {
                 warn_expiring(&l.name, t);
-                let acceptor = Acceptor::new(t).map_err(|source| LoadError::ListenerTls {
-                    listener: l.name.clone(),
-                    source,
-                })?;
-                acceptors.insert(l.name.clone(), acceptor);
-            }
-        }
-        let mut connectors = HashMap::new();
-        for u in &config.upstreams {
-            if let Some(t) = &u.tls {
-                let connector = Connector::new(t).map_err(|source| LoadError::UpstreamTls {
-                    pool: u.name.clone(),
-                    source,
-                })?;
-                connectors.insert(u.name.clone(), Arc::new(connector));
             }
         }
         let mut plugins = HashMap::new();
@@ -163,22 +187,7 @@ impl Snapshot {
     /// listener's and pool's rustls settings, and every plugin loaded once (compile +
     /// `init`); nothing is started.
     pub async fn check(config: &Config) -> Result<(), LoadError> {
-        for l in &config.listeners {
-            if let Some(t) = &l.tls {
-                Acceptor::new(t).map_err(|source| LoadError::ListenerTls {
-                    listener: l.name.clone(),
-                    source,
-                })?;
-            }
-        }
-        for u in &config.upstreams {
-            if let Some(t) = &u.tls {
-                Connector::new(t).map_err(|source| LoadError::UpstreamTls {
-                    pool: u.name.clone(),
-                    source,
-                })?;
-            }
-        }
+        Tls::build(config)?;
         if config.plugins.is_empty() {
             return Ok(());
         }

@@ -26,11 +26,10 @@ use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{
-    ClientAuth, ListenerTls, ServerConfig as UpstreamServer, UnknownName, UpstreamTls,
-    crypto_provider, san_dns_names,
+    ClientAuth, ListenerTls, ServerConfig as UpstreamServer, UnknownName, UpstreamTls, cert_info,
+    crypto_provider,
 };
 
 /// The ALPN protocols offered and asked for (HTTP/2 joins when it is served).
@@ -121,18 +120,22 @@ impl Acceptor {
     }
 }
 
+/// The scheme a client used: `https` over a TLS session, else `http`.
+pub fn scheme(tls: Option<&Facts>) -> &'static str {
+    if tls.is_some() { "https" } else { "http" }
+}
+
 /// The facts of a finished server-side handshake.
 fn facts(conn: &rustls::ServerConnection) -> Facts {
     let alpn = conn
         .alpn_protocol()
         .map(|p| String::from_utf8_lossy(p).into_owned());
-    let (client_subject, client_names) = match conn.peer_certificates().and_then(|c| c.first()) {
-        Some(leaf) => (
-            X509Certificate::from_der(leaf)
-                .ok()
-                .map(|(_, c)| c.subject().to_string()),
-            san_dns_names(leaf),
-        ),
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| cert_info(leaf).ok());
+    let (client_subject, client_names) = match leaf {
+        Some(info) => (Some(info.subject), info.dns_names),
         None => (None, Vec::new()),
     };
     Facts {

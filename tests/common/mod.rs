@@ -1828,7 +1828,9 @@ pub fn served_names(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<
         .peer_certificates()
         .and_then(|c| c.first())
         .expect("the server sent a certificate");
-    sluice::config::san_dns_names(leaf)
+    sluice::config::cert_info(leaf)
+        .expect("the served certificate parses")
+        .dns_names
 }
 
 /// A WebSocket over TLS to `path` on `addr`, asking for server name `sni` (also the

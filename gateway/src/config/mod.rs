@@ -17,7 +17,8 @@ use serde::Deserialize;
 use locate::Locator;
 use raw::RawConfig;
 pub use tls::{
-    ClientAuth, ListenerTls, ServedCert, UnknownName, UpstreamTls, crypto_provider, san_dns_names,
+    CertInfo, ClientAuth, ListenerTls, ServedCert, UnknownName, UpstreamTls, cert_info,
+    crypto_provider,
 };
 pub use units::{MAX_DURATION, MAX_SIZE, UnitError, parse_duration, parse_size};
 

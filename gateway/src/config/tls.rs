@@ -181,7 +181,7 @@ impl RawListenerTls {
 
 impl RawCertificate {
     fn validate(self, base_dir: &Path, err: &Locator<'_>) -> Result<ServedCert, ConfigError> {
-        let key = certified_key(base_dir, &self.cert, &self.key, err)?;
+        let (key, leaf) = certified_key(base_dir, &self.cert, &self.key, err)?;
         let names = match self.names {
             Some(names) => {
                 let mut out = Vec::new();
@@ -199,16 +199,16 @@ impl RawCertificate {
                 }
                 out
             }
-            None => san_dns_names(&key.cert[0])
-                .into_iter()
-                .filter_map(|n| server_name_pattern(&n))
+            None => leaf
+                .dns_names
+                .iter()
+                .filter_map(|n| server_name_pattern(n))
                 .collect(),
         };
-        let expires = not_after(&key.cert[0]).unwrap_or(UNIX_EPOCH);
         Ok(ServedCert {
             key,
             names,
-            expires,
+            expires: leaf.not_after,
         })
     }
 }
@@ -238,7 +238,7 @@ impl RawUpstreamTls {
         };
         let client_cert = match (&self.client_cert, &self.client_key) {
             (None, None) => None,
-            (Some(cert), Some(key)) => Some(certified_key(base_dir, cert, key, err)?),
+            (Some(cert), Some(key)) => Some(certified_key(base_dir, cert, key, err)?.0),
             (Some(c), None) => {
                 return Err(err.at(c.span(), "client_cert needs client_key".into()));
             }
@@ -278,19 +278,25 @@ fn system_roots() -> Arc<RootCertStore> {
 }
 
 /// Reads a chain and its key, and checks that they belong together and that the leaf is
-/// within its validity period. Errors point at the file's field.
+/// within its validity period; also what the leaf says. Errors point at the file's field.
 fn certified_key(
     base_dir: &Path,
     cert: &Spanned<String>,
     key: &Spanned<String>,
     err: &Locator<'_>,
-) -> Result<Arc<CertifiedKey>, ConfigError> {
+) -> Result<(Arc<CertifiedKey>, CertInfo), ConfigError> {
     let cert_path = base_dir.join(cert.get_ref());
     let key_path = base_dir.join(key.get_ref());
     let at_cert = |m: String| err.at(cert.span(), format!("{}: {m}", cert_path.display()));
     let at_key = |m: String| err.at(key.span(), format!("{}: {m}", key_path.display()));
     let chain = read_certs(&cert_path).map_err(at_cert)?;
-    check_validity(&chain[0]).map_err(at_cert)?;
+    let leaf = cert_info(&chain[0]).map_err(at_cert)?;
+    if leaf.not_after < SystemTime::now() {
+        return Err(at_cert(format!(
+            "the certificate expired on {}",
+            leaf.not_after_text
+        )));
+    }
     let pem = read_pem(&key_path).map_err(at_key)?;
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| at_key(pem_error(e)))?;
     let certified = CertifiedKey::from_der(chain, der, crypto_provider()).map_err(|e| match e {
@@ -300,7 +306,7 @@ fn certified_key(
         )),
         other => at_key(format!("unusable private key: {other}")),
     })?;
-    Ok(Arc::new(certified))
+    Ok((Arc::new(certified), leaf))
 }
 
 /// Adds every certificate of a PEM bundle to `roots`.
@@ -358,43 +364,43 @@ fn pem_error(e: rustls_pki_types::pem::Error) -> String {
     }
 }
 
-/// Refuses a certificate past its `notAfter` (or one that does not parse).
-fn check_validity(cert: &CertificateDer<'_>) -> Result<(), String> {
+/// What a certificate says that Sluice uses, read in one parse.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    /// The subject, RFC 4514 style (`CN=alice`).
+    pub subject: String,
+    /// The DNS names of its subject alternative names.
+    pub dns_names: Vec<String>,
+    /// The end of its validity (`notAfter`; the epoch for one before 1970).
+    pub not_after: SystemTime,
+    /// `notAfter` as the certificate writes it, for messages.
+    not_after_text: String,
+}
+
+/// Parses a DER certificate for its [`CertInfo`].
+pub fn cert_info(cert: &CertificateDer<'_>) -> Result<CertInfo, String> {
     let (_, x509) =
         X509Certificate::from_der(cert).map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
     let not_after = x509.validity().not_after;
-    if not_after.timestamp() < now {
-        return Err(format!("the certificate expired on {not_after}"));
-    }
-    Ok(())
-}
-
-/// A certificate's `notAfter`.
-fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
-    let (_, x509) = X509Certificate::from_der(cert).ok()?;
-    let secs = u64::try_from(x509.validity().not_after.timestamp()).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(secs))
-}
-
-/// The DNS names of a certificate's subject alternative names.
-pub fn san_dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, x509)) = X509Certificate::from_der(cert) else {
-        return Vec::new();
+    let dns_names = match x509.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
     };
-    let Ok(Some(san)) = x509.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::DNSName(d) => Some(d.to_string()),
-            _ => None,
-        })
-        .collect()
+    Ok(CertInfo {
+        subject: x509.subject().to_string(),
+        dns_names,
+        not_after: u64::try_from(not_after.timestamp())
+            .map_or(UNIX_EPOCH, |secs| UNIX_EPOCH + Duration::from_secs(secs)),
+        not_after_text: not_after.to_string(),
+    })
 }
 
 /// A server name to match SNI against, lower-case: a DNS name, or `*.` and one.
