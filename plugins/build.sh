@@ -5,6 +5,7 @@
 #
 # Output (fixed): target/plugins/NAME.wasm under the workspace root, for
 #   jwt-auth origin-allowlist tenant-router sticky-key hostile   (Rust, wasm32-wasip2)
+#   hostile-deny                                                  (the fixture's `deny` build)
 #   api-key-js                                                     (JavaScript, componentize-js)
 #
 # Needs: rustup (adds the wasm32-wasip2 target if missing), Node.js >= 18 and
@@ -43,6 +44,9 @@ for p in "${rust_plugins[@]}"; do packages+=(-p "$p"); done
 for p in "${rust_plugins[@]}"; do
   install_if_changed "$root/target/wasm32-wasip2/plugin/${p//-/_}.wasm" "$out/$p.wasm"
 done
+# The fixture's `deny` build: other code for the same config (tests/reload.rs).
+(cd "$root" && cargo build --quiet --profile plugin --target wasm32-wasip2 -p hostile --features deny)
+install_if_changed "$root/target/wasm32-wasip2/plugin/hostile.wasm" "$out/hostile-deny.wasm"
 
 # --- JavaScript plugin (componentize-js) ----------------------------------------
 js_src="$root/plugins/api-key-js"

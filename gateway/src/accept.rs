@@ -7,15 +7,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use std::sync::atomic::Ordering;
 
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::listener::Listener;
 use crate::serve;
 use crate::state::Gateway;
 
 /// Kernel accept backlog: bursts of thousands of WebSocket clients reconnecting at once
 /// should queue, not be refused.
-const BACKLOG: u32 = 4096;
+const BACKLOG: i32 = 4096;
 
 /// How long the kernel may hold a new connection that has sent nothing before handing it
 /// over anyway (`TCP_DEFER_ACCEPT`, Linux). An HTTP client speaks first, so a connection
@@ -27,27 +30,12 @@ const BACKLOG: u32 = 4096;
 #[cfg(target_os = "linux")]
 const DEFER_ACCEPT_SECS: u32 = 1;
 
-/// A bound socket, not yet listening: it becomes a listener on the worker that will
-/// accept from it (a tokio listener belongs to the event loop it was made on).
-#[derive(Debug)]
-pub struct Bound(TcpSocket);
-
-impl Bound {
-    /// The bound address (the real port when the config asked for port 0).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.0.local_addr()
-    }
-
-    /// Starts listening, registered with the current worker's event loop.
-    pub fn listen(self) -> std::io::Result<TcpListener> {
-        self.0.listen(BACKLOG)
-    }
-}
-
-/// Binds `workers` sockets to `addr`: the first one (which resolves port 0), then the
-/// others to the same address, all with `SO_REUSEPORT`, so that the kernel spreads new
-/// connections over the workers and a connection never changes threads.
-pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<Bound>> {
+/// Binds and listens on `workers` sockets at `addr`: the first one (which resolves port
+/// 0), then the others at the same address, all with `SO_REUSEPORT`, so that the kernel
+/// spreads new connections over the workers and a connection never changes threads. The
+/// sockets queue connections from here on; each becomes a tokio listener on the worker
+/// that will accept from it ([`TcpListener::from_std`]).
+pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let first = bind_one(addr)?;
     let addr = first.local_addr()?;
     let mut all = vec![first];
@@ -57,54 +45,81 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<Bound>> {
     Ok(all)
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<Bound> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
+fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
     #[cfg(target_os = "linux")]
     sluice_sockopt::set_tcp_defer_accept(&socket, DEFER_ACCEPT_SECS)?;
-    Ok(Bound(socket))
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
-/// Accepts until shutdown. `limit` is the listener's `max_connections`, shared by all
-/// workers. A worker takes a connection, then waits for a free slot before it serves it
-/// and accepts again, so at the limit each worker holds at most one waiting connection
-/// and further clients wait in the kernel's backlog rather than being refused.
-pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, limit: Arc<Semaphore>) {
+/// The first wait after a failed `accept`, doubled up to [`MAX_BACKOFF`] while it keeps
+/// failing.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Accepts until shutdown or until a reload removes the listener. The listener's
+/// `max_connections` is shared by all workers: a worker takes a connection, then waits
+/// for a free slot before it serves it and accepts again, so at the limit each worker
+/// holds at most one waiting connection and further clients wait in the kernel's backlog
+/// rather than being refused.
+///
+/// When `accept` fails (typically `EMFILE`: out of file descriptors) the connection stays
+/// in the backlog; the loop backs off (10 ms doubling to 250 ms, never spinning), counts
+/// it, warns once per run of failures, and accepts again once descriptors are free. Open
+/// connections and tunnels are not touched.
+pub async fn run(gw: Arc<Gateway>, listener: Arc<Listener>, socket: TcpListener) {
     let stopping = gw.stopping().clone();
+    let mut backoff = FIRST_BACKOFF;
+    // The name it served under last, for its log lines.
+    let mut named = gw.snapshot().listener_name(&listener).cloned();
     loop {
         let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
+            r = socket.accept() => match r {
+                Ok(s) => {
+                    backoff = FIRST_BACKOFF;
+                    s
+                }
                 Err(e) => {
-                    // Typically EMFILE: back off instead of spinning.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    listener.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    if backoff == FIRST_BACKOFF {
+                        tracing::warn!(listener = named.as_deref(), addr = %listener.addr, error = %e, "accept failed; backing off until it succeeds");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stopping.cancelled() => break,
+                        () = listener.stop.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             },
             () = stopping.cancelled() => break,
+            () = listener.stop.cancelled() => break,
         };
         let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+            p = listener.acquire() => p,
             () = stopping.cancelled() => break,
+            () = listener.stop.cancelled() => break,
         };
+        listener.stats.accepted.fetch_add(1, Ordering::Relaxed);
         // Linux copies `TCP_NODELAY` from the listening socket to the ones it accepts
         // (see the test below); elsewhere it is set on each one.
         #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
-        // The snapshot of this moment decides TLS: a reload's certificates serve the
-        // handshakes that start after it.
+        // The snapshot of this moment decides the listener's name and TLS: a reload's
+        // certificates serve the handshakes that start after it.
         let snapshot = gw.snapshot();
+        let Some(name) = snapshot.listener_name(&listener).cloned() else {
+            // A reload removed this listener a moment ago; its loop is about to stop.
+            break;
+        };
+        named = Some(name.clone());
         match snapshot.acceptors.get(&*name) {
             None => {
                 gw.tracker().spawn(serve::connection(
@@ -112,13 +127,13 @@ pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, limit:
                     snapshot,
                     stream,
                     peer,
-                    name.clone(),
+                    name,
                     None,
                     permit,
                 ));
             }
             Some(tls) => {
-                let (tls, gw, name) = (tls.clone(), gw.clone(), name.clone());
+                let (tls, gw) = (tls.clone(), gw.clone());
                 gw.clone().tracker().spawn(async move {
                     // The handshake holds the connection slot, and the drain cancels it.
                     let shake = tokio::select! {
@@ -139,7 +154,7 @@ pub async fn run(gw: Arc<Gateway>, name: Arc<str>, listener: TcpListener, limit:
             }
         }
     }
-    tracing::debug!(listener = %name, "stopped accepting");
+    tracing::debug!(listener = named.as_deref(), addr = %listener.addr, "stopped accepting");
 }
 
 #[cfg(test)]
@@ -154,9 +169,9 @@ mod tests {
     async fn accepted_connections_have_nodelay() {
         use tokio::io::AsyncWriteExt;
         let bound = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
-        let [bound] = <[Bound; 1]>::try_from(bound).unwrap();
+        let [bound] = <[std::net::TcpListener; 1]>::try_from(bound).unwrap();
         let addr = bound.local_addr().unwrap();
-        let listener = bound.listen().unwrap();
+        let listener = TcpListener::from_std(bound).unwrap();
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         // A first byte, so that the deferred accept hands the connection over at once.
         client.write_all(b"G").await.unwrap();
@@ -173,7 +188,7 @@ mod tests {
         let bound = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         for b in &bound {
             assert_eq!(
-                sluice_sockopt::tcp_defer_accept(&b.0).unwrap(),
+                sluice_sockopt::tcp_defer_accept(b).unwrap(),
                 DEFER_ACCEPT_SECS
             );
         }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::metrics::RouteStats;
 use crate::plugin::{Chain, CloseInfo, CloseReason, RequestKind};
 use crate::tls::Facts;
 use crate::tunnel::{Ended, Report};
@@ -23,6 +24,10 @@ pub const TARGET: &str = "sluice::access";
 pub struct Record {
     /// `"http"` or `"tunnel"`.
     pub kind: &'static str,
+    /// The request asked for a WebSocket (its answer is counted as a handshake).
+    pub upgrade: bool,
+    /// The route's counters (the unrouted ones until a route matches).
+    pub stats: Arc<RouteStats>,
     /// Client address.
     pub client: SocketAddr,
     /// Listener name.
@@ -98,6 +103,8 @@ impl Record {
             _ => CloseReason::Completed,
         };
         self.notify(bytes_in, bytes_out, reason);
+        self.stats
+            .answered(self.upgrade, self.status, bytes_in, bytes_out);
         self.emit(bytes_in, bytes_out, None, None);
     }
 
@@ -111,6 +118,12 @@ impl Record {
             Ended::Error => CloseReason::UpstreamError,
         };
         self.notify(report.bytes_in, report.bytes_out, reason);
+        self.stats.tunnel_closed(
+            report.reason,
+            report.bytes_in,
+            report.bytes_out,
+            self.start.elapsed(),
+        );
         let error = report.error.as_ref().map(|e| e.to_string());
         self.emit(
             report.bytes_in,

@@ -75,8 +75,13 @@ pub async fn admit(
         peer,
         tls,
     } = caller;
+    // Classified first so that every answer to a WebSocket handshake, a 404 included,
+    // is counted as one; refusals still come after routing.
+    let upgrade = client_handshake::classify(req.method(), req.version(), req.fields());
     let mut rec = Record {
         kind: "http",
+        upgrade: !matches!(upgrade, Upgrade::None),
+        stats: snapshot.routes.unrouted.clone(),
         client: peer,
         listener: listener.clone(),
         route: String::new(),
@@ -106,6 +111,7 @@ pub async fn admit(
         ));
     };
     rec.route = route.config.name.clone();
+    rec.stats = route.stats.clone();
     let pool = match (&route.config.action, &route.pool) {
         (RouteAction::Respond { status, body }, _) => {
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN);
@@ -121,8 +127,7 @@ pub async fn admit(
             ));
         }
     };
-    let (kind, ws_key) = match client_handshake::classify(req.method(), req.version(), req.fields())
-    {
+    let (kind, ws_key) = match upgrade {
         Upgrade::Refused(r) => {
             let headers = client_handshake::refusal_headers(&r);
             return Err(respond(rec, r.status, &format!("{}\n", r.reason), &headers));

@@ -33,6 +33,10 @@ pub struct Server {
     fails: AtomicU32,
     /// Passive ejection deadline, in nanoseconds since [`epoch`]; 0 when not ejected.
     ejected_until: AtomicU64,
+    /// Failed connects, ever (for metrics).
+    connect_failures: AtomicU64,
+    /// Times a failure ejected the server, ever (for metrics).
+    ejections: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -53,7 +57,23 @@ impl Server {
             healthy: AtomicBool::new(true),
             fails: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
         }
+    }
+
+    /// Whether a passive ejection keeps the server out now.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_nanos() < until
+    }
+
+    /// Failed connects and ejections since the process started.
+    pub fn failures(&self) -> (u64, u64) {
+        (
+            self.connect_failures.load(Ordering::Relaxed),
+            self.ejections.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether the server may receive new connections now.
@@ -94,18 +114,23 @@ impl Server {
 
     /// Records a failed connect; returns true when this failure ejected the server.
     pub fn connect_failed(&self, pool: &Pool) -> bool {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
         let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if pool.max_fails == 0 || fails < pool.max_fails {
             return false;
         }
-        if pool.has_health_check {
+        let ejected = if pool.has_health_check {
             // The active check decides when it comes back.
             self.healthy.swap(false, Ordering::Relaxed)
         } else {
             let until = now_nanos() + pool.fail_timeout.as_nanos() as u64;
             self.ejected_until.store(until.max(1), Ordering::Relaxed);
             true
+        };
+        if ejected {
+            self.ejections.fetch_add(1, Ordering::Relaxed);
         }
+        ejected
     }
 
     /// Counts a tunnel or request against this server until the guard drops.

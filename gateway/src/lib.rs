@@ -3,8 +3,9 @@
 //! follows one connection through them. A stage calls later stages, never earlier ones.
 #![forbid(unsafe_code)]
 
-// The process: config, the snapshot built from it, the state the stages share, and the
-// control loop that starts the workers, reloads and drains.
+// The process: config, the snapshot built from it, the state the stages share, the
+// control loop that starts the workers, reloads and drains, and the admin listener.
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod snapshot;
@@ -20,6 +21,7 @@ pub mod client_handshake;
 pub mod connect;
 pub mod forward;
 pub mod head;
+pub mod listener;
 pub mod open;
 pub mod policy;
 pub mod respond;
@@ -33,6 +35,7 @@ pub mod upstream_handshake;
 // Used by several stages.
 pub mod headers;
 pub mod health;
+pub mod metrics;
 pub mod plugin;
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve with this config (SIGHUP reloads it, SIGTERM/SIGINT drain and stop).
+    /// Serve with this config (SIGHUP reloads it, SIGUSR1 reopens the access log,
+    /// SIGTERM/SIGINT drain and stop).
     Run {
         /// Path to the TOML config.
         config: PathBuf,
@@ -65,8 +66,14 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
-    sluice::control::init_logging(&config);
-    match runtime.block_on(sluice::control::run(path.clone(), config)) {
+    let logs = match sluice::control::init_logging(&config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sluice::control::run(path.clone(), config, logs)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sluice stopped with an error");

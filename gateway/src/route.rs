@@ -9,6 +9,7 @@ use crate::balance::Pool;
 use crate::config::{HostMatch, RouteAction, RouteConfig};
 use crate::head::{HeaderFields, RequestHead};
 use crate::headers::value_text;
+use crate::metrics::{Metrics, RouteStats};
 use crate::plugin::{Chain, Plugin};
 
 /// A route with its pool resolved.
@@ -20,12 +21,16 @@ pub struct Route {
     pub pool: Option<Arc<Pool>>,
     /// Its plugin chain (empty when it lists none).
     pub chain: Chain,
+    /// Its traffic counters (shared with the same-named route of other snapshots).
+    pub stats: Arc<RouteStats>,
 }
 
 /// All routes of a snapshot.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// Counters of requests no route matched (route `""`).
+    pub unrouted: Arc<RouteStats>,
 }
 
 impl RouteTable {
@@ -35,8 +40,10 @@ impl RouteTable {
         routes: &[RouteConfig],
         pools: &HashMap<String, Arc<Pool>>,
         plugins: &HashMap<String, Plugin>,
+        metrics: &Metrics,
     ) -> RouteTable {
         RouteTable {
+            unrouted: metrics.route(""),
             routes: routes
                 .iter()
                 .map(|r| {
@@ -53,10 +60,16 @@ impl RouteTable {
                         config: r.clone(),
                         pool,
                         chain: Chain::new(chain),
+                        stats: metrics.route(&r.name),
                     })
                 })
                 .collect(),
         }
+    }
+
+    /// The routes, in config order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
     }
 
     /// The most specific route for a request: an exact host beats a wildcard beats none,

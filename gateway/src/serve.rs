@@ -23,7 +23,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::Counted;
 use crate::admit::{Admitted, Caller, admit};
@@ -34,6 +33,7 @@ use crate::connect::Upstream;
 use crate::forward::forward;
 use crate::head::{RequestHead, UpgradeHead};
 use crate::headers::has_token;
+use crate::listener::Permit;
 use crate::open::{ClientHead, Opened, open};
 use crate::respond::{ResponseBody, respond};
 use crate::snapshot::Snapshot;
@@ -42,23 +42,24 @@ use crate::stream::Stream;
 use crate::tls::Facts;
 use crate::tunnel::{self, Side};
 
-/// Everything one client connection needs; shared by its requests and its tunnel.
+/// Everything one client connection needs; shared by its requests and its tunnel. It
+/// holds no snapshot: each request takes the newest one, and a tunnel keeps the one it
+/// was admitted under.
 pub struct ClientConn {
     gw: Arc<Gateway>,
-    snapshot: Arc<Snapshot>,
     listener: Arc<str>,
     peer: SocketAddr,
     /// The client's TLS session, on a TLS listener.
     tls: Option<Arc<Facts>>,
     /// Held until the connection and any tunnel it became have ended.
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 impl ClientConn {
-    /// What admission reads of this connection.
-    fn caller(&self) -> Caller<'_> {
+    /// What admission reads of this connection, under `snapshot`.
+    fn caller<'a>(&'a self, snapshot: &'a Snapshot) -> Caller<'a> {
         Caller {
-            snapshot: &self.snapshot,
+            snapshot,
             listener: &self.listener,
             peer: self.peer,
             tls: self.tls.as_ref(),
@@ -78,11 +79,10 @@ pub fn connection<S: Stream>(
     peer: SocketAddr,
     listener: Arc<str>,
     tls: Option<Arc<Facts>>,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
 ) -> impl Future<Output = ()> + Send {
     let ctx = ClientConn {
         gw,
-        snapshot,
         listener,
         peer,
         tls,
@@ -91,20 +91,25 @@ pub fn connection<S: Stream>(
     // Everything before the tunnel is boxed, and the rest is put together from
     // pin-projected combinators rather than `async` blocks, which keep a value moved into
     // an `.await` twice: an upgraded connection's task holds only the tunnel's state.
-    Box::pin(prepare(ctx, stream))
+    Box::pin(prepare(ctx, snapshot, stream))
         .then(|ready| OptionFuture::from(ready.map(Ready::run)))
         .map(drop)
 }
 
-/// Reads the first head and answers it; `Some` once a `101` has gone to the client.
-async fn prepare<S: Stream>(ctx: ClientConn, mut stream: S) -> Option<Ready<S>> {
-    let limits = ctx
-        .snapshot
+/// Reads the first head and answers it under `snapshot` (the one of the accept); `Some`
+/// once a `101` has gone to the client.
+async fn prepare<S: Stream>(
+    ctx: ClientConn,
+    snapshot: Arc<Snapshot>,
+    mut stream: S,
+) -> Option<Ready<S>> {
+    let limits = snapshot
         .config
         .listeners
         .iter()
         .find(|l| *l.name == *ctx.listener)
-        .map(HeadLimits::of)?;
+        .map(HeadLimits::of)
+        .unwrap_or_default();
     let ctx = Arc::new(ctx);
     let gw = ctx.gw.clone();
     let first = tokio::select! {
@@ -114,14 +119,22 @@ async fn prepare<S: Stream>(ctx: ClientConn, mut stream: S) -> Option<Ready<S>> 
     let (req, rest) = match first {
         FirstHead::Gone => return None,
         FirstHead::Other(read) => {
+            drop(snapshot);
             Box::pin(serve_http(ctx, Prefixed::new(read, stream), limits)).await;
             return None;
         }
         FirstHead::Upgrade { req, rest } => (req, rest),
     };
-    match upgrade_direct(&mut stream, req, &ctx).await {
-        Direct::Tunnel(opened) => Some(Ready::new(ctx, stream, tunnel::detach(rest), opened)),
+    match upgrade_direct(&mut stream, req, &ctx, &snapshot).await {
+        Direct::Tunnel(opened) => Some(Ready::new(
+            ctx,
+            snapshot,
+            stream,
+            tunnel::detach(rest),
+            opened,
+        )),
         Direct::KeepAlive => {
+            drop(snapshot);
             Box::pin(serve_http(ctx, Prefixed::new(rest, stream), limits)).await;
             None
         }
@@ -131,8 +144,11 @@ async fn prepare<S: Stream>(ctx: ClientConn, mut stream: S) -> Option<Ready<S>> 
 
 /// A tunnel whose `101` has gone to the client: what it needs while it runs.
 struct Ready<S> {
-    /// Holds the connection permit and the snapshot the tunnel started with.
+    /// Holds the connection permit.
     ctx: Arc<ClientConn>,
+    /// The snapshot the tunnel was admitted under: its generation stays alive (and
+    /// counted) until the tunnel ends.
+    snapshot: Arc<Snapshot>,
     client: Side<S>,
     server: Side<Upstream>,
     guard: ActiveGuard,
@@ -141,9 +157,17 @@ struct Ready<S> {
 }
 
 impl<S: Stream> Ready<S> {
-    fn new(ctx: Arc<ClientConn>, stream: S, early: Bytes, opened: Opened) -> Ready<S> {
+    fn new(
+        ctx: Arc<ClientConn>,
+        snapshot: Arc<Snapshot>,
+        stream: S,
+        early: Bytes,
+        opened: Opened,
+    ) -> Ready<S> {
+        opened.rec.stats.tunnel_opened();
         Ready {
             ctx,
+            snapshot,
             client: Side { stream, early },
             server: opened.server,
             guard: opened.guard,
@@ -156,6 +180,7 @@ impl<S: Stream> Ready<S> {
     fn run(self) -> impl Future<Output = ()> + Send {
         let Ready {
             ctx,
+            snapshot,
             client,
             server,
             guard,
@@ -164,7 +189,7 @@ impl<S: Stream> Ready<S> {
         } = self;
         tunnel::relay(client, server, idle, ctx.gw.closing().clone()).map(move |report| {
             rec.log_tunnel(&report);
-            drop((guard, ctx));
+            drop((guard, ctx, snapshot));
         })
     }
 }
@@ -174,6 +199,16 @@ impl<S: Stream> Ready<S> {
 struct HeadLimits {
     max_header_size: usize,
     header_read_timeout: Duration,
+}
+
+impl Default for HeadLimits {
+    /// The config's defaults, for a connection whose listener a reload has just removed.
+    fn default() -> Self {
+        HeadLimits {
+            max_header_size: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl HeadLimits {
@@ -229,10 +264,11 @@ async fn upgrade_direct<S: Stream>(
     stream: &mut S,
     req: UpgradeHead,
     ctx: &Arc<ClientConn>,
+    snapshot: &Snapshot,
 ) -> Direct {
     let close = client::closes_after(&req);
     let head_only = req.method() == Method::HEAD;
-    let resp = match admit(&req, ctx.caller()).await {
+    let resp = match admit(&req, ctx.caller(snapshot)).await {
         Err(resp) => resp,
         Ok(Admitted {
             plan,
@@ -284,7 +320,9 @@ async fn handle<S: Stream>(
     mut req: Request<Incoming>,
     ctx: Arc<ClientConn>,
 ) -> Response<ResponseBody> {
-    let Admitted { plan, rec, ws_key } = match admit(&req, ctx.caller()).await {
+    // Each request of a keep-alive connection meets the newest config.
+    let snapshot = ctx.gw.snapshot();
+    let Admitted { plan, rec, ws_key } = match admit(&req, ctx.caller(&snapshot)).await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
@@ -297,7 +335,7 @@ async fn handle<S: Stream>(
                 headers,
             };
             match open(head, ws_key, plan, rec).await {
-                Ok(opened) => switch::<S>(opened, on_upgrade, ctx),
+                Ok(opened) => switch::<S>(opened, on_upgrade, ctx, snapshot),
                 Err(resp) => resp,
             }
         }
@@ -311,6 +349,7 @@ fn switch<S: Stream>(
     opened: Opened,
     on_upgrade: hyper::upgrade::OnUpgrade,
     ctx: Arc<ClientConn>,
+    snapshot: Arc<Snapshot>,
 ) -> Response<ResponseBody> {
     let mut resp = Response::new(Counted::new(
         Either::Right(Full::new(Bytes::new())),
@@ -332,7 +371,7 @@ fn switch<S: Stream>(
                 } else {
                     [unread, parts.read_buf].concat().into()
                 };
-                Ready::new(ctx, stream, early, opened).run().await;
+                Ready::new(ctx, snapshot, stream, early, opened).run().await;
             }
             _ => tracing::warn!(client = %opened.rec.client, "client upgrade did not complete"),
         }
@@ -344,7 +383,6 @@ fn switch<S: Stream>(
 mod tests {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, DuplexStream};
     use tokio::net::TcpListener;
-    use tokio::sync::Semaphore;
 
     use super::*;
     use crate::client_handshake::accept_for;
@@ -398,7 +436,7 @@ mod tests {
         )
         .unwrap();
         let gw = Arc::new(Gateway::load(config).await.unwrap());
-        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let permit = Permit::unlimited();
         let (client, ours) = tokio::io::duplex(1 << 16);
         let peer = "192.0.2.7:5555".parse().unwrap();
         let snapshot = gw.snapshot();

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -12,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::Pool;
 use crate::config::{Config, ListenerTls, PluginConfig};
 use crate::health;
+use crate::listener::Listener;
+use crate::metrics::Metrics;
 use crate::plugin::{Plugin, PluginError, PluginHost};
 use crate::route::RouteTable;
 use crate::tls::{self, Acceptor, Connector};
@@ -98,9 +101,22 @@ impl Tls {
     }
 }
 
+/// Snapshots alive in the process: the current one, and old ones that connections
+/// opened under them still hold.
+static ALIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many snapshot generations are alive (`sluice_snapshot_generations_alive`).
+pub fn generations_alive() -> usize {
+    ALIVE.load(Ordering::Relaxed)
+}
+
 /// Routes, pools, plugins and the config they came from.
 #[derive(Debug)]
 pub struct Snapshot {
+    /// 1 for the first snapshot, one more for each reload that published one.
+    pub generation: u64,
+    /// The listeners serving this config, by name.
+    pub listeners: Vec<(Arc<str>, Arc<Listener>)>,
     /// The validated config.
     pub config: Config,
     /// Routes with pools and plugin chains resolved.
@@ -126,6 +142,7 @@ impl Snapshot {
         config: Config,
         previous: Option<&Snapshot>,
         host: Option<&PluginHost>,
+        metrics: &Metrics,
     ) -> Result<Snapshot, LoadError> {
         let Tls {
             acceptors,
@@ -138,10 +155,15 @@ impl Snapshot {
         }
         let mut plugins = HashMap::new();
         for spec in &config.plugins {
-            let reused = previous
-                .and_then(|p| p.plugins.get(&spec.name))
-                .filter(|(old, _)| old == spec)
-                .map(|(_, plugin)| plugin.clone());
+            // Kept only when both the spec and the component's bytes are unchanged: a
+            // `.wasm` rebuilt at the same path is loaded anew.
+            let reused = match previous.and_then(|p| p.plugins.get(&spec.name)) {
+                Some((old, plugin)) if old == spec => {
+                    let digest = crate::plugin::digest_of(&spec.wasm).await;
+                    (digest == Some(plugin.digest())).then(|| plugin.clone())
+                }
+                _ => None,
+            };
             let plugin = match (reused, host) {
                 (Some(p), _) => p,
                 (None, Some(host)) => host.load(spec).await?,
@@ -172,8 +194,11 @@ impl Snapshot {
             .iter()
             .map(|(n, (_, p))| (n.clone(), p.clone()))
             .collect();
-        let routes = RouteTable::new(&config.routes, &pools, &by_name);
+        let routes = RouteTable::new(&config.routes, &pools, &by_name, metrics);
+        ALIVE.fetch_add(1, Ordering::Relaxed);
         Ok(Snapshot {
+            generation: 1,
+            listeners: Vec::new(),
             config,
             routes,
             pools,
@@ -201,5 +226,25 @@ impl Snapshot {
     /// Stops this snapshot's health checks (its successor runs its own).
     pub fn retire(&self) {
         self.health.cancel();
+    }
+
+    /// The name `listener` serves under in this snapshot; `None` once a reload removed it.
+    pub fn listener_name(&self, listener: &Arc<Listener>) -> Option<&Arc<str>> {
+        self.listeners
+            .iter()
+            .find(|(_, l)| Arc::ptr_eq(l, listener))
+            .map(|(name, _)| name)
+    }
+
+    /// The loaded plugins, by name.
+    pub fn plugins(&self) -> impl Iterator<Item = (&str, &Plugin)> {
+        self.plugins.iter().map(|(n, (_, p))| (n.as_str(), p))
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.health.cancel();
+        ALIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }

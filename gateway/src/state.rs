@@ -1,16 +1,22 @@
 //! The gateway's shared running state: the current snapshot (swapped on reload), the
-//! shutdown signals, the task tracker and the upstream connection pool. Every stage
-//! reads it; only the control loop (`control`) changes it.
+//! shutdown signals, the task tracker, the
+//! upstream connection pool, the counters and the reload history. Every stage reads it;
+//! only the control loop (`control`) changes it.
 
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::forward::UpstreamConns;
+use crate::listener::Listener;
+use crate::metrics::Metrics;
 use crate::plugin::PluginHost;
 use crate::snapshot::{LoadError, Snapshot};
 
@@ -25,14 +31,88 @@ pub struct Gateway {
     tracker: TaskTracker,
     /// The wasmtime engine, created the first time a config lists plugins.
     plugin_host: OnceLock<PluginHost>,
+    metrics: Arc<Metrics>,
+    /// When the process started serving.
+    pub started: SystemTime,
+    reloads: Mutex<VecDeque<ReloadEvent>>,
+    commands: Option<mpsc::Sender<Command>>,
+}
+
+/// Reload events kept for `/status` and the status page.
+const RELOAD_HISTORY: usize = 16;
+
+/// What started a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The first load, at start-up.
+    Start,
+    /// SIGHUP.
+    Signal,
+    /// `POST /reload` on the admin listener.
+    Admin,
+    /// A watched file changed.
+    Watch,
+}
+
+impl Trigger {
+    /// The name shown in logs and `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Signal => "sighup",
+            Trigger::Admin => "admin",
+            Trigger::Watch => "watch",
+        }
+    }
+}
+
+/// One reload, as `/status` reports it.
+#[derive(Debug, Clone)]
+pub struct ReloadEvent {
+    /// When it finished.
+    pub at: SystemTime,
+    /// What started it.
+    pub trigger: Trigger,
+    /// The generation serving afterwards.
+    pub generation: u64,
+    /// Why it was refused (the previous snapshot kept serving).
+    pub error: Option<String>,
+    /// How long it took.
+    pub duration: std::time::Duration,
+}
+
+/// A request to the control loop, from the admin listener or the file watch.
+#[derive(Debug)]
+pub enum Command {
+    /// Reload the config; the result goes back on `reply`.
+    Reload {
+        /// What asked for it.
+        trigger: Trigger,
+        /// Gets the reload's outcome.
+        reply: Option<oneshot::Sender<ReloadEvent>>,
+    },
+    /// Stop accepting and drain, as SIGTERM does.
+    Drain,
 }
 
 impl Gateway {
     /// Loads the first snapshot of `config` (compiling its plugins) and the state around
-    /// it. Must run inside the tokio runtime.
+    /// it, with no listeners (tests serve streams themselves). Must run inside the tokio
+    /// runtime.
     pub async fn load(config: Config) -> Result<Gateway, LoadError> {
+        Gateway::start(config, Vec::new(), Arc::default(), None).await
+    }
+
+    /// Loads the first snapshot of `config` with these `listeners`; `commands` reaches
+    /// the control loop.
+    pub async fn start(
+        config: Config,
+        listeners: Vec<(Arc<str>, Arc<Listener>)>,
+        metrics: Arc<Metrics>,
+        commands: Option<mpsc::Sender<Command>>,
+    ) -> Result<Gateway, LoadError> {
         let plugin_host = OnceLock::new();
-        let first = load_snapshot(&plugin_host, config, None).await?;
+        let first = load_snapshot(&plugin_host, config, None, &metrics, listeners, 1).await?;
         Ok(Gateway {
             snapshot: ArcSwap::from_pointee(first),
             conns: Arc::default(),
@@ -40,6 +120,10 @@ impl Gateway {
             closing: CancellationToken::new(),
             tracker: TaskTracker::new(),
             plugin_host,
+            metrics,
+            started: SystemTime::now(),
+            reloads: Mutex::default(),
+            commands,
         })
     }
 
@@ -68,36 +152,66 @@ impl Gateway {
         &self.tracker
     }
 
-    /// Re-reads the config file and swaps in a new snapshot; on error the old one keeps
-    /// serving. New plugins are compiled and initialised here, off the request path.
-    /// Listener changes need a restart.
-    pub async fn reload(&self, path: &Path) {
-        let old = self.snapshot();
-        let new = match self.next_snapshot(path, &old).await {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                tracing::error!(error = %e, "reload failed; still serving the previous config");
-                return;
-            }
-        };
-        self.snapshot.store(new);
-        old.retire();
-        tracing::info!(config = %path.display(), "config reloaded");
+    /// The process's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
-    /// The snapshot a reload of `path` would publish after `old`.
-    async fn next_snapshot(&self, path: &Path, old: &Snapshot) -> anyhow::Result<Snapshot> {
-        let config = Config::load(path)?;
-        let same_listeners = config.listeners.len() == old.config.listeners.len()
-            && config
-                .listeners
-                .iter()
-                .zip(&old.config.listeners)
-                .all(|(a, b)| a.name == b.name && a.bind == b.bind);
-        if !same_listeners {
-            tracing::warn!("listener changes take effect on restart; other changes apply now");
+    /// Asks the control loop to do something; false when it is not listening.
+    pub fn command(&self, c: Command) -> bool {
+        self.commands
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(c).is_ok())
+    }
+
+    /// Builds the snapshot that would follow the current one for `config` (plugins whose
+    /// component and spec are unchanged are kept, servers keep their live state), off the
+    /// request path. Nothing changes until [`Gateway::publish`].
+    pub async fn prepare(
+        &self,
+        config: Config,
+        listeners: Vec<(Arc<str>, Arc<Listener>)>,
+    ) -> Result<Snapshot, LoadError> {
+        let old = self.snapshot();
+        let generation = old.generation + 1;
+        load_snapshot(
+            &self.plugin_host,
+            config,
+            Some(&old),
+            &self.metrics,
+            listeners,
+            generation,
+        )
+        .await
+    }
+
+    /// Makes `next` the snapshot new connections and requests use; the old one stops its
+    /// health checks and is freed when the last connection holding it ends.
+    pub fn publish(&self, next: Snapshot) {
+        let old = self.snapshot.swap(Arc::new(next));
+        old.retire();
+    }
+
+    /// Remembers a reload's outcome for `/status`.
+    pub fn record_reload(&self, event: ReloadEvent) {
+        let ok = event.error.is_none();
+        let counter = if ok {
+            &self.metrics.reloads_ok
+        } else {
+            &self.metrics.reloads_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut r = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() == RELOAD_HISTORY {
+            r.pop_back();
         }
-        Ok(load_snapshot(&self.plugin_host, config, Some(old)).await?)
+        r.push_front(event);
+    }
+
+    /// Recent reloads, newest first.
+    pub fn reloads(&self) -> Vec<ReloadEvent> {
+        let r = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter().cloned().collect()
     }
 }
 
@@ -107,9 +221,15 @@ async fn load_snapshot(
     host: &OnceLock<PluginHost>,
     config: Config,
     previous: Option<&Snapshot>,
+    metrics: &Metrics,
+    listeners: Vec<(Arc<str>, Arc<Listener>)>,
+    generation: u64,
 ) -> Result<Snapshot, LoadError> {
     if !config.plugins.is_empty() && host.get().is_none() {
         let _ = host.set(PluginHost::new().map_err(LoadError::Plugin)?);
     }
-    Snapshot::load(config, previous, host.get()).await
+    let mut s = Snapshot::load(config, previous, host.get(), metrics).await?;
+    s.listeners = listeners;
+    s.generation = generation;
+    Ok(s)
 }

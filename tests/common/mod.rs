@@ -176,6 +176,7 @@ pub struct ConfigBuilder {
     upstream: String,
     route: String,
     route_upstream: String,
+    log: String,
     extra: String,
 }
 
@@ -190,6 +191,7 @@ impl ConfigBuilder {
             upstream: String::new(),
             route: String::new(),
             route_upstream: "echo".into(),
+            log: String::new(),
             extra: String::new(),
         }
     }
@@ -227,6 +229,13 @@ impl ConfigBuilder {
         self
     }
 
+    /// Adds lines to `[log]`, e.g. `access_file = "access.log"`.
+    pub fn log_toml(mut self, lines: &str) -> Self {
+        self.log.push_str(lines);
+        self.log.push('\n');
+        self
+    }
+
     /// Sets `[shutdown] grace`.
     pub fn grace(mut self, grace: &str) -> Self {
         self.grace = grace.into();
@@ -252,7 +261,7 @@ impl ConfigBuilder {
             r#"[log]
 level = "{log_level}"
 format = "json"
-
+{log}
 [shutdown]
 grace = "{grace}"
 
@@ -275,6 +284,7 @@ upstream = "{route_upstream}"
 {route}
 {extra}"#,
             log_level = self.log_level,
+            log = self.log,
             grace = self.grace,
             listener = self.listener,
             upstream = self.upstream,
@@ -396,9 +406,15 @@ impl Gateway {
     /// most) until stdout has reported every `[listeners.NAME]` table of the config as
     /// `listening NAME ADDR`.
     pub async fn start(config: &str) -> Gateway {
+        Gateway::start_with(config, |path| sluice_command("run", path)).await
+    }
+
+    /// As [`Gateway::start`], with the command made by `command` from the config path
+    /// (to run `sluice` under `prlimit`, say).
+    pub async fn start_with(config: &str, command: impl FnOnce(&Path) -> Command) -> Gateway {
         let dir = TempDir::new();
         let path = dir.write("sluice.toml", config);
-        let mut child = sluice_command("run", &path).spawn().expect("spawn sluice");
+        let mut child = command(&path).spawn().expect("spawn sluice");
         let stdout = Lines::collect_from(child.stdout.take().expect("child stdout"));
         let stderr = Lines::collect_from(child.stderr.take().expect("child stderr"));
         let mut gateway = Gateway {
@@ -439,6 +455,39 @@ impl Gateway {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The admin listener's address, from its `admin ADDR` line on stdout.
+    pub async fn admin(&self) -> SocketAddr {
+        eventually(STEP, "the `admin ADDR` line", || {
+            self.stdout
+                .snapshot()
+                .iter()
+                .find_map(|l| l.strip_prefix("admin ").and_then(|a| a.trim().parse().ok()))
+        })
+        .await
+    }
+
+    /// The address listener `name` reported last on stdout, once it has reported
+    /// `count` of them (a reload that adds or rebinds a listener prints a new line).
+    pub async fn listening(&self, name: &str, count: usize) -> SocketAddr {
+        eventually(STEP, &format!("`listening {name}` line {count}"), || {
+            let seen: Vec<SocketAddr> = self
+                .stdout
+                .snapshot()
+                .iter()
+                .filter_map(|l| parse_listening(l))
+                .filter(|(n, _)| n == name)
+                .map(|(_, a)| a)
+                .collect();
+            (seen.len() >= count).then(|| seen[count - 1])
+        })
+        .await
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The address of listener `public`.
@@ -1854,4 +1903,104 @@ pub async fn wss_connect(
     .expect("WebSocket handshake over TLS");
     assert_eq!(resp.status(), 101);
     ws
+}
+
+// ---- the admin listener ---------------------------------------------------------------
+
+/// `[admin]` on a free loopback port, without a token.
+pub const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
+
+/// `GET path` on the admin listener, with `Authorization: Bearer token` when given.
+pub async fn admin_get(admin: SocketAddr, path: &str, token: Option<&str>) -> Response {
+    let mut head = Head::get(path);
+    if let Some(t) = token {
+        head = head.header("Authorization", &format!("Bearer {t}"));
+    }
+    request_once(admin, &head).await
+}
+
+/// `POST path` (no body) on the admin listener.
+pub async fn admin_post(admin: SocketAddr, path: &str, token: Option<&str>) -> Response {
+    let mut head = Head::new("POST", path).header("Content-Length", "0");
+    if let Some(t) = token {
+        head = head.header("Authorization", &format!("Bearer {t}"));
+    }
+    request_once(admin, &head).await
+}
+
+/// `GET path` on the admin listener, answered 200 with JSON.
+pub async fn admin_json(admin: SocketAddr, path: &str) -> Value {
+    let r = admin_get(admin, path, None).await;
+    assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e})"))
+}
+
+/// `/metrics`, parsed as the Prometheus text format (a parse failure fails the test).
+pub struct Metrics(prometheus_parse::Scrape);
+
+impl Metrics {
+    /// Scrapes the admin listener.
+    pub async fn scrape(admin: SocketAddr) -> Metrics {
+        let r = admin_get(admin, "/metrics", None).await;
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
+        assert!(
+            r.header("content-type")
+                .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+            "{:?}",
+            r.headers
+        );
+        let text = r.text();
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        Metrics(prometheus_parse::Scrape::parse(lines).expect("/metrics parses as Prometheus text"))
+    }
+
+    /// The value of the sample `name` (with `_total` for counters) whose labels include
+    /// `labels`; `None` when there is none.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => h.last().map_or(0.0, |b| b.count),
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            })
+    }
+
+    /// As [`Metrics::get`], 0 when absent (a counter not yet counted).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+}
+
+/// Waits (up to [`STEP`]) until the metric reads `want`, scraping again and again.
+pub async fn wait_metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let got = Metrics::scrape(admin).await.value(name, labels);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} is {got}, waited {STEP:?} for {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The component `plugins/build.sh` built for plugin `name` (`target/plugins/NAME.wasm`).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/plugins")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `plugins/build.sh` to build the plugin components first",
+        path.display()
+    );
+    path
 }

@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
     let dir = examples.join(tls::QUICKSTART_DIR);
     let certs = tls::ensure_certs(&dir)?;
     let config = sluice::config::Config::load(&path)?;
-    sluice::control::init_logging(&config);
+    let logs = sluice::control::init_logging(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
             sluice_examples::bind_echo(server.addr, &server.authority).await?;
         }
         println!("{}", instructions(&certs));
-        sluice::control::run(path, config).await
+        sluice::control::run(path, config, logs).await
     })
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 fn main() -> anyhow::Result<()> {
     let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/quickstart.toml"));
     let config = sluice::config::Config::load(&path)?;
-    sluice::control::init_logging(&config);
+    let logs = sluice::control::init_logging(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -16,6 +16,6 @@ fn main() -> anyhow::Result<()> {
             sluice_examples::bind_echo(server.addr, &server.authority).await?;
         }
         println!("Sluice quickstart: open http://127.0.0.1:8080/ or ws://127.0.0.1:8080/echo (Ctrl-C stops)");
-        sluice::control::run(path, config).await
+        sluice::control::run(path, config, logs).await
     })
 }

@@ -39,6 +39,52 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Policy plugins, in name order.
     pub plugins: Vec<PluginConfig>,
+    /// The admin listener (`[admin]`), off when absent.
+    pub admin: Option<AdminConfig>,
+    /// What triggers a reload besides SIGHUP and `POST /reload` (`[reload]`).
+    pub reload: ReloadConfig,
+}
+
+impl Config {
+    /// The files whose change should trigger a reload: the plugins' components and the
+    /// listeners' and pools' certificate, key and CA files (the config file itself is
+    /// the caller's).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.plugins.iter().map(|p| p.wasm.clone()).collect();
+        for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                files.extend(t.files.iter().cloned());
+            }
+        }
+        for u in &self.upstreams {
+            if let Some(t) = &u.tls {
+                files.extend(t.files.iter().cloned());
+            }
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+}
+
+/// The admin listener (`[admin]`): metrics, status, reload and drain, off the request
+/// path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to bind; loopback unless a token guards it.
+    pub bind: SocketAddr,
+    /// The bearer token every request must carry, read from `token_file`.
+    pub token: Option<String>,
+}
+
+/// Reload triggers (`[reload]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadConfig {
+    /// Reload when the config file, a plugin's `.wasm` or a certificate, key or CA file
+    /// changes.
+    pub watch: bool,
+    /// Changes closer together than this make one reload.
+    pub debounce: Duration,
 }
 
 /// Logging settings (`[log]`).
@@ -48,6 +94,8 @@ pub struct LogConfig {
     pub level: String,
     /// Human-readable text or one JSON object per line.
     pub format: LogFormat,
+    /// Where access-log events go instead of stderr (reopened on SIGUSR1, for logrotate).
+    pub access_file: Option<PathBuf>,
 }
 
 /// The shape of log lines.

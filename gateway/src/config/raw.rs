@@ -18,6 +18,9 @@ pub(super) struct RawConfig {
     pub(super) shutdown: RawShutdown,
     #[serde(default)]
     pub(super) runtime: RawRuntime,
+    pub(super) admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
+    pub(super) reload: RawReload,
     #[serde(default)]
     pub(super) listeners: BTreeMap<String, Spanned<RawListener>>,
     #[serde(default)]
@@ -48,6 +51,7 @@ pub(super) struct RawLog {
     pub(super) level: Spanned<String>,
     #[serde(default = "default_format")]
     pub(super) format: LogFormat,
+    pub(super) access_file: Option<Spanned<String>>,
 }
 
 impl Default for RawLog {
@@ -55,8 +59,23 @@ impl Default for RawLog {
         RawLog {
             level: default_level(),
             format: default_format(),
+            access_file: None,
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) bind: Spanned<String>,
+    pub(super) token_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReload {
+    pub(super) watch: Option<bool>,
+    pub(super) debounce: Option<Dur>,
 }
 
 fn default_level() -> Spanned<String> {

@@ -4,7 +4,7 @@
 //! so `sluice check` and a reload report a bad file, with the field that names it, before
 //! anything is served; a reload re-reads them all, which is how certificates rotate.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +40,8 @@ pub struct ListenerTls {
     pub handshake_timeout: Duration,
     /// Whether clients present certificates, and who must have signed them.
     pub client_auth: ClientAuth,
+    /// The certificate, key and CA files read (a reload trigger when watched).
+    pub files: Vec<PathBuf>,
 }
 
 /// A certificate chain with its key, and the server names it is chosen for.
@@ -86,6 +88,8 @@ pub struct UpstreamTls {
     pub server_name: Option<ServerName<'static>>,
     /// A client certificate to present.
     pub client_cert: Option<Arc<CertifiedKey>>,
+    /// The CA, certificate and key files read (a reload trigger when watched).
+    pub files: Vec<PathBuf>,
 }
 
 impl RawListenerTls {
@@ -100,6 +104,19 @@ impl RawListenerTls {
                 "at least one { cert, key } pair is required".into(),
             ));
         }
+        let mut files: Vec<PathBuf> = self
+            .certificates
+            .get_ref()
+            .iter()
+            .flat_map(|c| [c.get_ref().cert.get_ref(), c.get_ref().key.get_ref()])
+            .chain(
+                self.client_ca
+                    .iter()
+                    .flat_map(|f| f.get_ref().iter().map(|f| f.get_ref())),
+            )
+            .map(|f| base_dir.join(f))
+            .collect();
+        files.dedup();
         let mut certificates = Vec::new();
         for (i, c) in self.certificates.into_inner().into_iter().enumerate() {
             let span = c.span();
@@ -175,6 +192,7 @@ impl RawListenerTls {
             unknown_name,
             handshake_timeout: nonzero(self.handshake_timeout, Duration::from_secs(10), err)?,
             client_auth,
+            files,
         })
     }
 }
@@ -219,6 +237,11 @@ impl RawUpstreamTls {
         base_dir: &Path,
         err: &Locator<'_>,
     ) -> Result<UpstreamTls, ConfigError> {
+        let files = [&self.ca, &self.client_cert, &self.client_key]
+            .into_iter()
+            .flatten()
+            .map(|f| base_dir.join(f.get_ref()))
+            .collect();
         let roots = match &self.ca {
             Some(f) => {
                 let mut roots = RootCertStore::empty();
@@ -250,6 +273,7 @@ impl RawUpstreamTls {
             roots,
             server_name,
             client_cert,
+            files,
         })
     }
 }
@@ -261,6 +285,7 @@ impl Default for UpstreamTls {
             roots: system_roots(),
             server_name: None,
             client_cert: None,
+            files: Vec::new(),
         }
     }
 }

@@ -8,11 +8,12 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::locate::Locator;
-use super::raw::{RawConfig, RawHealth, RawPlugin, RawRoute, RawUpstream};
+use super::raw::{RawAdmin, RawConfig, RawHealth, RawPlugin, RawRoute, RawUpstream};
 use super::units::Dur;
 use super::{
-    Balance, Config, ConfigError, HashKey, HealthCheck, HealthConfig, HostMatch, ListenerConfig,
-    LogConfig, PluginConfig, PluginLimits, RouteAction, RouteConfig, ServerConfig, UpstreamConfig,
+    AdminConfig, Balance, Config, ConfigError, HashKey, HealthCheck, HealthConfig, HostMatch,
+    ListenerConfig, LogConfig, PluginConfig, PluginLimits, ReloadConfig, RouteAction, RouteConfig,
+    ServerConfig, UpstreamConfig,
 };
 
 /// Most worker threads a config may ask for.
@@ -127,12 +128,23 @@ impl RawConfig {
                 .map_or(1, usize::from)
                 .min(MAX_WORKERS as usize),
         };
+        let admin = match self.admin {
+            Some(a) => Some(a.into_inner().validate(base_dir, err)?),
+            None => None,
+        };
+        let reload = ReloadConfig {
+            watch: self.reload.watch.unwrap_or(true),
+            debounce: nonzero(self.reload.debounce, Duration::from_millis(250), err)?,
+        };
         Ok(Config {
             workers,
             log: LogConfig {
                 level: self.log.level.into_inner(),
                 format: self.log.format,
+                access_file: self.log.access_file.map(|f| base_dir.join(f.into_inner())),
             },
+            admin,
+            reload,
             shutdown_grace: self
                 .shutdown
                 .grace
@@ -144,6 +156,64 @@ impl RawConfig {
             plugins,
         })
     }
+}
+
+/// Largest admin token file read.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// Shortest admin token accepted: a guessable token guards nothing.
+const MIN_TOKEN_LEN: usize = 16;
+
+impl RawAdmin {
+    fn validate(self, base_dir: &Path, err: &Locator<'_>) -> Result<AdminConfig, ConfigError> {
+        let bind = self.bind.get_ref().parse::<SocketAddr>().map_err(|_| {
+            err.at(
+                self.bind.span(),
+                format!(
+                    "expected an IP address and port such as \"127.0.0.1:9901\", got {:?}",
+                    self.bind.get_ref()
+                ),
+            )
+        })?;
+        let token = match &self.token_file {
+            None => None,
+            Some(f) => {
+                let path = base_dir.join(f.get_ref());
+                let at = |m: String| err.at(f.span(), format!("{}: {m}", path.display()));
+                Some(read_token(&path).map_err(at)?)
+            }
+        };
+        if token.is_none() && !bind.ip().is_loopback() {
+            return Err(err.at(
+                self.bind.span(),
+                format!(
+                    "{bind} is not a loopback address: an admin listener reachable from \
+                     other hosts needs `token_file`"
+                ),
+            ));
+        }
+        Ok(AdminConfig { bind, token })
+    }
+}
+
+/// The admin token: a small regular file's first line, at least [`MIN_TOKEN_LEN`]
+/// visible ASCII characters.
+fn read_token(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() || meta.len() > MAX_TOKEN_FILE {
+        return Err(format!(
+            "expected a regular file of at most {MAX_TOKEN_FILE} bytes holding the token"
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "the token must be at least {MIN_TOKEN_LEN} visible ASCII characters on the \
+             first line"
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 impl RawUpstream {

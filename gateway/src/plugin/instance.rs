@@ -15,6 +15,7 @@ use super::bindings::{self, Decision, Request, host, wit};
 use super::reuse::{Reuse, reuse_ms};
 use super::types::{Fault, PluginStats};
 use crate::config::PluginLimits;
+use crate::metrics::{Histogram, PLUGIN_BUCKETS};
 
 /// Longest a call waits for a free instance before it is an `Overloaded` fault.
 /// Each busy instance frees itself within its CPU deadline, so this only
@@ -209,6 +210,8 @@ pub(super) struct InstancePool {
     /// neither the table's memory nor a lookup per request.
     reuse: OnceLock<Reuse>,
     stats: Stats,
+    /// How long `on-request` calls took (decisions reused are not calls).
+    pub(super) latency: Histogram,
 }
 
 impl std::fmt::Debug for InstancePool {
@@ -247,6 +250,7 @@ impl InstancePool {
             permits: Arc::new(Semaphore::new(limits.max_instances)),
             reuse: OnceLock::new(),
             stats: Stats::default(),
+            latency: Histogram::new(PLUGIN_BUCKETS),
         }
     }
 
@@ -273,6 +277,7 @@ impl InstancePool {
         let (_permit, mut inst) = self.checkout().await?;
         arm(&mut inst.store, self.budget_ticks);
         let result = inst.plugin.call_on_request(&mut inst.store, req).await;
+        self.latency.observe(now.elapsed());
         let decision = self.settle(inst, result)?;
         if let Err(reason) = bindings::validate(&decision) {
             return Err(self.fault(Fault::InvalidDecision(reason)));

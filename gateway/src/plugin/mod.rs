@@ -260,7 +260,8 @@ impl PluginHost {
                 path: spec.wasm.clone(),
                 source,
             })?;
-        let component = self.compile(&plugin, &spec.wasm, bytes).await?;
+        let digest = xxhash_rust::xxh3::xxh3_128(&bytes);
+        let component = self.compile(&plugin, &spec.wasm, bytes, digest).await?;
         let wrong_world = |e: wasmtime::Error| PluginError::WrongWorld {
             plugin: plugin.clone(),
             reason: match built_for(&component, &self.engine) {
@@ -301,6 +302,7 @@ impl PluginHost {
             },
         })?;
         Ok(Plugin {
+            digest,
             pool: Arc::new(pool),
             wants_close: interest.hooks.contains(bindings::wit::Hooks::ON_CLOSE),
             headers: interest.headers.map(|names| {
@@ -341,6 +343,7 @@ impl PluginHost {
         plugin: &str,
         path: &Path,
         bytes: Vec<u8>,
+        key: u128,
     ) -> Result<Component, PluginError> {
         let not_component = |reason: String| PluginError::NotComponent {
             plugin: plugin.to_owned(),
@@ -356,7 +359,6 @@ impl PluginHost {
             Some([0, b'a', b's', b'm', ..]) => {}
             _ => return Err(not_component("not a WebAssembly file".into())),
         }
-        let key = xxhash_rust::xxh3::xxh3_128(&bytes);
         if let Some(component) = self.compiled.get(&key) {
             return Ok(component.clone());
         }
@@ -406,6 +408,8 @@ fn spawn_ticker(engine: &Engine, tick: Duration) {
 /// A loaded plugin (cheap to clone; clones share the instance pool).
 #[derive(Debug, Clone)]
 pub struct Plugin {
+    /// The component's content hash (xxh3-128), to tell a rebuilt `.wasm` at reload.
+    digest: u128,
     pool: Arc<InstancePool>,
     /// `init` asked for `on-close` (the `hooks` flags of the first instance).
     wants_close: bool,
@@ -416,7 +420,19 @@ pub struct Plugin {
     fields: Option<bindings::wit::Fields>,
 }
 
+/// The content hash of a component file as [`Plugin::digest`] computes it; `None` when
+/// it cannot be read (the load that follows reports why).
+pub async fn digest_of(path: &Path) -> Option<u128> {
+    let bytes = tokio::fs::read(path).await.ok()?;
+    Some(xxhash_rust::xxh3::xxh3_128(&bytes))
+}
+
 impl Plugin {
+    /// The component's content hash.
+    pub fn digest(&self) -> u128 {
+        self.digest
+    }
+
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.pool.shared.name
@@ -448,5 +464,10 @@ impl Plugin {
     /// Counters since load.
     pub fn stats(&self) -> PluginStats {
         self.pool.stats()
+    }
+
+    /// How long its `on-request` calls took, since load.
+    pub fn latency(&self) -> &crate::metrics::Histogram {
+        &self.pool.latency
     }
 }

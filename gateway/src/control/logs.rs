@@ -1,0 +1,176 @@
+//! The process's logs: diagnostics on stderr at the config's level (changed by a reload
+//! unless `RUST_LOG` sets it), and access-log events (`sluice::access`) on stderr or in
+//! `[log] access_file`, which SIGUSR1 reopens so that logrotate can move it away (as
+//! `nginx -s reopen`).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry, reload};
+
+use crate::access;
+use crate::config::{Config, LogFormat};
+
+/// The access-log file, when one is configured; reopened in place.
+#[derive(Debug, Default)]
+struct AccessFile {
+    file: Mutex<Option<(PathBuf, File)>>,
+}
+
+impl AccessFile {
+    fn is_open(&self) -> bool {
+        self.file.lock().map(|f| f.is_some()).unwrap_or(false)
+    }
+}
+
+/// Writes one formatted event to the access file (the formatter hands over whole lines).
+impl Write for &AccessFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, f)) = file.as_mut() {
+            f.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Handles on the installed log subscriber, for reloads and SIGUSR1.
+pub struct Logs {
+    level: Option<reload::Handle<EnvFilter, Registry>>,
+    format: LogFormat,
+    access: Arc<AccessFile>,
+}
+
+/// Why a log setting could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The access-log file could not be opened.
+    #[error("log.access_file: cannot open {}: {source}", path.display())]
+    AccessFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A setting that only a restart applies.
+    #[error("log.format: changing the log format needs a restart")]
+    Format,
+}
+
+fn open(path: &Path) -> Result<File, LogError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| LogError::AccessFile {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Installs the log subscriber: `RUST_LOG` if set, else the config's level; text or JSON
+/// lines on stderr; access events in the access file when one is configured.
+pub fn init(config: &Config) -> Result<Logs, LogError> {
+    let access = Arc::new(AccessFile::default());
+    if let Some(path) = &config.log.access_file {
+        let file = open(path)?;
+        *access.file.lock().unwrap_or_else(|e| e.into_inner()) = Some((path.clone(), file));
+    }
+    let (filter, level) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, None),
+        Err(_) => (EnvFilter::new(&config.log.level), Some(())),
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    let to_file = access.clone();
+    let not_in_file = filter_fn(move |m| !(m.target() == access::TARGET && to_file.is_open()));
+    let only_access = filter_fn(|m| m.target() == access::TARGET);
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let file = tracing_subscriber::fmt::layer()
+        .with_writer(access.clone())
+        .with_ansi(false);
+    let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = match config.log.format {
+        LogFormat::Json => vec![
+            stderr
+                .json()
+                .flatten_event(true)
+                .with_filter(filter.and(not_in_file))
+                .boxed(),
+            file.json()
+                .flatten_event(true)
+                .with_filter(only_access)
+                .boxed(),
+        ],
+        LogFormat::Text => vec![
+            stderr.with_filter(filter.and(not_in_file)).boxed(),
+            file.with_filter(only_access).boxed(),
+        ],
+    };
+    tracing_subscriber::registry().with(layers).init();
+    Ok(Logs {
+        level: level.map(|()| handle),
+        format: config.log.format,
+        access,
+    })
+}
+
+impl Logs {
+    /// Whether `config`'s log settings can be applied without a restart.
+    pub fn check(&self, config: &Config) -> Result<(), LogError> {
+        if config.log.format != self.format {
+            return Err(LogError::Format);
+        }
+        Ok(())
+    }
+
+    /// The access file `config` names, opened if it differs from the current one (a
+    /// reload's first step, so that a bad path refuses the reload).
+    pub fn stage(&self, config: &Config) -> Result<Option<(PathBuf, File)>, LogError> {
+        let current = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
+        let current = current.as_ref().map(|(p, _)| p.as_path());
+        match &config.log.access_file {
+            Some(p) if Some(p.as_path()) != current => Ok(Some((p.clone(), open(p)?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies `config`'s level and access file (`staged` from [`Logs::stage`]).
+    pub fn apply(&self, config: &Config, staged: Option<(PathBuf, File)>) {
+        if let Some(h) = &self.level {
+            let _ = h.reload(EnvFilter::new(&config.log.level));
+        }
+        let mut file = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
+        match (staged, &config.log.access_file) {
+            (Some(f), _) => *file = Some(f),
+            (None, None) => *file = None,
+            (None, Some(_)) => {}
+        }
+    }
+
+    /// Reopens the access file at its path (SIGUSR1): after logrotate renamed it, new
+    /// events go to a new file at the configured path.
+    pub fn reopen(&self) {
+        let mut file = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((path, f)) = file.as_mut() {
+            match open(path) {
+                Ok(new) => {
+                    *f = new;
+                    drop(file);
+                    tracing::info!("access log reopened");
+                }
+                Err(e) => {
+                    drop(file);
+                    tracing::error!(error = %e, "access log not reopened; still writing to the old file");
+                }
+            }
+        }
+    }
+}

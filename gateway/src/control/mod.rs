@@ -1,0 +1,258 @@
+//! The control loop: binds the listeners, starts the worker threads that serve
+//! connections and the admin listener, reloads on SIGHUP, `POST /reload` or a watched
+//! file's change, reopens the access log on SIGUSR1, and drains on SIGTERM/SIGINT or
+//! `POST /drain`. It runs on its own runtime, off the request path; the state it shares
+//! with the stages is in `state`.
+
+mod listeners;
+mod logs;
+mod watch;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin};
+use crate::config::Config;
+use crate::state::{Command, Gateway, ReloadEvent, Trigger};
+use listeners::{Listeners, Workers};
+pub use logs::{LogError, Logs, init as init_logging};
+use watch::Watch;
+
+/// Runs the gateway until SIGTERM/SIGINT or `POST /drain`, then drains tunnels for the
+/// configured grace.
+///
+/// The calling runtime only handles signals, reloads, the admin listener, the file watch
+/// and health checks. Connections are served by `config.workers` threads, each running
+/// its own single-threaded event loop with its own socket per listener (`SO_REUSEPORT`):
+/// a connection, its upstream and its tunnel stay on the thread that accepted it, so no
+/// wake-up crosses threads, as in nginx and HAProxy.
+pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives once `listening` is printed must be handled,
+    // not take its default action and kill the process.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    raise_open_files_limit();
+
+    let (commands, mut requests) = mpsc::channel(8);
+    let mut listeners = Listeners::default();
+    let staged = listeners.stage(&config, config.workers)?;
+    let admin_listener = match &config.admin {
+        Some(a) => Some(admin::bind(a.bind)?),
+        None => None,
+    };
+    let watch_cfg = config.reload;
+    let mut watched = watched_files(&path, &config);
+    let gw = Arc::new(
+        Gateway::start(
+            config,
+            staged.names(),
+            Arc::default(),
+            Some(commands.clone()),
+        )
+        .await?,
+    );
+    let done = CancellationToken::new();
+    let workers = Workers::start(gw.snapshot().config.workers, &gw, &done)?;
+    if let Err(e) = listeners.commit(staged, &workers).await {
+        done.cancel();
+        return Err(e);
+    }
+    let mut admin = admin_listener.map(|l| Admin::start(gw.clone(), l));
+    let mut watch = start_watch(watch_cfg, &watched, &commands);
+    gw.record_reload(ReloadEvent {
+        at: SystemTime::now(),
+        trigger: Trigger::Start,
+        generation: 1,
+        error: None,
+        duration: std::time::Duration::ZERO,
+    });
+
+    let mut control = Control {
+        path,
+        gw: gw.clone(),
+        logs,
+        listeners,
+        workers: &workers,
+    };
+    loop {
+        let (trigger, reply) = tokio::select! {
+            _ = hup.recv() => (Trigger::Signal, None),
+            _ = usr1.recv() => {
+                control.logs.reopen();
+                continue;
+            }
+            c = requests.recv() => match c {
+                Some(Command::Reload { trigger, reply }) => (trigger, reply),
+                Some(Command::Drain) | None => break,
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let event = control.reload(trigger, &mut admin).await;
+        if event.error.is_none() {
+            let config = &gw.snapshot().config;
+            let files = watched_files(&control.path, config);
+            match (&mut watch, config.reload.watch) {
+                (Some(w), true) => w.set(&files),
+                (None, true) => watch = start_watch(config.reload, &files, &commands),
+                (_, false) => watch = None,
+            }
+            watched = files;
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(event);
+        }
+    }
+    drop((watch, watched));
+
+    let grace = gw.snapshot().config.shutdown_grace;
+    tracing::info!(grace = ?grace, "shutting down: no new connections, draining tunnels");
+    gw.stopping().cancel();
+    workers.accepting.close();
+    workers.accepting.wait().await;
+    let tracker = gw.tracker();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::info!(
+            open = tracker.len(),
+            "drain deadline passed: closing tunnels"
+        );
+        gw.closing().cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait()).await;
+    }
+    done.cancel();
+    workers.join().await;
+    if let Some(a) = admin {
+        a.stop();
+    }
+    gw.snapshot().retire();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The files whose change reloads `config`: the config file itself and what it reads.
+fn watched_files(path: &Path, config: &Config) -> Vec<PathBuf> {
+    let mut files = config.watched_files();
+    files.push(path.to_owned());
+    files
+}
+
+fn start_watch(
+    cfg: crate::config::ReloadConfig,
+    files: &[PathBuf],
+    commands: &mpsc::Sender<Command>,
+) -> Option<Watch> {
+    if !cfg.watch {
+        return None;
+    }
+    match Watch::start(files, cfg.debounce, commands.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch files for changes; reload with SIGHUP or POST /reload");
+            None
+        }
+    }
+}
+
+/// What a reload changes besides the snapshot.
+struct Control<'a> {
+    path: PathBuf,
+    gw: Arc<Gateway>,
+    logs: Logs,
+    listeners: Listeners,
+    workers: &'a Workers,
+}
+
+impl Control<'_> {
+    /// Re-reads the config file and applies all of it, or none of it: everything that
+    /// can fail (reading and checking the file, binding new listeners and the admin
+    /// address, opening the access log, compiling and initialising changed plugins) is
+    /// done before the new snapshot is published; on any error the old one keeps serving.
+    async fn reload(&mut self, trigger: Trigger, admin: &mut Option<Admin>) -> ReloadEvent {
+        let began = Instant::now();
+        let result = self.try_reload(admin).await;
+        let generation = self.gw.snapshot().generation;
+        let event = ReloadEvent {
+            at: SystemTime::now(),
+            trigger,
+            generation,
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+            duration: began.elapsed(),
+        };
+        match &event.error {
+            None => {
+                tracing::info!(config = %self.path.display(), trigger = trigger.as_str(), generation, "config reloaded")
+            }
+            Some(e) => {
+                tracing::error!(error = %e, trigger = trigger.as_str(), "reload failed; still serving the previous config")
+            }
+        }
+        self.gw.record_reload(event.clone());
+        event
+    }
+
+    async fn try_reload(&mut self, admin: &mut Option<Admin>) -> anyhow::Result<()> {
+        let config = Config::load(&self.path)?;
+        let current = self.gw.snapshot();
+        if config.workers != current.config.workers {
+            anyhow::bail!(
+                "{}: runtime.workers: changing the number of workers needs a restart",
+                self.path.display()
+            );
+        }
+        self.logs.check(&config)?;
+        let access = self.logs.stage(&config)?;
+        let staged = self.listeners.stage(&config, self.workers.len())?;
+        let new_admin = match (&config.admin, &current.config.admin) {
+            (Some(a), Some(old)) if a.bind == old.bind => None,
+            (Some(a), _) => Some(admin::bind(a.bind)?),
+            (None, _) => None,
+        };
+        let admin_off = config.admin.is_none();
+        let next = self.gw.prepare(config, staged.names()).await?;
+        self.logs.apply(&next.config, access);
+        self.gw.publish(next);
+        self.listeners.commit(staged, self.workers).await?;
+        if let Some(l) = new_admin {
+            if let Some(old) = admin.take() {
+                old.stop();
+            }
+            *admin = Some(Admin::start(self.gw.clone(), l));
+        } else if admin_off && let Some(old) = admin.take() {
+            old.stop();
+        }
+        Ok(())
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as nginx's
+/// `worker_rlimit_nofile` does: most systems start processes at 1,024, which would cap
+/// the gateway at about 500 tunnels (each holds two sockets).
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    let soft = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+            limit.current
+        }
+    };
+    let show = |v: Option<u64>| v.map_or("unlimited".to_owned(), |v| v.to_string());
+    tracing::info!(
+        soft = show(soft),
+        hard = show(limit.maximum),
+        "open files limit"
+    );
+}
