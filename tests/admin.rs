@@ -82,7 +82,7 @@ async fn metrics_count_the_traffic_the_test_sent() {
     })
     .await;
     let m = Metrics::scrape(admin).await;
-    assert_eq!(m.value("sluice_tunnel_duration_seconds", &main), 3.0);
+    assert_eq!(m.value("sluice_tunnel_duration_seconds_count", &main), 3.0);
     // Bytes each way are the access log's, summed over the route's requests and tunnels.
     let logs: Vec<AccessLog> = gateway
         .access_logs()

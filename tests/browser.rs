@@ -28,7 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use common::{Gateway, TempDir, eventually, within};
+use common::{
+    ADMIN, Backend, ConfigBuilder, Gateway, TempDir, admin_json, closed_port, eventually, within,
+    ws_connect,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -400,6 +403,10 @@ async fn quickstart_page_echoes_over_ws_in_chromium() {
                 "bind = \"127.0.0.1:0\"".to_string(),
             ),
             (
+                "bind = \"127.0.0.1:9901\"",
+                "bind = \"127.0.0.1:0\"".to_string(),
+            ),
+            (
                 "servers = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]",
                 servers_line(&backends),
             ),
@@ -494,4 +501,103 @@ async fn tls_quickstart_page_echoes_over_wss_in_chromium() {
             .starts_with(&format!("connected to wss://localhost:{port}/echo\n")),
         "the WebSocket did not go to the gateway over TLS: {page:?}"
     );
+}
+
+// ---- the admin status page ------------------------------------------------------------
+
+/// The DOM of `url` after its scripts ran (`--dump-dom`, with up to 5 s of virtual time),
+/// from a headless Chromium of its own, bounded by [`CALL`].
+async fn dump_dom(url: &str) -> String {
+    let binary = std::env::var("CHROMIUM").unwrap_or_else(|_| "chromium".to_string());
+    let profile = TempDir::new();
+    let mut child = Command::new(&binary)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-dev-shm-usage",
+            "--no-proxy-server",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start Chromium ({binary:?}): {e}"));
+    let mut stdout = child.stdout.take().expect("chromium stdout");
+    let reader = std::thread::spawn(move || {
+        let mut dom = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut dom);
+        dom
+    });
+    let status = eventually(CALL, "Chromium to dump the DOM", || {
+        child.try_wait().expect("poll chromium")
+    })
+    .await;
+    assert!(status.success(), "chromium --dump-dom: {status}");
+    reader.join().expect("the DOM reader")
+}
+
+/// The opening tag of the element that carries `attr` (`name="value"`), if any.
+fn tag_with<'a>(dom: &'a str, attr: &str) -> Option<&'a str> {
+    let at = dom.find(attr)?;
+    let start = dom[..at].rfind('<')?;
+    let end = at + dom[at..].find('>')?;
+    Some(&dom[start..=end])
+}
+
+/// The admin status page, loaded in Chromium while three tunnels are open and one server
+/// of the pool is down: its script has fetched `/status` and `/upstreams` and shows the
+/// tunnel count and the unhealthy server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_live_tunnels_and_an_unhealthy_server() {
+    let backend = Backend::start("a").await;
+    let dead = closed_port();
+    let gateway = ConfigBuilder::new(&[backend.addr, dead])
+        .upstream_toml("[upstreams.echo.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\nfall = 1")
+        .extra(ADMIN)
+        .start()
+        .await;
+    let admin = gateway.admin().await;
+    let dead = dead.to_string();
+    let mut state = String::new();
+    for _ in 0..500 {
+        let upstreams = admin_json(admin, "/upstreams").await;
+        state = upstreams["pools"][0]["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["addr"] == dead.as_str())
+            .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default();
+        if state == "unhealthy" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, "unhealthy", "the health check never took {dead} out");
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        tunnels.push(ws_connect(gateway.addr(), "/chat").await);
+    }
+
+    let dom = dump_dom(&format!("http://{admin}/")).await;
+    assert!(dom.contains("<title>Sluice status</title>"), "{dom}");
+    assert!(dom.contains(r#"id="tunnels-open">3<"#), "tunnel count not shown:\n{dom}");
+    let server = tag_with(&dom, &format!(r#"data-addr="{dead}""#))
+        .unwrap_or_else(|| panic!("no row for {dead}:\n{dom}"));
+    assert!(server.contains(r#"data-state="unhealthy""#), "{server}");
+    let healthy = tag_with(&dom, &format!(r#"data-addr="{}""#, backend.addr))
+        .unwrap_or_else(|| panic!("no row for the live server:\n{dom}"));
+    assert!(healthy.contains(r#"data-state="healthy""#), "{healthy}");
+    assert!(tag_with(&dom, r#"data-route="main""#).is_some(), "{dom}");
+    assert!(tag_with(&dom, r#"data-listener="public""#).is_some(), "{dom}");
+    drop(tunnels);
 }

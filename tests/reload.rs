@@ -78,10 +78,10 @@ async fn a_wasm_rebuilt_in_place_is_loaded_on_reload() {
     assert_eq!(refused.text(), "hostile: the deny build\n");
     assert_eq!(whoami(&mut old).await, "a", "the old tunnel runs on");
 
-    // An unchanged file keeps the loaded plugin (its counters go on).
+    // An unchanged file keeps the loaded plugin: its counters (since load) go on.
     let calls = |m: &Metrics| m.value("sluice_plugin_calls_total", &[("plugin", "policy")]);
     let before = calls(&Metrics::scrape(admin).await);
-    assert_eq!(before, 1.0, "one call since the deny build was loaded");
+    assert!(before > 0.0, "the deny build was called");
     assert_eq!(admin_post(admin, "/reload", None).await.status, 200);
     assert_eq!(calls(&Metrics::scrape(admin).await), before);
 

@@ -194,13 +194,14 @@ impl Gateway {
 
     /// Remembers a reload's outcome for `/status`.
     pub fn record_reload(&self, event: ReloadEvent) {
-        let ok = event.error.is_none();
-        let counter = if ok {
-            &self.metrics.reloads_ok
-        } else {
-            &self.metrics.reloads_failed
+        let counter = match (&event.error, event.trigger) {
+            (_, Trigger::Start) => None,
+            (None, _) => Some(&self.metrics.reloads_ok),
+            (Some(_), _) => Some(&self.metrics.reloads_failed),
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         let mut r = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
         if r.len() == RELOAD_HISTORY {
             r.pop_back();

@@ -15,7 +15,10 @@ fn main() -> anyhow::Result<()> {
         for server in &config.upstreams[0].servers {
             sluice_examples::bind_echo(server.addr, &server.authority).await?;
         }
-        println!("Sluice quickstart: open http://127.0.0.1:8080/ or ws://127.0.0.1:8080/echo (Ctrl-C stops)");
+        println!(
+            "Sluice quickstart: open http://127.0.0.1:8080/ or ws://127.0.0.1:8080/echo; \
+             the status page is http://127.0.0.1:9901/ (Ctrl-C stops)"
+        );
         sluice::control::run(path, config, logs).await
     })
 }
