@@ -590,7 +590,10 @@ async fn the_status_page_shows_live_tunnels_and_an_unhealthy_server() {
 
     let dom = dump_dom(&format!("http://{admin}/")).await;
     assert!(dom.contains("<title>Sluice status</title>"), "{dom}");
-    assert!(dom.contains(r#"id="tunnels-open">3<"#), "tunnel count not shown:\n{dom}");
+    assert!(
+        dom.contains(r#"id="tunnels-open">3<"#),
+        "tunnel count not shown:\n{dom}"
+    );
     let server = tag_with(&dom, &format!(r#"data-addr="{dead}""#))
         .unwrap_or_else(|| panic!("no row for {dead}:\n{dom}"));
     assert!(server.contains(r#"data-state="unhealthy""#), "{server}");
@@ -598,6 +601,9 @@ async fn the_status_page_shows_live_tunnels_and_an_unhealthy_server() {
         .unwrap_or_else(|| panic!("no row for the live server:\n{dom}"));
     assert!(healthy.contains(r#"data-state="healthy""#), "{healthy}");
     assert!(tag_with(&dom, r#"data-route="main""#).is_some(), "{dom}");
-    assert!(tag_with(&dom, r#"data-listener="public""#).is_some(), "{dom}");
+    assert!(
+        tag_with(&dom, r#"data-listener="public""#).is_some(),
+        "{dom}"
+    );
     drop(tunnels);
 }

@@ -306,3 +306,112 @@ async fn sigterm_without_tunnels_exits_0_promptly() {
     let status = gateway.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
 }
+
+/// Sends `GET /internal` on a new connection and waits up to `limit` for the start of
+/// its answer; the connection when answered (kept open: keep-alive holds one descriptor
+/// of the gateway), `Err` with the unanswered connection otherwise.
+async fn held_request(addr: SocketAddr, limit: Duration) -> Result<TcpStream, TcpStream> {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /internal HTTP/1.1\r\nHost: sluice.test\r\n\r\n")
+        .await
+        .expect("send");
+    let mut buf = [0u8; 12];
+    match tokio::time::timeout(limit, stream.read_exact(&mut buf)).await {
+        Ok(Ok(_)) if &buf == b"HTTP/1.1 403" => Ok(stream),
+        Ok(other) => panic!("unexpected answer: {other:?} {buf:?}"),
+        Err(_) => Err(stream),
+    }
+}
+
+/// Out of file descriptors (`RLIMIT_NOFILE` of 64, set with `prlimit`): the gateway says
+/// what limit it runs with, accepts what it can, keeps every open tunnel echoing while
+/// `accept` fails, counts the failures, and serves the waiting client as soon as
+/// descriptors are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_it_backs_off_and_recovers() {
+    let backend = Backend::start("a").await;
+    let config = ConfigBuilder::new(&[backend.addr])
+        .listener_toml("header_read_timeout = \"60s\"")
+        .extra(&format!(
+            "[runtime]\nworkers = 1\n[reload]\nwatch = false\n{ADMIN}"
+        ))
+        .build();
+    let gateway = Gateway::start_with(&config, |path| {
+        let mut command = std::process::Command::new("prlimit");
+        command
+            .args(["--nofile=64:64", "--", env!("CARGO_BIN_EXE_sluice"), "run"])
+            .arg(path)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    })
+    .await;
+    let limit = gateway
+        .wait_log("the open-files limit", |l| {
+            l["message"] == "open files limit"
+        })
+        .await;
+    assert_eq!(
+        (limit["soft"].as_str(), limit["hard"].as_str()),
+        (Some("64"), Some("64"))
+    );
+    let admin = gateway.admin().await;
+    let addr = gateway.addr();
+
+    // Tunnels (two descriptors each) until one cannot be had.
+    let mut tunnels = Vec::new();
+    for _ in 0..40 {
+        match tokio::time::timeout(Duration::from_secs(2), try_ws_connect(addr, "/ws", &[])).await {
+            Ok(Ok(ws)) => tunnels.push(ws),
+            _ => break,
+        }
+    }
+    assert!(
+        (5..40).contains(&tunnels.len()),
+        "{} tunnels under a limit of 64 descriptors",
+        tunnels.len()
+    );
+    // Then plain keep-alive connections (one each) until `accept` itself fails.
+    let mut held = Vec::new();
+    let mut waiting = None;
+    for _ in 0..40 {
+        match held_request(addr, Duration::from_secs(1)).await {
+            Ok(s) => held.push(s),
+            Err(s) => {
+                waiting = Some(s);
+                break;
+            }
+        }
+    }
+    let mut waiting = waiting.expect("a client left waiting once descriptors ran out");
+    gateway
+        .wait_log("the accept failure", |l| {
+            l["message"] == "accept failed; backing off until it succeeds"
+        })
+        .await;
+
+    // Every tunnel still echoes.
+    for (i, ws) in tunnels.iter_mut().enumerate() {
+        let msg = Message::text(format!("still here {i}"));
+        assert_eq!(roundtrip(ws, msg.clone()).await, msg);
+    }
+    // Clients leave: the waiting one is answered.
+    held.truncate(held.len().saturating_sub(3));
+    tunnels.truncate(tunnels.len() - 2);
+    let mut buf = [0u8; 12];
+    within(
+        STEP,
+        "the waiting client's answer",
+        waiting.read_exact(&mut buf),
+    )
+    .await
+    .expect("an answer once descriptors are free");
+    assert_eq!(&buf, b"HTTP/1.1 403");
+    let m = Metrics::scrape(admin).await;
+    assert!(m.value("sluice_accept_errors_total", &[("listener", "public")]) >= 1.0);
+    let mut fresh = ws_connect(addr, "/ws").await;
+    assert_eq!(whoami(&mut fresh).await, "a");
+}
