@@ -273,7 +273,7 @@ async fn chatter(mut ws: Ws, stop: Arc<AtomicBool>, count: Arc<AtomicU64>, seed:
 /// Config `i` of the reload storm: origin B allowed when `i` is even, and the policy
 /// plugin of route `/p` at `policy`.
 fn storm_config(backend: SocketAddr, policy: &Path, i: usize) -> String {
-    let allowed = if i % 2 == 0 {
+    let allowed = if i.is_multiple_of(2) {
         "[\"https://a.example\", \"https://b.example\"]"
     } else {
         "[\"https://a.example\"]"
@@ -341,8 +341,8 @@ async fn reloads_under_load_drop_nothing() {
             _ => {} // the file watch
         }
         // The new policy decides: wait for it (a watch reload lands after its debounce).
-        let b_want = if i % 2 == 0 { 101 } else { 403 };
-        let p_want = if (i / 2) % 2 == 0 { 101 } else { 403 };
+        let b_want = if i.is_multiple_of(2) { 101 } else { 403 };
+        let p_want = if (i / 2).is_multiple_of(2) { 101 } else { 403 };
         eventually_async(|| async {
             let b_got = handshake_status(addr, "/chat", "https://b.example").await;
             let p_got = handshake_status(addr, "/p", "https://a.example").await;

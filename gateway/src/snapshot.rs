@@ -1,7 +1,9 @@
-//! The immutable view of the configuration that connections use: routes, pools and
-//! loaded plugins built from a [`Config`]. A connection takes the current snapshot once
-//! at accept and keeps it for its life, so a reload never changes a live tunnel under
-//! its feet.
+//! The immutable view of the configuration that connections use: routes, pools, loaded
+//! plugins, TLS acceptors and the listeners by name, built from a [`Config`]. A
+//! connection reads its first request under the snapshot of its accept, each later
+//! request under the newest one, and a tunnel keeps the one it was admitted under, so a
+//! reload never changes a live tunnel under its feet; a snapshot (and what only it
+//! holds: plugins, pools) is freed when the last of them ends.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -87,6 +87,13 @@ impl Family<'_, '_> {
 
 type Labels<'a, const N: usize> = [(&'static str, &'a str); N];
 
+/// A plugin counter: its name, its help, and how to read it.
+type PluginCounter = (
+    &'static str,
+    &'static str,
+    fn(&crate::plugin::PluginStats) -> u64,
+);
+
 impl Collector for GatewayCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let gw = &self.0;
@@ -296,7 +303,7 @@ impl Collector for GatewayCollector {
         let mut plugins: Vec<_> = s.plugins().collect();
         plugins.sort_by_key(|(n, _)| *n);
         let stats: Vec<_> = plugins.iter().map(|(n, p)| (*n, p.stats())).collect();
-        let plugin_counters: [(&str, &str, fn(&crate::plugin::PluginStats) -> u64); 7] = [
+        let plugin_counters: [PluginCounter; 7] = [
             (
                 "sluice_plugin_calls",
                 "Plugin hook calls, by plugin (since it was loaded).",

@@ -99,7 +99,16 @@ const LOG: Fields = (
     &[
         ("level", Kind::Text(&["info", "sluice=debug,warn", "warn"])),
         ("format", Kind::Text(&["text", "json"])),
+        ("access_file", Kind::Text(&["access.log", "logs/access.log"])),
     ],
+);
+const ADMIN: Fields = (
+    &[("bind", Kind::Text(&["127.0.0.1:0", "[::1]:0", "0.0.0.0:9901"]))],
+    &[("token_file", Kind::Text(&["admin.token", "/dev/zero"]))],
+);
+const RELOAD: Fields = (
+    &[],
+    &[("watch", Kind::Bool), ("debounce", Kind::Duration)],
 );
 const SHUTDOWN: Fields = (&[], &[("grace", Kind::Duration)]);
 const RUNTIME: Fields = (&[], &[("workers", Kind::Integer)]);
@@ -478,6 +487,10 @@ fn document() -> impl Strategy<Value = String> {
                 option::of(table("[log]", "", LOG, &plan)),
                 option::of(table("[shutdown]", "", SHUTDOWN, &plan)),
                 option::of(table("[runtime]", "", RUNTIME, &plan)),
+                (
+                    option::of(table("[admin]", "", ADMIN, &plan)),
+                    option::of(table("[reload]", "", RELOAD, &plan)),
+                ),
                 listeners,
                 upstreams,
                 vec(route(&plan), 0..4),
@@ -485,8 +498,19 @@ fn document() -> impl Strategy<Value = String> {
                 extra,
             )
                 .prop_map(
-                    |(log, shutdown, runtime, listeners, upstreams, routes, plugins, extra)| {
-                        let mut sections: Vec<String> = [log, shutdown, runtime, extra]
+                    |(
+                        log,
+                        shutdown,
+                        runtime,
+                        (admin, reload),
+                        listeners,
+                        upstreams,
+                        routes,
+                        plugins,
+                        extra,
+                    )| {
+                        let mut sections: Vec<String> =
+                            [log, shutdown, runtime, admin, reload, extra]
                             .into_iter()
                             .flatten()
                             .collect();

@@ -533,3 +533,70 @@ fn upstream_servers_say_tls_by_scheme_or_by_the_pool_table() {
         err_of(&src)
     );
 }
+
+#[test]
+fn the_admin_listener_is_loopback_unless_a_token_guards_it() {
+    let dir = tls_files::Dir::new();
+    let c = dir
+        .parse(&format!("{BASE}[admin]\nbind = \"127.0.0.1:9901\"\n"))
+        .unwrap();
+    let admin = c.admin.expect("admin");
+    assert_eq!((admin.bind.port(), admin.token), (9901, None));
+    assert_eq!(
+        dir.parse(&format!("{BASE}[admin]\nbind = \"0.0.0.0:9901\"\n"))
+            .unwrap_err()
+            .to_string()
+            .split_once(": ")
+            .map(|(_, rest)| rest.to_owned())
+            .unwrap(),
+        "admin.bind: 0.0.0.0:9901 is not a loopback address: an admin listener reachable \
+         from other hosts needs `token_file`"
+    );
+    dir.write("admin.token", "0123456789abcdef-token\nsecond line ignored\n");
+    let c = dir
+        .parse(&format!(
+            "{BASE}[admin]\nbind = \"0.0.0.0:9901\"\ntoken_file = \"admin.token\"\n"
+        ))
+        .unwrap();
+    assert_eq!(
+        c.admin.unwrap().token.as_deref(),
+        Some("0123456789abcdef-token")
+    );
+    dir.write("short.token", "guessable\n");
+    for (file, why) in [
+        ("short.token", "at least 16 visible ASCII characters"),
+        ("missing.token", "cannot read"),
+    ] {
+        let e = dir
+            .parse(&format!(
+                "{BASE}[admin]\nbind = \"127.0.0.1:9901\"\ntoken_file = \"{file}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin.token_file: ") && e.contains(file) && e.contains(why), "{e}");
+    }
+}
+
+#[test]
+fn reload_and_access_log_settings_default_and_resolve_against_the_file() {
+    let c = Config::parse("conf/sluice.toml", BASE).unwrap();
+    assert_eq!(
+        c.reload,
+        ReloadConfig {
+            watch: true,
+            debounce: Duration::from_millis(250)
+        }
+    );
+    assert_eq!(c.log.access_file, None);
+    let src = format!(
+        "[log]\naccess_file = \"logs/access.log\"\n[reload]\nwatch = false\ndebounce = \"1s\"\n{BASE}"
+    );
+    let c = Config::parse("conf/sluice.toml", &src).unwrap();
+    assert_eq!(
+        c.log.access_file.as_deref(),
+        Some(std::path::Path::new("conf/logs/access.log"))
+    );
+    assert!(!c.reload.watch);
+    assert_eq!(c.reload.debounce, Duration::from_secs(1));
+    assert!(err_of(&format!("[reload]\ndebounce = \"0s\"\n{BASE}")).contains("reload.debounce"));
+}
