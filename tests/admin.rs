@@ -305,6 +305,19 @@ async fn a_refused_reload_is_reported_and_the_old_config_serves_on() {
         .map(|r| r["trigger"].as_str().unwrap())
         .collect();
     assert_eq!(triggers, ["admin", "sighup", "admin", "start"]);
+
+    // What a reload cannot apply refuses it whole: the number of workers.
+    let workers = builder.clone().extra("[runtime]\nworkers = 999\n").build();
+    std::fs::write(gateway.config_path(), workers).expect("write config");
+    let r = admin_post(admin, "/reload", None).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.text()
+            .contains("runtime.workers: changing the number of workers needs a restart"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(admin_json(admin, "/status").await["generation"], 2);
 }
 
 /// `POST /drain` drains like SIGTERM: new connections are refused, the open tunnel runs

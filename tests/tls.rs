@@ -331,6 +331,46 @@ async fn a_reload_rotates_the_certificate_and_live_tunnels_keep_running() {
     echo(&mut under_a, "still").await;
 }
 
+/// With the file watch on (the default), certificate and key files replaced in place are
+/// a reload of their own: new handshakes get the new certificate without a signal.
+#[tokio::test]
+async fn replaced_certificate_files_are_reloaded_by_the_file_watch() {
+    let dir = TempDir::new();
+    let ca = TestCa::new("Sluice test CA");
+    let a = ca.issue("A", &["localhost"]);
+    let b = ca.issue("B", &["localhost"]);
+    let (cert, key) = a.write(&dir, "served");
+    let backend = Backend::start("a").await;
+    let gateway = ConfigBuilder::new(&[backend.addr])
+        .listener_toml(&tls_table(&[(&cert, &key)], ""))
+        .extra("[reload]\ndebounce = \"100ms\"\n")
+        .start()
+        .await;
+    let served = async || {
+        let tls = tls_connect(gateway.addr(), "localhost", ca.client())
+            .await
+            .expect("TLS handshake");
+        served_der(&tls)
+    };
+    assert_eq!(served().await, a.der);
+    // Written beside them, then renamed over them, as a deploy or an ACME client does.
+    let (new_cert, new_key) = b.write(&dir, "incoming");
+    std::fs::rename(&new_key, &key).expect("rename key");
+    std::fs::rename(&new_cert, &cert).expect("rename certificate");
+    let deadline = Instant::now() + STEP;
+    while served().await != b.der {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reload = gateway
+        .wait_log("the watch's reload", |l| l["message"] == "config reloaded")
+        .await;
+    assert_eq!(reload["trigger"], "watch");
+}
+
 fn served_der(
     tls: &tokio_rustls::client::TlsStream<TcpStream>,
 ) -> rustls::pki_types::CertificateDer<'static> {

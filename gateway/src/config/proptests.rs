@@ -99,17 +99,20 @@ const LOG: Fields = (
     &[
         ("level", Kind::Text(&["info", "sluice=debug,warn", "warn"])),
         ("format", Kind::Text(&["text", "json"])),
-        ("access_file", Kind::Text(&["access.log", "logs/access.log"])),
+        (
+            "access_file",
+            Kind::Text(&["access.log", "logs/access.log"]),
+        ),
     ],
 );
 const ADMIN: Fields = (
-    &[("bind", Kind::Text(&["127.0.0.1:0", "[::1]:0", "0.0.0.0:9901"]))],
+    &[(
+        "bind",
+        Kind::Text(&["127.0.0.1:0", "[::1]:0", "0.0.0.0:9901"]),
+    )],
     &[("token_file", Kind::Text(&["admin.token", "/dev/zero"]))],
 );
-const RELOAD: Fields = (
-    &[],
-    &[("watch", Kind::Bool), ("debounce", Kind::Duration)],
-);
+const RELOAD: Fields = (&[], &[("watch", Kind::Bool), ("debounce", Kind::Duration)]);
 const SHUTDOWN: Fields = (&[], &[("grace", Kind::Duration)]);
 const RUNTIME: Fields = (&[], &[("workers", Kind::Integer)]);
 const LISTENER: Fields = (
@@ -511,9 +514,9 @@ fn document() -> impl Strategy<Value = String> {
                     )| {
                         let mut sections: Vec<String> =
                             [log, shutdown, runtime, admin, reload, extra]
-                            .into_iter()
-                            .flatten()
-                            .collect();
+                                .into_iter()
+                                .flatten()
+                                .collect();
                         sections.extend(listeners);
                         sections.extend(upstreams.into_iter().flatten());
                         sections.extend(routes);

@@ -552,7 +552,10 @@ fn the_admin_listener_is_loopback_unless_a_token_guards_it() {
         "admin.bind: 0.0.0.0:9901 is not a loopback address: an admin listener reachable \
          from other hosts needs `token_file`"
     );
-    dir.write("admin.token", "0123456789abcdef-token\nsecond line ignored\n");
+    dir.write(
+        "admin.token",
+        "0123456789abcdef-token\nsecond line ignored\n",
+    );
     let c = dir
         .parse(&format!(
             "{BASE}[admin]\nbind = \"0.0.0.0:9901\"\ntoken_file = \"admin.token\"\n"
@@ -573,7 +576,10 @@ fn the_admin_listener_is_loopback_unless_a_token_guards_it() {
             ))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("admin.token_file: ") && e.contains(file) && e.contains(why), "{e}");
+        assert!(
+            e.contains("admin.token_file: ") && e.contains(file) && e.contains(why),
+            "{e}"
+        );
     }
 }
 

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry, reload};
@@ -20,12 +20,6 @@ use crate::config::{Config, LogFormat};
 #[derive(Debug, Default)]
 struct AccessFile {
     file: Mutex<Option<(PathBuf, File)>>,
-}
-
-impl AccessFile {
-    fn is_open(&self) -> bool {
-        self.file.lock().map(|f| f.is_some()).unwrap_or(false)
-    }
 }
 
 /// Writes one formatted event to the access file (the formatter hands over whole lines).
@@ -45,7 +39,11 @@ impl Write for &AccessFile {
 
 /// Handles on the installed log subscriber, for reloads and SIGUSR1.
 pub struct Logs {
-    level: Option<reload::Handle<EnvFilter, Registry>>,
+    /// Whether `RUST_LOG` set the level (a reload then leaves it).
+    from_env: bool,
+    level: String,
+    stderr: reload::Handle<EnvFilter, Registry>,
+    file: reload::Handle<Targets, Registry>,
     format: LogFormat,
     access: Arc<AccessFile>,
 }
@@ -77,46 +75,73 @@ fn open(path: &Path) -> Result<File, LogError> {
         })
 }
 
+/// The stderr filter: `RUST_LOG` or the config's level, without the access events when
+/// they go to a file. Both are static per call site (levels and targets only), so a
+/// disabled event costs its call site one cached check, and `log` records below the
+/// level are refused by `log`'s own maximum.
+fn stderr_filter(from_env: bool, level: &str, to_file: bool) -> EnvFilter {
+    let filter = match from_env {
+        true => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+        false => EnvFilter::new(level),
+    };
+    match (to_file, format!("{}=off", access::TARGET).parse()) {
+        (true, Ok(off)) => filter.add_directive(off),
+        _ => filter,
+    }
+}
+
+/// The access file's filter: the access events when a file is open, else nothing.
+fn file_filter(to_file: bool) -> Targets {
+    match to_file {
+        true => Targets::new().with_target(access::TARGET, LevelFilter::INFO),
+        false => Targets::new(),
+    }
+}
+
 /// Installs the log subscriber: `RUST_LOG` if set, else the config's level; text or JSON
 /// lines on stderr; access events in the access file when one is configured.
 pub fn init(config: &Config) -> Result<Logs, LogError> {
     let access = Arc::new(AccessFile::default());
-    if let Some(path) = &config.log.access_file {
-        let file = open(path)?;
-        *access.file.lock().unwrap_or_else(|e| e.into_inner()) = Some((path.clone(), file));
-    }
-    let (filter, level) = match EnvFilter::try_from_default_env() {
-        Ok(f) => (f, None),
-        Err(_) => (EnvFilter::new(&config.log.level), Some(())),
+    let to_file = match &config.log.access_file {
+        Some(path) => {
+            let file = open(path)?;
+            *access.file.lock().unwrap_or_else(|e| e.into_inner()) = Some((path.clone(), file));
+            true
+        }
+        None => false,
     };
-    let (filter, handle) = reload::Layer::new(filter);
-    let to_file = access.clone();
-    let not_in_file = filter_fn(move |m| !(m.target() == access::TARGET && to_file.is_open()));
-    let only_access = filter_fn(|m| m.target() == access::TARGET);
-    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let file = tracing_subscriber::fmt::layer()
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let (stderr_filter, stderr) =
+        reload::Layer::new(stderr_filter(from_env, &config.log.level, to_file));
+    let (file_filter, file) = reload::Layer::new(file_filter(to_file));
+    let on_stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let in_file = tracing_subscriber::fmt::layer()
         .with_writer(access.clone())
         .with_ansi(false);
     let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = match config.log.format {
         LogFormat::Json => vec![
-            stderr
+            on_stderr
                 .json()
                 .flatten_event(true)
-                .with_filter(filter.and(not_in_file))
+                .with_filter(stderr_filter)
                 .boxed(),
-            file.json()
+            in_file
+                .json()
                 .flatten_event(true)
-                .with_filter(only_access)
+                .with_filter(file_filter)
                 .boxed(),
         ],
         LogFormat::Text => vec![
-            stderr.with_filter(filter.and(not_in_file)).boxed(),
-            file.with_filter(only_access).boxed(),
+            on_stderr.with_filter(stderr_filter).boxed(),
+            in_file.with_filter(file_filter).boxed(),
         ],
     };
     tracing_subscriber::registry().with(layers).init();
     Ok(Logs {
-        level: level.map(|()| handle),
+        from_env,
+        level: config.log.level.clone(),
+        stderr,
+        file,
         format: config.log.format,
         access,
     })
@@ -143,16 +168,21 @@ impl Logs {
     }
 
     /// Applies `config`'s level and access file (`staged` from [`Logs::stage`]).
-    pub fn apply(&self, config: &Config, staged: Option<(PathBuf, File)>) {
-        if let Some(h) = &self.level {
-            let _ = h.reload(EnvFilter::new(&config.log.level));
+    pub fn apply(&mut self, config: &Config, staged: Option<(PathBuf, File)>) {
+        {
+            let mut file = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
+            match (staged, &config.log.access_file) {
+                (Some(f), _) => *file = Some(f),
+                (None, None) => *file = None,
+                (None, Some(_)) => {}
+            }
         }
-        let mut file = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
-        match (staged, &config.log.access_file) {
-            (Some(f), _) => *file = Some(f),
-            (None, None) => *file = None,
-            (None, Some(_)) => {}
-        }
+        let to_file = config.log.access_file.is_some();
+        self.level = config.log.level.clone();
+        let _ = self
+            .stderr
+            .reload(stderr_filter(self.from_env, &self.level, to_file));
+        let _ = self.file.reload(file_filter(to_file));
     }
 
     /// Reopens the access file at its path (SIGUSR1): after logrotate renamed it, new
