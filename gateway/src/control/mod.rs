@@ -48,7 +48,7 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
         None => None,
     };
     let watch_cfg = config.reload;
-    let mut watched = watched_files(&path, &config);
+    let watched = watched_files(&path, &config);
     let gw = Arc::new(
         Gateway::start(
             config,
@@ -99,18 +99,18 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
         if event.error.is_none() {
             let config = &gw.snapshot().config;
             let files = watched_files(&control.path, config);
-            match (&mut watch, config.reload.watch) {
-                (Some(w), true) => w.set(&files),
-                (None, true) => watch = start_watch(config.reload, &files, &commands),
-                (_, false) => watch = None,
+            match &mut watch {
+                Some(w) if config.reload.watch && w.debounce() == config.reload.debounce => {
+                    w.set(&files);
+                }
+                _ => watch = start_watch(config.reload, &files, &commands),
             }
-            watched = files;
         }
         if let Some(reply) = reply {
             let _ = reply.send(event);
         }
     }
-    drop((watch, watched));
+    drop(watch);
 
     let grace = gw.snapshot().config.shutdown_grace;
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining tunnels");

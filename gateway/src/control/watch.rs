@@ -22,6 +22,7 @@ pub struct Watch {
     dirs: BTreeSet<PathBuf>,
     files: Arc<Mutex<BTreeSet<PathBuf>>>,
     debouncer: tokio::task::JoinHandle<()>,
+    debounce: Duration,
 }
 
 impl Drop for Watch {
@@ -87,9 +88,15 @@ impl Watch {
             dirs: BTreeSet::new(),
             files: watched,
             debouncer,
+            debounce,
         };
         watch.set(files);
         Ok(watch)
+    }
+
+    /// The quiet time it waits for.
+    pub fn debounce(&self) -> Duration {
+        self.debounce
     }
 
     /// Watches exactly `files` from now on (a reload may have changed the set).
