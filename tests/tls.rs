@@ -657,9 +657,10 @@ async fn silent_clients_are_closed_at_the_handshake_deadline_while_others_are_se
 async fn a_handshake_in_progress_holds_a_connection_slot() {
     let dir = TempDir::new();
     let (ca, _backend, gateway) = tls_gateway(&dir, "handshake_timeout = \"2s\"", |c| {
-        c.listener_toml("max_connections = 1")
+        c.listener_toml("max_connections = 1").extra(ADMIN)
     })
     .await;
+    let admin = gateway.admin().await;
     // A stalled handshake takes the one slot for its 2 s deadline ...
     let hello = client_hello().await;
     let started = Instant::now();
@@ -668,6 +669,10 @@ async fn a_handshake_in_progress_holds_a_connection_slot() {
         .write_all(&hello[..hello.len() / 2])
         .await
         .expect("write");
+    // (it holds the slot once accepted: wait for that, or the real client, landing on the
+    // other worker, could take the slot first)
+    let public = [("listener", "public")];
+    wait_metric(admin, "sluice_connections_open", &public, 1.0).await;
     // ... so a real client's handshake cannot complete before that deadline has passed
     // (its clock starts after `started`; a slow machine only makes the wait longer).
     let tls = within(
