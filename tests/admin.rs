@@ -209,12 +209,7 @@ async fn the_admin_token_guards_every_endpoint() {
     let public = ConfigBuilder::new(&[closed_port()])
         .extra("[admin]\nbind = \"0.0.0.0:0\"\n")
         .build();
-    let path = dir.write("public.toml", &public);
-    let out = sluice_command("check", &path)
-        .output()
-        .expect("run sluice check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = check_refuses(&dir, "public.toml", &public);
     assert!(
         stderr.contains("admin.bind") && stderr.contains("token_file"),
         "{stderr}"
@@ -224,13 +219,20 @@ async fn the_admin_token_guards_every_endpoint() {
     let short = ConfigBuilder::new(&[closed_port()])
         .extra("[admin]\nbind = \"0.0.0.0:0\"\ntoken_file = \"short.token\"\n")
         .build();
-    let path = dir.write("short.toml", &short);
+    let stderr = check_refuses(&dir, "short.toml", &short);
+    assert!(stderr.contains("admin.token_file"), "{stderr}");
+}
+
+/// Writes `config` as `dir/name`, runs `sluice check` on it, asserts exit status 1 and
+/// returns its stderr.
+fn check_refuses(dir: &TempDir, name: &str, config: &str) -> String {
+    let path = dir.write(name, config);
     let out = sluice_command("check", &path)
         .output()
         .expect("run sluice check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("admin.token_file"), "{stderr}");
+    stderr
 }
 
 /// A broken config and a plugin whose `init` fails: `POST /reload` answers 422 with the

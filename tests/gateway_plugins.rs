@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
     Backend, ConfigBuilder, Gateway, Head, RawClient, Response, STEP, TempDir, Ws, close_ws,
-    closed_port, eventually, pattern, request_once, roundtrip, sluice_command, whoami,
+    closed_port, eventually, pattern, plugin_wasm, request_once, roundtrip, sluice_command, whoami,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -49,17 +49,9 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// The component `plugins/build.sh` builds for plugin `name`; a clear failure when missing.
+/// The component `plugins/build.sh` builds for plugin `name`, as a config string.
 fn wasm(name: &str) -> String {
-    let path = workspace()
-        .join("target/plugins")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `plugins/build.sh` to build the plugin components first",
-        path.display()
-    );
-    path.display().to_string()
+    plugin_wasm(name).display().to_string()
 }
 
 /// A file of `plugins/jwt/testdata/` (throw-away keys).

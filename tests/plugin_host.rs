@@ -1,8 +1,11 @@
 //! The plugin host with the real components built by `plugins/build.sh`
 //! (in `target/plugins/`): decisions, chains, load errors, hostile plugins.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::plugin_wasm as wasm;
 
 use serde_json::json;
 use sluice::config::{PluginConfig, PluginLimits};
@@ -12,19 +15,6 @@ use sluice::plugin::{
 };
 
 const SECRET: &str = "plugin-host-test-secret";
-
-/// A component built by `plugins/build.sh`; a clear failure when it is not.
-fn wasm(name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/plugins")
-        .join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `plugins/build.sh` to build the plugin components first",
-        path.display()
-    );
-    path
-}
 
 fn spec(name: &str, config: serde_json::Value) -> PluginConfig {
     PluginConfig {

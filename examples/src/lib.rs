@@ -3,6 +3,7 @@
 //! certificates ([`tls`]).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -10,6 +11,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 pub mod tls;
+
+/// Runs a quickstart: the config at `path`, echo backends at its first pool's server
+/// addresses, `banner` printed once they listen; serves until Ctrl-C.
+pub fn run_quickstart(path: PathBuf, banner: &str) -> anyhow::Result<()> {
+    let config = sluice::config::Config::load(&path)?;
+    let logs = sluice::control::init_logging(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        for server in &config.upstreams[0].servers {
+            bind_echo(server.addr, &server.authority).await?;
+        }
+        println!("{banner}");
+        sluice::control::run(path, config, logs).await
+    })
+}
 
 /// The page served on plain requests: type a message, see it echoed through Sluice.
 const PAGE: &str = include_str!("page.html");

@@ -13,18 +13,7 @@ fn main() -> anyhow::Result<()> {
     // The directory the config's certificate paths name (relative to the config file).
     let dir = examples.join(tls::QUICKSTART_DIR);
     let certs = tls::ensure_certs(&dir)?;
-    let config = sluice::config::Config::load(&path)?;
-    let logs = sluice::control::init_logging(&config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        for server in &config.upstreams[0].servers {
-            sluice_examples::bind_echo(server.addr, &server.authority).await?;
-        }
-        println!("{}", instructions(&certs));
-        sluice::control::run(path, config, logs).await
-    })
+    sluice_examples::run_quickstart(path, &instructions(&certs))
 }
 
 /// What to open and how to trust the certificate.

@@ -2,6 +2,7 @@
 //! `prometheus-client` at scrape time from the atomics the stages keep (`metrics`, the
 //! listeners, the servers, the plugins). A scrape reads; it never locks the request path.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -12,7 +13,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::balance::Server;
+use crate::listener::Listener;
 use crate::metrics::{CLOSE_REASONS, Histogram};
+use crate::plugin::PluginStats;
 use crate::snapshot;
 use crate::state::Gateway;
 
@@ -47,107 +51,111 @@ impl std::fmt::Debug for GatewayCollector {
 }
 
 /// One metric family: a descriptor, then its samples.
-struct Family<'e, 'a> {
-    enc: prometheus_client::encoding::MetricEncoder<'e>,
-    _p: std::marker::PhantomData<&'a ()>,
-}
+struct Family<'e>(prometheus_client::encoding::MetricEncoder<'e>);
 
 fn family<'e>(
     enc: &'e mut DescriptorEncoder<'_>,
     name: &'e str,
     help: &str,
     ty: MetricType,
-) -> Result<Family<'e, 'e>, std::fmt::Error> {
-    Ok(Family {
-        enc: enc.encode_descriptor(name, help, None, ty)?,
-        _p: std::marker::PhantomData,
-    })
+) -> Result<Family<'e>, fmt::Error> {
+    Ok(Family(enc.encode_descriptor(name, help, None, ty)?))
 }
 
-impl Family<'_, '_> {
-    fn counter(&mut self, labels: &impl EncodeLabelSet, v: u64) -> Result<(), std::fmt::Error> {
-        ConstCounter::new(v).encode(self.enc.encode_family(labels)?)
+impl Family<'_> {
+    fn counter(&mut self, labels: &impl EncodeLabelSet, v: u64) -> Result<(), fmt::Error> {
+        ConstCounter::new(v).encode(self.0.encode_family(labels)?)
     }
 
-    fn gauge(&mut self, labels: &impl EncodeLabelSet, v: i64) -> Result<(), std::fmt::Error> {
-        ConstGauge::new(v).encode(self.enc.encode_family(labels)?)
+    fn gauge(&mut self, labels: &impl EncodeLabelSet, v: i64) -> Result<(), fmt::Error> {
+        ConstGauge::new(v).encode(self.0.encode_family(labels)?)
     }
 
-    fn histogram(
-        &mut self,
-        labels: &impl EncodeLabelSet,
-        h: &Histogram,
-    ) -> Result<(), std::fmt::Error> {
+    fn histogram(&mut self, labels: &impl EncodeLabelSet, h: &Histogram) -> Result<(), fmt::Error> {
         let (sum, count, buckets) = h.snapshot();
-        self.enc
+        self.0
             .encode_family(labels)?
             .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
+
+    /// The family's one unlabelled gauge.
+    fn only(self, v: i64) -> Result<(), fmt::Error> {
+        ConstGauge::new(v).encode(self.0)
+    }
+}
+
+/// How a family reads its value from one item (a listener, a server, a plugin).
+enum Read<T> {
+    Counter(fn(&T) -> u64),
+    Gauge(fn(&T) -> i64),
+}
+
+/// A family per `(name, help, read)` row, each with one sample per labelled item.
+fn families<T, L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder<'_>,
+    items: &[(L, T)],
+    rows: &[(&str, &str, Read<T>)],
+) -> Result<(), fmt::Error> {
+    for (name, help, read) in rows {
+        let ty = match read {
+            Read::Counter(_) => MetricType::Counter,
+            Read::Gauge(_) => MetricType::Gauge,
+        };
+        let mut f = family(enc, name, help, ty)?;
+        for (labels, item) in items {
+            match read {
+                Read::Counter(get) => f.counter(labels, get(item))?,
+                Read::Gauge(get) => f.gauge(labels, get(item))?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A count as a gauge value.
+fn int(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 type Labels<'a, const N: usize> = [(&'static str, &'a str); N];
 
-/// A plugin counter: its name, its help, and how to read it.
-type PluginCounter = (
-    &'static str,
-    &'static str,
-    fn(&crate::plugin::PluginStats) -> u64,
-);
-
 impl Collector for GatewayCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
         let gw = &self.0;
         let s = gw.snapshot();
         let m = gw.metrics();
-        let int = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        let listeners: Vec<(String, &crate::listener::Listener)> = s
+
+        let listeners: Vec<(Labels<1>, &Listener)> = s
             .listeners
             .iter()
-            .map(|(n, l)| (n.to_string(), &**l))
+            .map(|(n, l)| ([("listener", &**n)], &**l))
             .collect();
-
-        let mut f = family(
+        families(
             &mut enc,
-            "sluice_connections_open",
-            "Client connections open (tunnels included), by listener.",
-            MetricType::Gauge,
+            &listeners,
+            &[
+                (
+                    "sluice_connections_open",
+                    "Client connections open (tunnels included), by listener.",
+                    Read::Gauge(|l| int(l.open())),
+                ),
+                (
+                    "sluice_connections_max",
+                    "The listener's max_connections.",
+                    Read::Gauge(|l| int(l.max())),
+                ),
+                (
+                    "sluice_connections_accepted",
+                    "Client connections accepted, by listener.",
+                    Read::Counter(|l| l.stats.accepted.load(Ordering::Relaxed)),
+                ),
+                (
+                    "sluice_accept_errors",
+                    "accept() failures (such as EMFILE: out of file descriptors), by listener.",
+                    Read::Counter(|l| l.stats.accept_errors.load(Ordering::Relaxed)),
+                ),
+            ],
         )?;
-        for (n, l) in &listeners {
-            f.gauge(&[("listener", n.as_str())], int(l.open()))?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_connections_max",
-            "The listener's max_connections.",
-            MetricType::Gauge,
-        )?;
-        for (n, l) in &listeners {
-            f.gauge(&[("listener", n.as_str())], int(l.max()))?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_connections_accepted",
-            "Client connections accepted, by listener.",
-            MetricType::Counter,
-        )?;
-        for (n, l) in &listeners {
-            f.counter(
-                &[("listener", n.as_str())],
-                l.stats.accepted.load(Ordering::Relaxed),
-            )?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_accept_errors",
-            "accept() failures (such as EMFILE: out of file descriptors), by listener.",
-            MetricType::Counter,
-        )?;
-        for (n, l) in &listeners {
-            f.counter(
-                &[("listener", n.as_str())],
-                l.stats.accept_errors.load(Ordering::Relaxed),
-            )?;
-        }
 
         let routes = m.routes();
         let mut f = family(
@@ -235,113 +243,97 @@ impl Collector for GatewayCollector {
 
         let mut pools: Vec<_> = s.pools.values().collect();
         pools.sort_by(|a, b| a.name.cmp(&b.name));
-        let servers: Vec<(&str, &crate::balance::Server)> = pools
+        let servers: Vec<(Labels<2>, &Server)> = pools
             .iter()
-            .flat_map(|p| p.servers.iter().map(|sv| (p.name.as_str(), &**sv)))
+            .flat_map(|p| {
+                p.servers.iter().map(|sv| {
+                    let labels = [
+                        ("pool", p.name.as_str()),
+                        ("server", sv.config.authority.as_str()),
+                    ];
+                    (labels, &**sv)
+                })
+            })
             .collect();
-        let mut f = family(
+        families(
             &mut enc,
-            "sluice_upstream_healthy",
-            "1 when the server may take new connections (healthy and not ejected), by pool and server.",
-            MetricType::Gauge,
+            &servers,
+            &[
+                (
+                    "sluice_upstream_healthy",
+                    "1 when the server may take new connections (healthy and not ejected), by pool and server.",
+                    Read::Gauge(|sv| i64::from(sv.is_available())),
+                ),
+                (
+                    "sluice_upstream_ejected",
+                    "1 while a passive ejection keeps the server out.",
+                    Read::Gauge(|sv| i64::from(sv.is_ejected())),
+                ),
+                (
+                    "sluice_upstream_active",
+                    "Tunnels and in-flight requests on the server.",
+                    Read::Gauge(|sv| int(sv.active())),
+                ),
+                (
+                    "sluice_upstream_connect_failures",
+                    "Failed connects to the server.",
+                    Read::Counter(|sv| sv.failures().0),
+                ),
+                (
+                    "sluice_upstream_ejections",
+                    "Times connect failures took the server out.",
+                    Read::Counter(|sv| sv.failures().1),
+                ),
+            ],
         )?;
-        for (p, sv) in &servers {
-            f.gauge(
-                &[("pool", *p), ("server", sv.config.authority.as_str())],
-                i64::from(sv.is_available()),
-            )?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_upstream_ejected",
-            "1 while a passive ejection keeps the server out.",
-            MetricType::Gauge,
-        )?;
-        for (p, sv) in &servers {
-            f.gauge(
-                &[("pool", *p), ("server", sv.config.authority.as_str())],
-                i64::from(sv.is_ejected()),
-            )?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_upstream_active",
-            "Tunnels and in-flight requests on the server.",
-            MetricType::Gauge,
-        )?;
-        for (p, sv) in &servers {
-            f.gauge(
-                &[("pool", *p), ("server", sv.config.authority.as_str())],
-                int(sv.active()),
-            )?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_upstream_connect_failures",
-            "Failed connects to the server.",
-            MetricType::Counter,
-        )?;
-        for (p, sv) in &servers {
-            f.counter(
-                &[("pool", *p), ("server", sv.config.authority.as_str())],
-                sv.failures().0,
-            )?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_upstream_ejections",
-            "Times connect failures took the server out.",
-            MetricType::Counter,
-        )?;
-        for (p, sv) in &servers {
-            f.counter(
-                &[("pool", *p), ("server", sv.config.authority.as_str())],
-                sv.failures().1,
-            )?;
-        }
 
         let mut plugins: Vec<_> = s.plugins().collect();
         plugins.sort_by_key(|(n, _)| *n);
-        let stats: Vec<_> = plugins.iter().map(|(n, p)| (*n, p.stats())).collect();
-        let plugin_counters: [PluginCounter; 7] = [
-            (
-                "sluice_plugin_calls",
-                "Plugin hook calls, by plugin (since it was loaded).",
-                |s| s.calls,
-            ),
-            (
-                "sluice_plugin_reused",
-                "on-request decisions given again without a call (reuse-ms).",
-                |s| s.reused,
-            ),
-            ("sluice_plugin_denies", "Deny decisions.", |s| s.denies),
-            (
-                "sluice_plugin_faults",
-                "Plugin faults of any kind (trap, timeout, memory, invalid decision, overload).",
-                |s| s.faults,
-            ),
-            (
-                "sluice_plugin_timeouts",
-                "Faults that were CPU deadlines.",
-                |s| s.timeouts,
-            ),
-            (
-                "sluice_plugin_memory_faults",
-                "Faults that were memory-cap hits.",
-                |s| s.memory_faults,
-            ),
-            (
-                "sluice_plugin_instances_created",
-                "Plugin instances created.",
-                |s| s.instances_created,
-            ),
-        ];
-        for (name, help, get) in plugin_counters {
-            let mut f = family(&mut enc, name, help, MetricType::Counter)?;
-            for (n, st) in &stats {
-                f.counter(&[("plugin", *n)], get(st))?;
-            }
-        }
+        let stats: Vec<(Labels<1>, PluginStats)> = plugins
+            .iter()
+            .map(|(n, p)| ([("plugin", *n)], p.stats()))
+            .collect();
+        families(
+            &mut enc,
+            &stats,
+            &[
+                (
+                    "sluice_plugin_calls",
+                    "Plugin hook calls, by plugin (since it was loaded).",
+                    Read::Counter(|s| s.calls),
+                ),
+                (
+                    "sluice_plugin_reused",
+                    "on-request decisions given again without a call (reuse-ms).",
+                    Read::Counter(|s| s.reused),
+                ),
+                (
+                    "sluice_plugin_denies",
+                    "Deny decisions.",
+                    Read::Counter(|s| s.denies),
+                ),
+                (
+                    "sluice_plugin_faults",
+                    "Plugin faults of any kind (trap, timeout, memory, invalid decision, overload).",
+                    Read::Counter(|s| s.faults),
+                ),
+                (
+                    "sluice_plugin_timeouts",
+                    "Faults that were CPU deadlines.",
+                    Read::Counter(|s| s.timeouts),
+                ),
+                (
+                    "sluice_plugin_memory_faults",
+                    "Faults that were memory-cap hits.",
+                    Read::Counter(|s| s.memory_faults),
+                ),
+                (
+                    "sluice_plugin_instances_created",
+                    "Plugin instances created.",
+                    Read::Counter(|s| s.instances_created),
+                ),
+            ],
+        )?;
         let mut f = family(
             &mut enc,
             "sluice_plugin_call_duration_seconds",
@@ -363,20 +355,19 @@ impl Collector for GatewayCollector {
             &[("outcome", "failed")],
             m.reloads_failed.load(Ordering::Relaxed),
         )?;
-        let f = family(
+        family(
             &mut enc,
             "sluice_config_generation",
             "The generation of the config serving new connections (1 at start).",
             MetricType::Gauge,
-        )?;
-        ConstGauge::new(i64::try_from(s.generation).unwrap_or(i64::MAX)).encode(f.enc)?;
-        let f = family(
+        )?
+        .only(i64::try_from(s.generation).unwrap_or(i64::MAX))?;
+        family(
             &mut enc,
             "sluice_snapshot_generations_alive",
             "Config generations still in memory: the current one and those old connections hold.",
             MetricType::Gauge,
-        )?;
-        ConstGauge::new(int(snapshot::generations_alive())).encode(f.enc)?;
-        Ok(())
+        )?
+        .only(int(snapshot::generations_alive()))
     }
 }

@@ -117,6 +117,18 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     r
 }
 
+/// `405` naming the methods the path takes.
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "text/plain",
+        "method not allowed\n",
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
 fn json_reply(status: StatusCode, v: &Value) -> Response<Body> {
     reply(status, "application/json", format!("{v:#}\n"))
 }
@@ -200,26 +212,8 @@ async fn handle(
             };
             json_reply(status, &json!({"draining": sent}))
         }
-        (_, "/" | "/metrics" | "/status" | "/upstreams") => {
-            let mut r = reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "method not allowed\n",
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            r
-        }
-        (_, "/reload" | "/drain") => {
-            let mut r = reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "method not allowed\n",
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("POST"));
-            r
-        }
+        (_, "/" | "/metrics" | "/status" | "/upstreams") => not_allowed("GET, HEAD"),
+        (_, "/reload" | "/drain") => not_allowed("POST"),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

@@ -41,7 +41,6 @@ impl Write for &AccessFile {
 pub struct Logs {
     /// Whether `RUST_LOG` set the level (a reload then leaves it).
     from_env: bool,
-    level: String,
     stderr: reload::Handle<EnvFilter, Registry>,
     file: reload::Handle<Targets, Registry>,
     format: LogFormat,
@@ -139,7 +138,6 @@ pub fn init(config: &Config) -> Result<Logs, LogError> {
     tracing_subscriber::registry().with(layers).init();
     Ok(Logs {
         from_env,
-        level: config.log.level.clone(),
         stderr,
         file,
         format: config.log.format,
@@ -168,7 +166,7 @@ impl Logs {
     }
 
     /// Applies `config`'s level and access file (`staged` from [`Logs::stage`]).
-    pub fn apply(&mut self, config: &Config, staged: Option<(PathBuf, File)>) {
+    pub fn apply(&self, config: &Config, staged: Option<(PathBuf, File)>) {
         {
             let mut file = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
             match (staged, &config.log.access_file) {
@@ -178,10 +176,9 @@ impl Logs {
             }
         }
         let to_file = config.log.access_file.is_some();
-        self.level = config.log.level.clone();
         let _ = self
             .stderr
-            .reload(stderr_filter(self.from_env, &self.level, to_file));
+            .reload(stderr_filter(self.from_env, &config.log.level, to_file));
         let _ = self.file.reload(file_filter(to_file));
     }
 
