@@ -7,6 +7,10 @@
 //! which also serve the page). Over TLS the certificates are the TLS quickstart's own,
 //! made at test time, and Chromium trusts the served key by its pin
 //! (`--ignore-certificate-errors-spki-list`), computed here from the certificate's DER.
+//! The TLS page runs twice: with HTTP/2 on (the default), where the WebSocket must be an
+//! RFC 8441 extended CONNECT stream (the access log's `method`/`proto` and
+//! `sluice_http2_websockets_total` say so), and with `[listeners.secure.http2]
+//! enabled = false`, where it must be an HTTP/1.1 `GET` upgrade.
 //! Chromium is driven over the DevTools protocol (`--remote-debugging-port=0`): the test
 //! navigates, waits for the `load` event, then evaluates a promise that settles when the
 //! page's `#status` leaves `connecting` (a `MutationObserver`, no polling), so the
@@ -29,8 +33,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::{
-    ADMIN, Backend, ConfigBuilder, Gateway, TempDir, admin_json, closed_port, eventually, within,
-    ws_connect,
+    ADMIN, AccessLog, Backend, ConfigBuilder, Gateway, Metrics, TempDir, admin_json, closed_port,
+    eventually, within, ws_connect,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -249,6 +253,7 @@ impl Chromium {
             status: field("status"),
             backend: field("backend"),
             log: field("log"),
+            protocol: field("protocol"),
         })
     }
 
@@ -277,6 +282,7 @@ const REPORT_JS: &str = r#"new Promise((resolve) => {
     status: status.textContent,
     backend: document.querySelector('b').textContent,
     log: document.getElementById('log').textContent,
+    protocol: performance.getEntriesByType('navigation')[0]?.nextHopProtocol ?? '',
   });
   if (status.dataset.state !== 'connecting') return report();
   new MutationObserver(() => { if (status.dataset.state !== 'connecting') report(); })
@@ -295,6 +301,9 @@ struct Page {
     backend: String,
     /// The page's message log.
     log: String,
+    /// The protocol the page itself came over, as the browser saw it (the navigation's
+    /// `nextHopProtocol`): `h2`, `http/1.1`.
+    protocol: String,
 }
 
 /// A DevTools protocol connection (browser endpoint, flattened sessions): calls by id, and
@@ -437,70 +446,189 @@ async fn quickstart_page_echoes_over_ws_in_chromium() {
     );
 }
 
+/// The TLS quickstart running on test addresses: its own certificates (made for the test),
+/// the test's echo backends, an admin listener for `/metrics`, and `extra` appended to the
+/// config.
+struct TlsQuickstart {
+    gateway: Gateway,
+    admin: SocketAddr,
+    /// The page, `https://localhost:PORT/`.
+    url: String,
+    port: u16,
+    /// Chromium's pin for the served certificate.
+    pin: String,
+    _certs: TempDir,
+}
+
+impl TlsQuickstart {
+    async fn start(extra: &str) -> TlsQuickstart {
+        let dir = TempDir::new();
+        let certs = tls::generate_certs(dir.path()).expect("make certificates");
+        let pin = spki_pin(&certs.cert);
+        assert_eq!(
+            pin, certs.spki_sha256,
+            "the pin quickstart-tls prints is not that of the certificate it serves"
+        );
+        let backends = echo_backends().await;
+        let quickstart_dir = tls::QUICKSTART_DIR;
+        let mut config = example_config(
+            "quickstart-tls.toml",
+            &[
+                // JSON logs, for the access log's fields.
+                (
+                    "level = \"info\"",
+                    "level = \"info\"\nformat = \"json\"".to_string(),
+                ),
+                (
+                    "bind = \"127.0.0.1:8443\"",
+                    "bind = \"127.0.0.1:0\"".to_string(),
+                ),
+                (
+                    "servers = [\"127.0.0.1:9011\", \"127.0.0.1:9012\"]",
+                    servers_line(&backends),
+                ),
+                (
+                    &format!("\"{quickstart_dir}/{}\"", tls::CERT_FILE),
+                    format!("{:?}", certs.cert),
+                ),
+                (
+                    &format!("\"{quickstart_dir}/{}\"", tls::KEY_FILE),
+                    format!("{:?}", certs.key),
+                ),
+            ],
+        );
+        config.push_str(&format!("\n{ADMIN}\n{extra}"));
+        let gateway = Gateway::start(&config).await;
+        let admin = gateway.admin().await;
+        let port = gateway.listener("secure").port();
+        TlsQuickstart {
+            gateway,
+            admin,
+            url: format!("https://localhost:{port}/"),
+            port,
+            pin,
+            _certs: dir,
+        }
+    }
+
+    /// Loads the page in a Chromium that trusts the served key by its pin, checks that the
+    /// page's echo went over `wss://` through the gateway, then ends Chromium (so the
+    /// tunnel closes) and returns what the page showed with the tunnel's access-log line.
+    async fn echo_in_chromium(&self) -> (Page, AccessLog) {
+        let trust = format!("--ignore-certificate-errors-spki-list={}", self.pin);
+        let chromium = Chromium::launch(&[trust]).await;
+        let page = chromium
+            .open(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("{e}; Chromium's stderr:\n{}", chromium.stderr()));
+        assert_eq!(page.state, "ok", "the page reported no echo: {page:?}");
+        assert!(
+            page.status
+                .starts_with("echo ok: hello, sluice (wss: tunnel to backend-"),
+            "{page:?}"
+        );
+        assert!(
+            page.log.starts_with(&format!(
+                "connected to wss://localhost:{}/echo\n",
+                self.port
+            )),
+            "the WebSocket did not go to the gateway over TLS: {page:?}"
+        );
+        // A tunnel is logged when it ends: Chromium's exit closes it.
+        drop(chromium);
+        let tunnel = self
+            .gateway
+            .wait_access_log("the page's tunnel in the access log", |l| {
+                l.kind == "tunnel" && l.route == "echo"
+            })
+            .await;
+        let tunnels = self
+            .gateway
+            .access_logs()
+            .into_iter()
+            .filter(|l| l.kind == "tunnel")
+            .count();
+        assert_eq!(tunnels, 1, "the page opens one WebSocket");
+        assert_eq!(tunnel.listener, "secure", "{tunnel:?}");
+        (page, tunnel)
+    }
+
+    /// The page's own request (`/`) in the access log: its `(method, proto)`.
+    async fn page_request(&self) -> (String, String) {
+        let line = self
+            .gateway
+            .wait_log("the page's request in the access log", |l| {
+                l["target"] == "sluice::access" && l["kind"] == "http" && l["path"] == "/"
+            })
+            .await;
+        let field = |name: &str| line[name].as_str().unwrap_or_default().to_string();
+        (field("method"), field("proto"))
+    }
+
+    /// `sluice_http2_connections_total` and `sluice_http2_websockets_total` of listener
+    /// `secure`.
+    async fn http2_counts(&self) -> (f64, f64) {
+        let metrics = Metrics::scrape(self.admin).await;
+        let listener = [("listener", "secure")];
+        (
+            metrics.value("sluice_http2_connections_total", &listener),
+            metrics.value("sluice_http2_websockets_total", &listener),
+        )
+    }
+}
+
 /// The TLS quickstart: `https://` page through Sluice's TLS listener, `wss://` echo through
 /// it, in a Chromium that trusts the served key by its pin; without the pin Chromium
-/// refuses the page, so the certificate really is checked.
+/// refuses the page, so the certificate really is checked. HTTP/2 is on (the default):
+/// the page comes over `h2` and the WebSocket is an RFC 8441 extended CONNECT stream on
+/// that connection (Sluice sends SETTINGS_ENABLE_CONNECT_PROTOCOL), as the gateway's
+/// counters and access log show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_quickstart_page_echoes_over_wss_in_chromium() {
-    let dir = TempDir::new();
-    let certs = tls::generate_certs(dir.path()).expect("make certificates");
-    let pin = spki_pin(&certs.cert);
-    assert_eq!(
-        pin, certs.spki_sha256,
-        "the pin quickstart-tls prints is not that of the certificate it serves"
-    );
-    let backends = echo_backends().await;
-    let quickstart_dir = tls::QUICKSTART_DIR;
-    let config = example_config(
-        "quickstart-tls.toml",
-        &[
-            (
-                "bind = \"127.0.0.1:8443\"",
-                "bind = \"127.0.0.1:0\"".to_string(),
-            ),
-            (
-                "servers = [\"127.0.0.1:9011\", \"127.0.0.1:9012\"]",
-                servers_line(&backends),
-            ),
-            (
-                &format!("\"{quickstart_dir}/{}\"", tls::CERT_FILE),
-                format!("{:?}", certs.cert),
-            ),
-            (
-                &format!("\"{quickstart_dir}/{}\"", tls::KEY_FILE),
-                format!("{:?}", certs.key),
-            ),
-        ],
-    );
-    let gateway = Gateway::start(&config).await;
-    let port = gateway.listener("secure").port();
-    let url = format!("https://localhost:{port}/");
+    let quickstart = TlsQuickstart::start("").await;
 
     let strict = Chromium::launch(&[]).await;
     let refused = strict
-        .open(&url)
+        .open(&quickstart.url)
         .await
         .expect_err("an unknown CA's certificate accepted");
     assert!(refused.contains("ERR_CERT_AUTHORITY_INVALID"), "{refused}");
     drop(strict);
 
-    let chromium =
-        Chromium::launch(&[format!("--ignore-certificate-errors-spki-list={pin}")]).await;
-    let page = chromium
-        .open(&url)
-        .await
-        .unwrap_or_else(|e| panic!("{e}; Chromium's stderr:\n{}", chromium.stderr()));
-    assert_eq!(page.state, "ok", "the page reported no echo: {page:?}");
-    assert!(
-        page.status
-            .starts_with("echo ok: hello, sluice (wss: tunnel to backend-"),
-        "{page:?}"
+    let (page, tunnel) = quickstart.echo_in_chromium().await;
+    assert_eq!(
+        page.protocol, "h2",
+        "the page did not come over HTTP/2: {page:?}"
     );
-    assert!(
-        page.log
-            .starts_with(&format!("connected to wss://localhost:{port}/echo\n")),
-        "the WebSocket did not go to the gateway over TLS: {page:?}"
+    let (method, proto) = quickstart.page_request().await;
+    assert_eq!((method.as_str(), proto.as_str()), ("GET", "HTTP/2.0"));
+    assert_eq!(
+        (tunnel.method.as_str(), tunnel.proto.as_str()),
+        ("CONNECT", "HTTP/2.0"),
+        "the WebSocket was not an HTTP/2 extended CONNECT: {tunnel:?}"
     );
+    let (connections, websockets) = quickstart.http2_counts().await;
+    assert!(connections >= 1.0, "no HTTP/2 connection counted");
+    assert_eq!(websockets, 1.0, "the WebSocket was not counted as HTTP/2");
+}
+
+/// The same page with `[listeners.secure.http2] enabled = false`: ALPN offers only
+/// `http/1.1`, so the page comes over HTTP/1.1 and the WebSocket is a `GET` upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_quickstart_page_echoes_over_http1_with_http2_off_in_chromium() {
+    let quickstart = TlsQuickstart::start("[listeners.secure.http2]\nenabled = false\n").await;
+
+    let (page, tunnel) = quickstart.echo_in_chromium().await;
+    assert_eq!(page.protocol, "http/1.1", "{page:?}");
+    let (method, proto) = quickstart.page_request().await;
+    assert_eq!((method.as_str(), proto.as_str()), ("GET", "HTTP/1.1"));
+    assert_eq!(
+        (tunnel.method.as_str(), tunnel.proto.as_str(), tunnel.status),
+        ("GET", "HTTP/1.1", 101),
+        "{tunnel:?}"
+    );
+    let (connections, websockets) = quickstart.http2_counts().await;
+    assert_eq!((connections, websockets), (0.0, 0.0), "HTTP/2 is off");
 }
 
 // ---- the admin status page ------------------------------------------------------------

@@ -38,6 +38,8 @@ pub struct Record {
     pub upstream: String,
     /// Request method.
     pub method: http::Method,
+    /// The client's HTTP version (`HTTP/2.0` for a WebSocket over an extended CONNECT).
+    pub version: http::Version,
     /// Request path as sent.
     pub path: String,
     /// Status sent to the client.
@@ -144,6 +146,7 @@ impl Record {
             route = %self.route,
             upstream = %self.upstream,
             method = %self.method,
+            proto = ?self.version,
             path = %self.path,
             status = self.status,
             bytes_in,

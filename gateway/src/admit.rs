@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use http::header;
-use http::{HeaderMap, Response, StatusCode, Uri};
+use http::{HeaderMap, Response, StatusCode, Uri, Version};
 
 use crate::access::{CloseHook, Record};
 use crate::balance::hash_key;
@@ -77,7 +77,12 @@ pub async fn admit(
     } = caller;
     // Classified first so that every answer to a WebSocket handshake, a 404 included,
     // is counted as one; refusals still come after routing.
-    let upgrade = client_handshake::classify(req.method(), req.version(), req.fields());
+    let upgrade = match req.version() {
+        Version::HTTP_2 => {
+            client_handshake::classify_h2(req.method(), req.protocol(), req.fields())
+        }
+        version => client_handshake::classify(req.method(), version, req.fields()),
+    };
     let mut rec = Record {
         kind: "http",
         upgrade: !matches!(upgrade, Upgrade::None),
@@ -87,6 +92,7 @@ pub async fn admit(
         route: String::new(),
         upstream: String::new(),
         method: req.method().clone(),
+        version: req.version(),
         path: req.uri().path().to_string(),
         status: 0,
         start: Instant::now(),

@@ -268,6 +268,11 @@ impl<S> Prefixed<S> {
         Prefixed { prefix, stream }
     }
 
+    /// The bytes read ahead that are served before the stream's own.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
     /// The stream and whatever of the prefix hyper has not read.
     pub fn into_parts(self) -> (S, Bytes) {
         (self.stream, self.prefix)

@@ -100,6 +100,57 @@ pub fn classify(method: &Method, version: Version, fields: &impl HeaderFields) -
     }
 }
 
+/// Classifies an HTTP/2 request: an extended CONNECT with `:protocol = websocket` and
+/// `sec-websocket-version: 13` (RFC 8441 §4) is a WebSocket, for which a fresh key is
+/// minted (the upstream hop is an HTTP/1.1 upgrade, and its `Sec-WebSocket-Accept` is
+/// checked against this key). A CONNECT for anything else is refused with 501 (RFC 9220
+/// §3: the gateway tunnels only WebSockets); any other request is plain. h2 itself resets
+/// a stream with `:protocol` on another method, or an extended CONNECT without `:path` or
+/// `:scheme`.
+pub fn classify_h2(method: &Method, protocol: Option<&str>, fields: &impl HeaderFields) -> Upgrade {
+    let refuse = |status, reason| Upgrade::Refused(Refusal { status, reason });
+    if method != Method::CONNECT {
+        return Upgrade::None;
+    }
+    if !protocol.is_some_and(|p| p.eq_ignore_ascii_case("websocket")) {
+        return refuse(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT here carries only `:protocol = websocket`",
+        );
+    }
+    let mut versions = Once::None;
+    for value in fields.values_of(header::SEC_WEBSOCKET_VERSION.as_str()) {
+        versions.see(value);
+    }
+    match versions {
+        Once::None => refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Version"),
+        Once::One(v) if v == WS_VERSION.as_bytes() => Upgrade::WebSocket { key: mint_key() },
+        _ => refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version",
+        ),
+    }
+}
+
+/// A fresh `Sec-WebSocket-Key`: base64 of 16 random bytes (RFC 6455 §4.1), from the
+/// TLS crypto provider's generator.
+fn mint_key() -> String {
+    let mut nonce = [0u8; 16];
+    if crate::config::crypto_provider()
+        .secure_random
+        .fill(&mut nonce)
+        .is_err()
+    {
+        // Never seen; a key needs to be unpredictable to no one, only well-formed.
+        nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .to_le_bytes();
+    }
+    STANDARD.encode(nonce)
+}
+
 /// How many fields of one name a head has: none, one (with its value), or more.
 enum Once<'a> {
     None,

@@ -22,6 +22,10 @@ pub trait RequestHead {
     fn version(&self) -> Version;
     /// The header fields.
     fn fields(&self) -> &Self::Fields;
+    /// The `:protocol` of an HTTP/2 extended CONNECT (RFC 8441), such as `websocket`.
+    fn protocol(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl<B> RequestHead for Request<B> {
@@ -37,6 +41,11 @@ impl<B> RequestHead for Request<B> {
     }
     fn fields(&self) -> &HeaderMap {
         Request::headers(self)
+    }
+    fn protocol(&self) -> Option<&str> {
+        self.extensions()
+            .get::<hyper::ext::Protocol>()
+            .map(hyper::ext::Protocol::as_str)
     }
 }
 

@@ -87,6 +87,11 @@ impl Listener {
 pub struct Permit(Arc<Listener>);
 
 impl Permit {
+    /// The listener the slot is of.
+    pub fn listener(&self) -> &Listener {
+        &self.0
+    }
+
     /// A slot outside any limit, for connections served without a listener (tests).
     pub fn unlimited() -> Permit {
         let l = Arc::new(Listener::new(

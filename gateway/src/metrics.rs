@@ -110,7 +110,8 @@ pub struct RouteStats {
     pub name: String,
     /// Tunnels open now.
     pub tunnels_open: AtomicI64,
-    /// WebSocket handshakes answered, by the status the client got (`101`: a tunnel).
+    /// WebSocket handshakes answered, by the status the client got (`101`, or `200` to an
+    /// HTTP/2 extended CONNECT: a tunnel).
     pub handshakes: StatusCounts,
     /// Plain requests answered, by status.
     pub requests: StatusCounts,
@@ -138,9 +139,9 @@ impl RouteStats {
         }
     }
 
-    /// A tunnel opened (its `101` went out).
-    pub fn tunnel_opened(&self) {
-        self.handshakes.add(101);
+    /// A tunnel opened (its `status`, `101` or an HTTP/2 `200`, went out).
+    pub fn tunnel_opened(&self, status: u16) {
+        self.handshakes.add(status);
         self.tunnels_open.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -181,6 +182,13 @@ pub struct ListenerStats {
     pub accepted: AtomicU64,
     /// `accept` failures, such as running out of file descriptors.
     pub accept_errors: AtomicU64,
+    /// Connections that spoke HTTP/2.
+    pub http2_connections: AtomicU64,
+    /// WebSockets opened as HTTP/2 streams (extended CONNECT, RFC 8441).
+    pub http2_websockets: AtomicU64,
+    /// HTTP/2 connections cut off for abuse: too many reset streams, or a protocol error
+    /// (such as a CONTINUATION flood past the header-list bound).
+    pub http2_abuse: AtomicU64,
 }
 
 /// The process's counters that outlive snapshots: route stats by name, reloads.
@@ -251,7 +259,7 @@ mod tests {
     fn route_stats_are_shared_by_name() {
         let m = Metrics::default();
         let a = m.route("echo");
-        a.tunnel_opened();
+        a.tunnel_opened(101);
         assert!(Arc::ptr_eq(&a, &m.route("echo")));
         assert_eq!(m.routes().len(), 1);
         assert_eq!(m.route("echo").tunnels_open.load(Ordering::Relaxed), 1);

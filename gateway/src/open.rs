@@ -96,7 +96,12 @@ pub async fn open(
         Ok(Ok(Outcome::Upgraded { head, server })) => (head, server),
     };
     rec.kind = "tunnel";
-    rec.status = 101;
+    // What the client gets: `101`, or `200` to an HTTP/2 extended CONNECT (RFC 8441).
+    rec.status = if rec.version == http::Version::HTTP_2 {
+        200
+    } else {
+        101
+    };
     Ok(Opened {
         head,
         server: server_side,

@@ -79,9 +79,11 @@ impl Tls {
         let mut acceptors = HashMap::new();
         for l in &config.listeners {
             if let Some(t) = &l.tls {
-                let acceptor = Acceptor::new(t).map_err(|source| LoadError::ListenerTls {
-                    listener: l.name.clone(),
-                    source,
+                let acceptor = Acceptor::new(t, l.http2.is_some()).map_err(|source| {
+                    LoadError::ListenerTls {
+                        listener: l.name.clone(),
+                        source,
+                    }
                 })?;
                 acceptors.insert(l.name.clone(), acceptor);
             }

@@ -1,7 +1,7 @@
 //! The stream seam: every stage from the client's first read to the tunnel works over a
 //! [`Stream`], any owned byte stream, not a TCP socket. Plain TCP is one (keeping its
-//! fast paths), an in-memory [`DuplexStream`] another (for tests); a TLS stream and an
-//! HTTP/2 extended-CONNECT stream join the same way.
+//! fast paths), an in-memory [`DuplexStream`] another (for tests), a TLS stream and an
+//! HTTP/2 extended-CONNECT stream more.
 
 use std::io;
 use std::pin::Pin;
@@ -41,6 +41,10 @@ impl Stream for DuplexStream {}
 
 /// A client's TLS session on a TLS listener: readiness is its read's to tell.
 impl Stream for tokio_rustls::server::TlsStream<TcpStream> {}
+
+/// An HTTP/2 stream hyper handed over after an extended CONNECT (its DATA frames, with
+/// flow control); readiness is its read's to tell.
+impl Stream for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
 
 /// Writes `bytes` if the stream takes them all at once, and flushes; never waits. For the
 /// last words of a connection (a Close frame at idle timeout or shutdown), written

@@ -3,7 +3,8 @@
 //! Listener side: an [`Acceptor`] per TLS listener, built into each snapshot from the
 //! certificates the config read, so a reload rotates them for new handshakes while live
 //! connections keep the session they made. The certificate is chosen by SNI (exact names,
-//! then `*.` wildcards, then the default or a refusal); ALPN offers `http/1.1`; TLS 1.2
+//! then `*.` wildcards, then the default or a refusal); ALPN offers `h2` (unless the
+//! listener turns HTTP/2 off) and `http/1.1`; TLS 1.2
 //! and 1.3 with rustls's default suites (AEAD with forward secrecy only); sessions resume
 //! by stateless tickets whose keys outlive reloads. The handshake has a deadline.
 //!
@@ -32,7 +33,9 @@ use crate::config::{
     crypto_provider,
 };
 
-/// The ALPN protocols offered and asked for (HTTP/2 joins when it is served).
+/// The ALPN protocols a TLS listener offers with HTTP/2 on, most preferred first, and
+/// those asked of TLS upstreams (which are spoken to in HTTP/1.1 only).
+const ALPN_H2: &[&[u8]] = &[b"h2", b"http/1.1"];
 const ALPN: &[&[u8]] = &[b"http/1.1"];
 
 /// TLS 1.2 sessions kept for resumption by session ID, across all listeners.
@@ -78,8 +81,8 @@ pub struct Facts {
 }
 
 impl Acceptor {
-    /// Builds a listener's TLS from its config.
-    pub fn new(config: &ListenerTls) -> Result<Acceptor, TlsError> {
+    /// Builds a listener's TLS from its config; `http2` offers `h2` by ALPN.
+    pub fn new(config: &ListenerTls, http2: bool) -> Result<Acceptor, TlsError> {
         let provider = crypto_provider().clone();
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)?;
@@ -95,7 +98,8 @@ impl Acceptor {
             ),
         };
         let mut server = builder.with_cert_resolver(Arc::new(ByName::new(config)));
-        server.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        let alpn = if http2 { ALPN_H2 } else { ALPN };
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         server.session_storage = session_cache();
         if let Some(ticketer) = ticketer() {
             server.ticketer = ticketer;
@@ -117,6 +121,13 @@ impl Acceptor {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         let facts = facts(stream.get_ref().1);
         Ok((stream, facts))
+    }
+}
+
+impl Facts {
+    /// Whether the client and the listener agreed on HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        self.alpn.as_deref() == Some("h2")
     }
 }
 

@@ -101,17 +101,30 @@ impl Switch {
     /// The fields as a header map, with exactly one `Connection: Upgrade` and
     /// `Upgrade: websocket` (for hyper's `101`).
     pub fn header_map(&self) -> HeaderMap {
+        let mut map = self.fields();
+        set_upgrade_hop(&mut map);
+        map
+    }
+
+    /// The fields for an HTTP/2 client's `200` to its extended CONNECT (RFC 8441 §5):
+    /// the end-to-end ones (the subprotocol and extensions chosen, cookies) without
+    /// `Sec-WebSocket-Accept`, which belongs to the HTTP/1.1 hop.
+    pub fn h2_header_map(&self) -> HeaderMap {
+        let mut map = self.fields();
+        map.remove(header::SEC_WEBSOCKET_ACCEPT);
+        map
+    }
+
+    fn fields(&self) -> HeaderMap {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut head = self.lines.clone();
         head.extend_from_slice(b"\r\n");
         // The lines passed `httparse` once already, as at most `MAX_HEADERS` fields, so
         // neither step can fail here.
-        let mut map = match httparse::parse_headers(&head, &mut slots) {
+        match httparse::parse_headers(&head, &mut slots) {
             Ok(httparse::Status::Complete((_, fields))) => from_parsed(fields).unwrap_or_default(),
             _ => HeaderMap::new(),
-        };
-        set_upgrade_hop(&mut map);
-        map
+        }
     }
 }
 

@@ -358,6 +358,12 @@ pub struct AccessLog {
     pub route: String,
     /// The server's address, or `""` when none was used.
     pub upstream: String,
+    /// The request method (`CONNECT` for a WebSocket over HTTP/2).
+    #[serde(default)]
+    pub method: String,
+    /// The client's HTTP version: `HTTP/1.1`, or `HTTP/2.0`.
+    #[serde(default)]
+    pub proto: String,
     /// The status sent to the client (101 for a tunnel).
     pub status: u16,
     /// Bytes client → server.

@@ -154,6 +154,21 @@ impl Collector for GatewayCollector {
                     "accept() failures (such as EMFILE: out of file descriptors), by listener.",
                     Read::Counter(|l| l.stats.accept_errors.load(Ordering::Relaxed)),
                 ),
+                (
+                    "sluice_http2_connections",
+                    "Client connections that spoke HTTP/2, by listener.",
+                    Read::Counter(|l| l.stats.http2_connections.load(Ordering::Relaxed)),
+                ),
+                (
+                    "sluice_http2_websockets",
+                    "WebSockets opened as HTTP/2 streams (extended CONNECT, RFC 8441), by listener.",
+                    Read::Counter(|l| l.stats.http2_websockets.load(Ordering::Relaxed)),
+                ),
+                (
+                    "sluice_http2_abuse",
+                    "HTTP/2 connections cut off for abuse (rapid reset, protocol errors such as a CONTINUATION flood), by listener.",
+                    Read::Counter(|l| l.stats.http2_abuse.load(Ordering::Relaxed)),
+                ),
             ],
         )?;
 

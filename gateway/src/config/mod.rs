@@ -123,6 +123,45 @@ pub struct ListenerConfig {
     pub max_header_size: usize,
     /// TLS termination, when the table is present.
     pub tls: Option<ListenerTls>,
+    /// HTTP/2 from clients (`[listeners.NAME.http2]`): offered by ALPN on a TLS listener,
+    /// spoken by prior knowledge (`h2c`) on a plain one; `None` when turned off.
+    pub http2: Option<Http2Config>,
+}
+
+/// A listener's HTTP/2 settings and its bounds against HTTP/2 abuse. The largest header
+/// list a client may send is the listener's `max_header_size` (which also bounds a header
+/// block spread over CONTINUATION frames), and a connection with no stream open for
+/// `header_read_timeout` (one that never sends its preface or SETTINGS included) is
+/// closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http2Config {
+    /// Streams a client may have open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Streams the client reset before the gateway took them up, held at once; past it
+    /// the connection gets GOAWAY (rapid reset, CVE-2023-44487).
+    pub max_pending_resets: usize,
+    /// Requests the client may cancel (reset before their response) per second, with a
+    /// burst of twice as many; past it the connection gets GOAWAY (rapid reset).
+    pub max_reset_rate: u32,
+    /// The flow-control window of each stream: what a client may send on it that the
+    /// gateway has not yet relayed.
+    pub stream_window: u32,
+    /// The flow-control window of the whole connection.
+    pub connection_window: u32,
+    /// Bytes the gateway queues per stream for a client that is slow to read.
+    pub max_send_buffer: usize,
+}
+
+impl Http2Config {
+    /// The defaults of an `[listeners.NAME.http2]` table.
+    pub const DEFAULT: Http2Config = Http2Config {
+        max_concurrent_streams: 100,
+        max_pending_resets: 20,
+        max_reset_rate: 50,
+        stream_window: 256 * 1024,
+        connection_window: 1024 * 1024,
+        max_send_buffer: 64 * 1024,
+    };
 }
 
 /// An upstream pool (`[upstreams.NAME]`).

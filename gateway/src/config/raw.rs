@@ -105,6 +105,19 @@ pub(super) struct RawListener {
     pub(super) header_read_timeout: Option<Dur>,
     pub(super) max_header_size: Option<Spanned<Size>>,
     pub(super) tls: Option<Spanned<RawListenerTls>>,
+    pub(super) http2: Option<Spanned<RawHttp2>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp2 {
+    pub(super) enabled: Option<bool>,
+    pub(super) max_concurrent_streams: Option<Spanned<u32>>,
+    pub(super) max_pending_resets: Option<Spanned<u32>>,
+    pub(super) max_reset_rate: Option<Spanned<u32>>,
+    pub(super) stream_window: Option<Spanned<Size>>,
+    pub(super) connection_window: Option<Spanned<Size>>,
+    pub(super) max_send_buffer: Option<Spanned<Size>>,
 }
 
 #[derive(Deserialize)]

@@ -8,12 +8,12 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::locate::Locator;
-use super::raw::{RawAdmin, RawConfig, RawHealth, RawPlugin, RawRoute, RawUpstream};
-use super::units::Dur;
+use super::raw::{RawAdmin, RawConfig, RawHealth, RawHttp2, RawPlugin, RawRoute, RawUpstream};
+use super::units::{Dur, Size};
 use super::{
     AdminConfig, Balance, Config, ConfigError, HashKey, HealthCheck, HealthConfig, HostMatch,
-    ListenerConfig, LogConfig, PluginConfig, PluginLimits, ReloadConfig, RouteAction, RouteConfig,
-    ServerConfig, UpstreamConfig,
+    Http2Config, ListenerConfig, LogConfig, PluginConfig, PluginLimits, ReloadConfig, RouteAction,
+    RouteConfig, ServerConfig, UpstreamConfig,
 };
 
 /// Most worker threads a config may ask for.
@@ -71,6 +71,11 @@ impl RawConfig {
                 Some(t) => Some(t.into_inner().validate(base_dir, err)?),
                 None => None,
             };
+            let http2 = match l.http2 {
+                Some(h) => h.into_inner().validate(tls.is_some(), err)?,
+                // Offered by ALPN on a TLS listener; never guessed at on a plain one.
+                None => tls.is_some().then_some(Http2Config::DEFAULT),
+            };
             listeners.push(ListenerConfig {
                 name,
                 bind,
@@ -78,6 +83,7 @@ impl RawConfig {
                 header_read_timeout: nonzero(l.header_read_timeout, Duration::from_secs(10), err)?,
                 max_header_size,
                 tls,
+                http2,
             });
         }
         if listeners.is_empty() {
@@ -613,6 +619,52 @@ fn check_name(
         ));
     }
     Ok(())
+}
+
+impl RawHttp2 {
+    /// The settings, or `None` when `enabled = false`. `enabled` defaults to whether the
+    /// listener has TLS: on a plain listener HTTP/2 is cleartext by prior knowledge, which
+    /// an operator asks for.
+    fn validate(self, tls: bool, err: &Locator<'_>) -> Result<Option<Http2Config>, ConfigError> {
+        if !self.enabled.unwrap_or(tls) {
+            return Ok(None);
+        }
+        let d = Http2Config::DEFAULT;
+        let within = |v: Option<Spanned<u32>>, default: u32, lo: u32, hi: u32| match v {
+            Some(v) if !(lo..=hi).contains(v.get_ref()) => {
+                Err(err.at(v.span(), format!("must be between {lo} and {hi}")))
+            }
+            Some(v) => Ok(v.into_inner()),
+            None => Ok(default),
+        };
+        // RFC 9113 §6.9.1: windows are at most 2^31-1; below 16 KiB a stream moves a
+        // frame at a time.
+        let window = |v: Option<Spanned<Size>>, default: u32| match v {
+            Some(v) if !(16 * 1024..=1 << 30).contains(&v.get_ref().0) => {
+                Err(err.at(v.span(), "must be between 16KiB and 1GiB".to_string()))
+            }
+            Some(v) => Ok(v.into_inner().0 as u32),
+            None => Ok(default),
+        };
+        Ok(Some(Http2Config {
+            max_concurrent_streams: within(
+                self.max_concurrent_streams,
+                d.max_concurrent_streams,
+                1,
+                10_000,
+            )?,
+            max_pending_resets: within(
+                self.max_pending_resets,
+                d.max_pending_resets as u32,
+                1,
+                10_000,
+            )? as usize,
+            max_reset_rate: within(self.max_reset_rate, d.max_reset_rate, 1, 100_000)?,
+            stream_window: window(self.stream_window, d.stream_window)?,
+            connection_window: window(self.connection_window, d.connection_window)?,
+            max_send_buffer: window(self.max_send_buffer, d.max_send_buffer as u32)? as usize,
+        }))
+    }
 }
 
 pub(super) fn nonzero(

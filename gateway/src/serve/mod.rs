@@ -5,7 +5,8 @@
 //! A first request that asks for a WebSocket is read and answered straight on the stream
 //! (the client stage), and its tunnel runs in this same task. Everything else — and
 //! whatever follows an upgrade that was refused — is served by hyper (HTTP/1.1 with
-//! upgrades, bounded head size and head-read time).
+//! upgrades, bounded head size and head-read time). A connection that speaks HTTP/2 (by
+//! ALPN, or by prior knowledge where the listener allows `h2c`) goes to [`h2`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,7 +29,7 @@ use crate::access::Counted;
 use crate::admit::{Admitted, Caller, admit};
 use crate::balance::ActiveGuard;
 use crate::client::{self, FirstHead, Payload, Prefixed};
-use crate::config::ListenerConfig;
+use crate::config::{Http2Config, ListenerConfig};
 use crate::connect::Upstream;
 use crate::forward::forward;
 use crate::head::{RequestHead, UpgradeHead};
@@ -42,6 +43,8 @@ use crate::stream::Stream;
 use crate::tls::Facts;
 use crate::tunnel::{self, Side};
 
+mod h2;
+
 /// Everything one client connection needs; shared by its requests and its tunnel. It
 /// holds no snapshot: each request takes the newest one, and a tunnel keeps the one it
 /// was admitted under.
@@ -52,7 +55,7 @@ pub struct ClientConn {
     /// The client's TLS session, on a TLS listener.
     tls: Option<Arc<Facts>>,
     /// Held until the connection and any tunnel it became have ended.
-    _permit: Permit,
+    permit: Permit,
 }
 
 impl ClientConn {
@@ -86,7 +89,7 @@ pub fn connection<S: Stream>(
         listener,
         peer,
         tls,
-        _permit: permit,
+        permit,
     };
     // Everything before the tunnel is boxed, and the rest is put together from
     // pin-projected combinators rather than `async` blocks, which keep a value moved into
@@ -111,6 +114,11 @@ async fn prepare<S: Stream>(
         .map(HeadLimits::of)
         .unwrap_or_default();
     let ctx = Arc::new(ctx);
+    if ctx.tls.as_ref().is_some_and(|t| t.is_h2()) {
+        drop(snapshot);
+        Box::pin(h2::serve(ctx, stream, limits)).await;
+        return None;
+    }
     let gw = ctx.gw.clone();
     let first = tokio::select! {
         head = client::read_first(&mut stream, limits.max_header_size, limits.header_read_timeout) => head,
@@ -120,7 +128,12 @@ async fn prepare<S: Stream>(
         FirstHead::Gone => return None,
         FirstHead::Other(read) => {
             drop(snapshot);
-            Box::pin(serve_http(ctx, Prefixed::new(read, stream), limits)).await;
+            let io = Prefixed::new(read, stream);
+            if limits.http2.is_some() && h2::is_preface(io.prefix()) {
+                Box::pin(h2::serve(ctx, io, limits)).await;
+            } else {
+                Box::pin(serve_http(ctx, io, limits)).await;
+            }
             return None;
         }
         FirstHead::Upgrade { req, rest } => (req, rest),
@@ -164,7 +177,7 @@ impl<S: Stream> Ready<S> {
         early: Bytes,
         opened: Opened,
     ) -> Ready<S> {
-        opened.rec.stats.tunnel_opened();
+        opened.rec.stats.tunnel_opened(opened.rec.status);
         Ready {
             ctx,
             snapshot,
@@ -194,11 +207,13 @@ impl<S: Stream> Ready<S> {
     }
 }
 
-/// A listener's bounds on request heads.
-#[derive(Clone, Copy)]
+/// A listener's bounds on request heads, and its HTTP/2 settings.
+#[derive(Clone)]
 struct HeadLimits {
     max_header_size: usize,
     header_read_timeout: Duration,
+    /// `Some` when the listener serves HTTP/2.
+    http2: Option<Http2Config>,
 }
 
 impl Default for HeadLimits {
@@ -207,6 +222,7 @@ impl Default for HeadLimits {
         HeadLimits {
             max_header_size: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            http2: None,
         }
     }
 }
@@ -216,6 +232,7 @@ impl HeadLimits {
         HeadLimits {
             max_header_size: l.max_header_size,
             header_read_timeout: l.header_read_timeout,
+            http2: l.http2.clone(),
         }
     }
 }
@@ -226,7 +243,7 @@ async fn serve_http<S: Stream>(ctx: Arc<ClientConn>, io: Prefixed<S>, limits: He
     let gw = ctx.gw.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle::<S>(req, ctx).await) }
+        async move { Ok::<_, Infallible>(handle(req, ctx, switch::<S>).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -314,11 +331,19 @@ async fn upgrade_direct<S: Stream>(
     }
 }
 
-/// One request hyper read: admitted, then upgraded (the `101` goes back through hyper) or
-/// forwarded.
-async fn handle<S: Stream>(
+/// One request hyper read: admitted, then upgraded or forwarded. `switch` answers an
+/// upgrade the upstream accepted and starts its tunnel once hyper hands the client's
+/// stream over: [`switch`] (a `101` on HTTP/1.1) or `h2::switch` (a `200` to an extended
+/// CONNECT).
+async fn handle(
     mut req: Request<Incoming>,
     ctx: Arc<ClientConn>,
+    switch: impl FnOnce(
+        Opened,
+        hyper::upgrade::OnUpgrade,
+        Arc<ClientConn>,
+        Arc<Snapshot>,
+    ) -> Response<ResponseBody>,
 ) -> Response<ResponseBody> {
     // Each request of a keep-alive connection meets the newest config.
     let snapshot = ctx.gw.snapshot();
@@ -329,13 +354,18 @@ async fn handle<S: Stream>(
     match ws_key {
         Some(ws_key) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
-            let headers = std::mem::take(req.headers_mut());
+            let mut headers = std::mem::take(req.headers_mut());
+            // An HTTP/2 client sends no key (RFC 8441 §5): the upstream gets the one
+            // admission minted, whose accept value `open` checks.
+            if let Ok(key) = http::HeaderValue::from_str(&ws_key) {
+                headers.entry(header::SEC_WEBSOCKET_KEY).or_insert(key);
+            }
             let head = ClientHead::Map {
                 uri: req.uri(),
                 headers,
             };
             match open(head, ws_key, plan, rec).await {
-                Ok(opened) => switch::<S>(opened, on_upgrade, ctx, snapshot),
+                Ok(opened) => switch(opened, on_upgrade, ctx, snapshot),
                 Err(resp) => resp,
             }
         }
