@@ -900,3 +900,53 @@ async fn each_stream_tunnel_closes_with_its_stream_its_upstream_or_its_connectio
     })
     .await;
 }
+
+/// Waits for a Close frame with `code` on `ws`.
+async fn closed_with(ws: &mut WebSocketStream<H2Io>, code: u16, what: &str) {
+    let close = within(STEP, what, ws.next()).await;
+    assert!(
+        matches!(close, Some(Ok(Message::Close(Some(ref f)))) if u16::from(f.code) == code),
+        "{what}: {close:?}"
+    );
+}
+
+#[tokio::test]
+async fn http2_tunnels_meet_the_idle_timeout_and_the_drain_with_close_1001() {
+    let dir = TempDir::new();
+    let (ca, _backend, mut gateway) = h2_gateway(&dir, |c| {
+        c.grace("1s").extra(
+            "[[routes]]\nname = \"idle\"\npath_prefix = \"/idle\"\nupstream = \"echo\"\n\
+                 idle_timeout = \"1s\"\n",
+        )
+    })
+    .await;
+    let mut send = h2_connect(gateway.addr(), &ca).await;
+
+    // An idle stream gets Close 1001 at the route's idle timeout, logged as such.
+    let mut idle = h2_websocket(&mut send, "/idle").await;
+    closed_with(&mut idle, 1001, "the idle timeout's Close").await;
+    drop(idle);
+    let log = gateway
+        .wait_access_log("the idle tunnel's log", |l| l.kind == "tunnel")
+        .await;
+    assert_eq!(log.reason.as_deref(), Some("idle_timeout"), "{log:?}");
+
+    // A live stream on the same connection gets Close 1001 when the drain's grace ends.
+    let mut live = h2_websocket(&mut send, "/live").await;
+    echo_binary(&mut live, b"before the drain", "the echo").await;
+    gateway.signal("TERM");
+    closed_with(&mut live, 1001, "the drain's Close").await;
+    drop((live, send));
+    let status = gateway.wait_exit(STEP).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let reasons: Vec<Option<String>> = gateway
+        .access_logs()
+        .into_iter()
+        .filter(|l| l.kind == "tunnel")
+        .map(|l| l.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        [Some("idle_timeout".into()), Some("shutdown".into())]
+    );
+}

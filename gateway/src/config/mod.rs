@@ -146,7 +146,8 @@ pub struct Http2Config {
     /// The flow-control window of each stream: what a client may send on it that the
     /// gateway has not yet relayed.
     pub stream_window: u32,
-    /// The flow-control window of the whole connection.
+    /// The flow-control window of the whole connection: by default room for every stream's
+    /// window, so streams whose upstreams are slow never stall the others.
     pub connection_window: u32,
     /// Bytes the gateway queues per stream for a client that is slow to read.
     pub max_send_buffer: usize,
@@ -158,8 +159,8 @@ impl Http2Config {
         max_concurrent_streams: 100,
         max_pending_resets: 20,
         max_reset_rate: 50,
-        stream_window: 256 * 1024,
-        connection_window: 1024 * 1024,
+        stream_window: 64 * 1024,
+        connection_window: 100 * 64 * 1024,
         max_send_buffer: 64 * 1024,
     };
 }

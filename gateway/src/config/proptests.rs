@@ -123,6 +123,18 @@ const LISTENER: Fields = (
         ("max_header_size", Kind::Size),
     ],
 );
+const HTTP2: Fields = (
+    &[],
+    &[
+        ("enabled", Kind::Bool),
+        ("max_concurrent_streams", Kind::Integer),
+        ("max_pending_resets", Kind::Integer),
+        ("max_reset_rate", Kind::Integer),
+        ("stream_window", Kind::Size),
+        ("connection_window", Kind::Size),
+        ("max_send_buffer", Kind::Size),
+    ],
+);
 /// An upstream's fields but `balance` and `hash_key`, which depend on each other
 /// (see [`balance`]).
 const UPSTREAM: Fields = (
@@ -386,6 +398,16 @@ fn balance() -> impl Strategy<Value = String> {
     ]
 }
 
+/// A listener table, maybe followed by its `http2` table.
+fn listener(name: &str, plan: &Plan) -> BoxedStrategy<String> {
+    (
+        table("[listeners.{}]", name, LISTENER, plan),
+        option::of(table("[listeners.{}.http2]", name, HTTP2, plan)),
+    )
+        .prop_map(|(listener, http2)| listener + &http2.unwrap_or_default())
+        .boxed()
+}
+
 /// An upstream table, maybe followed by its `health` table.
 fn upstream(name: &str, plan: &Plan) -> BoxedStrategy<Vec<String>> {
     (
@@ -446,7 +468,8 @@ fn any_section(plan: &Plan) -> BoxedStrategy<String> {
         .prop_flat_map(move |name| {
             prop_oneof![
                 table("[log]", name, LOG, &plan),
-                table("[listeners.{}]", name, LISTENER, &plan),
+                listener(name, &plan),
+                table("[listeners.{}.http2]", name, HTTP2, &plan),
                 upstream(name, &plan).prop_map(|tables| tables.concat()),
                 table("[upstreams.{}.health]", name, HEALTH, &plan),
                 route(&plan),
@@ -473,7 +496,7 @@ fn document() -> impl Strategy<Value = String> {
                 plugins: plugins.into(),
             };
             let listeners: Vec<_> = (plan.listeners.iter())
-                .map(|name| table("[listeners.{}]", name, LISTENER, &plan))
+                .map(|name| listener(name, &plan))
                 .collect();
             let upstreams: Vec<_> = (plan.upstreams.iter())
                 .map(|name| upstream(name, &plan))

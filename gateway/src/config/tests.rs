@@ -381,6 +381,69 @@ mod tls_files {
 }
 
 #[test]
+fn http2_is_on_for_tls_listeners_off_for_plain_ones_and_bounded() {
+    let dir = tls_files::Dir::new();
+    let (cert, key) = tls_files::cert(&["a.test"], -1, 30);
+    dir.write("a.pem", &cert);
+    dir.write("a-key.pem", &key);
+    let tls = tls_files::with_tls("certificates = [{ cert = \"a.pem\", key = \"a-key.pem\" }]");
+    let c = dir.parse(&tls).unwrap();
+    assert_eq!(c.listeners[0].http2, Some(Http2Config::DEFAULT));
+    let off = dir
+        .parse(&format!(
+            "{tls}\n[listeners.public.http2]\nenabled = false\n"
+        ))
+        .unwrap();
+    assert_eq!(off.listeners[0].http2, None);
+    // Plain: off unless asked for (h2c by prior knowledge).
+    assert_eq!(
+        Config::parse("sluice.toml", BASE).unwrap().listeners[0].http2,
+        None
+    );
+    let h2c = BASE.to_string()
+        + "[listeners.public.http2]\nenabled = true\nmax_concurrent_streams = 10\n";
+    let h2c = Config::parse("sluice.toml", &h2c).unwrap().listeners[0]
+        .http2
+        .clone()
+        .unwrap();
+    assert_eq!(h2c.max_concurrent_streams, 10);
+    assert_eq!(
+        h2c.connection_window,
+        10 * h2c.stream_window,
+        "room for every stream"
+    );
+    for (field, value, message) in [
+        ("max_concurrent_streams", "0", "must be between 1 and 10000"),
+        ("max_reset_rate", "0", "must be between 1 and 100000"),
+        (
+            "stream_window",
+            "\"1KiB\"",
+            "must be between 16KiB and 1GiB",
+        ),
+        (
+            "max_send_buffer",
+            "\"2GiB\"",
+            "must be between 16KiB and 1GiB",
+        ),
+    ] {
+        let src = format!("{BASE}[listeners.public.http2]\n{field} = {value}\n");
+        let e = err_of(&src);
+        assert!(
+            e.starts_with("sluice.toml:")
+                && e.contains(&format!("listeners.public.http2.{field}: {message}")),
+            "{e}"
+        );
+    }
+    let e = err_of(&format!(
+        "{BASE}[listeners.public.http2]\nstream_window = \"1MiB\"\nconnection_window = \"64KiB\"\n"
+    ));
+    assert!(
+        e.contains("connection_window: must be at least stream_window (1048576 bytes)"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_tls_listener_reads_its_certificates_and_names_them_by_san() {
     let dir = tls_files::Dir::new();
     let (cert, key) = tls_files::cert(&["a.test", "*.b.test"], -1, 30);

@@ -626,9 +626,7 @@ impl RawHttp2 {
     /// listener has TLS: on a plain listener HTTP/2 is cleartext by prior knowledge, which
     /// an operator asks for.
     fn validate(self, tls: bool, err: &Locator<'_>) -> Result<Option<Http2Config>, ConfigError> {
-        if !self.enabled.unwrap_or(tls) {
-            return Ok(None);
-        }
+        let enabled = self.enabled.unwrap_or(tls);
         let d = Http2Config::DEFAULT;
         let within = |v: Option<Spanned<u32>>, default: u32, lo: u32, hi: u32| match v {
             Some(v) if !(lo..=hi).contains(v.get_ref()) => {
@@ -646,13 +644,28 @@ impl RawHttp2 {
             Some(v) => Ok(v.into_inner().0 as u32),
             None => Ok(default),
         };
-        Ok(Some(Http2Config {
-            max_concurrent_streams: within(
-                self.max_concurrent_streams,
-                d.max_concurrent_streams,
-                1,
-                10_000,
-            )?,
+        let max_concurrent_streams = within(
+            self.max_concurrent_streams,
+            d.max_concurrent_streams,
+            1,
+            10_000,
+        )?;
+        let stream_window = window(self.stream_window, d.stream_window)?;
+        // By default room for every stream's window, so that streams whose upstreams are
+        // slow never stall the others.
+        let room = (u64::from(max_concurrent_streams) * u64::from(stream_window)).min(1 << 30);
+        let connection_window = match self.connection_window {
+            Some(w) if w.get_ref().0 < u64::from(stream_window) => {
+                return Err(err.at(
+                    w.span(),
+                    format!("must be at least stream_window ({stream_window} bytes)"),
+                ));
+            }
+            w => window(w, room as u32)?,
+        };
+        // Checked even when off, so a bad value is found before it is turned on.
+        let config = Http2Config {
+            max_concurrent_streams,
             max_pending_resets: within(
                 self.max_pending_resets,
                 d.max_pending_resets as u32,
@@ -660,10 +673,11 @@ impl RawHttp2 {
                 10_000,
             )? as usize,
             max_reset_rate: within(self.max_reset_rate, d.max_reset_rate, 1, 100_000)?,
-            stream_window: window(self.stream_window, d.stream_window)?,
-            connection_window: window(self.connection_window, d.connection_window)?,
+            stream_window,
+            connection_window,
             max_send_buffer: window(self.max_send_buffer, d.max_send_buffer as u32)? as usize,
-        }))
+        };
+        Ok(enabled.then_some(config))
     }
 }
 
