@@ -950,3 +950,32 @@ async fn http2_tunnels_meet_the_idle_timeout_and_the_drain_with_close_1001() {
         [Some("idle_timeout".into()), Some("shutdown".into())]
     );
 }
+
+#[tokio::test]
+async fn plugins_see_an_http2_websocket_as_a_websocket_connect_over_h2() {
+    let dir = TempDir::new();
+    let seer = plugin_wasm("hostile");
+    let plugin = format!("[plugins.seer]\npath = {seer:?}\nconfig = {{ on_request = \"allow\" }}");
+    let (ca, backend, gateway) = h2_gateway(&dir, |c| {
+        c.route_toml("plugins = [\"seer\"]").extra(&plugin)
+    })
+    .await;
+    let mut send = h2_connect(gateway.addr(), &ca).await;
+    let mut ws = h2_websocket(&mut send, "/chat").await;
+    echo_binary(&mut ws, b"seen", "the echo").await;
+    let seen = backend.requests().pop().expect("the upgrade");
+    assert_eq!(
+        seen.header("x-hostile-request"),
+        Some("websocket CONNECT localhost")
+    );
+    assert_eq!(seen.header("x-hostile-scheme"), Some("https"));
+    assert_eq!(seen.header("x-hostile-tls"), Some("localhost;h2;-;"));
+
+    // A plain HTTP/2 request is `http` with its own method.
+    let req = Request::get("https://localhost/page").body(()).unwrap();
+    let (resp, _) = send.send_request(req, true).expect("GET");
+    let resp = within(STEP, "the GET", resp).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = backend.requests().pop().expect("the GET");
+    assert_eq!(seen.header("x-hostile-request"), Some("http GET localhost"));
+}
