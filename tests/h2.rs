@@ -376,7 +376,14 @@ async fn bystander(addr: SocketAddr, ca: &TestCa) -> (SendRequest<Bytes>, WebSoc
 #[tokio::test]
 async fn extended_connects_that_are_not_websocket_version_13_are_refused_before_the_upstream() {
     let dir = TempDir::new();
-    let (ca, backend, gateway) = h2_gateway(&dir, |c| c).await;
+    let dead = closed_port();
+    let (ca, backend, gateway) = h2_gateway(&dir, |c| {
+        c.extra(&format!(
+            "[upstreams.dead]\nservers = [\"{dead}\"]\n\n\
+             [[routes]]\nname = \"dead\"\npath_prefix = \"/dead\"\nupstream = \"dead\"\n"
+        ))
+    })
+    .await;
     let mut send = h2_connect(gateway.addr(), &ca).await;
 
     // A wrong version: 426 naming the one spoken.
@@ -398,6 +405,8 @@ async fn extended_connects_that_are_not_websocket_version_13_are_refused_before_
     // Routing and fixed answers apply as on HTTP/1.1.
     let (parts, _) = open_stream(&mut send, ws_connect("/internal", "13", &[])).await;
     assert_eq!(parts.status, StatusCode::FORBIDDEN);
+    let (parts, _) = open_stream(&mut send, ws_connect("/dead", "13", &[])).await;
+    assert_eq!(parts.status, StatusCode::BAD_GATEWAY, "no server answers");
 
     // Without `:path`, and `:protocol` on a GET: the stream is reset as malformed.
     let mut raw = raw_h2(gateway.addr(), &ca).await;
