@@ -988,3 +988,38 @@ async fn plugins_see_an_http2_websocket_as_a_websocket_connect_over_h2() {
     let seen = backend.requests().pop().expect("the GET");
     assert_eq!(seen.header("x-hostile-request"), Some("http GET localhost"));
 }
+
+#[tokio::test]
+async fn a_slow_streamed_exchange_keeps_its_connection_past_the_idle_timeout() {
+    let dir = TempDir::new();
+    let (ca, _backend, gateway) =
+        h2_gateway(&dir, |c| c.listener_toml("header_read_timeout = \"1s\"")).await;
+    let send = h2_connect(gateway.addr(), &ca).await;
+    // A request body sent in pieces over three idle timeouts, echoed back as it comes:
+    // the stream is open all along, so the connection is not idle.
+    let req = Request::post("https://localhost/echo").body(()).unwrap();
+    let mut ready = send.clone().ready().await.expect("ready");
+    let (resp, mut tx) = ready.send_request(req, false).expect("POST");
+    tx.send_data(Bytes::from_static(b"piece 0;"), false)
+        .unwrap();
+    let resp = within(STEP, "the response head", resp)
+        .await
+        .expect("response");
+    let mut rx = resp.into_body();
+    for i in 1..=6 {
+        let got = within(STEP, "an echoed piece", rx.data())
+            .await
+            .expect("more body")
+            .expect("a chunk");
+        let _ = rx.flow_control().release_capacity(got.len());
+        // The pacing is the point: a slow client, half an idle timeout between pieces.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tx.send_data(Bytes::from(format!("piece {i};")), i == 6)
+            .expect("the connection is still open");
+    }
+    let rest = body_of(rx).await;
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("piece 6;"),
+        "{rest:?}"
+    );
+}

@@ -27,8 +27,10 @@
 //! - streams the gateway resets for the client's protocol errors ([`MAX_LOCAL_RESETS`]).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,12 +89,14 @@ where
             let (ctx, open) = (ctx.clone(), Open::new(&streams));
             async move {
                 let mut answering = Answering(Some(open.clone()));
+                let tunnel = open.clone();
                 let resp = handle(as_http1(req), ctx, move |opened, on, ctx, snapshot| {
-                    switch(opened, on, ctx, snapshot, open)
+                    switch(opened, on, ctx, snapshot, tunnel)
                 })
                 .await;
                 answering.0 = None;
-                Ok::<_, Infallible>(resp)
+                // The stream stays open while its response body streams.
+                Ok::<_, Infallible>(resp.map(|body| Held { body, _open: open }))
             }
         }
     });
@@ -125,6 +129,12 @@ where
             () = gw.stopping().cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+            }
+            // The drain's deadline: the tunnels are closing; a client that does not take
+            // part in the graceful close does not hold the process.
+            () = gw.closing().cancelled() => {
+                let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
+                break;
             }
             () = streams.abuse.cancelled(), if !closing => {
                 stats.http2_abuse.fetch_add(1, Ordering::Relaxed);
@@ -313,6 +323,32 @@ impl Drop for Open {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
+    }
+}
+
+/// A response body that keeps its stream counted open until it has been sent.
+struct Held {
+    body: ResponseBody,
+    _open: Open,
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = <ResponseBody as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
