@@ -73,7 +73,14 @@ pub async fn echo_on<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> io::Result
     );
     reader.get_mut().write_all(reply.as_bytes()).await?;
     reader.get_mut().flush().await?;
+    echo_frames(reader).await
+}
 
+/// The echo loop of [`echo_on`] once the opening handshake is done (the tests' HTTP/2
+/// server runs it on each extended CONNECT stream it answered).
+pub async fn echo_frames<S: AsyncRead + AsyncWrite + Unpin>(
+    mut reader: Reader<S>,
+) -> io::Result<()> {
     // Replies to everything already buffered go out in one write.
     let mut out = Vec::new();
     loop {

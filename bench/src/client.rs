@@ -1,5 +1,6 @@
 //! The load generator's WebSocket client: open (TCP connect, the TLS handshake for
-//! `wss://`, upgrade), round trips, close.
+//! `wss://`, upgrade; or an HTTP/2 stream's extended CONNECT, [`crate::http2`]), round
+//! trips, close.
 
 use std::io;
 use std::net::SocketAddr;
@@ -75,11 +76,21 @@ impl Conn {
         if ws::header(&head, "sec-websocket-accept") != Some(ws::accept_key(&key).as_str()) {
             return Err(ws::invalid("wrong Sec-WebSocket-Accept"));
         }
-        Ok(Conn {
+        Ok(Conn::opened(reader, rng))
+    }
+
+    /// A connection over `stream`, whose opening handshake has completed (an HTTP/2
+    /// stream's extended CONNECT answered `200`: [`crate::http2::H2Conn::websocket`]).
+    pub fn over(stream: Stream, rng: Rng) -> Conn {
+        Conn::opened(Reader::new(stream), rng)
+    }
+
+    fn opened(reader: Reader<Stream>, rng: Rng) -> Conn {
+        Conn {
             reader,
             out: Vec::new(),
             rng,
-        })
+        }
     }
 
     /// Sends one masked frame and waits for the reply with opcode `expect`, which must
@@ -115,6 +126,8 @@ impl Conn {
     /// server to close TCP first (so TIME_WAIT stays on the server side). Over TLS, a
     /// TCP end without the server's `close_notify` also counts as the end: the WebSocket
     /// closing handshake is already complete, and proxies differ in whether they send one.
+    /// Over HTTP/2 the end is the stream's (`END_STREAM`, or a reset after the closing
+    /// handshake, for the same reason).
     pub async fn close(mut self) -> io::Result<()> {
         let normal = 1000u16.to_be_bytes();
         self.round_trip(OP_CLOSE, &normal, OP_CLOSE).await?;
@@ -128,6 +141,7 @@ impl Conn {
                 {
                     return Ok(());
                 }
+                Err(_) if matches!(self.reader.get_mut(), Stream::H2(_)) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }

@@ -3,6 +3,7 @@
 
 mod backend;
 mod client;
+mod http2;
 mod plugins;
 mod relay;
 mod report;

@@ -17,7 +17,8 @@ pub struct RunRecord {
     pub kind: String,
     /// Repetition number, from 1.
     pub rep: usize,
-    /// Scenario name (`echo-32`, `echo-16k`, `handshake`, `handshake-tungstenite`, `idle`).
+    /// Scenario name (`echo-32`, `echo-16k`, `handshake`, `handshake-tungstenite`, `idle`,
+    /// and the `wss-` and `h2-` ones).
     pub scenario: String,
     /// Target name (`direct`, `sluice`, `nginx`, `haproxy`).
     pub target: String,
@@ -85,10 +86,21 @@ pub struct RunRecord {
     pub errors: u64,
     /// Why the run produced no measurements, if it failed outright.
     pub error: Option<String>,
-    /// `wss-*` scenarios: what the client negotiated with the proxy, e.g.
-    /// `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full`.
+    /// `wss-*` and `h2-*` scenarios: what the client negotiated with the proxy, e.g.
+    /// `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full` (and `ALPN h2` over HTTP/2).
     #[serde(default)]
     pub tls: Option<String>,
+    /// `h2-*` scenarios: the HTTP/2 connections the WebSockets were spread over.
+    #[serde(default)]
+    pub h2_conns: Option<usize>,
+    /// `h2-idle`: resident memory growth per HTTP/2 connection opened (before any of the
+    /// measured streams; each had one stream opened and closed on it), bytes.
+    #[serde(default)]
+    pub rss_per_h2_conn_b: Option<f64>,
+    /// Why the target was not run in this scenario, when it cannot be (nginx and
+    /// WebSockets over HTTP/2); such a record has no figures and is no error.
+    #[serde(default)]
+    pub not_run: Option<String>,
 }
 
 impl RunRecord {
@@ -107,6 +119,12 @@ impl RunRecord {
                 (kib(&idle.after) as f64 - kib(&idle.before) as f64) * 1024.0 / idle.tunnels as f64
             })
         };
+        let per_h2_conn = outcome.idle.and_then(|idle| {
+            let (unconnected, conns) = idle.h2_conns?;
+            (conns > 0).then(|| {
+                (idle.before.rss_kib as f64 - unconnected.rss_kib as f64) * 1024.0 / conns as f64
+            })
+        });
         let per_op = |count: fn(&crate::sys::Counts) -> u64| {
             let counts = outcome.cpu.proxy_counts.as_ref()?;
             (outcome.ops > 0).then(|| count(counts) as f64 / outcome.ops as f64)
@@ -164,6 +182,23 @@ impl RunRecord {
             tunnels: outcome.idle.map(|m| m.tunnels),
             errors: outcome.errors,
             tls: outcome.tls.clone(),
+            h2_conns: outcome.h2_conns,
+            rss_per_h2_conn_b: per_h2_conn,
+            ..RunRecord::failed(rep, scenario, target, conns, None)
+        }
+    }
+
+    /// A record for a target that cannot run `scenario` (`why`), so that the report
+    /// shows its row with the reason.
+    pub fn not_run(
+        rep: usize,
+        scenario: Scenario,
+        target: Target,
+        conns: usize,
+        why: &str,
+    ) -> RunRecord {
+        RunRecord {
+            not_run: Some(why.to_string()),
             ..RunRecord::failed(rep, scenario, target, conns, None)
         }
     }
@@ -213,6 +248,9 @@ impl RunRecord {
             errors: 0,
             error,
             tls: None,
+            h2_conns: None,
+            rss_per_h2_conn_b: None,
+            not_run: None,
         }
     }
 }
@@ -282,15 +320,32 @@ struct Summary {
     page_faults_per_op: Option<f64>,
     /// The first repetition's leading syscalls per op, e.g. `recvfrom 2.0, sendto 2.0`.
     syscall_mix: String,
+    /// HTTP/2 connections the `h2-*` WebSockets were spread over, and WebSockets per
+    /// connection.
+    h2_conns: Option<f64>,
+    streams_per_conn: Option<f64>,
+    /// `h2-idle`: memory per HTTP/2 connection, bytes.
+    rss_per_h2_conn: Option<f64>,
+    /// Why the target could not run this scenario (no figures, no error).
+    not_run: Option<String>,
 }
 
 impl Summary {
     fn of(runs: &[&RunRecord]) -> Summary {
-        let ok: Vec<&&RunRecord> = runs.iter().filter(|r| r.error.is_none()).collect();
+        let not_run = runs.iter().find_map(|r| r.not_run.clone());
+        let runs: Vec<&&RunRecord> = runs.iter().filter(|r| r.not_run.is_none()).collect();
+        let ok: Vec<&&RunRecord> = runs.iter().copied().filter(|r| r.error.is_none()).collect();
         let med =
             |f: fn(&RunRecord) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
         Summary {
             reps: ok.len(),
+            not_run,
+            h2_conns: med(|r| r.h2_conns.map(|k| k as f64)),
+            streams_per_conn: med(|r| {
+                let k = r.h2_conns.filter(|k| *k > 0)?;
+                Some(r.tunnels.unwrap_or(r.conns) as f64 / k as f64)
+            }),
+            rss_per_h2_conn: med(|r| r.rss_per_h2_conn_b),
             errors: runs.iter().map(|r| r.errors).sum::<u64>() + (runs.len() - ok.len()) as u64,
             ops_per_s: med(|r| Some(r.ops_per_s)),
             p50: med(|r| r.rtt_p50_us),
@@ -334,8 +389,9 @@ impl Summary {
 /// A figure read from a summary.
 type Metric = fn(&Summary) -> Option<f64>;
 
-/// One of the issues' goals (#4 for `ws://`, #21 for `wss://`): Sluice's `metric` in
-/// `scenario` at most `limit` times the better peer's (or HAProxy's).
+/// One of the issues' goals (#4 for `ws://`, #21 for `wss://`, the HTTP/2 issue for
+/// `h2-*`): Sluice's `metric` in `scenario` at most `limit` times the better peer's (or
+/// HAProxy's).
 struct Goal {
     scenario: &'static str,
     label: &'static str,
@@ -386,8 +442,9 @@ pub fn markdown(records: &[RunRecord]) -> String {
             Target::Direct => "1".to_string(),
             _ => num(ratio(f(sum), direct.and_then(f)), 2),
         };
-        let errors = match sum.reps {
-            0 => format!("{} (no run succeeded)", sum.errors),
+        let errors = match (sum.reps, &sum.not_run) {
+            (0, Some(why)) => format!("not run: {why}"),
+            (0, None) => format!("{} (no run succeeded)", sum.errors),
             _ => sum.errors.to_string(),
         };
         let _ = writeln!(
@@ -566,8 +623,32 @@ pub fn markdown(records: &[RunRecord]) -> String {
             limit: 0.6,
             haproxy_only: true,
         },
+        Goal {
+            scenario: "h2-echo-32",
+            label: "h2: proxy CPU per 32 B echo (vs HAProxy)",
+            metric: cpu,
+            per_run: run_cpu,
+            limit: 0.8,
+            haproxy_only: true,
+        },
+        Goal {
+            scenario: "h2-echo-16k",
+            label: "h2: proxy CPU per 16 KiB echo (vs HAProxy)",
+            metric: cpu,
+            per_run: run_cpu,
+            limit: 0.8,
+            haproxy_only: true,
+        },
+        Goal {
+            scenario: "h2-idle",
+            label: "h2: RSS per idle HTTP/2 WebSocket stream (vs HAProxy)",
+            metric: |x| x.rss_per_tunnel,
+            per_run: |r| r.rss_per_tunnel_b,
+            limit: 1.0,
+            haproxy_only: true,
+        },
     ];
-    out.push_str("\nGoals for Sluice (issue #4 for `ws://`, issue #21 for `wss://`; ratio to the better of nginx and HAProxy, or to HAProxy where stated):\n\n");
+    out.push_str("\nGoals for Sluice (issue #4 for `ws://`, issue #21 for `wss://`, the HTTP/2 issue for `h2-*`; ratio to the better of nginx and HAProxy, or to HAProxy where stated):\n\n");
     out.push_str(
         "| goal | sluice | reference | ratio | limit | met | per repetition |\n|---|--:|--:|--:|--:|---|---|\n",
     );
@@ -610,14 +691,15 @@ pub fn markdown(records: &[RunRecord]) -> String {
     }
 
     negotiated(&mut out, records);
+    http2(&mut out, &scenarios, &summaries);
     plugin_chains(&mut out, &scenarios, &summaries);
     ab(&mut out, records, &scenarios, &summaries);
     floor(&mut out, &scenarios, &summaries);
     out
 }
 
-/// What each target negotiated with the load generator in the `wss-*` runs (each distinct
-/// value once, with the runs that saw it).
+/// What each target negotiated with the load generator in the `wss-*` and `h2-*` runs
+/// (each distinct value once, with the runs that saw it).
 fn negotiated(out: &mut String, records: &[RunRecord]) {
     let mut seen: BTreeMap<(Target, &str), usize> = BTreeMap::new();
     for r in records {
@@ -628,9 +710,35 @@ fn negotiated(out: &mut String, records: &[RunRecord]) {
     if seen.is_empty() {
         return;
     }
-    out.push_str("\nTLS as negotiated with each target (`wss-*` runs; a connection opened before each run):\n\n| target | protocol, cipher suite, key exchange, handshake | runs |\n|---|---|--:|\n");
+    out.push_str("\nTLS as negotiated with each target (`wss-*` and `h2-*` runs; a connection opened before each run):\n\n| target | protocol, cipher suite, key exchange, handshake | runs |\n|---|---|--:|\n");
     for ((target, tls), runs) in seen {
         let _ = writeln!(out, "| {target} | {tls} | {runs} |");
+    }
+}
+
+/// The HTTP/2 table when the run has `h2-*` scenarios: how many connections carried the
+/// WebSockets, memory per idle stream and per connection, and who could not run them.
+fn http2(out: &mut String, scenarios: &[String], summaries: &BTreeMap<(usize, Target), Summary>) {
+    let rows: Vec<(&(usize, Target), &Summary)> = summaries
+        .iter()
+        .filter(|(_, x)| x.h2_conns.is_some() || x.not_run.is_some())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str("\nWebSockets over HTTP/2 (`h2-*`: RFC 8441 extended CONNECT streams, many to a TLS connection with ALPN h2; the proxy makes each an HTTP/1.1 upgrade to the echo backend). `h2-idle` opens its connections, and one stream on each, before the memory baseline, so RSS per stream is what one more WebSocket costs on a connection already open; RSS per connection is the growth from before the connections to that baseline, over the connections (coarse: the allocator grows the process in 2 MiB steps):\n\n");
+    out.push_str("| scenario | target | HTTP/2 connections | WebSockets per connection | RSS B/stream | RSS B/connection | note |\n|---|---|--:|--:|--:|--:|---|\n");
+    for (&(s, t), sum) in rows {
+        let note = sum.not_run.as_deref().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {t} | {} | {} | {} | {} | {note} |",
+            scenarios[s],
+            num(sum.h2_conns, 0),
+            num(sum.streams_per_conn, 0),
+            num(sum.rss_per_tunnel, 0),
+            num(sum.rss_per_h2_conn, 0),
+        );
     }
 }
 
@@ -1045,7 +1153,11 @@ mod tests {
     /// 32 B echoes, 0.6 of HAProxy for idle tunnels; and what each target negotiated.
     #[test]
     fn wss_scenarios_have_their_goals_and_tls_table() {
-        let wss = |load: Load| Scenario { load, tls: true };
+        let wss = |load: Load| Scenario {
+            load,
+            tls: true,
+            h2: false,
+        };
         let mut records = Vec::new();
         for (scenario, sluice, nginx, haproxy) in [
             (wss(Load::Handshake(Pair::Bench)), 150.0, 200.0, 250.0),
@@ -1084,6 +1196,60 @@ mod tests {
         ] {
             assert!(md.contains(row), "{row}\n{md}");
         }
+    }
+
+    /// The `h2-*` goals are against HAProxy alone (0.8 of its CPU per round trip, its
+    /// memory per idle stream); nginx's rows say why it has no figures; the HTTP/2 table
+    /// has the connections, streams per connection and memory per stream and connection.
+    #[test]
+    fn h2_scenarios_have_their_goals_and_nginx_says_why_not() {
+        let h2 = |load: Load| Scenario {
+            load,
+            tls: true,
+            h2: true,
+        };
+        let mut records = Vec::new();
+        for (scenario, sluice, haproxy) in [
+            (h2(Load::Echo { size: 32 }), 16.0, 24.0),
+            (h2(Load::Echo { size: 16384 }), 50.0, 60.0),
+        ] {
+            for (target, cpu) in [(Target::Sluice, sluice), (Target::Haproxy, haproxy)] {
+                let mut r = measured(1, scenario, target, Some(cpu));
+                r.h2_conns = Some(4);
+                records.push(r);
+            }
+            records.push(RunRecord::not_run(
+                1,
+                scenario,
+                Target::Nginx,
+                64,
+                crate::targets::H2_UNSUPPORTED,
+            ));
+        }
+        for (target, rss, conn) in [
+            (Target::Sluice, 5000.0, 30000.0),
+            (Target::Haproxy, 4000.0, 50000.0),
+        ] {
+            let mut r = measured(1, h2(Load::Idle), target, Some(30.0));
+            r.rss_per_tunnel_b = Some(rss);
+            r.rss_per_h2_conn_b = Some(conn);
+            r.tunnels = Some(9000);
+            r.h2_conns = Some(90);
+            records.push(r);
+        }
+        let md = markdown(&records);
+        for row in [
+            "| h2: proxy CPU per 32 B echo (vs HAProxy) | 16.0 | 24.0 | 0.67 | ≤ 0.8 | yes | 0.67 |",
+            "| h2: proxy CPU per 16 KiB echo (vs HAProxy) | 50.0 | 60.0 | 0.83 | ≤ 0.8 | **no** | 0.83 |",
+            "| h2: RSS per idle HTTP/2 WebSocket stream (vs HAProxy) | 5000.0 | 4000.0 | 1.25 | ≤ 1 | **no** | 1.25 |",
+            "| h2-echo-32 | nginx | – | – | – | – | – | – | – | – | – | – | – | – | not run: cannot carry WebSockets over HTTP/2",
+            "| h2-echo-32 | sluice | 4 | 16 | – | – |  |",
+            "| h2-idle | haproxy | 90 | 100 | 4000 | 50000 |  |",
+            "| h2-echo-16k | nginx | – | – | – | – | cannot carry WebSockets over HTTP/2",
+        ] {
+            assert!(md.contains(row), "{row}\n{md}");
+        }
+        assert!(!md.contains("no run succeeded"), "{md}");
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub struct RunArgs {
     )]
     pub targets: Vec<Target>,
     /// Scenarios, comma-separated: echo-SIZE (e.g. echo-32, echo-16k), handshake,
-    /// handshake-tungstenite, idle, and over TLS wss-echo-SIZE, wss-handshake, wss-idle.
+    /// handshake-tungstenite, idle, over TLS wss-echo-SIZE, wss-handshake, wss-idle, and
+    /// WebSockets over HTTP/2 h2-echo-SIZE, h2-idle.
     /// `handshake` runs the bench's own client and echo
     /// backend; `handshake-tungstenite` the same cycle with tokio-tungstenite on both ends
     /// (`client_async` with tungstenite's own request head, then `close` and read to the
@@ -42,11 +43,14 @@ pub struct RunArgs {
     /// drops the connection, so the server ends TCP first). `wss-*`: the proxy
     /// terminates TLS (a full TLS 1.3 handshake per connection, a throw-away ECDSA P-256
     /// certificate per run) and proxies to the same plain echo backend; targets without
-    /// TLS (direct, floor, floor-uring) skip them.
+    /// TLS (direct, floor, floor-uring) skip them. `h2-*`: each WebSocket is an RFC 8441
+    /// extended CONNECT stream, many to one HTTP/2 connection over TLS (ALPN h2), made
+    /// an HTTP/1.1 upgrade to the echo backend by the proxy; only Sluice and HAProxy run
+    /// them (nginx has no RFC 8441: its row says so).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "echo-32,echo-16k,handshake,handshake-tungstenite,idle,wss-echo-32,wss-echo-16k,wss-handshake,wss-idle"
+        default_value = "echo-32,echo-16k,handshake,handshake-tungstenite,idle,wss-echo-32,wss-echo-16k,wss-handshake,wss-idle,h2-echo-32,h2-echo-16k,h2-idle"
     )]
     pub scenarios: Vec<Scenario>,
     /// Repetitions of every scenario and target; the report shows medians.
@@ -70,6 +74,10 @@ pub struct RunArgs {
     /// Concurrency for opening and pinging idle tunnels.
     #[arg(long, default_value_t = 64)]
     pub idle_conns: usize,
+    /// HTTP/2 connections the h2-echo-* WebSockets (--echo-conns of them) are spread
+    /// over; h2-idle opens one per 100 tunnels (both proxies' default stream limit).
+    #[arg(long, default_value_t = 4)]
+    pub h2_conns: usize,
     /// Worker threads (Sluice, HAProxy) or worker processes (nginx) of every proxy.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -125,6 +133,7 @@ impl RunArgs {
             handshake_conns: self.handshake_conns,
             tunnels: self.tunnels,
             idle_conns: self.idle_conns,
+            h2_conns: self.h2_conns,
         }
     }
 }
@@ -133,8 +142,8 @@ impl RunArgs {
 pub fn run(mut args: RunArgs) -> Result<()> {
     args.apply_quick();
     ensure!(
-        args.reps >= 1 && args.duration > 0.0 && args.workers >= 1,
-        "reps, duration and workers must be positive"
+        args.reps >= 1 && args.duration > 0.0 && args.workers >= 1 && args.h2_conns >= 1,
+        "reps, duration, workers and h2-conns must be positive"
     );
     let nofile = sys::raise_nofile_limit();
     ensure!(
@@ -239,6 +248,29 @@ pub fn run(mut args: RunArgs) -> Result<()> {
                     }
                     continue;
                 }
+                if scenario.h2 && !target.supports_h2() {
+                    // nginx gets a row that says why it has no figures.
+                    if rep == 1 {
+                        eprintln!(
+                            "[rep {rep}/{}] {scenario}: {target} {}, skipped",
+                            args.reps,
+                            targets::H2_UNSUPPORTED
+                        );
+                        let conns = params.conns(scenario);
+                        let record = RunRecord::not_run(
+                            rep,
+                            scenario,
+                            target,
+                            conns,
+                            targets::H2_UNSUPPORTED,
+                        );
+                        let line = serde_json::to_string(&record)?;
+                        writeln!(jsonl, "{line}")?;
+                        println!("{line}");
+                        records.push(record);
+                    }
+                    continue;
+                }
                 eprintln!("[rep {rep}/{}] {scenario} via {target}", args.reps);
                 let conns = params.conns(scenario);
                 let perf = (args.perf && target != Target::Direct).then(|| {
@@ -282,7 +314,7 @@ fn run_one(
     target: Target,
     perf: Option<PathBuf>,
 ) -> Result<scenario::Outcome> {
-    let running = targets::start(target, env, scenario.tls)?;
+    let running = targets::start(target, env, scenario.tls, scenario.h2)?;
     let mut probe = Probe::new(running.pid(), env.backend_pid, perf);
     let outcome = rt.block_on(scenario::run(
         scenario,

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout};
 
 use crate::client::{Conn, Endpoint};
+use crate::http2::{self, H2Conn};
 use crate::sys::{Counts, CpuMark, HostCpu, Memory, Profiler};
 use crate::ws::{OP_BINARY, OP_PING, OP_PONG, Rng};
 
@@ -28,15 +29,24 @@ const MAX_ERRORS_PER_WORKER: u64 = 1000;
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Connections opened before an idle baseline so lazy start-up costs are already paid.
 const IDLE_WARMUP_TUNNELS: usize = 64;
+/// WebSockets per HTTP/2 connection in `h2-idle`: the streams a connection may have open
+/// at once by both proxies' default (`SETTINGS_MAX_CONCURRENT_STREAMS`: Sluice's
+/// `max_concurrent_streams`, HAProxy's `tune.h2.max-concurrent-streams`).
+pub const H2_IDLE_STREAMS_PER_CONN: usize = 100;
 
-/// One benchmark scenario: a load pattern, over `ws://` or `wss://`.
+/// One benchmark scenario: a load pattern, over `ws://`, `wss://`, or WebSockets over
+/// HTTP/2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scenario {
     /// What one operation is.
     pub load: Load,
-    /// Whether the client speaks TLS to the proxy (`wss-*`): the proxy terminates it, and
-    /// its upstream to the echo backend stays plain TCP.
+    /// Whether the client speaks TLS to the proxy (`wss-*`, `h2-*`): the proxy terminates
+    /// it, and its upstream to the echo backend stays plain TCP.
     pub tls: bool,
+    /// Whether each WebSocket is a stream of an HTTP/2 connection over TLS (`h2-*`, RFC
+    /// 8441 extended CONNECT; implies `tls`), many to a connection; the proxy makes each
+    /// an HTTP/1.1 upgrade to the echo backend.
+    pub h2: bool,
 }
 
 /// The load pattern of a scenario.
@@ -57,13 +67,19 @@ pub enum Load {
 impl From<Load> for Scenario {
     /// The `ws://` scenario of a load.
     fn from(load: Load) -> Scenario {
-        Scenario { load, tls: false }
+        Scenario {
+            load,
+            tls: false,
+            h2: false,
+        }
     }
 }
 
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.tls {
+        if self.h2 {
+            f.write_str("h2-")?;
+        } else if self.tls {
             f.write_str("wss-")?;
         }
         match self.load {
@@ -127,11 +143,17 @@ impl FromStr for Scenario {
     type Err = String;
 
     fn from_str(name: &str) -> Result<Scenario, String> {
-        let (tls, s) = match name.strip_prefix("wss-") {
-            Some(rest) => (true, rest),
-            None => (false, name),
+        let (tls, h2, s) = match (name.strip_prefix("wss-"), name.strip_prefix("h2-")) {
+            (Some(rest), _) => (true, false, rest),
+            (_, Some(rest)) => (true, true, rest),
+            (None, None) => (false, false, name),
         };
         let load = match s {
+            "handshake" | "handshake-tungstenite" if h2 => {
+                return Err(format!(
+                    "{name}: over HTTP/2 only echo-SIZE and idle run (h2-echo-SIZE, h2-idle)"
+                ));
+            }
             "handshake" => Load::Handshake(Pair::Bench),
             "handshake-tungstenite" if tls => {
                 return Err(format!(
@@ -149,12 +171,12 @@ impl FromStr for Scenario {
                     })
                     .filter(|size| *size <= 1 << 20)
                     .ok_or_else(|| {
-                        format!("unknown scenario {name:?}: expected echo-SIZE (e.g. echo-32, echo-16k), handshake, handshake-tungstenite or idle, or wss- and one of them (not handshake-tungstenite)")
+                        format!("unknown scenario {name:?}: expected echo-SIZE (e.g. echo-32, echo-16k), handshake, handshake-tungstenite or idle, wss- and one of them (not handshake-tungstenite), or h2-echo-SIZE or h2-idle")
                     })?;
                 Load::Echo { size }
             }
         };
-        Ok(Scenario { load, tls })
+        Ok(Scenario { load, tls, h2 })
     }
 }
 
@@ -173,6 +195,9 @@ pub struct Params {
     pub tunnels: usize,
     /// Concurrency for opening and pinging idle tunnels.
     pub idle_conns: usize,
+    /// HTTP/2 connections the `h2-echo-*` WebSockets are spread over (`h2-idle` opens
+    /// one per [`H2_IDLE_STREAMS_PER_CONN`] tunnels).
+    pub h2_conns: usize,
 }
 
 impl Params {
@@ -182,6 +207,16 @@ impl Params {
             Load::Echo { .. } => self.echo_conns,
             Load::Handshake(_) => self.handshake_conns,
             Load::Idle => self.idle_conns,
+        }
+    }
+
+    /// The HTTP/2 connections an `h2-*` scenario spreads its WebSockets over (`None` for
+    /// the others).
+    pub fn h2_conns(&self, scenario: Scenario) -> Option<usize> {
+        match scenario.load {
+            _ if !scenario.h2 => None,
+            Load::Idle => Some(self.tunnels.div_ceil(H2_IDLE_STREAMS_PER_CONN).max(1)),
+            _ => Some(self.h2_conns.max(1)),
         }
     }
 }
@@ -201,9 +236,11 @@ pub struct Outcome {
     pub cpu: CpuUse,
     /// Idle scenario: proxy memory before and after opening the tunnels, and how many opened.
     pub idle: Option<IdleMemory>,
-    /// `wss-*` scenarios: what a connection opened before the run negotiated
-    /// ([`crate::tls::describe`]).
+    /// `wss-*` and `h2-*` scenarios: what a connection opened before the run negotiated
+    /// ([`crate::tls::describe`], and ALPN over HTTP/2).
     pub tls: Option<String>,
+    /// `h2-*` scenarios: the HTTP/2 connections the WebSockets were spread over.
+    pub h2_conns: Option<usize>,
 }
 
 /// Proxy memory around the idle scenario's tunnel opening.
@@ -215,6 +252,9 @@ pub struct IdleMemory {
     pub after: Memory,
     /// Tunnels that opened.
     pub tunnels: usize,
+    /// `h2-idle`: the proxy's memory before the HTTP/2 connections were opened (`before`
+    /// is with them open, each after one stream opened and closed on it), and how many.
+    pub h2_conns: Option<(Memory, usize)>,
 }
 
 /// CPU seconds spent inside a measured window, by whom.
@@ -323,11 +363,21 @@ pub async fn run(
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0x5EED, |d| d.as_nanos() as u64);
-    let tls = match &endpoint.tls {
-        Some(_) => Some(negotiated(endpoint, seed).await?),
-        None => None,
+    let tls = match (&endpoint.tls, scenario.h2) {
+        (Some(_), false) => Some(negotiated(endpoint, seed).await?),
+        (Some(_), true) => Some(negotiated_h2(endpoint, seed).await?),
+        (None, true) => bail!("an h2 scenario needs a TLS endpoint"),
+        (None, false) => None,
     };
     let outcome = match scenario.load {
+        Load::Echo { size } if scenario.h2 => {
+            let k = params.h2_conns(scenario).unwrap_or(1);
+            h2_echo(endpoint, size, k, params, probe, seed).await
+        }
+        Load::Idle if scenario.h2 => {
+            let k = params.h2_conns(scenario).unwrap_or(1);
+            h2_idle(endpoint, k, params, probe, seed).await
+        }
         Load::Echo { size } => {
             let (conns, errors) =
                 open_many(endpoint, params.echo_conns, params.echo_conns, seed).await;
@@ -373,6 +423,150 @@ async fn negotiated(endpoint: &Endpoint, seed: u64) -> Result<String> {
         .await
         .map_err(|_| anyhow::anyhow!("closing the first wss connection timed out"))??;
     Ok(params)
+}
+
+/// Opens one HTTP/2 connection and one WebSocket on it, and closes both: what the
+/// connection negotiated, in one line (also the check that the target speaks `h2` and
+/// takes an extended CONNECT).
+async fn negotiated_h2(endpoint: &Endpoint, seed: u64) -> Result<String> {
+    let first = async {
+        let conn = H2Conn::connect(endpoint).await?;
+        let ws = conn
+            .websocket(&endpoint.headers, Rng::new(seed ^ 0x7157))
+            .await?;
+        ws.close().await?;
+        Ok::<_, io::Error>(conn.tls_parameters().to_string())
+    };
+    timeout(OP_TIMEOUT, first)
+        .await
+        .map_err(|_| anyhow::anyhow!("the first HTTP/2 WebSocket timed out"))?
+        .map_err(|e| anyhow::anyhow!("the first HTTP/2 WebSocket failed: {e}"))
+}
+
+/// `h2-echo-SIZE`: the echo loop's C WebSockets as streams spread over `k` HTTP/2
+/// connections.
+async fn h2_echo(
+    endpoint: &Endpoint,
+    size: usize,
+    k: usize,
+    params: &Params,
+    probe: &mut Probe,
+    seed: u64,
+) -> Result<Outcome> {
+    let conns = Arc::new(http2::connect_many(endpoint, k, k).await?);
+    let (streams, errors) = http2::open_streams(
+        &conns,
+        &endpoint.headers,
+        params.echo_conns,
+        params.echo_conns,
+        seed,
+    )
+    .await;
+    if errors > 0 {
+        bail!(
+            "{errors} of {} HTTP/2 WebSockets failed to open",
+            params.echo_conns
+        );
+    }
+    let payload: Arc<[u8]> = (0..size).map(|i| i as u8).collect();
+    let workers = streams
+        .into_iter()
+        .map(|conn| Echo {
+            conn,
+            payload: payload.clone(),
+        })
+        .collect();
+    let outcome = closed_loop(workers, params, probe).await?;
+    drop(conns);
+    Ok(Outcome {
+        h2_conns: Some(k),
+        ..outcome
+    })
+}
+
+/// `h2-idle`: warm the proxy up as `idle` does (64 WebSockets on one connection, opened,
+/// pinged and closed), take a first memory sample, open `k` HTTP/2 connections (one per
+/// [`H2_IDLE_STREAMS_PER_CONN`] tunnels), open, ping and close one WebSocket on each,
+/// take the baseline, open N WebSockets over them, let them settle, measure memory
+/// again, then ping every one once end to end inside the CPU window. Memory per idle
+/// WebSocket is that of a stream on a connection already open; memory per connection is
+/// the first sample to the baseline.
+async fn h2_idle(
+    endpoint: &Endpoint,
+    k: usize,
+    params: &Params,
+    probe: &mut Probe,
+    seed: u64,
+) -> Result<Outcome> {
+    // Lazy start-up costs and buffer pools (relay buffers borrowed while bytes move)
+    // are paid before the first sample, as for `idle`.
+    let warm_count = IDLE_WARMUP_TUNNELS.min(params.tunnels);
+    let first = Arc::new(http2::connect_many(endpoint, 1, 1).await?);
+    let (warm, _) = http2::open_streams(
+        &first,
+        &endpoint.headers,
+        warm_count,
+        params.idle_conns,
+        seed,
+    )
+    .await;
+    let (warm, _, _) = ping_all(warm, params.idle_conns).await;
+    close_all(warm).await;
+    drop(first);
+    sleep(Duration::from_millis(500)).await;
+
+    let unconnected = probe.memory();
+    let conns = Arc::new(http2::connect_many(endpoint, k, params.idle_conns).await?);
+    let (warm, _) =
+        http2::open_streams(&conns, &endpoint.headers, k, params.idle_conns, seed).await;
+    let (warm, _, _) = ping_all(warm, params.idle_conns).await;
+    close_all(warm).await;
+    sleep(Duration::from_millis(500)).await;
+
+    let before = probe.memory();
+    let (tunnels, open_errors) = http2::open_streams(
+        &conns,
+        &endpoint.headers,
+        params.tunnels,
+        params.idle_conns,
+        seed ^ 0xA5A5,
+    )
+    .await;
+    sleep(Duration::from_secs(1)).await;
+    let after = probe.memory();
+
+    let mark = probe.begin()?;
+    let (tunnels, rtt_ns, ping_errors) = ping_all(tunnels, params.idle_conns).await;
+    let (window_end, cpu) = probe.end(&mark)?;
+    let opened = tunnels.len();
+    drop(tunnels);
+    drop(conns);
+
+    Ok(Outcome {
+        ops: rtt_ns.len() as u64,
+        seconds: (window_end - mark.at).as_secs_f64(),
+        rtt_ns,
+        errors: open_errors + ping_errors,
+        cpu,
+        idle: before.zip(after).map(|(before, after)| IdleMemory {
+            before,
+            after,
+            tunnels: opened,
+            h2_conns: unconnected.map(|m| (m, k)),
+        }),
+        tls: None,
+        h2_conns: Some(k),
+    })
+}
+
+/// Closes every connection with the closing handshake, all at once, each bounded by
+/// [`OP_TIMEOUT`].
+async fn close_all(conns: Vec<Conn>) {
+    let mut closing = JoinSet::new();
+    for conn in conns {
+        closing.spawn(timeout(OP_TIMEOUT, conn.close()));
+    }
+    while closing.join_next().await.is_some() {}
 }
 
 /// One repeatable operation of a closed loop, run by one worker.
@@ -513,8 +707,10 @@ async fn idle(
             before,
             after,
             tunnels: opened,
+            h2_conns: None,
         }),
         tls: None,
+        h2_conns: None,
     })
 }
 
@@ -681,11 +877,48 @@ mod tests {
             "wss-handshake".parse(),
             Ok(Scenario {
                 load: Load::Handshake(Pair::Bench),
-                tls: true
+                tls: true,
+                h2: false,
             })
         );
         assert!("wss-handshake-tungstenite".parse::<Scenario>().is_err());
         assert!("wss-".parse::<Scenario>().is_err());
         assert!("wss-wss-idle".parse::<Scenario>().is_err());
+        for name in ["h2-echo-32", "h2-echo-16k", "h2-idle"] {
+            let scenario = name.parse::<Scenario>().unwrap();
+            assert!(scenario.tls && scenario.h2, "{name}");
+            assert_eq!(scenario.to_string(), name);
+        }
+        for name in [
+            "h2-handshake",
+            "h2-handshake-tungstenite",
+            "h2-wss-idle",
+            "wss-h2-idle",
+        ] {
+            assert!(name.parse::<Scenario>().is_err(), "{name}");
+        }
+    }
+
+    #[test]
+    fn h2_scenarios_spread_their_websockets_over_few_connections() {
+        let params = Params {
+            warmup: Duration::ZERO,
+            duration: Duration::ZERO,
+            echo_conns: 64,
+            handshake_conns: 32,
+            tunnels: 9000,
+            idle_conns: 64,
+            h2_conns: 4,
+        };
+        let conns = |name: &str| params.h2_conns(name.parse().unwrap());
+        assert_eq!(conns("h2-echo-32"), Some(4));
+        assert_eq!(conns("h2-idle"), Some(90));
+        assert_eq!(conns("wss-echo-32"), None);
+        assert_eq!(conns("idle"), None);
+        let few = Params {
+            tunnels: 1001,
+            ..params
+        };
+        assert_eq!(few.h2_conns("h2-idle".parse().unwrap()), Some(11));
     }
 }

@@ -7,7 +7,8 @@
 //!   is the same one certificate for all three) from the same files: `cert.pem` and
 //!   `key.pem` (PKCS#8), and `combined.pem` (the two in one file, for HAProxy).
 //! - **Client** ([`Client`]): tokio-rustls with aws-lc-rs, TLS 1.3 only, trusting only
-//!   the run's CA, SNI `localhost`, no ALPN, and **no session resumption**
+//!   the run's CA, SNI `localhost`, no ALPN (ALPN `h2` alone for the `h2-*` scenarios,
+//!   [`Client::h2`]), and **no session resumption**
 //!   (`Resumption::disabled()`): every connection makes a full handshake, whatever tickets
 //!   the server sends. It offers the key exchange groups rustls offers by default minus
 //!   the post-quantum hybrid (X25519, then P-256, then P-384): the OpenSSL 3.0 behind
@@ -32,6 +33,8 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::http2::H2Io;
 
 /// The name the client asks for (SNI) and checks the certificate against.
 pub const SERVER_NAME: &str = "localhost";
@@ -139,10 +142,31 @@ impl Client {
         })
     }
 
+    /// The same client offering only `h2` by ALPN (the `h2-*` scenarios): a server that
+    /// does not pick it fails the run instead of quietly serving HTTP/1.1.
+    pub fn h2(&self) -> Client {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = Arc::new(config);
+        Client {
+            connector: TlsConnector::from(config.clone()),
+            name: self.name.clone(),
+            config,
+        }
+    }
+
     /// Makes the TLS handshake on a connected socket.
     pub async fn connect(&self, tcp: TcpStream) -> io::Result<Stream> {
-        let tls = self.connector.connect(self.name.clone(), tcp).await?;
-        Ok(Stream::Tls(Box::new(tls)))
+        Ok(Stream::Tls(Box::new(self.handshake(tcp).await?)))
+    }
+
+    /// Makes the TLS handshake on a connected socket, giving the TLS stream itself (an
+    /// HTTP/2 connection runs over it).
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.connector.connect(self.name.clone(), tcp).await
     }
 
     /// A blocking TLS connection over `tcp` (handshake on first use), for the start-up
@@ -156,20 +180,24 @@ impl Client {
     }
 }
 
-/// A load-generator connection: plain TCP, or TLS over it.
+/// A load-generator connection: plain TCP, TLS over it, or one stream of an HTTP/2
+/// connection.
 #[derive(Debug)]
 pub enum Stream {
     /// `ws://`.
     Plain(TcpStream),
     /// `wss://`.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A WebSocket over HTTP/2: an extended CONNECT stream (RFC 8441).
+    H2(Box<H2Io>),
 }
 
 impl Stream {
-    /// What the TLS handshake negotiated (`None` on a plain stream).
+    /// What the TLS handshake negotiated (`None` on a plain stream; an HTTP/2 stream's
+    /// connection describes its own, [`crate::http2::H2Conn::tls_parameters`]).
     pub fn tls_parameters(&self) -> Option<String> {
         match self {
-            Stream::Plain(_) => None,
+            Stream::Plain(_) | Stream::H2(_) => None,
             Stream::Tls(tls) => Some(describe(tls.get_ref().1)),
         }
     }
@@ -203,6 +231,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::H2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -216,6 +245,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::H2(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -223,6 +253,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::H2(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -230,6 +261,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::H2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
