@@ -525,7 +525,6 @@ async fn a_rapid_reset_burst_gets_goaway_and_its_requests_stay_off_the_upstream(
     // ENHANCE_YOUR_CALM from h2's bound on reset streams, or NO_ERROR from the gateway's
     // cancelled-request budget: either way the abuser is told to go away.
     assert!(code == 0xb || code == 0, "GOAWAY code {code:#x}");
-    eprintln!("GOAWAY code {code:#x}");
     let _ = within(STEP, "the abuser's writes to end", writing).await;
 
     // The other client was served throughout, and only a bounded number of the reset
@@ -536,6 +535,7 @@ async fn a_rapid_reset_burst_gets_goaway_and_its_requests_stay_off_the_upstream(
         .iter()
         .filter(|r| r.target.starts_with("/slow/"))
         .count();
+    eprintln!("GOAWAY {code:#x}; {slow} of {BURST} reset requests reached the upstream");
     assert!(
         slow <= 200,
         "{slow} of {BURST} reset requests reached the upstream"
@@ -576,6 +576,7 @@ async fn a_continuation_flood_is_cut_off_at_the_header_list_bound() {
     let sent = within(STEP, "the flood's writes to end", writing)
         .await
         .unwrap();
+    eprintln!("the gateway took {sent} of the flood's {total} bytes");
     assert!(sent < total, "the whole {total}-byte flood was taken");
     echo_binary(&mut other, b"still here", "the bystander's echo").await;
     assert_eq!(
