@@ -402,6 +402,14 @@ async fn extended_connects_that_are_not_websocket_version_13_are_refused_before_
             ":protocol {protocol}"
         );
     }
+    // A plain CONNECT (a TCP tunnel to an authority): not something a gateway opens.
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("localhost:443")
+        .body(())
+        .unwrap();
+    let (parts, _) = open_stream(&mut send, req).await;
+    assert_eq!(parts.status, StatusCode::NOT_IMPLEMENTED, "plain CONNECT");
     // Routing and fixed answers apply as on HTTP/1.1.
     let (parts, _) = open_stream(&mut send, ws_connect("/internal", "13", &[])).await;
     assert_eq!(parts.status, StatusCode::FORBIDDEN);
