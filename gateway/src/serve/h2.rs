@@ -34,6 +34,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::OptionFuture;
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{Either, Full};
@@ -206,21 +208,20 @@ fn switch(
     ));
     *resp.headers_mut() = opened.head.h2_header_map();
     let tracker = ctx.gw.tracker().clone();
-    tracker.spawn(async move {
-        match on_upgrade.await {
-            Ok(stream) => {
-                let stats = &ctx.permit.listener().stats;
-                stats.http2_websockets.fetch_add(1, Ordering::Relaxed);
-                Ready::new(ctx, snapshot, TokioIo::new(stream), Bytes::new(), opened)
-                    .run()
-                    .await;
-                drop(open);
-            }
-            Err(e) => {
-                tracing::warn!(client = %opened.rec.client, error = %e, "HTTP/2 WebSocket stream did not open");
-            }
+    // Combinators rather than an `async` block, which would keep `opened` beside the
+    // tunnel for the tunnel's whole life: the task holds only the tunnel's state.
+    tracker.spawn(on_upgrade.then(move |upgraded| match upgraded {
+        Ok(stream) => {
+            let stats = &ctx.permit.listener().stats;
+            stats.http2_websockets.fetch_add(1, Ordering::Relaxed);
+            let ready = Ready::new(ctx, snapshot, TokioIo::new(stream), Bytes::new(), opened);
+            OptionFuture::from(Some(ready.run().map(move |()| drop(open))))
         }
-    });
+        Err(e) => {
+            tracing::warn!(client = %opened.rec.client, error = %e, "HTTP/2 WebSocket stream did not open");
+            OptionFuture::from(None)
+        }
+    }));
     resp
 }
 

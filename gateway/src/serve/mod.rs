@@ -388,11 +388,10 @@ fn switch<S: Stream>(
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *resp.headers_mut() = opened.head.header_map();
     let tracker = ctx.gw.tracker().clone();
-    tracker.spawn(async move {
-        match on_upgrade
-            .await
-            .map(|u| u.downcast::<TokioIo<Prefixed<S>>>())
-        {
+    // Combinators rather than an `async` block, which would keep `opened` beside the
+    // tunnel for the tunnel's whole life: the task holds only the tunnel's state.
+    tracker.spawn(on_upgrade.then(move |upgraded| {
+        match upgraded.map(|u| u.downcast::<TokioIo<Prefixed<S>>>()) {
             Ok(Ok(parts)) => {
                 let (stream, unread) = parts.io.into_inner().into_parts();
                 // Bytes hyper had not read of the first head come before its read-ahead.
@@ -401,11 +400,14 @@ fn switch<S: Stream>(
                 } else {
                     [unread, parts.read_buf].concat().into()
                 };
-                Ready::new(ctx, snapshot, stream, early, opened).run().await;
+                OptionFuture::from(Some(Ready::new(ctx, snapshot, stream, early, opened).run()))
             }
-            _ => tracing::warn!(client = %opened.rec.client, "client upgrade did not complete"),
+            _ => {
+                tracing::warn!(client = %opened.rec.client, "client upgrade did not complete");
+                OptionFuture::from(None)
+            }
         }
-    });
+    }));
     resp
 }
 
