@@ -502,6 +502,39 @@ async fn write_until_cut_off(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) ->
     sent
 }
 
+/// What an abusive client met: the GOAWAY it got (its error code), if any, and how many of
+/// its bytes the connection took before it was cut off.
+struct CutOff {
+    goaway: Option<u32>,
+    sent: usize,
+}
+
+/// Sends `abuse` on a fresh HTTP/2 connection and waits for the gateway's GOAWAY (or the
+/// end of the connection) and the end of the writes.
+async fn abuse(addr: SocketAddr, ca: &TestCa, abuse: Vec<u8>) -> CutOff {
+    let (mut rd, mut wr) = tokio::io::split(raw_h2(addr, ca).await);
+    let writing = tokio::spawn(async move { write_until_cut_off(&mut wr, &abuse).await });
+    let goaway = next_frame_of(&mut rd, GOAWAY)
+        .await
+        .map(|(_, payload)| u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+    let sent = within(STEP, "the abuser's writes to end", writing)
+        .await
+        .unwrap();
+    CutOff { goaway, sent }
+}
+
+/// Waits until the gateway has counted a connection cut off for abuse.
+async fn abuse_counted(gateway: &Gateway) {
+    let labels = [("listener", "public")];
+    wait_metric(
+        gateway.admin().await,
+        "sluice_http2_abuse_total",
+        &labels,
+        1.0,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_rapid_reset_burst_gets_goaway_and_its_requests_stay_off_the_upstream() {
     let dir = TempDir::new();
@@ -511,8 +544,6 @@ async fn a_rapid_reset_burst_gets_goaway_and_its_requests_stay_off_the_upstream(
     // 5,000 requests, each reset at once (CVE-2023-44487), on paths that would keep an
     // upstream busy for seconds.
     const BURST: u32 = 5000;
-    let raw = raw_h2(gateway.addr(), &ca).await;
-    let (mut rd, mut wr) = tokio::io::split(raw);
     let mut burst = Vec::new();
     for i in 0..BURST {
         let id = 1 + 2 * i;
@@ -526,14 +557,11 @@ async fn a_rapid_reset_burst_gets_goaway_and_its_requests_stay_off_the_upstream(
         ));
         burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
     }
-    let writing = tokio::spawn(async move { write_until_cut_off(&mut wr, &burst).await });
-    let goaway = next_frame_of(&mut rd, GOAWAY).await;
-    let (_, payload) = goaway.expect("a GOAWAY before the connection ends");
-    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+    let cut = abuse(gateway.addr(), &ca, burst).await;
+    let code = cut.goaway.expect("a GOAWAY before the connection ends");
     // ENHANCE_YOUR_CALM from h2's bound on reset streams, or NO_ERROR from the gateway's
     // cancelled-request budget: either way the abuser is told to go away.
     assert!(code == 0xb || code == 0, "GOAWAY code {code:#x}");
-    let _ = within(STEP, "the abuser's writes to end", writing).await;
 
     // The other client was served throughout, and only a bounded number of the reset
     // requests ever reached the upstream.
@@ -548,13 +576,7 @@ async fn a_rapid_reset_burst_gets_goaway_and_its_requests_stay_off_the_upstream(
         slow <= 200,
         "{slow} of {BURST} reset requests reached the upstream"
     );
-    wait_metric(
-        gateway.admin().await,
-        "sluice_http2_abuse_total",
-        &[("listener", "public")],
-        1.0,
-    )
-    .await;
+    abuse_counted(&gateway).await;
 }
 
 #[tokio::test]
@@ -565,8 +587,6 @@ async fn a_continuation_flood_is_cut_off_at_the_header_list_bound() {
 
     // A header block that never ends: HEADERS without END_HEADERS, then CONTINUATION
     // frames of 1 KiB of fields each, 64 MiB in all if the gateway kept reading.
-    let raw = raw_h2(gateway.addr(), &ca).await;
-    let (mut rd, mut wr) = tokio::io::split(raw);
     let fields = get_fields("/page");
     let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let mut flood = frame(HEADERS, END_STREAM, 1, &hpack(&fields));
@@ -578,12 +598,8 @@ async fn a_continuation_flood_is_cut_off_at_the_header_list_bound() {
         flood.extend_from_slice(&piece);
     }
     let total = flood.len();
-    let writing = tokio::spawn(async move { write_until_cut_off(&mut wr, &flood).await });
     // The gateway answers with GOAWAY (or just closes) long before the flood is read.
-    let _ = next_frame_of(&mut rd, GOAWAY).await;
-    let sent = within(STEP, "the flood's writes to end", writing)
-        .await
-        .unwrap();
+    let CutOff { sent, .. } = abuse(gateway.addr(), &ca, flood).await;
     eprintln!("the gateway took {sent} of the flood's {total} bytes");
     assert!(sent < total, "the whole {total}-byte flood was taken");
     echo_binary(&mut other, b"still here", "the bystander's echo").await;
@@ -595,13 +611,7 @@ async fn a_continuation_flood_is_cut_off_at_the_header_list_bound() {
             .count(),
         0
     );
-    wait_metric(
-        gateway.admin().await,
-        "sluice_http2_abuse_total",
-        &[("listener", "public")],
-        1.0,
-    )
-    .await;
+    abuse_counted(&gateway).await;
 }
 
 #[tokio::test]
@@ -668,13 +678,7 @@ async fn requests_cancelled_faster_than_the_budget_get_goaway() {
         tx.send_reset(h2::Reason::CANCEL);
         drop(resp);
     }
-    wait_metric(
-        gateway.admin().await,
-        "sluice_http2_abuse_total",
-        &[("listener", "public")],
-        1.0,
-    )
-    .await;
+    abuse_counted(&gateway).await;
     // The connection is gone: a new request on it fails.
     let gone = within(STEP, "the connection to end", async {
         loop {
