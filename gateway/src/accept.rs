@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::listener::Listener;
+use crate::proxy_protocol;
 use crate::serve;
 use crate::state::Gateway;
 
@@ -120,7 +121,25 @@ pub async fn run(gw: Arc<Gateway>, listener: Arc<Listener>, socket: TcpListener)
             break;
         };
         named = Some(name.clone());
+        // Behind a balancer, the connection's first bytes name the client (the task
+        // reads them: the accept loop never waits on a client).
+        let proxied = snapshot
+            .config
+            .listeners
+            .iter()
+            .find(|l| *l.name == *name && !l.proxy_protocol.is_empty())
+            .map(|l| (l.proxy_protocol.clone(), l.header_read_timeout));
         match snapshot.acceptors.get(&*name) {
+            None if proxied.is_some() => {
+                let gw = gw.clone();
+                gw.clone().tracker().spawn(async move {
+                    let mut stream = stream;
+                    let Some(peer) = client_addr(&mut stream, peer, proxied, &name).await else {
+                        return;
+                    };
+                    serve::connection(gw, snapshot, stream, peer, name, None, permit).await;
+                });
+            }
             None => {
                 gw.tracker().spawn(serve::connection(
                     gw.clone(),
@@ -135,6 +154,10 @@ pub async fn run(gw: Arc<Gateway>, listener: Arc<Listener>, socket: TcpListener)
             Some(tls) => {
                 let (tls, gw) = (tls.clone(), gw.clone());
                 gw.clone().tracker().spawn(async move {
+                    let mut stream = stream;
+                    let Some(peer) = client_addr(&mut stream, peer, proxied, &name).await else {
+                        return;
+                    };
                     // The handshake holds the connection slot, and the drain cancels it.
                     let shake = tokio::select! {
                         r = tls.accept(stream) => r,
@@ -155,6 +178,27 @@ pub async fn run(gw: Arc<Gateway>, listener: Arc<Listener>, socket: TcpListener)
         }
     }
     tracing::debug!(listener = named.as_deref(), addr = %listener.addr, "stopped accepting");
+}
+
+/// The client's address: `peer`, or on a listener behind balancers (`proxied`: its
+/// trusted addresses and header deadline) the one a trusted balancer's PROXY header names;
+/// `None` when the connection must close.
+async fn client_addr(
+    stream: &mut tokio::net::TcpStream,
+    peer: SocketAddr,
+    proxied: Option<(Vec<ipnet::IpNet>, Duration)>,
+    listener: &str,
+) -> Option<SocketAddr> {
+    let Some((trusted, timeout)) = proxied else {
+        return Some(peer);
+    };
+    match proxy_protocol::client_addr(stream, peer, &trusted, timeout).await {
+        Ok(addr) => Some(addr),
+        Err(e) => {
+            tracing::debug!(listener, client = %peer, error = %e, "connection closed at its PROXY header");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod head;
 pub mod listener;
 pub mod open;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod respond;
 pub mod route;
 pub mod serve;

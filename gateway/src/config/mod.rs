@@ -123,6 +123,9 @@ pub struct ListenerConfig {
     pub max_header_size: usize,
     /// TLS termination, when the table is present.
     pub tls: Option<ListenerTls>,
+    /// The balancers (addresses or CIDR ranges) whose connections start with a PROXY
+    /// protocol header naming the real client; empty when none.
+    pub proxy_protocol: Vec<ipnet::IpNet>,
     /// HTTP/2 from clients (`[listeners.NAME.http2]`): offered by ALPN on a TLS listener,
     /// spoken by prior knowledge (`h2c`) on a plain one; `None` when turned off.
     pub http2: Option<Http2Config>,

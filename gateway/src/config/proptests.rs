@@ -81,6 +81,8 @@ enum Kind {
     Bool,
     /// A string, plausibly one of these.
     Text(&'static [&'static str]),
+    /// An array of strings, plausibly some of these.
+    Texts(&'static [&'static str]),
     /// The name of a table.
     Ref(Table),
     /// An array of names of tables.
@@ -121,6 +123,10 @@ const LISTENER: Fields = (
         ("max_connections", Kind::Integer),
         ("header_read_timeout", Kind::Duration),
         ("max_header_size", Kind::Size),
+        (
+            "proxy_protocol",
+            Kind::Texts(&["127.0.0.1", "10.0.0.0/8", "::1"]),
+        ),
     ],
 );
 const HTTP2: Fields = (
@@ -308,6 +314,9 @@ fn plausible(kind: Kind, plan: &Plan) -> BoxedStrategy<String> {
         Kind::Status => (200..=599i64).prop_map(|n| n.to_string()).boxed(),
         Kind::Bool => any::<bool>().prop_map(|b| b.to_string()).boxed(),
         Kind::Text(pool) => select(pool).prop_map(quoted).boxed(),
+        Kind::Texts(pool) => subsequence(pool, 0..=pool.len())
+            .prop_map(|items| array(items.into_iter().map(quoted).collect()))
+            .boxed(),
         Kind::Ref(table) => match plan.defined(table) {
             names if names.is_empty() => select(NAMES).prop_map(quoted).boxed(),
             names => select(names.to_vec()).prop_map(quoted).boxed(),
@@ -337,6 +346,9 @@ fn unlikely(kind: Kind, plan: &Plan) -> BoxedStrategy<String> {
         .boxed(),
         Kind::Integer | Kind::Status => integer().prop_map(|n| n.to_string()).boxed(),
         Kind::Text(_) => text().prop_map(|s| quoted(&s)).boxed(),
+        Kind::Texts(_) => vec(text().prop_map(|s| quoted(&s)), 0..3)
+            .prop_map(array)
+            .boxed(),
         Kind::Ref(_) => select(NAMES).prop_map(quoted).boxed(),
         Kind::Refs(_) => vec(select(NAMES).prop_map(quoted), 0..3)
             .prop_map(array)

@@ -106,6 +106,7 @@ pub(super) struct RawListener {
     pub(super) max_header_size: Option<Spanned<Size>>,
     pub(super) tls: Option<Spanned<RawListenerTls>>,
     pub(super) http2: Option<Spanned<RawHttp2>>,
+    pub(super) proxy_protocol: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]

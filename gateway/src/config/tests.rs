@@ -381,6 +381,32 @@ mod tls_files {
 }
 
 #[test]
+fn proxy_protocol_takes_addresses_and_ranges() {
+    let with = |list: &str| {
+        BASE.replace(
+            "bind = \"127.0.0.1:8080\"\n",
+            &format!("bind = \"127.0.0.1:8080\"\nproxy_protocol = {list}\n"),
+        )
+    };
+    let c = Config::parse("sluice.toml", &with("[\"10.0.0.0/8\", \"::1\"]")).unwrap();
+    let nets: Vec<String> = c.listeners[0]
+        .proxy_protocol
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "::1/128"]);
+    assert!(
+        Config::parse("sluice.toml", BASE).unwrap().listeners[0]
+            .proxy_protocol
+            .is_empty()
+    );
+    assert_eq!(
+        err_of(&with("[\"10.0.0.0/8\", \"lb.example\"]")),
+        "sluice.toml:4:33: listeners.public.proxy_protocol[1]: expected an IP address or range such as \"10.0.0.0/8\", got \"lb.example\""
+    );
+}
+
+#[test]
 fn http2_is_on_for_tls_listeners_off_for_plain_ones_and_bounded() {
     let dir = tls_files::Dir::new();
     let (cert, key) = tls_files::cert(&["a.test"], -1, 30);

@@ -76,6 +76,22 @@ impl RawConfig {
                 // Offered by ALPN on a TLS listener; never guessed at on a plain one.
                 None => tls.is_some().then_some(Http2Config::DEFAULT),
             };
+            let mut proxy_protocol = Vec::new();
+            for range in l.proxy_protocol.unwrap_or_default() {
+                let text = range.get_ref();
+                let net = text
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        err.at(
+                            range.span(),
+                            format!(
+                                "expected an IP address or range such as \"10.0.0.0/8\", got {text:?}"
+                            ),
+                        )
+                    })?;
+                proxy_protocol.push(net);
+            }
             listeners.push(ListenerConfig {
                 name,
                 bind,
@@ -84,6 +100,7 @@ impl RawConfig {
                 max_header_size,
                 tls,
                 http2,
+                proxy_protocol,
             });
         }
         if listeners.is_empty() {
