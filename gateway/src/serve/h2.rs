@@ -28,7 +28,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,8 +37,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
 use http::header::{self, HeaderValue};
-use http::{Request, Response};
-use http_body_util::{Either, Full};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -48,8 +47,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ClientConn, HeadLimits, Ready, handle};
-use crate::access::Counted;
+use super::{ClientConn, HeadLimits, Ready, handle, switch_answer};
 use crate::config::Http2Config;
 use crate::open::Opened;
 use crate::respond::ResponseBody;
@@ -117,6 +115,8 @@ where
     tokio::pin!(conn);
     let idle_for = limits.header_read_timeout;
     let mut closing = false;
+    // Runs until the connection ends by itself (return), or until it must be closed:
+    // then it has `CLOSE_GRACE` after its GOAWAY (below).
     loop {
         tokio::select! {
             ended = conn.as_mut() => {
@@ -126,7 +126,7 @@ where
                     stats.http2_abuse.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(listener = %ctx.listener, client = %ctx.peer, error = %e, "HTTP/2 connection cut off");
                 }
-                break;
+                return;
             }
             () = gw.stopping().cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
@@ -134,26 +134,22 @@ where
             }
             // The drain's deadline: the tunnels are closing; a client that does not take
             // part in the graceful close does not hold the process.
-            () = gw.closing().cancelled() => {
-                let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
-                break;
-            }
+            () = gw.closing().cancelled() => break,
             () = streams.abuse.cancelled(), if !closing => {
                 stats.http2_abuse.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(listener = %ctx.listener, client = %ctx.peer, "HTTP/2 client cancelled requests too fast; GOAWAY");
                 conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
                 break;
             }
             () = tokio::time::sleep_until(streams.idle_deadline(idle_for)), if !closing => {
                 if streams.idle_for(idle_for) {
                     conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
                     break;
                 }
             }
         }
     }
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
 }
 
 /// Whether a connection ended because the gateway cut the client off for a protocol
@@ -202,11 +198,7 @@ fn switch(
     snapshot: Arc<Snapshot>,
     open: Open,
 ) -> Response<ResponseBody> {
-    let mut resp = Response::new(Counted::new(
-        Either::Right(Full::new(Bytes::new())),
-        Arc::new(AtomicU64::new(0)),
-    ));
-    *resp.headers_mut() = opened.head.h2_header_map();
+    let resp = switch_answer(StatusCode::OK, opened.head.h2_header_map());
     let tracker = ctx.gw.tracker().clone();
     // Combinators rather than an `async` block, which would keep `opened` beside the
     // tunnel for the tunnel's whole life: the task holds only the tunnel's state.

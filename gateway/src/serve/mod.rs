@@ -373,6 +373,18 @@ async fn handle(
     }
 }
 
+/// The bodiless answer that opens a tunnel (`101`, or `200` on HTTP/2), with `headers`;
+/// the tunnel's access record logs it, so the body is counted but not logged.
+fn switch_answer(status: StatusCode, headers: http::HeaderMap) -> Response<ResponseBody> {
+    let mut resp = Response::new(Counted::new(
+        Either::Right(Full::new(Bytes::new())),
+        Arc::new(AtomicU64::new(0)),
+    ));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
 /// The `101` for hyper, and the tunnel task that starts once hyper hands the client's
 /// connection over.
 fn switch<S: Stream>(
@@ -381,12 +393,7 @@ fn switch<S: Stream>(
     ctx: Arc<ClientConn>,
     snapshot: Arc<Snapshot>,
 ) -> Response<ResponseBody> {
-    let mut resp = Response::new(Counted::new(
-        Either::Right(Full::new(Bytes::new())),
-        Arc::new(AtomicU64::new(0)),
-    ));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *resp.headers_mut() = opened.head.header_map();
+    let resp = switch_answer(StatusCode::SWITCHING_PROTOCOLS, opened.head.header_map());
     let tracker = ctx.gw.tracker().clone();
     // Combinators rather than an `async` block, which would keep `opened` beside the
     // tunnel for the tunnel's whole life: the task holds only the tunnel's state.
