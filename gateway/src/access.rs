@@ -11,6 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::limit::{Admission, Limit, Scope, Tenant};
 use crate::metrics::RouteStats;
 use crate::plugin::{Chain, CloseInfo, CloseReason, RequestKind};
 use crate::tls::Facts;
@@ -56,6 +57,13 @@ pub struct Record {
     pub close_hook: Option<Arc<CloseHook>>,
     /// The client's TLS session, on a TLS listener (logged as `sni` and `tls_client`).
     pub tls: Option<Arc<Facts>>,
+    /// The tenant's counters (logged as `tenant`), once routing and plugins named one.
+    pub tenant: Option<Arc<Tenant>>,
+    /// The limit that refused the request (logged as `limit`, e.g. `tenant.tunnels`).
+    pub limited: Option<(Limit, Scope)>,
+    /// What the request took from its limits (a tunnel's slots), given back when the
+    /// record, and so the request or tunnel, ends.
+    pub admission: Option<Arc<Admission>>,
 }
 
 /// What `on-close` needs beyond the record.
@@ -96,6 +104,14 @@ impl Record {
 }
 
 impl Record {
+    /// A tunnel opened: its `status` (`101`, or an HTTP/2 `200`) went to the client.
+    pub fn tunnel_opened(&self) {
+        self.stats.tunnel_opened(self.status);
+        if let Some(t) = &self.tenant {
+            t.stats.tunnel_opened(self.status);
+        }
+    }
+
     /// Emits the event for a plain request.
     pub fn log_http(&self, bytes_out: u64) {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
@@ -107,6 +123,10 @@ impl Record {
         self.notify(bytes_in, bytes_out, reason);
         self.stats
             .answered(self.upgrade, self.status, bytes_in, bytes_out);
+        if let Some(t) = &self.tenant {
+            t.stats
+                .answered(self.upgrade, self.status, bytes_in, bytes_out);
+        }
         self.emit(bytes_in, bytes_out, None, None);
     }
 
@@ -120,12 +140,15 @@ impl Record {
             Ended::Error => CloseReason::UpstreamError,
         };
         self.notify(report.bytes_in, report.bytes_out, reason);
-        self.stats.tunnel_closed(
-            report.reason,
-            report.bytes_in,
-            report.bytes_out,
-            self.start.elapsed(),
-        );
+        let tenant = self.tenant.as_ref().map(|t| &t.stats);
+        for stats in std::iter::once(&*self.stats).chain(tenant) {
+            stats.tunnel_closed(
+                report.reason,
+                report.bytes_in,
+                report.bytes_out,
+                self.start.elapsed(),
+            );
+        }
         let error = report.error.as_ref().map(|e| e.to_string());
         self.emit(
             report.bytes_in,
@@ -156,6 +179,8 @@ impl Record {
             error,
             sni = tls.and_then(|t| t.sni.as_deref()),
             tls_client = tls.and_then(|t| t.client_subject.as_deref()),
+            tenant = self.tenant.as_ref().map(|t| &*t.name),
+            limit = self.limited.map(|(l, s)| format!("{}.{}", s.as_str(), l.as_str())),
             tags = %self.tags,
             "access"
         );

@@ -16,7 +16,8 @@ use crate::balance::hash_key;
 use crate::client_handshake::{self, Upgrade};
 use crate::config::RouteAction;
 use crate::head::RequestHead;
-use crate::headers::set_upstream_fields;
+use crate::headers::{forwarded_client, set_upstream_fields};
+use crate::limit::Refusal;
 use crate::plugin::RequestKind;
 use crate::policy::{self, Client, Verdict};
 use crate::respond::{ResponseBody, deny, respond};
@@ -55,8 +56,11 @@ pub struct Plan {
     pub key: Vec<u8>,
     /// What the plugin chain decided.
     pub verdict: Verdict,
-    /// The client's address.
+    /// The client's address (named by a trusted proxy's `X-Forwarded-For`, or the
+    /// connection's).
     pub peer: SocketAddr,
+    /// The address the request came from, appended to `X-Forwarded-For` upstream.
+    pub hop: SocketAddr,
     /// The scheme the client used (`http` or `https`), for `X-Forwarded-Proto`.
     pub scheme: &'static str,
     /// The origin-form target sent upstream instead of the client's: its normalised path
@@ -72,9 +76,12 @@ pub async fn admit(
     let Caller {
         snapshot,
         listener,
-        peer,
+        peer: hop,
         tls,
     } = caller;
+    // Behind a trusted proxy, the client it names is the one limits, hashing, plugins and
+    // logs see; `X-Forwarded-For` still gets the connection's own address appended.
+    let peer = forwarded_client(req.fields(), hop, snapshot.limits.trusted_proxies(listener));
     // Classified first so that every answer to a WebSocket handshake, a 404 included,
     // is counted as one; refusals still come after routing.
     let upgrade = match req.version() {
@@ -101,6 +108,9 @@ pub async fn admit(
         tags: String::new(),
         close_hook: None,
         tls: tls.cloned(),
+        tenant: None,
+        limited: None,
+        admission: None,
     };
     let host = request_host(req);
     let path = normalize_path(req.uri().path());
@@ -169,6 +179,17 @@ pub async fn admit(
     if let (Some(hook), Some(tenant)) = (&mut rec.close_hook, &verdict.tenant) {
         Arc::make_mut(hook).tenant = Some(tenant.clone());
     }
+    // Limits come after the chain, which may name the tenant, and before any upstream.
+    rec.tenant = snapshot.limits.tenant(verdict.tenant.as_deref());
+    let websocket = matches!(kind, RequestKind::WebSocket);
+    match snapshot
+        .limits
+        .admit(listener, rec.tenant.as_ref(), peer.ip(), websocket)
+        .await
+    {
+        Ok(admission) => rec.admission = Some(Arc::new(admission)),
+        Err(refusal) => return Err(limited(rec, refusal)),
+    }
     let key = match (&verdict.sticky_key, verdict.pool.hash_key()) {
         (Some(k), Some(_)) => k.as_bytes().to_vec(),
         _ => hash_key(&verdict.pool, req, peer),
@@ -185,10 +206,36 @@ pub async fn admit(
         key,
         verdict,
         peer,
+        hop,
         scheme: tls::scheme(tls.map(|t| &**t)),
         normal_target: target,
     };
     Ok(Admitted { plan, rec, ws_key })
+}
+
+/// The answer to a request a limit refused: `429` with `Retry-After` (a `503` when the
+/// fleet's store is down and `on_failure = "closed"`), logged with the limit's name.
+fn limited(mut rec: Record, refusal: Refusal) -> Response<ResponseBody> {
+    rec.limited = Some((refusal.limit, refusal.scope));
+    let (status, body) = if refusal.unavailable {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service unavailable: the shared limit store is unreachable\n".to_string(),
+        )
+    } else {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many requests: {} limit on {}\n",
+                refusal.scope.as_str(),
+                refusal.limit.as_str()
+            ),
+        )
+    };
+    let mut resp = respond(rec, status, &body, &[]);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, refusal.retry_after_secs().into());
+    resp
 }
 
 impl Plan {
@@ -217,7 +264,7 @@ impl Plan {
         let host = !self.keeps_client_host(headers.contains_key(header::HOST));
         set_upstream_fields(
             &mut headers,
-            self.peer,
+            self.hop,
             self.scheme,
             host.then_some(authority),
         );

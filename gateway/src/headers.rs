@@ -270,6 +270,39 @@ pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The client a trusted proxy names: when `peer` is one of `trusted`, the last address in
+/// `X-Forwarded-For` (all its fields, in order) that is not itself trusted, or the first
+/// when every one is; `peer` itself otherwise, or when the chain has an entry that is not
+/// an IP address (a chain that cannot be read names no one).
+pub fn forwarded_client(
+    fields: &impl HeaderFields,
+    peer: SocketAddr,
+    trusted: &[ipnet::IpNet],
+) -> SocketAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer.ip()) {
+        return peer;
+    }
+    let mut chain: Vec<IpAddr> = Vec::new();
+    for line in fields.values_of("x-forwarded-for") {
+        let Ok(text) = std::str::from_utf8(line) else {
+            return peer;
+        };
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            match entry.parse::<IpAddr>() {
+                Ok(ip) => chain.push(ip),
+                Err(_) => return peer,
+            }
+        }
+    }
+    let client = chain
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(chain.first());
+    client.map_or(peer, |ip| SocketAddr::new(*ip, 0))
+}
+
 /// Appends an earlier `X-Forwarded-For` line and `, ` when the line is valid header text
 /// and not empty (trimmed).
 fn push_forwarded_entry(out: &mut Vec<u8>, line: &[u8]) {

@@ -21,6 +21,7 @@ pub mod client_handshake;
 pub mod connect;
 pub mod forward;
 pub mod head;
+pub mod limit;
 pub mod listener;
 pub mod open;
 pub mod policy;

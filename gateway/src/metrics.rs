@@ -126,7 +126,8 @@ pub struct RouteStats {
 }
 
 impl RouteStats {
-    fn new(name: &str) -> RouteStats {
+    /// Counters from zero for `name`.
+    pub fn new(name: &str) -> RouteStats {
         RouteStats {
             name: name.to_owned(),
             tunnels_open: AtomicI64::new(0),

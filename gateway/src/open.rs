@@ -148,7 +148,7 @@ impl<'a> UpgradeAttempt<'a> {
                         target,
                         req.fields(),
                         None,
-                        plan.peer,
+                        plan.hop,
                         plan.scheme,
                     )
                 });
@@ -182,7 +182,7 @@ impl connect::Attempt for UpgradeAttempt<'_> {
         let head = match &self.head {
             Prepared::Fixed(head) => return connect::sending(pool, server, head).await,
             Prepared::PerServer(ClientHead::Raw(req)) => {
-                let (target, peer) = (self.plan.target(req.uri()), self.plan.peer);
+                let (target, peer) = (self.plan.target(req.uri()), self.plan.hop);
                 let fields = req.fields();
                 let scheme = self.plan.scheme;
                 upstream_handshake::request_head_raw(target, fields, Some(authority), peer, scheme)

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::balance::Pool;
 use crate::config::{Config, ListenerTls, PluginConfig};
 use crate::health;
+use crate::limit::{self, Limiter};
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::plugin::{Plugin, PluginError, PluginHost};
@@ -105,6 +106,16 @@ impl Tls {
     }
 }
 
+/// What a snapshot is built over that outlives snapshots: the route counters and the
+/// limit state, both kept by name.
+#[derive(Clone, Copy)]
+pub struct Shared<'a> {
+    /// Route counters.
+    pub metrics: &'a Metrics,
+    /// Tenants' and client addresses' limit state.
+    pub limiter: &'a Arc<Limiter>,
+}
+
 /// Snapshots alive in the process: the current one, and old ones that connections
 /// opened under them still hold.
 static ALIVE: AtomicUsize = AtomicUsize::new(0);
@@ -127,6 +138,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Pools by name.
     pub pools: HashMap<String, Arc<Pool>>,
+    /// Tenants' limits and the listeners' per-IP defaults.
+    pub limits: limit::Table,
     /// TLS handshakes of the TLS listeners, by listener name: the certificates this
     /// snapshot's config read, so a reload rotates them.
     pub acceptors: HashMap<String, Acceptor>,
@@ -146,7 +159,7 @@ impl Snapshot {
         config: Config,
         previous: Option<&Snapshot>,
         host: Option<&PluginHost>,
-        metrics: &Metrics,
+        shared: Shared<'_>,
     ) -> Result<Snapshot, LoadError> {
         let Tls {
             acceptors,
@@ -198,7 +211,8 @@ impl Snapshot {
             .iter()
             .map(|(n, (_, p))| (n.clone(), p.clone()))
             .collect();
-        let routes = RouteTable::new(&config.routes, &pools, &by_name, metrics);
+        let routes = RouteTable::new(&config.routes, &pools, &by_name, shared.metrics);
+        let limits = limit::Table::new(&config, shared.limiter);
         ALIVE.fetch_add(1, Ordering::Relaxed);
         Ok(Snapshot {
             generation: 1,
@@ -206,6 +220,7 @@ impl Snapshot {
             config,
             routes,
             pools,
+            limits,
             acceptors,
             plugins,
             health,

@@ -15,10 +15,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::forward::UpstreamConns;
+use crate::limit::Limiter;
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHost;
-use crate::snapshot::{LoadError, Snapshot};
+use crate::snapshot::{LoadError, Shared, Snapshot};
 
 /// State shared by every connection of the process.
 pub struct Gateway {
@@ -32,6 +33,8 @@ pub struct Gateway {
     /// The wasmtime engine, created the first time a config lists plugins.
     plugin_host: OnceLock<PluginHost>,
     metrics: Arc<Metrics>,
+    /// Tenants' and client addresses' limit state, kept across reloads.
+    limiter: Arc<Limiter>,
     /// When the process started serving.
     pub started: SystemTime,
     reloads: Mutex<VecDeque<ReloadEvent>>,
@@ -112,7 +115,12 @@ impl Gateway {
         commands: Option<mpsc::Sender<Command>>,
     ) -> Result<Gateway, LoadError> {
         let plugin_host = OnceLock::new();
-        let first = load_snapshot(&plugin_host, config, None, &metrics, listeners, 1).await?;
+        let limiter = Arc::default();
+        let shared = Shared {
+            metrics: &metrics,
+            limiter: &limiter,
+        };
+        let first = load_snapshot(&plugin_host, config, None, shared, listeners, 1).await?;
         Ok(Gateway {
             snapshot: ArcSwap::from_pointee(first),
             conns: Arc::default(),
@@ -121,6 +129,7 @@ impl Gateway {
             tracker: TaskTracker::new(),
             plugin_host,
             metrics,
+            limiter,
             started: SystemTime::now(),
             reloads: Mutex::default(),
             commands,
@@ -157,6 +166,11 @@ impl Gateway {
         &self.metrics
     }
 
+    /// Tenants' and client addresses' limit state.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
     /// Asks the control loop to do something; false when it is not listening.
     pub fn command(&self, c: Command) -> bool {
         self.commands
@@ -178,7 +192,10 @@ impl Gateway {
             &self.plugin_host,
             config,
             Some(&old),
-            &self.metrics,
+            Shared {
+                metrics: &self.metrics,
+                limiter: &self.limiter,
+            },
             listeners,
             generation,
         )
@@ -222,14 +239,14 @@ async fn load_snapshot(
     host: &OnceLock<PluginHost>,
     config: Config,
     previous: Option<&Snapshot>,
-    metrics: &Metrics,
+    shared: Shared<'_>,
     listeners: Vec<(Arc<str>, Arc<Listener>)>,
     generation: u64,
 ) -> Result<Snapshot, LoadError> {
     if !config.plugins.is_empty() && host.get().is_none() {
         let _ = host.set(PluginHost::new().map_err(LoadError::Plugin)?);
     }
-    let mut s = Snapshot::load(config, previous, host.get(), metrics).await?;
+    let mut s = Snapshot::load(config, previous, host.get(), shared).await?;
     s.listeners = listeners;
     s.generation = generation;
     Ok(s)

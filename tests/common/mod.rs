@@ -381,6 +381,12 @@ pub struct AccessLog {
     /// The subject of a TLS client's verified certificate.
     #[serde(default)]
     pub tls_client: Option<String>,
+    /// The tenant named by the route or a plugin.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The limit that refused the request, as `SCOPE.LIMIT` (`tenant.tunnels`).
+    #[serde(default)]
+    pub limit: Option<String>,
 }
 
 /// `sluice SUBCOMMAND PATH` with stdout and stderr piped, no stdin, and no `RUST_LOG`
@@ -1414,6 +1420,12 @@ impl RawClient {
         let stream = within(STEP, "a TCP connect", TcpStream::connect(addr))
             .await
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        RawClient::from_stream(stream)
+    }
+
+    /// A client over a connection made elsewhere (from a chosen address, or after a
+    /// PROXY header).
+    pub fn from_stream(stream: TcpStream) -> RawClient {
         stream.set_nodelay(true).expect("nodelay");
         let (read, writer) = stream.into_split();
         RawClient {

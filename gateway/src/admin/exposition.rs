@@ -14,8 +14,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::balance::Server;
+use crate::limit::{Limit, Scope};
 use crate::listener::Listener;
-use crate::metrics::{CLOSE_REASONS, Histogram};
+use crate::metrics::{CLOSE_REASONS, Histogram, RouteStats};
 use crate::plugin::PluginStats;
 use crate::snapshot;
 use crate::state::Gateway;
@@ -119,6 +120,81 @@ fn int(v: usize) -> i64 {
 
 type Labels<'a, const N: usize> = [(&'static str, &'a str); N];
 
+/// The traffic families (`{prefix}tunnels_open`, `handshakes`, `requests`, `bytes`,
+/// `tunnel_closes`, `tunnel_duration_seconds`), one sample set per `(name, stats)`
+/// labelled `label=name`: routes and tenants count the same things.
+fn traffic(
+    enc: &mut DescriptorEncoder<'_>,
+    prefix: &str,
+    label: &'static str,
+    items: &[(&str, &RouteStats)],
+) -> Result<(), fmt::Error> {
+    let name = |n: &str| format!("{prefix}{n}");
+    let n = name("tunnels_open");
+    let help = format!("WebSocket tunnels open, by {label}.");
+    let mut f = family(enc, &n, &help, MetricType::Gauge)?;
+    for (item, r) in items {
+        f.gauge(&[(label, *item)], r.tunnels_open.load(Ordering::Relaxed))?;
+    }
+    let n = name("handshakes");
+    let help = format!(
+        "WebSocket handshakes answered, by {label}, outcome (tunnel, refused: 4xx, failed: 5xx) and the status the client got."
+    );
+    let mut f = family(enc, &n, &help, MetricType::Counter)?;
+    for (item, r) in items {
+        for (status, count) in r.handshakes.nonzero() {
+            let outcome = match status {
+                101 => "tunnel",
+                500.. => "failed",
+                _ => "refused",
+            };
+            let code = status.to_string();
+            let l: Labels<3> = [(label, item), ("outcome", outcome), ("status", &code)];
+            f.counter(&l, count)?;
+        }
+    }
+    let n = name("requests");
+    let help = format!("Plain HTTP requests answered, by {label} and status.");
+    let mut f = family(enc, &n, &help, MetricType::Counter)?;
+    for (item, r) in items {
+        for (status, count) in r.requests.nonzero() {
+            let code = status.to_string();
+            f.counter(&[(label, *item), ("status", &code)], count)?;
+        }
+    }
+    let n = name("bytes");
+    let help = format!("Bytes relayed (bodies and tunnel traffic), by {label} and direction.");
+    let mut f = family(enc, &n, &help, MetricType::Counter)?;
+    for (item, r) in items {
+        f.counter(
+            &[(label, *item), ("direction", "from_client")],
+            r.bytes_from_client.load(Ordering::Relaxed),
+        )?;
+        f.counter(
+            &[(label, *item), ("direction", "to_client")],
+            r.bytes_to_client.load(Ordering::Relaxed),
+        )?;
+    }
+    let n = name("tunnel_closes");
+    let help = format!("Tunnels ended, by {label} and reason.");
+    let mut f = family(enc, &n, &help, MetricType::Counter)?;
+    for (item, r) in items {
+        for (reason, count) in CLOSE_REASONS.iter().zip(&r.closes) {
+            f.counter(
+                &[(label, *item), ("reason", reason.as_str())],
+                count.load(Ordering::Relaxed),
+            )?;
+        }
+    }
+    let n = name("tunnel_duration_seconds");
+    let help = format!("How long tunnels lasted, by {label}.");
+    let mut f = family(enc, &n, &help, MetricType::Histogram)?;
+    for (item, r) in items {
+        f.histogram(&[(label, *item)], &r.tunnel_seconds)?;
+    }
+    Ok(())
+}
+
 impl Collector for GatewayCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
         let gw = &self.0;
@@ -173,87 +249,60 @@ impl Collector for GatewayCollector {
         )?;
 
         let routes = m.routes();
+        let routes: Vec<(&str, &RouteStats)> =
+            routes.iter().map(|r| (r.name.as_str(), &**r)).collect();
+        traffic(&mut enc, "sluice_", "route", &routes)?;
+        let tenants = gw.limiter().tenants();
+        let traffic_of: Vec<(&str, &RouteStats)> = tenants
+            .iter()
+            .filter(|t| !t.name.is_empty())
+            .map(|t| (&*t.name, &t.stats))
+            .collect();
+        traffic(&mut enc, "sluice_tenant_", "tenant", &traffic_of)?;
         let mut f = family(
             &mut enc,
-            "sluice_tunnels_open",
-            "WebSocket tunnels open, by route.",
+            "sluice_limited",
+            "Requests refused by a limit (429, or 503 when the cluster store is down and on_failure = \"closed\"), by tenant (empty: none), limit and scope (tenant, ip).",
+            MetricType::Counter,
+        )?;
+        for t in &tenants {
+            for (limit, row) in Limit::ALL.iter().zip(&t.limited) {
+                for (scope, n) in [Scope::Tenant, Scope::Ip].iter().zip(row) {
+                    let l: Labels<3> = [
+                        ("tenant", &t.name),
+                        ("limit", limit.as_str()),
+                        ("scope", scope.as_str()),
+                    ];
+                    f.counter(&l, n.load(Ordering::Relaxed))?;
+                }
+            }
+        }
+        family(
+            &mut enc,
+            "sluice_limit_clients",
+            "Client addresses held for per-IP limits (at most [limits] max_clients).",
             MetricType::Gauge,
-        )?;
-        for r in &routes {
-            f.gauge(
-                &[("route", r.name.as_str())],
-                r.tunnels_open.load(Ordering::Relaxed),
+        )?
+        .only(int(gw.limiter().clients()))?;
+        if let Some(c) = gw.limiter().cluster_in_use() {
+            let st = &c.stats;
+            family(
+                &mut enc,
+                "sluice_cluster_up",
+                "1 while the cluster's Redis answers; 0 while limits are local.",
+                MetricType::Gauge,
+            )?
+            .only(i64::from(st.up.load(Ordering::Relaxed)))?;
+            let mut f = family(
+                &mut enc,
+                "sluice_cluster_calls",
+                "Calls to the cluster's Redis, by outcome.",
+                MetricType::Counter,
             )?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_handshakes",
-            "WebSocket handshakes answered, by route, outcome (tunnel, refused: 4xx, failed: 5xx) and the status the client got.",
-            MetricType::Counter,
-        )?;
-        for r in &routes {
-            for (status, n) in r.handshakes.nonzero() {
-                let outcome = match status {
-                    101 => "tunnel",
-                    500.. => "failed",
-                    _ => "refused",
-                };
-                let code = status.to_string();
-                let l: Labels<3> = [("route", &r.name), ("outcome", outcome), ("status", &code)];
-                f.counter(&l, n)?;
-            }
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_requests",
-            "Plain HTTP requests answered, by route and status.",
-            MetricType::Counter,
-        )?;
-        for r in &routes {
-            for (status, n) in r.requests.nonzero() {
-                let code = status.to_string();
-                f.counter(&[("route", r.name.as_str()), ("status", &code)], n)?;
-            }
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_bytes",
-            "Bytes relayed (bodies and tunnel traffic), by route and direction.",
-            MetricType::Counter,
-        )?;
-        for r in &routes {
-            let name = r.name.as_str();
-            f.counter(
-                &[("route", name), ("direction", "from_client")],
-                r.bytes_from_client.load(Ordering::Relaxed),
-            )?;
-            f.counter(
-                &[("route", name), ("direction", "to_client")],
-                r.bytes_to_client.load(Ordering::Relaxed),
-            )?;
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_tunnel_closes",
-            "Tunnels ended, by route and reason.",
-            MetricType::Counter,
-        )?;
-        for r in &routes {
-            for (reason, n) in CLOSE_REASONS.iter().zip(&r.closes) {
-                f.counter(
-                    &[("route", r.name.as_str()), ("reason", reason.as_str())],
-                    n.load(Ordering::Relaxed),
-                )?;
-            }
-        }
-        let mut f = family(
-            &mut enc,
-            "sluice_tunnel_duration_seconds",
-            "How long tunnels lasted, by route.",
-            MetricType::Histogram,
-        )?;
-        for r in &routes {
-            f.histogram(&[("route", r.name.as_str())], &r.tunnel_seconds)?;
+            let calls = st.calls.load(Ordering::Relaxed);
+            let errors = st.errors.load(Ordering::Relaxed);
+            f.counter(&[("outcome", "ok")], calls.saturating_sub(errors))?;
+            f.counter(&[("outcome", "error")], errors)?;
         }
 
         let mut pools: Vec<_> = s.pools.values().collect();

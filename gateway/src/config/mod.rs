@@ -2,6 +2,7 @@
 //! fields, then validated into the typed [`Config`] that a [`crate::snapshot::Snapshot`]
 //! is built from. Every error names the file, the line and the field.
 
+mod limits;
 mod locate;
 mod raw;
 mod tls;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use limits::{ClusterConfig, DEFAULT_MAX_CLIENTS, Limits, OnFailure, Rate, TenantConfig};
 use locate::Locator;
 use raw::RawConfig;
 pub use tls::{
@@ -43,6 +45,12 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// What triggers a reload besides SIGHUP and `POST /reload` (`[reload]`).
     pub reload: ReloadConfig,
+    /// Tenants and their limits, in name order.
+    pub tenants: Vec<TenantConfig>,
+    /// Client addresses tracked at once for per-IP limits (`[limits] max_clients`).
+    pub max_clients: usize,
+    /// Limits shared with other gateways through Redis (`[cluster]`).
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -129,6 +137,11 @@ pub struct ListenerConfig {
     /// HTTP/2 from clients (`[listeners.NAME.http2]`): offered by ALPN on a TLS listener,
     /// spoken by prior knowledge (`h2c`) on a plain one; `None` when turned off.
     pub http2: Option<Http2Config>,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client: the
+    /// client is the last address in it that is not itself a trusted proxy.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Limits on each client address, for requests whose tenant sets no `per_ip`.
+    pub per_ip: Limits,
 }
 
 /// A listener's HTTP/2 settings and its bounds against HTTP/2 abuse. The largest header

@@ -88,6 +88,8 @@ enum Kind {
     /// An array of names of tables.
     Refs(Table),
     Servers,
+    /// A token bucket: `{ rate = N, burst = M }`.
+    Rate,
 }
 
 /// A table's fields: those it must have, and those it may.
@@ -127,6 +129,40 @@ const LISTENER: Fields = (
             "proxy_protocol",
             Kind::Texts(&["127.0.0.1", "10.0.0.0/8", "::1"]),
         ),
+        (
+            "trusted_proxies",
+            Kind::Texts(&["127.0.0.1", "10.0.0.0/8", "::1"]),
+        ),
+    ],
+);
+/// The limits of a tenant, of each of its client addresses, or a listener's per-IP ones.
+const LIMITS: Fields = (
+    &[],
+    &[
+        ("tunnels", Kind::Integer),
+        ("handshakes", Kind::Rate),
+        ("requests", Kind::Rate),
+        ("bandwidth", Kind::Size),
+    ],
+);
+const TENANT: Fields = (
+    &[],
+    &[("hosts", Kind::Texts(&["a.example", "*.example.com"]))],
+);
+const GLOBAL_LIMITS: Fields = (&[], &[("max_clients", Kind::Integer)]);
+const CLUSTER: Fields = (
+    &[(
+        "redis",
+        Kind::Text(&[
+            "redis://127.0.0.1:6379",
+            "redis://:pw@redis.internal/0",
+            "rediss://r:6380",
+        ]),
+    )],
+    &[
+        ("on_failure", Kind::Text(&["open", "closed"])),
+        ("lease", Kind::Duration),
+        ("timeout", Kind::Duration),
     ],
 );
 const HTTP2: Fields = (
@@ -331,6 +367,12 @@ fn plausible(kind: Kind, plan: &Plan) -> BoxedStrategy<String> {
         Kind::Servers => subsequence(&SERVERS[..4], 1..=2)
             .prop_map(|servers| array(servers.into_iter().map(quoted).collect()))
             .boxed(),
+        Kind::Rate => (1..=1000i64, option::of(1..=2000i64))
+            .prop_map(|(rate, burst)| match burst {
+                Some(b) => format!("{{ rate = {rate}, burst = {b} }}"),
+                None => format!("{{ rate = {rate} }}"),
+            })
+            .boxed(),
     }
 }
 
@@ -355,6 +397,12 @@ fn unlikely(kind: Kind, plan: &Plan) -> BoxedStrategy<String> {
             .boxed(),
         Kind::Servers => vec(select(SERVERS).prop_map(quoted), 0..3)
             .prop_map(array)
+            .boxed(),
+        Kind::Rate => (any_value(), option::of(any_value()))
+            .prop_map(|(rate, burst)| match burst {
+                Some(b) => format!("{{ rate = {rate}, burst = {b} }}"),
+                None => format!("{{ rate = {rate} }}"),
+            })
             .boxed(),
         Kind::Bool => plausible(kind, plan),
     };
@@ -410,13 +458,29 @@ fn balance() -> impl Strategy<Value = String> {
     ]
 }
 
-/// A listener table, maybe followed by its `http2` table.
+/// A listener table, maybe followed by its `http2` and `per_ip` tables.
 fn listener(name: &str, plan: &Plan) -> BoxedStrategy<String> {
     (
         table("[listeners.{}]", name, LISTENER, plan),
         option::of(table("[listeners.{}.http2]", name, HTTP2, plan)),
+        option::of(table("[listeners.{}.per_ip]", name, LIMITS, plan)),
     )
-        .prop_map(|(listener, http2)| listener + &http2.unwrap_or_default())
+        .prop_map(|(listener, http2, per_ip)| {
+            listener + &http2.unwrap_or_default() + &per_ip.unwrap_or_default()
+        })
+        .boxed()
+}
+
+/// A tenant table, maybe followed by its `limits` and `per_ip` tables.
+fn tenant(name: &str, plan: &Plan) -> BoxedStrategy<String> {
+    (
+        table("[tenants.{}]", name, TENANT, plan),
+        option::of(table("[tenants.{}.limits]", name, LIMITS, plan)),
+        option::of(table("[tenants.{}.per_ip]", name, LIMITS, plan)),
+    )
+        .prop_map(|(t, limits, per_ip)| {
+            t + &limits.unwrap_or_default() + &per_ip.unwrap_or_default()
+        })
         .boxed()
 }
 
@@ -486,6 +550,8 @@ fn any_section(plan: &Plan) -> BoxedStrategy<String> {
                 table("[upstreams.{}.health]", name, HEALTH, &plan),
                 route(&plan),
                 plugin(name, &plan).prop_map(|tables| tables.concat()),
+                tenant(name, &plan),
+                table("[cluster]", name, CLUSTER, &plan),
             ]
         })
         .boxed()
@@ -528,6 +594,9 @@ fn document() -> impl Strategy<Value = String> {
                 (
                     option::of(table("[admin]", "", ADMIN, &plan)),
                     option::of(table("[reload]", "", RELOAD, &plan)),
+                    option::of(table("[limits]", "", GLOBAL_LIMITS, &plan)),
+                    option::of(table("[cluster]", "", CLUSTER, &plan)),
+                    option::of(tenant("acme", &plan)),
                 ),
                 listeners,
                 upstreams,
@@ -540,18 +609,19 @@ fn document() -> impl Strategy<Value = String> {
                         log,
                         shutdown,
                         runtime,
-                        (admin, reload),
+                        (admin, reload, limits, cluster, tenant),
                         listeners,
                         upstreams,
                         routes,
                         plugins,
                         extra,
                     )| {
-                        let mut sections: Vec<String> =
-                            [log, shutdown, runtime, admin, reload, extra]
-                                .into_iter()
-                                .flatten()
-                                .collect();
+                        let mut sections: Vec<String> = [
+                            log, shutdown, runtime, admin, reload, limits, cluster, tenant, extra,
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect();
                         sections.extend(listeners);
                         sections.extend(upstreams.into_iter().flatten());
                         sections.extend(routes);

@@ -29,6 +29,50 @@ pub(super) struct RawConfig {
     pub(super) routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub(super) plugins: BTreeMap<String, Spanned<RawPlugin>>,
+    #[serde(default)]
+    pub(super) tenants: BTreeMap<String, Spanned<RawTenant>>,
+    #[serde(default)]
+    pub(super) limits: RawGlobalLimits,
+    pub(super) cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTenant {
+    pub(super) hosts: Option<Vec<Spanned<String>>>,
+    pub(super) limits: Option<RawLimits>,
+    pub(super) per_ip: Option<RawLimits>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) tunnels: Option<Spanned<u64>>,
+    pub(super) handshakes: Option<Spanned<RawRate>>,
+    pub(super) requests: Option<Spanned<RawRate>>,
+    pub(super) bandwidth: Option<Spanned<Size>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRate {
+    pub(super) rate: Spanned<f64>,
+    pub(super) burst: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGlobalLimits {
+    pub(super) max_clients: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    pub(super) redis: Spanned<String>,
+    pub(super) on_failure: Option<Spanned<String>>,
+    pub(super) lease: Option<Dur>,
+    pub(super) timeout: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +151,8 @@ pub(super) struct RawListener {
     pub(super) tls: Option<Spanned<RawListenerTls>>,
     pub(super) http2: Option<Spanned<RawHttp2>>,
     pub(super) proxy_protocol: Option<Vec<Spanned<String>>>,
+    pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub(super) per_ip: Option<RawLimits>,
 }
 
 #[derive(Deserialize)]

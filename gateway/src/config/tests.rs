@@ -695,3 +695,105 @@ fn reload_and_access_log_settings_default_and_resolve_against_the_file() {
     assert_eq!(c.reload.debounce, Duration::from_secs(1));
     assert!(err_of(&format!("[reload]\ndebounce = \"0s\"\n{BASE}")).contains("reload.debounce"));
 }
+
+#[test]
+fn tenants_group_routes_by_host_and_their_limits_are_checked_where_written() {
+    let src = format!(
+        "{BASE}
+[tenants.acme]
+hosts = [\"acme.example\"]
+[tenants.acme.limits]
+tunnels = 10
+handshakes = {{ rate = 0.5 }}
+bandwidth = \"1MiB\"
+[tenants.acme.per_ip]
+requests = {{ rate = 20, burst = 40 }}
+
+[[routes]]
+host = \"acme.example\"
+upstream = \"echo\"
+
+[[routes]]
+host = \"acme.example\"
+path_prefix = \"/other\"
+upstream = \"echo\"
+tenant = \"globex\"
+"
+    );
+    let c = Config::parse("sluice.toml", &src).unwrap();
+    let t = &c.tenants[0];
+    assert_eq!(t.limits.tunnels, Some(10));
+    // The burst defaults to one second's worth, and at least one.
+    assert_eq!(
+        t.limits.handshakes,
+        Some(Rate {
+            per_second: 0.5,
+            burst: 1
+        })
+    );
+    assert_eq!(t.limits.bandwidth, Some(1 << 20));
+    assert_eq!(
+        t.per_ip.as_ref().and_then(|l| l.requests.map(|r| r.burst)),
+        Some(40)
+    );
+    let tenants: Vec<_> = c.routes.iter().map(|r| r.tenant.as_deref()).collect();
+    assert_eq!(tenants[tenants.len() - 2..], [Some("acme"), Some("globex")]);
+    assert_eq!(c.max_clients, DEFAULT_MAX_CLIENTS);
+    assert!(c.cluster.is_none());
+
+    let bad = |table: &str| err_of(&format!("{BASE}\n{table}"));
+    assert!(
+        bad("[tenants.a.limits]\nhandshakes = { rate = 0 }").ends_with(
+            "tenants.a.limits.handshakes.rate: must be above 0 and at most 1000000 per second"
+        ),
+        "{}",
+        bad("[tenants.a.limits]\nhandshakes = { rate = 0 }")
+    );
+    assert!(
+        bad("[tenants.a.limits]\ntunnels = 0")
+            .contains("tenants.a.limits.tunnels: must be between 1")
+    );
+    assert!(
+        bad("[tenants.a.per_ip]\nbandwidth = \"100\"")
+            .contains("tenants.a.per_ip.bandwidth: must be at least 1KiB")
+    );
+    assert!(
+        bad("[tenants.a]\nhosts = [\"a/b\"]").contains("tenants.a.hosts[0]: expected a host name")
+    );
+    assert!(bad("[limits]\nmax_clients = 0").contains("limits.max_clients: must be between 1"));
+}
+
+#[test]
+fn the_cluster_takes_a_redis_url_and_a_failure_mode() {
+    let c = Config::parse(
+        "sluice.toml",
+        &format!("{BASE}\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\non_failure = \"closed\"\nlease = \"3s\""),
+    )
+    .unwrap();
+    let cluster = c.cluster.unwrap();
+    assert_eq!(cluster.on_failure, OnFailure::Closed);
+    assert_eq!(cluster.lease, Duration::from_secs(3));
+    assert_eq!(cluster.timeout, Duration::from_millis(100));
+    let bad = |table: &str| err_of(&format!("{BASE}\n[cluster]\n{table}"));
+    assert!(bad("redis = \"http://x\"").contains("cluster.redis: expected a URL such as"));
+    assert!(
+        bad("redis = \"redis://x\"\non_failure = \"maybe\"")
+            .contains("cluster.on_failure: expected \"open\" or \"closed\", got \"maybe\"")
+    );
+}
+
+#[test]
+fn trusted_proxies_and_listener_per_ip_limits() {
+    let src = BASE.replace(
+        "bind = \"127.0.0.1:8080\"\n",
+        "bind = \"127.0.0.1:8080\"\ntrusted_proxies = [\"10.0.0.0/8\"]\nper_ip = { tunnels = 3 }\n",
+    );
+    let c = Config::parse("sluice.toml", &src).unwrap();
+    assert_eq!(c.listeners[0].trusted_proxies[0].to_string(), "10.0.0.0/8");
+    assert_eq!(c.listeners[0].per_ip.tunnels, Some(3));
+    let bad = BASE.replace(
+        "bind = \"127.0.0.1:8080\"\n",
+        "bind = \"127.0.0.1:8080\"\ntrusted_proxies = [\"proxy\"]\n",
+    );
+    assert!(err_of(&bad).contains("listeners.public.trusted_proxies[0]: expected an IP address"));
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::limits;
 use super::locate::Locator;
 use super::raw::{RawAdmin, RawConfig, RawHealth, RawHttp2, RawPlugin, RawRoute, RawUpstream};
 use super::units::{Dur, Size};
@@ -76,22 +77,9 @@ impl RawConfig {
                 // Offered by ALPN on a TLS listener; never guessed at on a plain one.
                 None => tls.is_some().then_some(Http2Config::DEFAULT),
             };
-            let mut proxy_protocol = Vec::new();
-            for range in l.proxy_protocol.unwrap_or_default() {
-                let text = range.get_ref();
-                let net = text
-                    .parse::<ipnet::IpNet>()
-                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        err.at(
-                            range.span(),
-                            format!(
-                                "expected an IP address or range such as \"10.0.0.0/8\", got {text:?}"
-                            ),
-                        )
-                    })?;
-                proxy_protocol.push(net);
-            }
+            let proxy_protocol = limits::ranges(l.proxy_protocol, err)?;
+            let trusted_proxies = limits::ranges(l.trusted_proxies, err)?;
+            let per_ip = limits::limits(l.per_ip, err)?;
             listeners.push(ListenerConfig {
                 name,
                 bind,
@@ -101,6 +89,8 @@ impl RawConfig {
                 tls,
                 http2,
                 proxy_protocol,
+                trusted_proxies,
+                per_ip,
             });
         }
         if listeners.is_empty() {
@@ -121,6 +111,12 @@ impl RawConfig {
             plugins.push(p.into_inner().validate(name, base_dir, err)?);
         }
 
+        let mut tenants = Vec::new();
+        for (name, t) in self.tenants {
+            check_name(&name, t.span(), err)?;
+            tenants.push(limits::tenant(name, t.into_inner(), err)?);
+        }
+
         let mut routes = Vec::new();
         for r in self.routes {
             let span = r.span();
@@ -129,7 +125,15 @@ impl RawConfig {
                 upstreams: &upstreams,
                 plugins: &plugins,
             };
-            routes.push(r.into_inner().validate(span, &known, err)?);
+            let mut route = r.into_inner().validate(span, &known, err)?;
+            if route.tenant.is_none() {
+                // A route on a tenant's host belongs to that tenant.
+                route.tenant = tenants
+                    .iter()
+                    .find(|t| route.host.as_ref().is_some_and(|h| t.hosts.contains(h)))
+                    .map(|t| t.name.clone());
+            }
+            routes.push(route);
         }
         if routes.is_empty() {
             return Err(err.top_level("at least one [[routes]] entry is required".into()));
@@ -177,6 +181,12 @@ impl RawConfig {
             upstreams,
             routes,
             plugins,
+            tenants,
+            max_clients: limits::max_clients(self.limits.max_clients, err)?,
+            cluster: match self.cluster {
+                Some(c) => Some(limits::cluster(c.into_inner(), err)?),
+                None => None,
+            },
         })
     }
 }
@@ -441,22 +451,7 @@ impl RawRoute {
         };
         let host = match &self.host {
             None => None,
-            Some(h) => {
-                let v = h.get_ref().to_ascii_lowercase();
-                if v.is_empty() || v.contains(['/', ':', ' ']) {
-                    return Err(err.at(
-                        h.span(),
-                        format!(
-                            "expected a host name such as \"example.com\" or \"*.example.com\", got {:?}",
-                            h.get_ref()
-                        ),
-                    ));
-                }
-                Some(match v.strip_prefix("*.") {
-                    Some(rest) => HostMatch::Suffix(format!(".{rest}")),
-                    None => HostMatch::Exact(v),
-                })
-            }
+            Some(h) => Some(parse_host(h, err)?),
         };
         let path_prefix = match &self.path_prefix {
             None => "/".to_string(),
@@ -523,6 +518,25 @@ impl RawRoute {
             tenant: self.tenant,
         })
     }
+}
+
+/// A host as routes and tenants write it: `example.com`, or `*.example.com` for its
+/// subdomains.
+pub(super) fn parse_host(h: &Spanned<String>, err: &Locator<'_>) -> Result<HostMatch, ConfigError> {
+    let v = h.get_ref().to_ascii_lowercase();
+    if v.is_empty() || v.contains(['/', ':', ' ']) {
+        return Err(err.at(
+            h.span(),
+            format!(
+                "expected a host name such as \"example.com\" or \"*.example.com\", got {:?}",
+                h.get_ref()
+            ),
+        ));
+    }
+    Ok(match v.strip_prefix("*.") {
+        Some(rest) => HostMatch::Suffix(format!(".{rest}")),
+        None => HostMatch::Exact(v),
+    })
 }
 
 /// What routes may refer to.

@@ -38,6 +38,7 @@ use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
+
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -48,7 +49,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ClientConn, HeadLimits, Ready, handle, switch_answer};
-use crate::config::Http2Config;
+use crate::config::{Http2Config, Rate};
+use crate::limit::Bucket;
 use crate::open::Opened;
 use crate::respond::ResponseBody;
 use crate::snapshot::Snapshot;
@@ -234,28 +236,23 @@ struct Streams {
     open: AtomicUsize,
     idle_since: Mutex<Instant>,
     resets: Mutex<Bucket>,
+    reset_rate: Rate,
     /// Cancelled when the client cancels requests faster than the budget allows.
     abuse: CancellationToken,
 }
 
-/// A token bucket of cancelled requests: `rate` per second, up to twice that at once.
-struct Bucket {
-    rate: f64,
-    tokens: f64,
-    at: Instant,
-}
-
 impl Streams {
     fn new(rate: u32) -> Streams {
-        let rate = f64::from(rate);
+        // Cancelled requests: `rate` per second, up to twice that at once.
+        let reset_rate = Rate {
+            per_second: f64::from(rate),
+            burst: rate.saturating_mul(2),
+        };
         Streams {
             open: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
-            resets: Mutex::new(Bucket {
-                rate,
-                tokens: 2.0 * rate,
-                at: Instant::now(),
-            }),
+            resets: Mutex::new(Bucket::full(reset_rate)),
+            reset_rate,
             abuse: CancellationToken::new(),
         }
     }
@@ -284,12 +281,7 @@ impl Streams {
     /// is marked for GOAWAY.
     fn cancelled(&self) {
         let mut b = self.resets.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        b.tokens = (b.tokens + b.rate * (now - b.at).as_secs_f64()).min(2.0 * b.rate);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-        } else {
+        if b.take(self.reset_rate, std::time::Instant::now()).is_err() {
             self.abuse.cancel();
         }
     }

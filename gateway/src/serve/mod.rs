@@ -167,6 +167,7 @@ struct Ready<S> {
     guard: ActiveGuard,
     rec: crate::access::Record,
     idle: Option<Duration>,
+    bandwidth: Option<u64>,
 }
 
 impl<S: Stream> Ready<S> {
@@ -177,13 +178,14 @@ impl<S: Stream> Ready<S> {
         early: Bytes,
         opened: Opened,
     ) -> Ready<S> {
-        opened.rec.stats.tunnel_opened(opened.rec.status);
+        opened.rec.tunnel_opened();
         Ready {
             ctx,
             snapshot,
             client: Side { stream, early },
             server: opened.server,
             guard: opened.guard,
+            bandwidth: opened.rec.admission.as_ref().and_then(|a| a.bandwidth),
             rec: opened.rec,
             idle: opened.idle,
         }
@@ -199,11 +201,14 @@ impl<S: Stream> Ready<S> {
             guard,
             rec,
             idle,
+            bandwidth,
         } = self;
-        tunnel::relay(client, server, idle, ctx.gw.closing().clone()).map(move |report| {
-            rec.log_tunnel(&report);
-            drop((guard, ctx, snapshot));
-        })
+        tunnel::relay(client, server, idle, bandwidth, ctx.gw.closing().clone()).map(
+            move |report| {
+                rec.log_tunnel(&report);
+                drop((guard, ctx, snapshot));
+            },
+        )
     }
 }
 

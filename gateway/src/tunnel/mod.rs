@@ -135,11 +135,67 @@ struct Pending {
     end: usize,
 }
 
+/// Fewest bytes a shaped direction waits to have allowance for before reading again
+/// (unless its whole burst is smaller), so a slow rate means fewer, larger reads.
+const SHAPED_READ: f64 = 8192.0;
+
+/// A direction's allowance when the tunnel's bandwidth is limited: a bucket of bytes,
+/// refilled at `rate` a second up to one second's worth. While it is empty the direction
+/// does not read, so the sender meets TCP backpressure; nothing is buffered beyond one
+/// relay read.
+struct Shaper {
+    rate: f64,
+    allowance: f64,
+    at: Instant,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Shaper {
+    fn new(rate: u64) -> Box<Shaper> {
+        let rate = rate as f64;
+        Box::new(Shaper {
+            rate,
+            allowance: rate,
+            at: Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        })
+    }
+
+    /// How many bytes may be read now; `Pending` (woken by its timer) until enough are.
+    fn poll_allowance(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        let now = Instant::now();
+        let burst = self.rate;
+        self.allowance =
+            (self.allowance + now.duration_since(self.at).as_secs_f64() * self.rate).min(burst);
+        self.at = now;
+        let enough = SHAPED_READ.min(burst);
+        if self.allowance >= enough {
+            return Poll::Ready((self.allowance as usize).min(BUF_SIZE));
+        }
+        let wait = Duration::from_secs_f64((enough - self.allowance) / self.rate);
+        self.sleep.as_mut().reset(now + wait);
+        match self.sleep.as_mut().poll(cx) {
+            // The timer is already due: the allowance is there on the next look.
+            Poll::Ready(()) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.allowance -= n as f64;
+    }
+}
+
 /// One direction of a tunnel: its counters, frame tracker and the bytes it is still
 /// writing. Polled by [`relay`]'s single task; holds a buffer only mid-write.
 #[derive(Default)]
 struct Direction {
     bytes: u64,
+    /// Its allowance, when the tunnel's bandwidth is limited.
+    shaper: Option<Box<Shaper>>,
     /// Frame boundaries of the bytes read so far.
     frames: Frames,
     /// Bytes read but not yet written on.
@@ -233,9 +289,13 @@ impl Direction {
                 self.done = true;
                 return Poll::Ready(Ok(over));
             }
+            let allowed = match &mut self.shaper {
+                Some(s) => ready!(s.poll_allowance(cx)),
+                None => BUF_SIZE,
+            };
             ready!(from.poll_read_ready(cx))?;
             let mut buf = take_buf();
-            let mut read = ReadBuf::new(&mut buf);
+            let mut read = ReadBuf::new(&mut buf[..allowed]);
             let polled = Pin::new(&mut *from).poll_read(cx, &mut read);
             let end = read.filled().len();
             match polled {
@@ -244,6 +304,9 @@ impl Direction {
                     self.eof = true;
                 }
                 Poll::Ready(Ok(())) => {
+                    if let Some(s) = &mut self.shaper {
+                        s.spend(end);
+                    }
                     self.account(&buf[..end]);
                     self.pending = Some(Pending { buf, at: 0, end });
                 }
@@ -368,6 +431,7 @@ impl<C: Stream, S: Stream> Tunnel<C, S> {
 }
 
 /// Relays until both sides have closed, the idle timeout fires, or `shutdown` is cancelled.
+/// With `bandwidth`, each direction reads at most that many bytes a second.
 ///
 /// The close reason names who closed first: the side that sent the first WebSocket Close
 /// frame, or, when neither did, the side whose TCP stream ended first. On an idle timeout
@@ -378,6 +442,7 @@ pub fn relay<C: Stream, S: Stream>(
     client: Side<C>,
     server: Side<S>,
     idle: Option<Duration>,
+    bandwidth: Option<u64>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = Report> {
     let mut t = Tunnel {
@@ -391,6 +456,10 @@ pub fn relay<C: Stream, S: Stream>(
         seen: 0,
         last: Instant::now(),
     };
+    if let Some(rate) = bandwidth {
+        t.c2s.shaper = Some(Shaper::new(rate));
+        t.s2c.shaper = Some(Shaper::new(rate));
+    }
     t.c2s.early(client.early);
     t.s2c.early(server.early);
     t.note_close(Ended::ClientClosed);

@@ -72,7 +72,13 @@ impl Rig {
         idle: Option<Duration>,
     ) -> Rig {
         let shutdown = CancellationToken::new();
-        let tunnel = tokio::spawn(relay(client_side, server_side, idle, shutdown.clone()));
+        let tunnel = tokio::spawn(relay(
+            client_side,
+            server_side,
+            idle,
+            None,
+            shutdown.clone(),
+        ));
         Rig {
             client,
             server,
