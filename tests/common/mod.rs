@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::BufRead;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
@@ -1656,6 +1656,51 @@ pub async fn close_ws(mut ws: Ws) {
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
+}
+
+// ---- limits ----
+
+/// A WebSocket upgrade of `/` for `host`, from `from` (a loopback address) when given.
+pub async fn upgrade(addr: SocketAddr, host: &str, from: Option<IpAddr>) -> Result<Ws, Response> {
+    upgrade_with(addr, Head::websocket("/").set("Host", host), from).await
+}
+
+pub async fn upgrade_with(
+    addr: SocketAddr,
+    head: Head,
+    from: Option<IpAddr>,
+) -> Result<Ws, Response> {
+    let mut client = match from {
+        Some(ip) => RawClient::from_stream(connect_from(ip, addr).await),
+        None => RawClient::connect(addr).await,
+    };
+    let answer = client.request(&head).await;
+    if answer.status != 101 {
+        return Err(answer);
+    }
+    let mut ws = client.into_websocket().await;
+    assert_eq!(whoami(&mut ws).await, "a");
+    Ok(ws)
+}
+
+/// A TCP connection to `addr` from the loopback address `ip`.
+pub async fn connect_from(ip: IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(ip, 0)).expect("bind");
+    within(STEP, "a TCP connect", socket.connect(addr))
+        .await
+        .expect("connect")
+}
+
+/// Asserts `answer` is a 429 naming `limit`, and returns its `Retry-After` in seconds.
+pub fn assert_limited(answer: &Response, limit: &str) -> u64 {
+    assert_eq!(answer.status, 429, "{answer:?}");
+    assert!(answer.text().contains(limit), "{}", answer.text());
+    answer
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or_else(|| panic!("no Retry-After in {answer:?}"))
 }
 
 // ---- TLS ------------------------------------------------------------------------------

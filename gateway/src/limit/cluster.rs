@@ -25,7 +25,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::{Limiter, Tenant};
-use crate::config::{ClusterConfig, Rate};
+use crate::config::{ClusterConfig, OnFailure, Rate};
 
 /// How long locally held handshake tokens stay spendable.
 const TOKEN_LEASE: Duration = Duration::from_secs(1);
@@ -218,7 +218,10 @@ impl Cluster {
             tracing::warn!(
                 redis = %self.config.redis,
                 error = why,
-                on_failure = ?self.config.on_failure,
+                on_failure = match self.config.on_failure {
+                    OnFailure::Open => "open: local limits",
+                    OnFailure::Closed => "closed: refusing",
+                },
                 "cluster: Redis unreachable; limits are local until it answers again"
             );
         }
