@@ -334,3 +334,35 @@ upstream = "echo"
     wait_metric(gw.admin().await, "sluice_cluster_up", &[], 1.0).await;
     close_ws(tunnel(&gw).await.expect("Redis back")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_counters_are_shared_by_the_fleet() {
+    let backend = Backend::start("a").await;
+    let redis = Redis::start().await;
+    let api_key = plugin_wasm("api-key-js");
+    let config = ConfigBuilder::new(&[backend.addr])
+        .route_toml("plugins = [\"keys\"]")
+        .extra(&format!(
+            r#"[cluster]
+redis = "redis://{}"
+
+[plugins.keys]
+path = {api_key:?}
+
+[plugins.keys.config]
+keys = {{ "k-1" = "alice" }}
+rate_limit_per_minute = 3
+"#,
+            redis.addr()
+        ));
+    let (one, two) = (config.start().await, config.start().await);
+    let get = Head::get("/").header("X-Api-Key", "k-1");
+    // alice's third request in the minute is the fleet's third, whichever gateway.
+    for gw in [&one, &two, &one] {
+        assert_answered(gw.addr(), &get, "a").await;
+    }
+    for gw in [&two, &one] {
+        let answer = request_once(gw.addr(), &get).await;
+        assert_eq!(answer.status, 429, "{answer:?}");
+    }
+}

@@ -837,3 +837,19 @@ async fn measure() {
     }
     println!("spawn_blocking round trip: {:?}", median(blocking));
 }
+
+#[tokio::test]
+async fn a_plugins_counters_are_kept_apart_by_tenant() {
+    let host = PluginHost::new().unwrap();
+    let chain = Chain::new(vec![load(&host, &spec("hostile", json!({}))).await]);
+    let of = |tenant: Option<&str>| RequestInfo {
+        tenant: tenant.map(str::to_owned),
+        ..request(&[])
+    };
+    assert_eq!(call_number(&chain, &of(Some("acme"))).await, "1");
+    assert_eq!(call_number(&chain, &of(Some("acme"))).await, "2");
+    // Another tenant, and no tenant, count from zero: neither sees acme's calls.
+    assert_eq!(call_number(&chain, &of(Some("globex"))).await, "1");
+    assert_eq!(call_number(&chain, &of(None)).await, "1");
+    assert_eq!(call_number(&chain, &of(Some("acme"))).await, "3");
+}

@@ -213,6 +213,9 @@ impl Snapshot {
             .collect();
         let routes = RouteTable::new(&config.routes, &pools, &by_name, shared.metrics);
         let limits = limit::Table::new(&config, shared.limiter);
+        if let Some(host) = host {
+            host.share_counters(limits.cluster().cloned());
+        }
         ALIVE.fetch_add(1, Ordering::Relaxed);
         Ok(Snapshot {
             generation: 1,

@@ -230,15 +230,17 @@ impl Cluster {
     /// Takes one of `tenant`'s handshake tokens from the fleet's bucket: `Err` with the
     /// wait when it is empty, `None` when Redis is down.
     pub(super) async fn take(&self, tenant: &Tenant, rate: Rate) -> Option<Result<(), Duration>> {
+        // While Redis is down, what it granted before is not spent either: the fleet's
+        // view is stale, and `on_failure` decides.
+        if !self.up() {
+            return None;
+        }
         {
             let mut s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
             if s.tokens > 0 && s.until.is_some_and(|u| Instant::now() < u) {
                 s.tokens -= 1;
                 return Some(Ok(()));
             }
-        }
-        if !self.up() {
-            return None;
         }
         let want = (rate.per_second / 10.0)
             .floor()
@@ -256,14 +258,57 @@ impl Cluster {
         Some(Ok(()))
     }
 
+    /// Adds `delta` to a plugin's counter in the fleet's current fixed window of
+    /// `window_ms` (by this gateway's clock, which the fleet's NTP keeps close), and
+    /// gives the fleet's count; `None` when Redis is down. `scope` is the plugin, the
+    /// request's tenant and the key; one pipelined round trip (`INCRBY`, `PEXPIRE`).
+    pub async fn counter_add(
+        &self,
+        (plugin, tenant, key): (&str, Option<&str>, &str),
+        delta: u64,
+        window_ms: u64,
+    ) -> Option<u64> {
+        if !self.up() {
+            return None;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let start = now / window_ms * window_ms;
+        // Lengths make the parts unambiguous whatever a tenant name or key holds.
+        let tenant = tenant.map_or(String::from("-"), |t| format!("{}:{t}", t.len()));
+        let name = format!("sluice:counter:{{{plugin}}}:{tenant}:{window_ms}:{start}:{key}");
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCRBY").arg(&name).arg(delta);
+        pipe.cmd("PEXPIRE")
+            .arg(&name)
+            .arg(window_ms + 1000)
+            .ignore();
+        let answer = tokio::time::timeout(self.config.timeout, pipe.query_async(&mut conn));
+        match answer.await {
+            Ok(Ok((n,))) => Some(n),
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("no answer within the cluster timeout");
+                None
+            }
+        }
+    }
+
     /// Takes one of `tenant`'s `max` tunnel slots in the fleet and counts the tunnel
     /// locally: `Some(false)` when the fleet is at the limit, `None` when Redis is down.
     pub(super) async fn claim(&self, tenant: &Tenant, max: u32) -> Option<bool> {
-        if self.slot_at_hand(tenant) {
-            return Some(true);
-        }
+        // While Redis is down this gateway's claims lapse with its lease.
         if !self.up() {
             return None;
+        }
+        if self.slot_at_hand(tenant) {
+            return Some(true);
         }
         let mut inv = self.claim.key(tunnel_keys(tenant));
         inv.key(lease_key(tenant))

@@ -457,6 +457,11 @@ impl Table {
         }
     }
 
+    /// The fleet's shared store, with `[cluster]`.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// The proxies whose `X-Forwarded-For` `listener` believes.
     pub fn trusted_proxies(&self, listener: &str) -> &[ipnet::IpNet] {
         self.listeners

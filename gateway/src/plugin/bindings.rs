@@ -12,6 +12,8 @@ mod generated {
         // Exports run on a fiber so a long hook yields to tokio at every epoch
         // tick instead of holding a worker (see the numbers in `mod.rs`).
         exports: { default: async },
+        // With `[cluster]`, a counter lives in the fleet's Redis: the host awaits it.
+        imports: { "sluice:plugin/host.counter-add": async },
     });
 }
 

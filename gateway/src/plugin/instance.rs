@@ -15,6 +15,7 @@ use super::bindings::{self, Decision, Request, host, wit};
 use super::reuse::{Reuse, reuse_ms};
 use super::types::{Fault, PluginStats};
 use crate::config::PluginLimits;
+use crate::limit::Cluster;
 use crate::metrics::{Histogram, PLUGIN_BUCKETS};
 
 /// Longest a call waits for a free instance before it is an `Overloaded` fault.
@@ -27,12 +28,19 @@ fn queue_wait(limits: &PluginLimits) -> Duration {
 /// Longest a log message from a plugin may be; the rest is cut.
 const MAX_LOG_BYTES: usize = 2048;
 
-/// Windowed counters shared by all instances of a plugin (scoped by plugin
-/// name), for rate limits and quotas.
+/// Windowed counters shared by all instances of a plugin, scoped by plugin name and by
+/// the tenant of the request being decided (so a plugin serving several tenants never
+/// sees one tenant's counts in another's), for rate limits and quotas. With `[cluster]`
+/// they live in the fleet's Redis, and here only while it is unreachable.
 #[derive(Debug, Default)]
 pub(super) struct Counters {
-    map: DashMap<(Arc<str>, String), Window>,
+    map: DashMap<CounterKey, Window>,
+    /// The fleet's store, with `[cluster]`.
+    pub(super) cluster: std::sync::Mutex<Option<Arc<Cluster>>>,
 }
+
+/// Plugin, tenant, key.
+type CounterKey = (Arc<str>, Option<String>, String);
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
@@ -47,7 +55,30 @@ const MAX_COUNTER_KEYS: usize = 100_000;
 const MAX_COUNTER_KEY_BYTES: usize = 256;
 
 impl Counters {
-    fn add(&self, scope: &Arc<str>, mut key: String, delta: u64, window_ms: u64) -> u64 {
+    async fn add(
+        &self,
+        plugin: &Arc<str>,
+        tenant: Option<String>,
+        mut key: String,
+        delta: u64,
+        window_ms: u64,
+    ) -> u64 {
+        truncate(&mut key, MAX_COUNTER_KEY_BYTES);
+        let cluster = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(c) = cluster {
+            let scope = (&**plugin, tenant.as_deref(), key.as_str());
+            if let Some(n) = c.counter_add(scope, delta, window_ms.max(1)).await {
+                return n;
+            }
+        }
+        self.add_local((plugin.clone(), tenant, key), delta, window_ms)
+    }
+
+    fn add_local(&self, key: CounterKey, delta: u64, window_ms: u64) -> u64 {
         let now = now_ms();
         let len_ms = window_ms.max(1);
         let start_ms = now / len_ms * len_ms;
@@ -55,13 +86,12 @@ impl Counters {
             self.map
                 .retain(|_, w| w.start_ms.saturating_add(w.len_ms) > now);
         }
-        truncate(&mut key, MAX_COUNTER_KEY_BYTES);
         let fresh = Window {
             start_ms,
             len_ms,
             count: 0,
         };
-        let mut slot = self.map.entry((scope.clone(), key)).or_insert(fresh);
+        let mut slot = self.map.entry(key).or_insert(fresh);
         if slot.start_ms != start_ms || slot.len_ms != len_ms {
             *slot = fresh;
         }
@@ -134,6 +164,9 @@ pub(super) struct State {
     ticks_left: u64,
     timed_out: bool,
     shared: Arc<Shared>,
+    /// The tenant of the request or tunnel the current call is about: the scope of
+    /// its counters.
+    tenant: Option<String>,
 }
 
 impl WasiView for State {
@@ -168,10 +201,12 @@ impl host::Host for State {
         u64::try_from(self.shared.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn counter_add(&mut self, key: String, delta: u64, window_ms: u64) -> u64 {
+    async fn counter_add(&mut self, key: String, delta: u64, window_ms: u64) -> u64 {
+        let tenant = self.tenant.clone();
         self.shared
             .counters
-            .add(&self.shared.name, key, delta, window_ms)
+            .add(&self.shared.name, tenant, key, delta, window_ms)
+            .await
     }
 }
 
@@ -276,6 +311,7 @@ impl InstancePool {
         }
         let (_permit, mut inst) = self.checkout().await?;
         arm(&mut inst.store, self.budget_ticks);
+        inst.store.data_mut().tenant.clone_from(&req.tenant);
         let result = inst.plugin.call_on_request(&mut inst.store, req).await;
         self.latency.observe(now.elapsed());
         let decision = self.settle(inst, result)?;
@@ -305,6 +341,7 @@ impl InstancePool {
     pub(super) async fn on_close(&self, info: &wit::CloseInfo) -> Result<(), Fault> {
         let (_permit, mut inst) = self.checkout().await?;
         arm(&mut inst.store, self.budget_ticks);
+        inst.store.data_mut().tenant.clone_from(&info.tenant);
         let result = inst.plugin.call_on_close(&mut inst.store, info).await;
         self.settle(inst, result)
     }
@@ -415,6 +452,7 @@ impl InstancePool {
             ticks_left: 0,
             timed_out: false,
             shared: self.shared.clone(),
+            tenant: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);

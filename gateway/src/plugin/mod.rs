@@ -186,6 +186,16 @@ impl std::fmt::Debug for PluginHost {
 }
 
 impl PluginHost {
+    /// Keeps the plugins' counters in the fleet's store from now on (`None`: in this
+    /// process).
+    pub fn share_counters(&self, cluster: Option<Arc<crate::limit::Cluster>>) {
+        *self
+            .counters
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = cluster;
+    }
+
     /// A host with default [`HostOptions`].
     pub fn new() -> Result<Self, PluginError> {
         Self::with_options(HostOptions::default())
