@@ -280,7 +280,7 @@ async fn plugins_see_only_the_headers_they_read_as_earlier_plugins_left_them() {
             // Only what it asked for, with jwt-auth's x-user in place of the client's.
             "origin,x-user",
             // Everything, including the headers the plugins before it set.
-            "origin,authorization,cookie,x-user,x-tenant,x-hostile-call,x-hostile,x-hostile-saw,x-hostile-fields,x-hostile-scheme,x-hostile-tls,x-hostile-request",
+            "origin,authorization,cookie,x-user,x-tenant,x-hostile-call,x-hostile,x-hostile-saw,x-hostile-fields,x-hostile-scheme,x-hostile-tls,x-hostile-request,x-hostile-client",
         ]
     );
 }

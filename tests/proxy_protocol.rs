@@ -149,3 +149,22 @@ async fn the_header_comes_before_the_tls_handshake() {
     let seen = backend.requests().pop().expect("the upgrade");
     assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.7"));
 }
+
+#[tokio::test]
+async fn plugins_see_the_client_a_trusted_balancer_names() {
+    let backend = Backend::start("a").await;
+    let hostile = plugin_wasm("hostile");
+    let gateway = ConfigBuilder::new(&[backend.addr])
+        .listener_toml("proxy_protocol = [\"127.0.0.1\"]")
+        .route_toml("plugins = [\"seen\"]")
+        .extra(&format!("[plugins.seen]\npath = {hostile:?}\n"))
+        .start()
+        .await;
+    let url = format!("ws://{}/chat", gateway.addr());
+    echo_over(with_header(gateway.addr(), V1).await, &url).await;
+    let seen = backend.requests().pop().expect("the upgrade");
+    assert_eq!(seen.header("x-hostile-client"), Some("203.0.113.7"));
+    echo_over(with_header(gateway.addr(), &v2()).await, &url).await;
+    let seen = backend.requests().pop().expect("the upgrade");
+    assert_eq!(seen.header("x-hostile-client"), Some("203.0.113.9"));
+}

@@ -187,7 +187,7 @@ pub async fn admit(
         .admit(listener, rec.tenant.as_ref(), peer.ip(), websocket)
         .await
     {
-        Ok(admission) => rec.admission = Some(Arc::new(admission)),
+        Ok(admission) => rec.admission = (!admission.is_empty()).then(|| Arc::new(admission)),
         Err(refusal) => return Err(limited(rec, refusal)),
     }
     let key = match (&verdict.sticky_key, verdict.pool.hash_key()) {

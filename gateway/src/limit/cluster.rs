@@ -335,9 +335,9 @@ impl Cluster {
         false
     }
 
-    /// Writes this gateway's claims for every tenant (just what its open tunnels need)
-    /// and renews its lease; pings first when Redis was down.
-    async fn renew_all(&self, limiter: &Limiter) {
+    /// Writes this gateway's claims for every tenant (just what its open tunnels need,
+    /// or nothing when `!keep`) and renews its lease; pings first when Redis was down.
+    async fn renew_all(&self, limiter: &Limiter, keep: bool) {
         if !self.up() {
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             let mut conn = self.conn.clone();
@@ -357,7 +357,8 @@ impl Cluster {
         for tenant in limiter.tenants() {
             let n = {
                 let mut s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
-                let open = u32::try_from(tenant.tunnels.load(Ordering::Relaxed)).unwrap_or(0);
+                let open = u32::try_from(tenant.tunnels.load(Ordering::Relaxed)).unwrap_or(0)
+                    * u32::from(keep);
                 s.claimed = open;
                 if open == 0 && s.renewed == Some(0) {
                     continue;
@@ -412,6 +413,12 @@ async fn renewals(cluster: Weak<Cluster>, limiter: Weak<Limiter>) {
         let (Some(c), Some(l)) = (cluster.upgrade(), limiter.upgrade()) else {
             return;
         };
-        c.renew_all(&l).await;
+        if !l.uses(&c) {
+            // A reload replaced this store: the one in use now renews the same tunnels
+            // under its own name, so this one's claims go.
+            c.renew_all(&l, false).await;
+            return;
+        }
+        c.renew_all(&l, true).await;
     }
 }

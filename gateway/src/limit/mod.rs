@@ -38,11 +38,11 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    /// A full bucket.
-    pub fn full(rate: Rate) -> Bucket {
+    /// A full bucket at `now`.
+    pub fn full(rate: Rate, now: Instant) -> Bucket {
         Bucket {
             tokens: f64::from(rate.burst),
-            at: Instant::now(),
+            at: now,
         }
     }
 
@@ -159,6 +159,8 @@ impl Refusal {
 pub struct Tenant {
     /// The tenant's name ([`OTHER_TENANT`] for names not in the config).
     pub name: Arc<str>,
+    /// The client table's scope for the tenant's `per_ip` limits.
+    scope: Arc<str>,
     /// Its traffic: handshakes and requests by status, tunnels, bytes.
     pub stats: RouteStats,
     /// Requests refused, by [`Limit::ALL`] × (tenant, ip).
@@ -175,6 +177,7 @@ impl Tenant {
     fn new(name: &str) -> Tenant {
         Tenant {
             name: name.into(),
+            scope: format!("tenant:{name}").into(),
             stats: RouteStats::new(name),
             limited: Default::default(),
             handshakes: Mutex::new(None),
@@ -196,9 +199,10 @@ impl Tenant {
     }
 
     fn take(&self, bucket: &Mutex<Option<Bucket>>, rate: Rate) -> Result<(), Duration> {
+        let now = Instant::now();
         let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
-        b.get_or_insert_with(|| Bucket::full(rate))
-            .take(rate, Instant::now())
+        b.get_or_insert_with(|| Bucket::full(rate, now))
+            .take(rate, now)
     }
 }
 
@@ -306,7 +310,7 @@ impl Clients {
             } else {
                 &mut c.requests
             };
-            let bucket = slot.get_or_insert_with(|| Bucket::full(rate));
+            let bucket = slot.get_or_insert_with(|| Bucket::full(rate, now));
             let taken = bucket.take(rate, now);
             c.idle_at = c.idle_at.max(bucket.full_at(rate));
             if let Err(wait) = taken {
@@ -391,6 +395,15 @@ impl Limiter {
         let made = Cluster::start(wanted.clone(), Arc::downgrade(self));
         *current = made.clone();
         made
+    }
+
+    /// Whether `cluster` is the shared store in use (a reload may have replaced it).
+    fn uses(&self, cluster: &Cluster) -> bool {
+        self.cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(&**c, cluster))
     }
 
     /// The shared store in use, if any.
@@ -498,8 +511,8 @@ impl Table {
             client: None,
             tenant: None,
         };
-        let per_ip = match config.and_then(|c| c.per_ip.as_ref().map(|l| (&c.name, l))) {
-            Some((name, limits)) => Some((Arc::<str>::from(format!("tenant:{name}")), limits)),
+        let per_ip = match tenant.zip(config.and_then(|c| c.per_ip.as_ref())) {
+            Some((t, limits)) => Some((t.scope.clone(), limits)),
             None => self
                 .listeners
                 .get(listener)
@@ -615,13 +628,9 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Nothing held, nothing limited.
-    pub fn none() -> Admission {
-        Admission {
-            bandwidth: None,
-            client: None,
-            tenant: None,
-        }
+    /// Whether it holds nothing and limits nothing (so need not be kept).
+    pub fn is_empty(&self) -> bool {
+        self.bandwidth.is_none() && self.client.is_none() && self.tenant.is_none()
     }
 }
 

@@ -12,8 +12,8 @@ fn rate(per_second: f64, burst: u32) -> Rate {
 #[test]
 fn a_bucket_gives_its_burst_then_says_when_the_next_token_is_free() {
     let r = rate(2.0, 3);
-    let mut b = Bucket::full(r);
-    let now = b.at;
+    let now = Instant::now();
+    let mut b = Bucket::full(r, now);
     for _ in 0..3 {
         assert_eq!(b.take(r, now), Ok(()));
     }
@@ -139,4 +139,12 @@ async fn a_tenant_slot_is_given_back_when_its_admission_drops() {
     // A tenant not in the config has no limits and is counted as the other tenants.
     let other = table.tenant(Some("nobody")).expect("counted");
     assert_eq!(&*other.name, OTHER_TENANT);
+}
+
+/// What the README's `max_clients` says an address costs (about 150 bytes with the
+/// map's own overhead) stays true.
+#[test]
+fn a_client_entry_stays_small() {
+    let size = std::mem::size_of::<(ClientKey, Client)>();
+    assert!(size <= 112, "an entry is {size} bytes");
 }

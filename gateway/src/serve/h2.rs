@@ -251,7 +251,7 @@ impl Streams {
         Streams {
             open: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
-            resets: Mutex::new(Bucket::full(reset_rate)),
+            resets: Mutex::new(Bucket::full(reset_rate, Instant::now().into_std())),
             reset_rate,
             abuse: CancellationToken::new(),
         }
@@ -281,7 +281,7 @@ impl Streams {
     /// is marked for GOAWAY.
     fn cancelled(&self) {
         let mut b = self.resets.lock().unwrap_or_else(|e| e.into_inner());
-        if b.take(self.reset_rate, std::time::Instant::now()).is_err() {
+        if b.take(self.reset_rate, Instant::now().into_std()).is_err() {
             self.abuse.cancel();
         }
     }
