@@ -101,6 +101,16 @@ async fn a_tenant_at_its_tunnel_limit_gets_429_while_another_tenant_connects() {
     assert_eq!(m.value("sluice_tenant_handshakes_total", &tunnels), 3.0);
     let refused = [("tenant", "a"), ("status", "429")];
     assert!(m.value("sluice_tenant_handshakes_total", &refused) >= 1.0);
+    let status = admin_json(gateway.admin().await, "/status").await;
+    let a = status["tenants"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == "a"))
+        .unwrap_or_else(|| panic!("no tenant a in {status}"));
+    assert_eq!(
+        (a["tunnels_open"].as_i64(), a["tunnel_limit"].as_i64()),
+        (Some(2), Some(2))
+    );
+    assert!(a["limited"].as_u64() >= Some(1), "{a}");
     for ws in [second, third, b] {
         close_ws(ws).await;
     }
@@ -425,4 +435,32 @@ tunnels = 1
     for ws in open {
         close_ws(ws).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_a_tenants_limits_and_its_open_tunnels_still_count() {
+    let backend = Backend::start("a").await;
+    let config = |n: u32| tenants(&backend, &format!("[tenants.a.limits]\ntunnels = {n}\n"));
+    let gateway = config(1).start().await;
+    let addr = gateway.addr();
+    let one = upgrade(addr, "a.example", None)
+        .await
+        .expect("the one tunnel");
+    assert_limited(
+        &upgrade(addr, "a.example", None).await.expect_err("2nd"),
+        "tunnels",
+    );
+    std::fs::write(gateway.config_path(), config(2).build()).expect("rewrite config");
+    let reload = admin_post(gateway.admin().await, "/reload", None).await;
+    assert_eq!(reload.status, 200, "{}", reload.text());
+    let two = upgrade(addr, "a.example", None)
+        .await
+        .expect("the raised limit");
+    // The tunnel opened before the reload still holds its slot: 2 of 2.
+    assert_limited(
+        &upgrade(addr, "a.example", None).await.expect_err("3rd"),
+        "tunnels",
+    );
+    close_ws(one).await;
+    close_ws(two).await;
 }

@@ -332,6 +332,30 @@ fn status(gw: &Gateway, s: &Snapshot) -> Value {
             })
         })
         .collect();
+    let tenants: Vec<Value> = s
+        .limits
+        .tenants()
+        .into_iter()
+        .map(|(c, t)| {
+            let rate = |r: Option<crate::config::Rate>| r.map(|r| r.per_second);
+            json!({
+                "name": c.name,
+                "tunnels_open": t.stats.tunnels_open.load(std::sync::atomic::Ordering::Relaxed),
+                "tunnel_limit": c.limits.tunnels,
+                "handshake_rate": rate(c.limits.handshakes),
+                "request_rate": rate(c.limits.requests),
+                "handshakes": t.stats.handshakes.total(),
+                "requests": t.stats.requests.total(),
+                "limited": t.refused(),
+            })
+        })
+        .collect();
+    let cluster = s.limits.cluster().map(|c| {
+        json!({
+            "redis": c.config().redis,
+            "up": c.stats.up.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    });
     let tunnels: i64 = gw
         .metrics()
         .routes()
@@ -352,6 +376,9 @@ fn status(gw: &Gateway, s: &Snapshot) -> Value {
         "listeners": listeners,
         "routes": routes,
         "plugins": plugins,
+        "tenants": tenants,
+        "cluster": cluster,
+        "limit_clients": gw.limiter().clients(),
     })
 }
 

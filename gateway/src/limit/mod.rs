@@ -192,6 +192,15 @@ impl Tenant {
         self.tunnels.load(Ordering::Relaxed)
     }
 
+    /// Requests refused by any limit.
+    pub fn refused(&self) -> u64 {
+        self.limited
+            .iter()
+            .flatten()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn count_refusal(&self, r: &Refusal) {
         let i = Limit::ALL.iter().position(|l| *l == r.limit).unwrap_or(0);
         let j = usize::from(r.scope == Scope::Ip);
@@ -468,6 +477,13 @@ impl Table {
             max_clients: config.max_clients,
             cluster: limiter.cluster(config),
         }
+    }
+
+    /// The config's tenants with their state, by name.
+    pub fn tenants(&self) -> Vec<(&TenantConfig, &Arc<Tenant>)> {
+        let mut all: Vec<_> = self.tenants.values().map(|(c, t)| (c, t)).collect();
+        all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        all
     }
 
     /// The fleet's shared store, with `[cluster]`.
