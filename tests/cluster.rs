@@ -106,13 +106,18 @@ impl Drop for Redis {
 /// A gateway of the fleet: tenant `a` on host `a.example` with `limits`, sharing them
 /// through `redis`.
 async fn member(backend: &Backend, redis: &Redis, limits: &str) -> Gateway {
-    ConfigBuilder::new(&[backend.addr])
-        .extra(&format!(
-            r#"{ADMIN}
+    member_config(backend, redis, "", limits).start().await
+}
+
+/// The config of a [`member`], with more `[cluster]` settings.
+fn member_config(backend: &Backend, redis: &Redis, cluster: &str, limits: &str) -> ConfigBuilder {
+    ConfigBuilder::new(&[backend.addr]).extra(&format!(
+        r#"{ADMIN}
 [cluster]
 redis = "redis://{redis}"
 lease = "2s"
 timeout = "200ms"
+{cluster}
 
 [tenants.a]
 hosts = ["a.example"]
@@ -125,10 +130,8 @@ name = "a"
 host = "a.example"
 upstream = "echo"
 "#,
-            redis = redis.addr()
-        ))
-        .start()
-        .await
+        redis = redis.addr()
+    ))
 }
 
 async fn tunnel(gw: &Gateway) -> Result<Ws, Response> {
@@ -294,26 +297,7 @@ async fn a_killed_gateways_tunnels_give_their_slots_back_within_the_lease() {
 async fn with_on_failure_closed_a_shared_limit_refuses_while_redis_is_down() {
     let backend = Backend::start("a").await;
     let mut redis = Redis::start().await;
-    let config = ConfigBuilder::new(&[backend.addr]).extra(&format!(
-        r#"{ADMIN}
-[cluster]
-redis = "redis://{}"
-on_failure = "closed"
-lease = "2s"
-
-[tenants.a]
-hosts = ["a.example"]
-
-[tenants.a.limits]
-tunnels = 10
-
-[[routes]]
-name = "a"
-host = "a.example"
-upstream = "echo"
-"#,
-        redis.addr()
-    ));
+    let config = member_config(&backend, &redis, "on_failure = \"closed\"", "tunnels = 10");
     let gw = config.start().await;
     close_ws(tunnel(&gw).await.expect("Redis up")).await;
     redis.kill();

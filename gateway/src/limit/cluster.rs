@@ -196,10 +196,15 @@ impl Cluster {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Option<T> {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
-        let answer = tokio::time::timeout(self.config.timeout, invocation.invoke_async(&mut conn));
-        match answer.await {
+        self.bounded(invocation.invoke_async(&mut conn)).await
+    }
+
+    /// Awaits one call to Redis within the timeout, counting it; `None` (noted) when it
+    /// failed.
+    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Option<T> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(self.config.timeout, call).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.failed(&e.to_string());
@@ -278,7 +283,6 @@ impl Cluster {
         // Lengths make the parts unambiguous whatever a tenant name or key holds.
         let tenant = tenant.map_or(String::from("-"), |t| format!("{}:{t}", t.len()));
         let name = format!("sluice:counter:{{{plugin}}}:{tenant}:{window_ms}:{start}:{key}");
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.cmd("INCRBY").arg(&name).arg(delta);
@@ -286,18 +290,8 @@ impl Cluster {
             .arg(&name)
             .arg(window_ms + 1000)
             .ignore();
-        let answer = tokio::time::timeout(self.config.timeout, pipe.query_async(&mut conn));
-        match answer.await {
-            Ok(Ok((n,))) => Some(n),
-            Ok(Err(e)) => {
-                self.failed(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.failed("no answer within the cluster timeout");
-                None
-            }
-        }
+        let (n,) = self.bounded(pipe.query_async(&mut conn)).await?;
+        Some(n)
     }
 
     /// Takes one of `tenant`'s `max` tunnel slots in the fleet and counts the tunnel
@@ -339,13 +333,14 @@ impl Cluster {
     /// or nothing when `!keep`) and renews its lease; pings first when Redis was down.
     async fn renew_all(&self, limiter: &Limiter, keep: bool) {
         if !self.up() {
-            self.stats.calls.fetch_add(1, Ordering::Relaxed);
+            // A ping that fails is counted, not logged again.
             let mut conn = self.conn.clone();
             let ping = redis::cmd("PING");
-            let answer =
-                tokio::time::timeout(self.config.timeout, ping.query_async::<String>(&mut conn));
-            if !matches!(answer.await, Ok(Ok(_))) {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if self
+                .bounded(ping.query_async::<String>(&mut conn))
+                .await
+                .is_none()
+            {
                 return;
             }
             tracing::info!(redis = %self.config.redis, "cluster: Redis answers again; limits are shared");
