@@ -547,13 +547,13 @@ impl Table {
             if slot {
                 admission.client = Some((self.clients.clone(), key));
             }
-            admission.bandwidth = limits.bandwidth;
+            admission.bandwidth = limits.bandwidth.filter(|_| websocket);
         }
         let (Some(tenant), Some(config)) = (tenant, config) else {
             return Ok(admission);
         };
         let limits = &config.limits;
-        admission.bandwidth = match (admission.bandwidth, limits.bandwidth) {
+        admission.bandwidth = match (admission.bandwidth, limits.bandwidth.filter(|_| websocket)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
