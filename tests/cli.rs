@@ -258,3 +258,24 @@ async fn sighup_with_a_valid_file_moves_new_connections_and_keeps_old_tunnels() 
     assert_answered(gateway.addr(), &Head::get("/"), "b").await;
     close_ws(tunnel).await;
 }
+
+/// Text logs on a pipe (a log collector, systemd, a test) carry no ANSI colour codes.
+#[tokio::test]
+async fn text_logs_on_a_pipe_have_no_colour_codes() {
+    let backend = Backend::start("a").await;
+    let config = ConfigBuilder::new(&[backend.addr])
+        .build()
+        .replace("format = \"json\"", "format = \"text\"");
+    let mut gateway = Gateway::start(&config).await;
+    assert_answered(gateway.addr(), &Head::get("/"), "a").await;
+    gateway.terminate().await;
+    let lines = gateway.stderr_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("sluice::access")),
+        "no access line in {lines:?}"
+    );
+    assert!(
+        lines.iter().all(|l| !l.contains('\u{1b}')),
+        "escape codes in {lines:?}"
+    );
+}

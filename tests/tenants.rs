@@ -85,6 +85,7 @@ async fn a_tenant_at_its_tunnel_limit_gets_429_while_another_tenant_connects() {
         .wait_access_log("a refusal", |l| l.status == 429)
         .await;
     assert_eq!(log.tenant.as_deref(), Some("a"), "{log:?}");
+    assert_eq!(log.kind, "websocket", "a refused upgrade is logged as one");
     assert_eq!(log.limit.as_deref(), Some("tenant.tunnels"), "{log:?}");
     let m = Metrics::scrape(gateway.admin().await).await;
     let limited = [("tenant", "a"), ("limit", "tunnels"), ("scope", "tenant")];

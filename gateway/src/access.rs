@@ -23,7 +23,7 @@ pub const TARGET: &str = "sluice::access";
 /// What is known about one request or tunnel when it is logged.
 #[derive(Debug, Clone)]
 pub struct Record {
-    /// `"http"` or `"tunnel"`.
+    /// `"http"`, `"tunnel"`, or `"websocket"` for an upgrade that did not become one.
     pub kind: &'static str,
     /// The request asked for a WebSocket (its answer is counted as a handshake).
     pub upgrade: bool,

@@ -90,9 +90,11 @@ pub async fn admit(
         }
         version => client_handshake::classify(req.method(), version, req.fields()),
     };
+    let upgrade_asked = !matches!(upgrade, Upgrade::None);
     let mut rec = Record {
-        kind: "http",
-        upgrade: !matches!(upgrade, Upgrade::None),
+        // Until the tunnel opens (`tunnel`): a refused upgrade is logged as `websocket`.
+        kind: if upgrade_asked { "websocket" } else { "http" },
+        upgrade: upgrade_asked,
         stats: snapshot.routes.unrouted.clone(),
         client: peer,
         listener: listener.clone(),

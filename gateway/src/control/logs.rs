@@ -113,7 +113,10 @@ pub fn init(config: &Config) -> Result<Logs, LogError> {
     let (stderr_filter, stderr) =
         reload::Layer::new(stderr_filter(from_env, &config.log.level, to_file));
     let (file_filter, file) = reload::Layer::new(file_filter(to_file));
-    let on_stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: a pipe or a log collector gets plain text.
+    let on_stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let in_file = tracing_subscriber::fmt::layer()
         .with_writer(access.clone())
         .with_ansi(false);

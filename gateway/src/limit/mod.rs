@@ -15,7 +15,7 @@ mod cluster;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -248,6 +248,9 @@ impl Client {
 #[derive(Debug, Default)]
 pub struct Clients {
     map: DashMap<ClientKey, Client>,
+    /// Entries in the map, counted apart so that the bound holds exactly however many
+    /// workers add addresses at once.
+    held: AtomicUsize,
     /// When the map was last swept, so a full map of busy entries is not scanned on
     /// every new address.
     swept: Mutex<Option<Instant>>,
@@ -259,18 +262,23 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 impl Clients {
     /// Entries held now.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Whether no entry is held.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
-    /// Makes room for one more entry if the map is full: drops the idle entries.
-    /// `false` when none could be dropped.
-    fn room(&self, max: usize) -> bool {
-        if self.map.len() < max {
+    /// Counts one more entry if there is room, sweeping out the idle ones when the map
+    /// is full; `false` when there is none.
+    fn reserve(&self, max: usize) -> bool {
+        let below = |n: usize| (n < max).then_some(n + 1);
+        if self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, below)
+            .is_ok()
+        {
             return true;
         }
         let now = Instant::now();
@@ -281,8 +289,16 @@ impl Clients {
             }
             *swept = Some(now);
         }
-        self.map.retain(|_, c| !c.idle(now));
-        self.map.len() < max
+        self.map.retain(|_, c| {
+            let keep = !c.idle(now);
+            if !keep {
+                self.held.fetch_sub(1, Ordering::AcqRel);
+            }
+            keep
+        });
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, below)
+            .is_ok()
     }
 
     /// Checks and counts one request of `ip` against `limits`; `tunnel` takes a slot.
@@ -306,10 +322,17 @@ impl Clients {
         let mut entry = match self.map.get_mut(key) {
             Some(e) => e,
             None => {
-                if !self.room(max) {
+                if !self.reserve(max) {
                     return Err(Refusal::new(Limit::Clients, Scope::Ip, SWEEP_EVERY));
                 }
-                self.map.entry(key.clone()).or_insert_with(Client::new)
+                match self.map.entry(key.clone()) {
+                    // Another worker added it meanwhile: the reservation is not needed.
+                    dashmap::Entry::Occupied(e) => {
+                        self.held.fetch_sub(1, Ordering::AcqRel);
+                        e.into_ref()
+                    }
+                    dashmap::Entry::Vacant(e) => e.insert(Client::new()),
+                }
             }
         };
         let c = &mut *entry;
