@@ -733,7 +733,18 @@ async fn check_reports_missing_broken_and_misconfigured_plugins() {
     let dir = TempDir::new();
     std::fs::write(dir.path().join("garbage.wasm"), b"definitely not wasm").expect("write");
     let missing = dir.path().join("missing.wasm").display().to_string();
+    // A relative path is resolved against the config's directory, and shown resolved.
+    let elsewhere = dir
+        .path()
+        .parent()
+        .expect("a parent")
+        .join("elsewhere/missing.wasm");
     let cases = [
+        (
+            "../elsewhere/./missing.wasm".to_string(),
+            json!({}),
+            format!("cannot read {}", elsewhere.display()),
+        ),
         (
             "missing.wasm".to_string(),
             json!({}),
@@ -747,19 +758,23 @@ async fn check_reports_missing_broken_and_misconfigured_plugins() {
         (
             wasm("jwt-auth"),
             json!({"keys": [{"alg": "HS256", "secret": "short"}]}),
-            "init rejected the config: HS256 secret must be at least 16 bytes".to_string(),
+            // `LINE`: where the config is written in the TOML file.
+            "init rejected the config at line LINE, column 10 (plugins.auth.config): HS256 secret must be at least 16 bytes".to_string(),
         ),
         (
             wasm("tenant-router"),
             json!({"rules": [{"tenant": "x"}]}),
-            "init rejected the config: rules[0] needs".to_string(),
+            "(plugins.auth.config): rules[0] needs".to_string(),
         ),
     ];
     for (i, (path, config, reason)) in cases.into_iter().enumerate() {
-        let file = dir.write(
-            &format!("case{i}.toml"),
-            &config_with_plugin(&[closed_port()], "auth", &path, &config, ""),
-        );
+        let text = config_with_plugin(&[closed_port()], "auth", &path, &config, "");
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("config = "))
+            .map_or(0, |i| i + 1);
+        let reason = reason.replace("LINE", &line.to_string());
+        let file = dir.write(&format!("case{i}.toml"), &text);
         tokio::task::spawn_blocking(move || assert_check_fails(&file, "auth", &reason))
             .await
             .expect("check task");

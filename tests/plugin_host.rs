@@ -23,6 +23,7 @@ fn spec(name: &str, config: serde_json::Value) -> PluginConfig {
         config_json: config.to_string(),
         limits: PluginLimits::default(),
         fail_open: false,
+        config_at: String::new(),
     }
 }
 

@@ -37,6 +37,14 @@ impl<'a> Locator<'a> {
         }
     }
 
+    /// Where `span` starts in this file, as `line L, column C (FIELD)`, for errors found
+    /// after validation (a plugin's `init` refusing its config).
+    pub(super) fn place(&self, span: Range<usize>) -> String {
+        let (line, column) = line_col(self.src, span.start);
+        let field = field_path(self.src, span.start);
+        format!("line {line}, column {column} ({field})")
+    }
+
     /// An error about the file as a whole, such as a required table that is missing.
     pub(super) fn top_level(&self, message: String) -> ConfigError {
         ConfigError::Invalid {

@@ -335,7 +335,7 @@ pub enum RouteAction {
 }
 
 /// A policy plugin (`[plugins.NAME]`): everything the plugin host needs to load it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct PluginConfig {
     /// Name used in logs, errors and metrics; also scopes its counters.
     pub name: String,
@@ -347,7 +347,32 @@ pub struct PluginConfig {
     pub limits: PluginLimits,
     /// On a fault, skip this plugin (true) instead of denying with 503.
     pub fail_open: bool,
+    /// Where its config is written in the config file (`line L, column C
+    /// (plugins.NAME.config)`), for a config its `init` refuses; empty when not from a file.
+    pub config_at: String,
 }
+
+/// Two specs load the same plugin when all but where the config is written agree (a
+/// table moved in the file needs no new instance).
+impl PartialEq for PluginConfig {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.name,
+            &self.wasm,
+            &self.config_json,
+            &self.limits,
+            self.fail_open,
+        ) == (
+            &other.name,
+            &other.wasm,
+            &other.config_json,
+            &other.limits,
+            other.fail_open,
+        )
+    }
+}
+
+impl Eq for PluginConfig {}
 
 /// Per-plugin resource limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

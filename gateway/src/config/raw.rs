@@ -79,8 +79,7 @@ pub(super) struct RawCluster {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPlugin {
     pub(super) path: Spanned<String>,
-    #[serde(default)]
-    pub(super) config: toml::Table,
+    pub(super) config: Option<Spanned<toml::Table>>,
     pub(super) fail_open: Option<bool>,
     pub(super) cpu_deadline: Option<Dur>,
     pub(super) memory: Option<Spanned<Size>>,

@@ -613,7 +613,11 @@ impl RawPlugin {
             Some(n) => n.into_inner() as usize,
             None => defaults.max_reused,
         };
-        let config_json = serde_json::to_string(&self.config).map_err(|e| {
+        let (config, config_at) = match self.config {
+            Some(c) => (c.get_ref().clone(), err.place(c.span())),
+            None => (toml::Table::new(), err.place(self.path.span())),
+        };
+        let config_json = serde_json::to_string(&config).map_err(|e| {
             err.at(
                 self.path.span(),
                 format!("config table is not JSON-compatible: {e}"),
@@ -623,6 +627,7 @@ impl RawPlugin {
             name,
             wasm: base_dir.join(self.path.get_ref()),
             config_json,
+            config_at,
             limits: PluginLimits {
                 cpu_deadline: nonzero(self.cpu_deadline, defaults.cpu_deadline, err)?,
                 memory_bytes,

@@ -72,6 +72,32 @@ pub use types::{
 use crate::config::PluginConfig;
 use instance::{Counters, InstancePool, Shared, State};
 
+/// ` at PLACE`, or nothing for a config that was not read from a file.
+fn at_place(at: &str) -> String {
+    if at.is_empty() {
+        String::new()
+    } else {
+        format!(" at {at}")
+    }
+}
+
+/// `path` made absolute with its `.` and `..` parts resolved (by their names, so it
+/// works for a file that is not there), as a user looking for the file needs it.
+fn resolved(path: &std::path::Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// Why a plugin could not be loaded. Every variant names the plugin.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -105,8 +131,13 @@ pub enum PluginError {
         reason: String,
     },
     /// `init` returned an error for the given config.
-    #[error("plugin `{plugin}`: init rejected the config: {reason}")]
+    #[error(
+        "plugin `{plugin}`: init rejected the config{}: {reason}",
+        at_place(at)
+    )]
     Init {
+        /// Where the config is written (`line L, column C (plugins.NAME.config)`).
+        at: String,
         /// Plugin name.
         plugin: String,
         /// The plugin's own message.
@@ -267,7 +298,7 @@ impl PluginHost {
             .await
             .map_err(|source| PluginError::Read {
                 plugin: plugin.clone(),
-                path: spec.wasm.clone(),
+                path: resolved(&spec.wasm),
                 source,
             })?;
         let digest = xxhash_rust::xxh3::xxh3_128(&bytes);
@@ -303,6 +334,7 @@ impl PluginHost {
         );
         let interest = pool.warm_up().await.map_err(|fault| match fault {
             Fault::InitRefused(reason) => PluginError::Init {
+                at: spec.config_at.clone(),
                 plugin: plugin.clone(),
                 reason,
             },
