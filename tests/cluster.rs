@@ -350,3 +350,21 @@ rate_limit_per_minute = 3
         assert_eq!(answer.status, 429, "{answer:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_handshakes_within_the_shared_bucket_is_all_admitted() {
+    let backend = Backend::start("a").await;
+    let redis = Redis::start().await;
+    // Batches of 10 tokens: 50 upgrades at once need 5 of them, well within the 100.
+    let gw = member(&backend, &redis, "handshakes = { rate = 100, burst = 100 }").await;
+    let attempts = (0..50).map(|_| tunnel(&gw));
+    let answers = futures_util::future::join_all(attempts).await;
+    let refused: Vec<u16> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().err().map(|r| r.status))
+        .collect();
+    assert!(refused.is_empty(), "refused within the bucket: {refused:?}");
+    for ws in answers.into_iter().flatten() {
+        close_ws(ws).await;
+    }
+}

@@ -5,6 +5,7 @@ mod backend;
 mod client;
 mod http2;
 mod plugins;
+mod redis;
 mod relay;
 mod report;
 mod run;

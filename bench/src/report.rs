@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::{Load, Outcome, Scenario};
-use crate::targets::Target;
+use crate::targets::{Limits, Target};
 
 /// The measurements of one run (one scenario, one target, one repetition).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,6 +101,16 @@ pub struct RunRecord {
     /// WebSockets over HTTP/2); such a record has no figures and is no error.
     #[serde(default)]
     pub not_run: Option<String>,
+    /// CPU of the Redis server the proxy shares its limits through
+    /// (`sluice-limits-redis`) in the window, seconds; not part of `proxy_cpu_s`.
+    #[serde(default)]
+    pub redis_cpu_s: Option<f64>,
+    /// Script calls Redis served per operation: the gateway's round trips to it.
+    #[serde(default)]
+    pub redis_scripts_per_op: Option<f64>,
+    /// Commands Redis processed per operation (a script's own commands included).
+    #[serde(default)]
+    pub redis_commands_per_op: Option<f64>,
 }
 
 impl RunRecord {
@@ -184,6 +194,17 @@ impl RunRecord {
             tls: outcome.tls.clone(),
             h2_conns: outcome.h2_conns,
             rss_per_h2_conn_b: per_h2_conn,
+            redis_cpu_s: outcome.cpu.redis,
+            redis_scripts_per_op: outcome
+                .cpu
+                .redis_counts
+                .filter(|_| outcome.ops > 0)
+                .map(|n| n.scripts as f64 / outcome.ops as f64),
+            redis_commands_per_op: outcome
+                .cpu
+                .redis_counts
+                .filter(|_| outcome.ops > 0)
+                .map(|n| n.commands as f64 / outcome.ops as f64),
             ..RunRecord::failed(rep, scenario, target, conns, None)
         }
     }
@@ -251,15 +272,21 @@ impl RunRecord {
             h2_conns: None,
             rss_per_h2_conn_b: None,
             not_run: None,
+            redis_cpu_s: None,
+            redis_scripts_per_op: None,
+            redis_commands_per_op: None,
         }
     }
 }
 
 impl RunRecord {
-    /// Cores' worth of CPU that neither the proxy, the load generator nor the backend used
-    /// during the window: other work competing for the machine.
+    /// Cores' worth of CPU that neither the proxy, the load generator, the backend nor
+    /// the proxy's Redis used during the window: other work competing for the machine.
     fn other_cores(&self) -> Option<f64> {
-        let ours = self.proxy_cpu_s.unwrap_or(0.0) + self.loadgen_cpu_s + self.backend_cpu_s;
+        let ours = self.proxy_cpu_s.unwrap_or(0.0)
+            + self.loadgen_cpu_s
+            + self.backend_cpu_s
+            + self.redis_cpu_s.unwrap_or(0.0);
         (self.seconds > 0.0).then(|| ((self.host_busy_cpu_s - ours) / self.seconds).max(0.0))
     }
 }
@@ -328,6 +355,11 @@ struct Summary {
     rss_per_h2_conn: Option<f64>,
     /// Why the target could not run this scenario (no figures, no error).
     not_run: Option<String>,
+    /// CPU of the proxy's Redis per operation, µs, and the script calls and commands it
+    /// served per operation (`sluice-limits-redis`).
+    redis_us_per_op: Option<f64>,
+    redis_scripts_per_op: Option<f64>,
+    redis_commands_per_op: Option<f64>,
 }
 
 impl Summary {
@@ -369,6 +401,9 @@ impl Summary {
             syscalls_per_op: med(|r| r.syscalls_per_op),
             context_switches_per_op: med(|r| r.context_switches_per_op),
             page_faults_per_op: med(|r| r.page_faults_per_op),
+            redis_us_per_op: med(|r| per_op_us(r, r.redis_cpu_s?)),
+            redis_scripts_per_op: med(|r| r.redis_scripts_per_op),
+            redis_commands_per_op: med(|r| r.redis_commands_per_op),
             syscall_mix: ok
                 .iter()
                 .find_map(|r| r.syscall_mix_per_op.as_ref())
@@ -693,6 +728,7 @@ pub fn markdown(records: &[RunRecord]) -> String {
     negotiated(&mut out, records);
     http2(&mut out, &scenarios, &summaries);
     plugin_chains(&mut out, &scenarios, &summaries);
+    tenant_limits(&mut out, records, &scenarios, &summaries);
     ab(&mut out, records, &scenarios, &summaries);
     floor(&mut out, &scenarios, &summaries);
     out
@@ -948,6 +984,77 @@ Policy plugin chains (added = Sluice with the chain minus Sluice without, same r
                 num(added, 1)
             );
         }
+    }
+}
+
+/// Most that tenant limits may multiply the proxy's CPU per upgrade by (issue #24): kept
+/// in the gateway, and shared through Redis.
+const LIMITS_LOCAL_LIMIT: f64 = 1.03;
+/// See [`LIMITS_LOCAL_LIMIT`].
+const LIMITS_REDIS_LIMIT: f64 = 1.15;
+
+/// The cost of tenant limits: `sluice-limits` and `sluice-limits-redis` against plain
+/// `sluice` in the same run, CPU per operation as a ratio of the medians and in each
+/// repetition, the Redis server's own CPU and commands per operation, and issue #24's
+/// goals for upgrades (the `handshake` scenarios).
+fn tenant_limits(
+    out: &mut String,
+    records: &[RunRecord],
+    scenarios: &[String],
+    summaries: &BTreeMap<(usize, Target), Summary>,
+) {
+    let rows: Vec<(usize, Target, &Summary, &Summary)> = summaries
+        .iter()
+        .filter(|((_, t), _)| t.limits() != Limits::Off)
+        .filter_map(|(&(s, t), sum)| Some((s, t, sum, summaries.get(&(s, Target::Sluice))?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "
+Tenant limits (the route in a tenant with tenant and per-address limits none reaches; `sluice-limits-redis` shares the tenant's through Redis): proxy CPU per op ÷ plain Sluice's, same run. Redis's CPU is not the proxy's and is not in its figure; proxy + Redis adds it. Redis calls are the gateway's script calls (round trips); its commands include those the scripts run:
+
+",
+    );
+    out.push_str("| scenario | target | proxy CPU µs/op | sluice µs/op | ÷ sluice | per repetition | limit | met | Redis CPU µs/op | Redis calls/op | Redis commands/op | (proxy + Redis) ÷ sluice | ops/s ÷ sluice | errors |
+|---|---|--:|--:|--:|---|--:|---|--:|--:|--:|--:|--:|--:|
+");
+    for (s, t, sum, base) in rows {
+        let scenario = scenarios[s].as_str();
+        let value =
+            |rep, target| in_repetition(records, rep, scenario, target, |r| r.cpu_us_per_op);
+        let per_rep = each_repetition(records, 3, |rep| {
+            ratio(value(rep, t), value(rep, Target::Sluice))
+        });
+        let r = ratio(sum.cpu_us_per_op, base.cpu_us_per_op);
+        let limit = match t.limits() {
+            Limits::Redis => LIMITS_REDIS_LIMIT,
+            _ => LIMITS_LOCAL_LIMIT,
+        };
+        let (limit, met) = match (scenario.contains("handshake"), r) {
+            (false, _) => ("–".to_string(), "–"),
+            (true, Some(r)) if r <= limit => (format!("≤ {limit}"), "yes"),
+            (true, Some(_)) => (format!("≤ {limit}"), "**no**"),
+            (true, None) => (format!("≤ {limit}"), "n/a"),
+        };
+        let with_redis = sum
+            .cpu_us_per_op
+            .map(|cpu| cpu + sum.redis_us_per_op.unwrap_or(0.0));
+        let _ = writeln!(
+            out,
+            "| {scenario} | {t} | {} | {} | {} | {} | {limit} | {met} | {} | {} | {} | {} | {} | {} |",
+            num(sum.cpu_us_per_op, 1),
+            num(base.cpu_us_per_op, 1),
+            num(r, 3),
+            per_rep,
+            num(sum.redis_us_per_op, 2),
+            num(sum.redis_scripts_per_op, 4),
+            num(sum.redis_commands_per_op, 3),
+            num(ratio(with_redis, base.cpu_us_per_op), 3),
+            num(ratio(sum.ops_per_s, base.ops_per_s), 2),
+            sum.errors,
+        );
     }
 }
 
@@ -1250,6 +1357,43 @@ mod tests {
             assert!(md.contains(row), "{row}\n{md}");
         }
         assert!(!md.contains("no run succeeded"), "{md}");
+    }
+
+    /// Each limits target against plain Sluice: ratio of the medians and per
+    /// repetition, the goal for upgrades (1.03 local, 1.15 with Redis), Redis's CPU and
+    /// commands per operation and proxy + Redis against Sluice.
+    #[test]
+    fn report_has_tenant_limits_cost() {
+        let mut records = Vec::new();
+        for (rep, sluice, local, shared) in [
+            (1, 100.0, 102.0, 110.0),
+            (2, 104.0, 106.0, 125.0),
+            (3, 102.0, 104.0, 112.0),
+        ] {
+            for (target, cpu) in [
+                (Target::Sluice, sluice),
+                (Target::SluiceLimits, local),
+                (Target::SluiceLimitsRedis, shared),
+            ] {
+                let mut r = measured(rep, Load::Handshake(Pair::Bench).into(), target, Some(cpu));
+                if target == Target::SluiceLimitsRedis {
+                    r.ops = 100_000;
+                    r.redis_cpu_s = Some(0.2);
+                    r.redis_scripts_per_op = Some(0.002);
+                    r.redis_commands_per_op = Some(0.01);
+                }
+                records.push(r);
+            }
+        }
+        let md = markdown(&records);
+        for row in [
+            "| handshake | sluice-limits | 104.0 | 102.0 | 1.020 | 1.020, 1.019, 1.020 (median 1.020) | ≤ 1.03 | yes | – | – | – | 1.020 | 1.00 | 0 |",
+            "| handshake | sluice-limits-redis | 112.0 | 102.0 | 1.098 | 1.100, 1.202, 1.098 (median 1.100) | ≤ 1.15 | yes | 2.00 | 0.0020 | 0.010 | 1.118 | 1.00 | 0 |",
+        ] {
+            assert!(md.contains(row), "{row}\n{md}");
+        }
+        records.retain(|r| r.target == "sluice");
+        assert!(!markdown(&records).contains("Tenant limits"));
     }
 
     #[test]

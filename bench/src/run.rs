@@ -15,18 +15,21 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::report::{self, RunRecord};
 use crate::scenario::{self, Params, Probe, Scenario};
-use crate::targets::{self, Env, Target};
+use crate::targets::{self, Env, Limits, Target};
 use crate::{plugins, sys};
 
 /// Options of `sluice-bench run` (alias `all`); the defaults run everything.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RunArgs {
     /// Targets, comma-separated: direct, sluice, sluice-b, sluice-1p, sluice-4p,
-    /// sluice-4p-called, nginx, haproxy, floor, floor-uring (sluice-b: the `--sluice-b` build,
-    /// configured as sluice; sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain;
-    /// sluice-4p-called: the 4-plugin chain with decision reuse off; floor: a plain TCP
-    /// relay with no protocol work, the kernel's share of relaying; floor-uring: that
-    /// relay on io_uring; these six are not in the default set).
+    /// sluice-4p-called, sluice-limits, sluice-limits-redis, nginx, haproxy, floor,
+    /// floor-uring (sluice-b: the `--sluice-b` build, configured as sluice; sluice-1p/-4p:
+    /// Sluice with a 1- or 4-plugin policy chain; sluice-4p-called: the 4-plugin chain with
+    /// decision reuse off; sluice-limits: the route in a tenant with tenant and per-address
+    /// limits none reaches; sluice-limits-redis: the same shared through a `redis-server`
+    /// the bench starts; floor: a plain TCP relay with no protocol work, the kernel's share
+    /// of relaying; floor-uring: that relay on io_uring; these eight are not in the default
+    /// set).
     #[arg(
         long,
         value_delimiter = ',',
@@ -185,6 +188,11 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let first = backends.values().next().context("no scenario")?;
     let work_dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     fs::create_dir_all(&work_dir)?;
+    // One Redis server for the session when a target shares its limits through one.
+    let redis = match args.targets.iter().any(|t| t.limits() == Limits::Redis) {
+        true => Some(crate::redis::Server::start(&work_dir.join("redis"))?),
+        false => None,
+    };
     // One throw-away CA and server certificate per run, for every TLS target.
     let pki = if args.scenarios.iter().any(|s| s.tls) {
         Some(crate::tls::Pki::generate(&work_dir.join("tls"))?)
@@ -206,6 +214,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         token: plugins::token(),
         peers_defer_accept: args.peers_defer_accept,
         pki,
+        redis: redis.as_ref().map(|r| (r.addr, r.pid())),
     };
 
     let meta = serde_json::json!({
@@ -216,6 +225,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             "sluice": sys::version_of(&sluice_bin.to_string_lossy(), &["--version"]),
             "nginx": sys::version_of("nginx", &["-v"]),
             "haproxy": sys::version_of("haproxy", &["-v"]),
+            "redis": redis.as_ref().map(|_| sys::version_of("redis-server", &["--version"])),
             "kernel": sys::version_of("uname", &["-r"]),
             "nginx_openssl": sys::line_of("nginx", &["-V"], "OpenSSL"),
             "haproxy_openssl": sys::line_of("haproxy", &["-vv"], "Running on OpenSSL"),
@@ -293,6 +303,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         }
     }
     drop(backends);
+    drop(redis);
     let _ = fs::remove_dir_all(&work_dir);
 
     let md = report::markdown(&records);
@@ -315,7 +326,8 @@ fn run_one(
     perf: Option<PathBuf>,
 ) -> Result<scenario::Outcome> {
     let running = targets::start(target, env, scenario.tls, scenario.h2)?;
-    let mut probe = Probe::new(running.pid(), env.backend_pid, perf);
+    let redis = env.redis.filter(|_| target.limits() == Limits::Redis);
+    let mut probe = Probe::new(running.pid(), env.backend_pid, perf).with_redis(redis);
     let outcome = rt.block_on(scenario::run(
         scenario,
         &running.endpoint,

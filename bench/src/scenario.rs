@@ -276,6 +276,11 @@ pub struct CpuUse {
     pub host_steal: f64,
     /// The proxy's system calls and context switches, when profiled.
     pub proxy_counts: Option<Counts>,
+    /// The Redis server's CPU (user + system), when the proxy uses one
+    /// (`sluice-limits-redis`); not part of `proxy`.
+    pub redis: Option<f64>,
+    /// Script calls and commands that Redis processed in the window.
+    pub redis_counts: Option<crate::redis::Counts>,
 }
 
 /// Measurement hooks: CPU of the proxy, load generator, backend and machine over a
@@ -284,6 +289,8 @@ pub struct CpuUse {
 pub struct Probe {
     proxy: Option<u32>,
     backend: u32,
+    /// The Redis server the proxy uses: its address and process id.
+    redis: Option<(SocketAddr, u32)>,
     perf_output: Option<PathBuf>,
     profiler: Option<Profiler>,
 }
@@ -296,6 +303,8 @@ struct Mark {
     loadgen: CpuMark,
     backend: CpuMark,
     host: HostCpu,
+    /// The Redis server's CPU and commands processed.
+    redis: Option<(CpuMark, Option<crate::redis::Counts>)>,
 }
 
 impl Probe {
@@ -306,9 +315,21 @@ impl Probe {
         Probe {
             proxy,
             backend,
+            redis: None,
             perf_output,
             profiler: None,
         }
+    }
+
+    /// Also samples the Redis server at `addr` (process `pid`) that the proxy uses: its
+    /// CPU and the commands it processed in the window.
+    pub fn with_redis(self, redis: Option<(SocketAddr, u32)>) -> Probe {
+        Probe { redis, ..self }
+    }
+
+    fn redis_mark(&self) -> Option<(CpuMark, Option<crate::redis::Counts>)> {
+        self.redis
+            .map(|(addr, pid)| (CpuMark::process(pid), crate::redis::counts(addr)))
     }
 
     fn begin(&mut self) -> Result<Mark> {
@@ -323,12 +344,14 @@ impl Probe {
             loadgen: CpuMark::process(std::process::id()),
             backend: CpuMark::process(self.backend),
             host: HostCpu::take(),
+            redis: self.redis_mark(),
         })
     }
 
     /// Ends the window opened by `begin`: its end instant and the CPU used in it.
     fn end(&mut self, mark: &Mark) -> Result<(Instant, CpuUse)> {
         let at = Instant::now();
+        let redis = self.redis_mark().zip(mark.redis.as_ref());
         let (host_busy, host_steal) = HostCpu::take().seconds_since(&mark.host);
         let now = self
             .proxy
@@ -344,6 +367,10 @@ impl Probe {
             host_busy,
             host_steal,
             proxy_counts: self.profiler.take().map(Profiler::stop).transpose()?,
+            redis: redis
+                .as_ref()
+                .map(|((now, _), (before, _))| now.seconds_since(before)),
+            redis_counts: redis.and_then(|((_, now), (_, before))| Some(now?.since((*before)?))),
         };
         Ok((at, cpu))
     }

@@ -1,7 +1,10 @@
 //! The targets a scenario runs against: the backend directly, or one of three proxies in
-//! front of it (Sluice also with a 1- or 4-plugin policy chain, see [`crate::plugins`]). Each proxy run gets a fresh process on an ephemeral loopback port, with its
-//! config, pid file and log in a temporary directory; it is stopped by PID afterwards.
-//! Nothing under `/etc` and no system service is involved.
+//! front of it (Sluice also with a 1- or 4-plugin policy chain, see [`crate::plugins`],
+//! and with tenant limits, local or shared through Redis, see [`limits_toml`]). Each
+//! proxy run gets a fresh process on an ephemeral loopback port, with its config, pid
+//! file and log in a temporary directory; it is stopped by PID afterwards. Nothing under
+//! `/etc` and no system service is involved (the Redis server of `sluice-limits-redis`
+//! is the bench's own, [`crate::redis`]).
 //!
 //! For the `wss-*` scenarios the same proxies listen with TLS, from the run's certificate
 //! files ([`crate::tls::Pki`]), each with its own TLS defaults otherwise: Sluice's
@@ -59,6 +62,12 @@ pub enum Target {
     /// The same four-plugin chain with decision reuse off (`max_reused = 0`):
     /// every plugin is called for every upgrade.
     Sluice4pCalled,
+    /// Sluice with its route in a tenant with limits on the tenant and on each client
+    /// address, so high that none refuses: every check runs on every upgrade.
+    SluiceLimits,
+    /// `sluice-limits` with `[cluster]`: the tenant's handshake rate and tunnel count
+    /// shared through the bench's own `redis-server`.
+    SluiceLimitsRedis,
     /// Debian's nginx with the standard WebSocket proxy recipe.
     Nginx,
     /// Debian's HAProxy in HTTP mode with a tunnel timeout.
@@ -73,13 +82,15 @@ pub enum Target {
 
 impl Target {
     /// All targets, in report order.
-    pub const ALL: [Target; 10] = [
+    pub const ALL: [Target; 12] = [
         Target::Direct,
         Target::Sluice,
         Target::SluiceB,
         Target::Sluice1p,
         Target::Sluice4p,
         Target::Sluice4pCalled,
+        Target::SluiceLimits,
+        Target::SluiceLimitsRedis,
         Target::Nginx,
         Target::Haproxy,
         Target::Floor,
@@ -95,6 +106,8 @@ impl Target {
             Target::Sluice1p => "sluice-1p",
             Target::Sluice4p => "sluice-4p",
             Target::Sluice4pCalled => "sluice-4p-called",
+            Target::SluiceLimits => "sluice-limits",
+            Target::SluiceLimitsRedis => "sluice-limits-redis",
             Target::Nginx => "nginx",
             Target::Haproxy => "haproxy",
             Target::Floor => "floor",
@@ -111,7 +124,19 @@ impl Target {
                 | Target::Sluice1p
                 | Target::Sluice4p
                 | Target::Sluice4pCalled
+                | Target::SluiceLimits
+                | Target::SluiceLimitsRedis
         )
+    }
+
+    /// The tenant limits the target runs with (none for all but the `sluice-limits`
+    /// variants).
+    pub fn limits(self) -> Limits {
+        match self {
+            Target::SluiceLimits => Limits::Local,
+            Target::SluiceLimitsRedis => Limits::Redis,
+            _ => Limits::Off,
+        }
     }
 
     /// Length of the target's policy plugin chain (0 for all but the Sluice variants).
@@ -149,12 +174,56 @@ impl Target {
             | Target::SluiceB
             | Target::Sluice1p
             | Target::Sluice4p
-            | Target::Sluice4pCalled => 1,
+            | Target::Sluice4pCalled
+            | Target::SluiceLimits
+            | Target::SluiceLimitsRedis => 1,
             Target::Nginx => 1 + workers,
             Target::Haproxy => 2,
             Target::Floor | Target::FloorUring => 1,
         }
     }
+}
+
+/// Which tenant limits a Sluice target runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limits {
+    /// None (no tenant).
+    Off,
+    /// A tenant's and per-address limits, kept in the gateway.
+    Local,
+    /// The same, the tenant's shared through Redis (`[cluster]`).
+    Redis,
+}
+
+/// The tenant of the `sluice-limits` targets.
+const TENANT: &str = "bench";
+/// Their limits: so high that the bench never reaches them (tunnels open at once, and
+/// handshakes per second and saved up, the most Sluice accepts).
+const GENEROUS: u32 = 1_000_000;
+
+/// The TOML of `limits` for the bench's Sluice config: the key that puts its one route
+/// in the tenant, and the tables to append at the end (the tenant with `limits` and
+/// `per_ip` tables of [`GENEROUS`] tunnels and handshakes, and with [`Limits::Redis`] a
+/// `[cluster]` on the Redis at `redis`, `on_failure = "closed"` so that a Redis the
+/// gateway cannot use shows as errors (`503`) instead of a silent fall-back to local
+/// limits). Both empty for [`Limits::Off`].
+pub fn limits_toml(limits: Limits, redis: Option<SocketAddr>) -> Result<(String, String)> {
+    if limits == Limits::Off {
+        return Ok((String::new(), String::new()));
+    }
+    let table =
+        format!("tunnels = {GENEROUS}\nhandshakes = {{ rate = {GENEROUS}, burst = {GENEROUS} }}\n");
+    let mut tables =
+        format!("\n[tenants.{TENANT}.limits]\n{table}\n[tenants.{TENANT}.per_ip]\n{table}");
+    if limits == Limits::Redis {
+        let Some(redis) = redis else {
+            bail!("sluice-limits-redis needs the session's redis-server");
+        };
+        tables.push_str(&format!(
+            "\n[cluster]\nredis = \"redis://{redis}\"\non_failure = \"closed\"\n"
+        ));
+    }
+    Ok((format!("tenant = \"{TENANT}\"\n"), tables))
 }
 
 impl fmt::Display for Target {
@@ -178,7 +247,7 @@ impl FromStr for Target {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, nginx, haproxy, floor or floor-uring"
+                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, sluice-limits, sluice-limits-redis, nginx, haproxy, floor or floor-uring"
                 )
             })
     }
@@ -208,6 +277,8 @@ pub struct Env {
     pub peers_defer_accept: bool,
     /// The run's certificate files, when a `wss-*` scenario runs.
     pub pki: Option<Pki>,
+    /// The session's Redis server (`sluice-limits-redis`): its address and process id.
+    pub redis: Option<(SocketAddr, u32)>,
 }
 
 /// A running target, stopped when dropped.
@@ -382,7 +453,7 @@ trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 /// A loopback address with a port that was free a moment ago.
-fn free_port() -> Result<SocketAddr> {
+pub fn free_port() -> Result<SocketAddr> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?)
 }
@@ -420,6 +491,7 @@ pub fn print_command(
         token: String::new(),
         peers_defer_accept: false,
         pki: None,
+        redis: None,
     };
     let (cmd, _) = command(
         target,
@@ -465,7 +537,9 @@ fn command(
         | Target::SluiceB
         | Target::Sluice1p
         | Target::Sluice4p
-        | Target::Sluice4pCalled => {
+        | Target::Sluice4pCalled
+        | Target::SluiceLimits
+        | Target::SluiceLimitsRedis => {
             let config = dir.join("sluice.toml");
             let chain = plugins::sluice_toml(
                 target.plugins(),
@@ -473,6 +547,7 @@ fn command(
                 &env.plugin_dir,
                 backend,
             );
+            let (tenant, limits) = limits_toml(target.limits(), env.redis.map(|(addr, _)| addr))?;
             // Sluice's TLS defaults otherwise (handshake timeout, no client certificates),
             // and its HTTP/2 defaults: on, offered by ALPN beside HTTP/1.1, with extended
             // CONNECT (`[listeners.NAME.http2]`: 100 streams per connection, 64 KiB
@@ -507,7 +582,7 @@ servers = ["{backend}"]
 [[routes]]
 path_prefix = "/"
 upstream = "echo"
-{chain}"#
+{tenant}{chain}{limits}"#
                 ),
             )?;
             let bin = match (target, &env.sluice_b_bin) {
@@ -701,6 +776,7 @@ mod tests {
             token: String::new(),
             peers_defer_accept: false,
             pki,
+            redis: None,
         }
     }
 
@@ -837,6 +913,149 @@ mod tests {
             .output()
             .ok()?;
         checked.status.success().then_some(bin)
+    }
+
+    /// A `sluice` built in this workspace (`dist`, then `release`, then `debug`: the first
+    /// whose `sluice check` accepts `config`); `None` when none does.
+    fn sluice_accepting(config: &Path) -> Option<PathBuf> {
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        ["dist", "release", "debug"]
+            .iter()
+            .map(|profile| target.join(profile).join("sluice"))
+            .filter(|bin| bin.is_file())
+            .find(|bin| {
+                Command::new(bin)
+                    .arg("check")
+                    .arg(config)
+                    .output()
+                    .is_ok_and(|out| out.status.success())
+            })
+    }
+
+    /// The limits targets are plain Sluice's config with the route's `tenant` and the
+    /// tenant's tables added (and `[cluster]` for the Redis one, which needs the
+    /// session's Redis); a built `sluice` accepts them.
+    #[test]
+    fn limits_configs_put_the_route_in_a_tenant() {
+        let dir = temp_dir("limits-configs");
+        let plain = render(Target::Sluice, None, false, &dir);
+        let local = render(Target::SluiceLimits, None, false, &dir);
+        let (key, tables) = limits_toml(Limits::Local, None).unwrap();
+        assert_eq!(key, "tenant = \"bench\"\n");
+        assert_eq!(local, format!("{plain}{key}{tables}"), "{local}");
+        for table in [
+            "\n[tenants.bench.limits]\ntunnels = 1000000\nhandshakes = { rate = 1000000, burst = 1000000 }\n",
+            "\n[tenants.bench.per_ip]\ntunnels = 1000000\nhandshakes = { rate = 1000000, burst = 1000000 }\n",
+        ] {
+            assert!(local.contains(table), "{local}");
+        }
+        assert!(!local.contains("[cluster]"), "{local}");
+
+        let mut env = env(&dir, "127.0.0.1:9".parse().unwrap(), None);
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        assert!(
+            command(
+                Target::SluiceLimitsRedis,
+                &env,
+                addr,
+                &dir,
+                false,
+                None,
+                false
+            )
+            .is_err()
+        );
+        env.redis = Some(("127.0.0.1:6390".parse().unwrap(), 1));
+        command(
+            Target::SluiceLimitsRedis,
+            &env,
+            addr,
+            &dir,
+            false,
+            None,
+            false,
+        )
+        .unwrap();
+        let shared = fs::read_to_string(dir.join("sluice.toml")).unwrap();
+        assert_eq!(
+            shared,
+            format!(
+                "{local}\n[cluster]\nredis = \"redis://127.0.0.1:6390\"\non_failure = \"closed\"\n"
+            )
+        );
+        assert_eq!(Target::SluiceLimitsRedis.plugins(), 0);
+        assert!(Target::SluiceLimits.is_sluice() && Target::SluiceLimitsRedis.is_sluice());
+        assert_eq!(Target::Sluice.limits(), Limits::Off);
+        match sluice_accepting(&dir.join("sluice.toml")) {
+            Some(bin) => {
+                fs::write(dir.join("local.toml"), &local).unwrap();
+                let checked = Command::new(bin)
+                    .arg("check")
+                    .arg(dir.join("local.toml"))
+                    .output()
+                    .unwrap();
+                assert!(checked.status.success(), "{checked:?}");
+            }
+            None => eprintln!("no sluice with tenants and [cluster] built: not checked"),
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `sluice-limits` and `sluice-limits-redis` start and carry upgrades, the latter
+    /// sending commands to the session's Redis (skipped without a built `sluice` that
+    /// accepts the config, or without `redis-server`).
+    #[test]
+    fn limits_targets_carry_upgrades() {
+        if sys::version_of("redis-server", &["--version"]) == "unavailable" {
+            eprintln!("redis-server not available: skipped");
+            return;
+        }
+        let rt = crate::sys::runtime(2).unwrap();
+        let backend = echo_backend(&rt);
+        let dir = temp_dir("limits-run");
+        let redis = crate::redis::Server::start(&dir.join("redis")).unwrap();
+        let mut env = env(&dir, backend, None);
+        env.redis = Some((redis.addr, redis.pid()));
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        command(
+            Target::SluiceLimitsRedis,
+            &env,
+            addr,
+            &dir,
+            false,
+            None,
+            false,
+        )
+        .unwrap();
+        let Some(bin) = sluice_accepting(&dir.join("sluice.toml")) else {
+            eprintln!("no sluice with tenants and [cluster] built: skipped");
+            return;
+        };
+        env.sluice_bin = bin;
+        for target in [Target::SluiceLimits, Target::SluiceLimitsRedis] {
+            let before = crate::redis::counts(redis.addr).unwrap();
+            let running = start(target, &env, false, false).unwrap();
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(60), async {
+                    for i in 0..20u64 {
+                        let conn = Conn::open(&running.endpoint, Rng::new(i + 1))
+                            .await
+                            .unwrap_or_else(|e| panic!("{target}: {e}"));
+                        conn.close().await.unwrap();
+                    }
+                })
+                .await
+                .expect("timed out")
+            });
+            running.stop().unwrap();
+            let sent = crate::redis::counts(redis.addr).unwrap().since(before);
+            match target {
+                Target::SluiceLimits => assert_eq!(sent.commands, 0, "{target}"),
+                _ => assert!(sent.scripts > 0, "{target} called no Redis script"),
+            }
+        }
+        drop(redis);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A plain echo backend on `rt`, as `run` starts in its own process.

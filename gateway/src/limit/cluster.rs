@@ -240,12 +240,14 @@ impl Cluster {
         if !self.up() {
             return None;
         }
-        {
-            let mut s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
-            if s.tokens > 0 && s.until.is_some_and(|u| Instant::now() < u) {
-                s.tokens -= 1;
-                return Some(Ok(()));
-            }
+        if spend(tenant) {
+            return Some(Ok(()));
+        }
+        // One batch in flight per tenant: the requests that find the tokens spent wait
+        // for it rather than each taking a batch of their own.
+        let _fetching = tenant.fetching.lock().await;
+        if spend(tenant) {
+            return Some(Ok(()));
         }
         let want = (rate.per_second / 10.0)
             .floor()
@@ -375,6 +377,17 @@ impl Cluster {
                 .renewed = Some(written);
         }
     }
+}
+
+/// Spends one of the tenant's handshake tokens held here, if any are left and still
+/// spendable.
+fn spend(tenant: &Tenant) -> bool {
+    let mut s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
+    if s.tokens > 0 && s.until.is_some_and(|u| Instant::now() < u) {
+        s.tokens -= 1;
+        return true;
+    }
+    false
 }
 
 fn tunnel_keys(tenant: &Tenant) -> String {

@@ -171,6 +171,8 @@ pub struct Tenant {
     tunnels: AtomicI64,
     /// The fleet's view of this tenant, with `[cluster]`.
     shared: Mutex<cluster::Shared>,
+    /// Held while a batch of handshake tokens is fetched from the fleet.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl Tenant {
@@ -184,6 +186,7 @@ impl Tenant {
             requests: Mutex::new(None),
             tunnels: AtomicI64::new(0),
             shared: Mutex::new(cluster::Shared::default()),
+            fetching: tokio::sync::Mutex::new(()),
         }
     }
 
