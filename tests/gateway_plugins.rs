@@ -22,8 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    Backend, ConfigBuilder, Gateway, Head, RawClient, Response, STEP, TempDir, Ws, close_ws,
-    closed_port, eventually, pattern, plugin_wasm, request_once, roundtrip, sluice_command, whoami,
+    Backend, ConfigBuilder, Gateway, Head, RawClient, Response, STEP, TempDir, Ws, assert_answered,
+    close_ws, closed_port, eventually, pattern, plugin_wasm, request_once, roundtrip,
+    sluice_command, whoami,
 };
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
@@ -976,4 +977,24 @@ async fn reload_swaps_plugin_config_and_keeps_the_chain_when_a_plugin_breaks() {
         "a"
     );
     refused(gateway.addr(), &from("https://one.example"), 403).await;
+}
+
+/// A plugin that reads a request field it did not declare faults, with the SDK's message
+/// naming the declaration in the gateway's log, instead of reading it as empty; declared,
+/// the same read is served.
+#[tokio::test]
+async fn an_undeclared_read_faults_loudly_and_a_declared_one_is_served() {
+    let reader = |fields: &[&str]| json!({"on_request": "read_path", "fields": fields});
+    let (_backend, gateway) = single_plugin_gateway("reader", "hostile", reader(&[])).await;
+    let answer = request_once(gateway.addr(), &Head::get("/admin")).await;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    gateway
+        .wait_log("the SDK's message", |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("add Fields::PATH"))
+        })
+        .await;
+    let (_backend, declared) = single_plugin_gateway("reader", "hostile", reader(&["path"])).await;
+    assert_answered(declared.addr(), &Head::get("/admin"), "a").await;
 }

@@ -186,6 +186,27 @@ impl Decision {
         value
     }
 
+    /// The body of a `deny` decision.
+    pub fn body(&self) -> Option<&str> {
+        match self {
+            Decision::Deny(d) => Some(d.body.as_str()),
+            Decision::Continue(_) => None,
+        }
+    }
+
+    /// The value of an access-log field this decision adds ([`Decision::log_field`]
+    /// writes them; this reads one back, for tests).
+    pub fn logged(&self, name: &str) -> Option<&str> {
+        let fields = match self {
+            Decision::Continue(m) => &m.log_fields,
+            Decision::Deny(d) => &d.log_fields,
+        };
+        fields
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| h.value.as_str())
+    }
+
     /// A response header of a `deny` decision.
     pub fn response_header(&self, name: &str) -> Option<&str> {
         match self {
@@ -202,6 +223,17 @@ impl Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_give_back_the_body_and_log_fields() {
+        let d = Decision::deny(403, "no").log_field("why", "origin");
+        assert_eq!((d.body(), d.logged("why")), (Some("no"), Some("origin")));
+        let a = Decision::allow().log_field("user", "alice");
+        assert_eq!(
+            (a.body(), a.logged("user"), a.logged("x")),
+            (None, Some("alice"), None)
+        );
+    }
 
     #[test]
     fn continue_builders_accumulate() {

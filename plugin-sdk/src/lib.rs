@@ -1,7 +1,7 @@
 //! Write Sluice gateway policy plugins in Rust.
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2` against the
-//! `sluice:plugin@0.5.0` WIT package (`wit/plugin.wit`). This crate is the only
+//! `sluice:plugin@0.5.0` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
 //! one a plugin author depends on: it holds the bindings, a [`Plugin`] trait
 //! whose hooks have defaults, typed accessors on [`Request`], builders on
 //! [`Decision`], the host helpers in [`host`], one [`export!`] macro, and
@@ -11,18 +11,25 @@
 //!
 //! ```text
 //! load ─► init(config JSON) ─► on_request(req) ─► … ─► on_close(info) ─► …
-//!          once per instance    every request            every exchange end,
-//!                                                        if ON_CLOSE is true
+//!          once per instance    every request            every exchange end, for
+//!                                                        a plugin that implements
+//!                                                        OnClose
 //! ```
 //!
 //! The gateway keeps a few initialised instances per plugin and reuses them,
 //! one request at a time; state kept in `self` is per instance, state that must
 //! be shared (rate limits) goes through [`host::counter_add`].
 //!
-//! `on_request` is always called. [`Plugin::on_close`] is an opt-in hook: the
-//! gateway calls it only for plugins that set [`Plugin::ON_CLOSE`] to `true`
-//! (the export glue reports it from `init`), so a plugin that does not need
-//! it costs nothing when a connection ends.
+//! `on_request` is always called. [`OnClose::on_close`] is called for a plugin
+//! that implements [`OnClose`] ([`export!`] finds out at compile time and tells
+//! the gateway from `init`), so a plugin that does not costs nothing when a
+//! connection ends.
+//!
+//! A plugin reads only what it declares ([`Plugin::request_headers`],
+//! [`Plugin::request_fields`]). Reading anything else is loud, never a silent
+//! empty value: the accessor panics with a message naming the declaration it
+//! lacks. Under `cargo test` (through [`testing::on_request`]) that fails the
+//! test; in the gateway the call faults and the message is logged.
 //!
 //! A decision that depends only on what the plugin reads (an origin check, a
 //! routing table, a verified token until it expires) can say so with
@@ -70,21 +77,23 @@
 //!
 //! export!(ApiKeyAuth);
 //!
-//! // A plugin that wants `on_close` (metrics, quotas, audit) says so:
+//! // A plugin that wants `on_close` (metrics, quotas, audit) implements it:
 //! struct CountCloses;
 //!
 //! impl Plugin for CountCloses {
-//!     const ON_CLOSE: bool = true;
-//!
 //!     fn init(_config: Config) -> Result<Self, String> {
 //!         Ok(CountCloses)
 //!     }
+//! }
 //!
+//! impl sluice_plugin_sdk::OnClose for CountCloses {
 //!     fn on_close(&self, info: &sluice_plugin_sdk::CloseInfo) {
 //!         let key = format!("closed:{}", info.route);
 //!         sluice_plugin_sdk::host::counter_add(&key, 1, std::time::Duration::from_secs(60));
 //!     }
 //! }
+//! assert_eq!(sluice_plugin_sdk::hooks!(CountCloses), sluice_plugin_sdk::Hooks::ON_CLOSE);
+//! assert_eq!(sluice_plugin_sdk::hooks!(ApiKeyAuth), sluice_plugin_sdk::Hooks::empty());
 //!
 //! // Natively, the same logic runs under `cargo test` (and sees only the
 //! // headers and fields it asked for, as in the gateway):
@@ -111,7 +120,7 @@ pub mod testing;
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "plugin",
         pub_export_macro: true,
         export_macro_name: "__export_world",
@@ -121,7 +130,6 @@ pub mod bindings {
 }
 
 use std::cell::RefCell;
-use std::rc::Rc;
 
 pub use bindings::sluice::plugin::host::Level;
 pub use bindings::sluice::plugin::types::{
@@ -157,13 +165,9 @@ impl Config {
 }
 
 /// A policy plugin. Override only the hooks you need; they are listed in the
-/// order the gateway calls them.
+/// order the gateway calls them. The end of an exchange is a hook of its own,
+/// [`OnClose`].
 pub trait Plugin: Sized + 'static {
-    /// Whether the gateway should call [`Plugin::on_close`]. Default `false`:
-    /// the hook is never called, and a finished connection costs the gateway
-    /// no plugin call at all. Set it to `true` when you implement `on_close`.
-    const ON_CLOSE: bool = false;
-
     /// Build an instance from its config; an `Err` makes the gateway refuse
     /// to load the plugin and report the message.
     fn init(config: Config) -> Result<Self, String>;
@@ -172,7 +176,8 @@ pub trait Plugin: Sized + 'static {
     /// or `None` for all of them. Asked once, right after `init`; the
     /// gateway then hands `on_request` only these headers, which saves
     /// copying every other header into the plugin for every request (about
-    /// a third of a microsecond each). Default: all.
+    /// a third of a microsecond each). Default: all. Reading another header
+    /// ([`Request::header`]) panics, naming it.
     ///
     /// Test with [`testing::on_request`], which hides the other headers as
     /// the gateway does.
@@ -182,10 +187,10 @@ pub trait Plugin: Sized + 'static {
 
     /// The other fields of the request [`Plugin::on_request`] reads (path,
     /// query, authority, client address, …), or `None` for all of them.
-    /// Asked once, right after `init`; a field left out arrives as `None`
-    /// (its accessor, e.g. [`Request::path`], then gives `""`), which saves
-    /// a guest allocation and a copy per field per request. `kind` and the
-    /// headers are always there. Default: all.
+    /// Asked once, right after `init`; a field left out arrives as `None`,
+    /// which saves a guest allocation and a copy per field per request, and
+    /// its accessor (e.g. [`Request::path`]) panics, naming the flag to add.
+    /// `kind` and the headers are always there. Default: all.
     ///
     /// ```
     /// # use sluice_plugin_sdk::Fields;
@@ -205,73 +210,173 @@ pub trait Plugin: Sized + 'static {
         let _ = req;
         Decision::allow()
     }
-
-    /// Observe the end of a tunnel or request. Called only when
-    /// [`Plugin::ON_CLOSE`] is `true`. Default: nothing.
-    fn on_close(&self, info: &CloseInfo) {
-        let _ = info;
-    }
 }
 
-/// Object-safe view of a [`Plugin`] kept by the export glue.
-trait DynPlugin {
-    fn on_request(&self, req: &Request) -> Decision;
+/// Observe the end of a tunnel or request. Implement it and the gateway calls it
+/// for every exchange of the plugin's routes; a plugin that does not implement it
+/// costs nothing when a connection ends ([`export!`] tells the gateway which).
+pub trait OnClose: Plugin {
+    /// How the exchange ended.
     fn on_close(&self, info: &CloseInfo);
 }
 
-impl<P: Plugin> DynPlugin for P {
-    fn on_request(&self, req: &Request) -> Decision {
-        Plugin::on_request(self, req)
-    }
-    fn on_close(&self, info: &CloseInfo) {
-        Plugin::on_close(self, info)
-    }
+/// The optional hooks a plugin type implements, as `init` reports them to the
+/// gateway: `Hooks::ON_CLOSE` when it implements [`OnClose`].
+#[macro_export]
+macro_rules! hooks {
+    ($plugin:ty) => {
+        match $crate::__close_hook!($plugin) {
+            ::core::option::Option::Some(_) => $crate::Hooks::ON_CLOSE,
+            ::core::option::Option::None => $crate::Hooks::empty(),
+        }
+    };
 }
 
-thread_local! {
-    /// The instance built by `init` (a component instance is single-threaded).
-    static INSTANCE: RefCell<Option<Rc<dyn DynPlugin>>> = const { RefCell::new(None) };
+/// `Some(on_close)` when the plugin type implements [`OnClose`], found at compile
+/// time (autoref specialisation over a concrete type); not part of the API.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __close_hook {
+    ($plugin:ty) => {{
+        #[allow(unused_imports)]
+        use $crate::__private::{Closing as _, NotClosing as _};
+        (&$crate::__private::Probe::<$plugin>(::core::marker::PhantomData)).close_hook()
+    }};
 }
 
-/// The optional hooks `P` asks the gateway to call, as `init` reports them.
-pub fn hooks<P: Plugin>() -> Hooks {
-    if P::ON_CLOSE {
-        Hooks::ON_CLOSE
-    } else {
-        Hooks::empty()
-    }
-}
-
-/// What `init` reports to the gateway for `plugin`: its hooks and the
-/// request headers and fields it reads.
-pub fn interest<P: Plugin>(plugin: &P) -> Interest {
+/// What `init` reports to the gateway for `plugin` with `hooks` (see [`hooks!`]):
+/// its hooks and the request headers and fields it reads.
+pub fn interest<P: Plugin>(plugin: &P, hooks: Hooks) -> Interest {
     Interest {
-        hooks: hooks::<P>(),
+        hooks,
         headers: plugin.request_headers(),
         fields: plugin.request_fields(),
     }
 }
 
+thread_local! {
+    /// The headers the plugin declared (`None`: all), which [`Request::header`]
+    /// holds reads to.
+    static DECLARED_HEADERS: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Holds header reads to `declared` from now on (the export glue at `init`, the
+/// testing helpers per call).
+pub(crate) fn declare_headers(declared: Option<Vec<String>>) {
+    DECLARED_HEADERS.with(|d| *d.borrow_mut() = declared);
+}
+
+/// Panics, naming the declaration, when `name` is not among the declared headers.
+pub(crate) fn check_header(name: &str) {
+    DECLARED_HEADERS.with(|d| {
+        if let Some(declared) = &*d.borrow()
+            && !declared.iter().any(|h| h.eq_ignore_ascii_case(name))
+        {
+            panic!(
+                "the plugin reads the request header `{name}`, which its request_headers() \
+                 does not name: add \"{name}\" to it"
+            );
+        }
+    });
+}
+
 /// Export glue behind [`export!`]; not part of the API.
 #[doc(hidden)]
-pub struct Export<P>(std::marker::PhantomData<P>);
+pub mod __private {
+    use std::cell::RefCell;
+    use std::marker::PhantomData;
+    use std::rc::Rc;
 
-impl<P: Plugin> bindings::Guest for Export<P> {
-    fn init(config: String) -> Result<Interest, String> {
-        let plugin = P::init(Config(config))?;
-        let interest = interest(&plugin);
-        INSTANCE.with(|slot| *slot.borrow_mut() = Some(Rc::new(plugin)));
+    use crate::{CloseInfo, Config, Decision, Hooks, Interest, OnClose, Plugin, Request};
+
+    /// Asks, by method resolution, whether `P` implements [`OnClose`].
+    pub struct Probe<P>(pub PhantomData<P>);
+
+    /// Chosen first, when `P: OnClose`.
+    pub trait Closing<P> {
+        fn close_hook(&self) -> Option<fn(&P, &CloseInfo)>;
+    }
+
+    impl<P: OnClose> Closing<P> for Probe<P> {
+        fn close_hook(&self) -> Option<fn(&P, &CloseInfo)> {
+            Some(<P as OnClose>::on_close)
+        }
+    }
+
+    /// Chosen otherwise (one more autoref away).
+    pub trait NotClosing<P> {
+        fn close_hook(&self) -> Option<fn(&P, &CloseInfo)>;
+    }
+
+    impl<P> NotClosing<P> for &Probe<P> {
+        fn close_hook(&self) -> Option<fn(&P, &CloseInfo)> {
+            None
+        }
+    }
+
+    /// Object-safe view of a plugin and its close hook.
+    trait Live {
+        fn on_request(&self, req: &Request) -> Decision;
+        fn on_close(&self, info: &CloseInfo);
+    }
+
+    struct Bound<P> {
+        plugin: P,
+        close: Option<fn(&P, &CloseInfo)>,
+    }
+
+    impl<P: Plugin> Live for Bound<P> {
+        fn on_request(&self, req: &Request) -> Decision {
+            self.plugin.on_request(req)
+        }
+        fn on_close(&self, info: &CloseInfo) {
+            if let Some(close) = self.close {
+                close(&self.plugin, info);
+            }
+        }
+    }
+
+    thread_local! {
+        /// The instance built by `init` (a component instance is single-threaded).
+        static INSTANCE: RefCell<Option<Rc<dyn Live>>> = const { RefCell::new(None) };
+    }
+
+    /// `init`: builds the plugin, holds header reads to what it declares, makes
+    /// panics log their message through the host, and reports its interest.
+    pub fn init<P: Plugin>(
+        config: String,
+        close: Option<fn(&P, &CloseInfo)>,
+    ) -> Result<Interest, String> {
+        std::panic::set_hook(Box::new(|info| {
+            crate::host::log(
+                crate::Level::Error,
+                &format!("plugin panicked: {info}"),
+                &[],
+            );
+        }));
+        let plugin = P::init(Config::new(config))?;
+        let hooks = if close.is_some() {
+            Hooks::ON_CLOSE
+        } else {
+            Hooks::empty()
+        };
+        let interest = crate::interest(&plugin, hooks);
+        crate::declare_headers(interest.headers.clone());
+        let live: Rc<dyn Live> = Rc::new(Bound { plugin, close });
+        INSTANCE.with(|slot| *slot.borrow_mut() = Some(live));
         Ok(interest)
     }
 
-    fn on_request(req: Request) -> Decision {
+    /// `on-request`.
+    pub fn on_request(req: Request) -> Decision {
         match INSTANCE.with(|slot| slot.borrow().clone()) {
             Some(plugin) => plugin.on_request(&req),
             None => Decision::deny(500, "plugin used before init"),
         }
     }
 
-    fn on_close(info: CloseInfo) {
+    /// `on-close`.
+    pub fn on_close(info: CloseInfo) {
         if let Some(plugin) = INSTANCE.with(|slot| slot.borrow().clone()) {
             plugin.on_close(&info);
         }
@@ -286,7 +391,20 @@ macro_rules! export {
     ($plugin:ty) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            type SluiceExport = $crate::Export<$plugin>;
+            struct SluiceExport;
+            impl $crate::bindings::Guest for SluiceExport {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::core::result::Result<$crate::Interest, ::std::string::String> {
+                    $crate::__private::init::<$plugin>(config, $crate::__close_hook!($plugin))
+                }
+                fn on_request(req: $crate::Request) -> $crate::Decision {
+                    $crate::__private::on_request(req)
+                }
+                fn on_close(info: $crate::CloseInfo) {
+                    $crate::__private::on_close(info)
+                }
+            }
     $crate::bindings::__export_world!(SluiceExport with_types_in $crate::bindings);
         };
     };

@@ -5,66 +5,67 @@ use std::borrow::Cow;
 use crate::{Request, RequestKind};
 
 impl Request {
-    /// The method (`GET`, …); `""` unless the plugin reads [`Fields::METHOD`](crate::Fields).
+    /// The method (`GET`, …). Needs [`Fields::METHOD`](crate::Fields).
     pub fn method(&self) -> &str {
-        self.method.as_deref().unwrap_or("")
+        declared(self.method.as_deref(), "method", "METHOD")
     }
 
-    /// `http` or `https`; `""` unless the plugin reads `Fields::SCHEME`.
+    /// `http` or `https`. Needs `Fields::SCHEME`.
     pub fn scheme(&self) -> &str {
-        self.scheme.as_deref().unwrap_or("")
+        declared(self.scheme.as_deref(), "scheme", "SCHEME")
     }
 
-    /// Host and optional port; `""` unless the plugin reads `Fields::AUTHORITY`.
+    /// Host and optional port. Needs `Fields::AUTHORITY`.
     pub fn authority(&self) -> &str {
-        self.authority.as_deref().unwrap_or("")
+        declared(self.authority.as_deref(), "authority", "AUTHORITY")
     }
 
     /// The path without the query, normalised as the gateway's routing matched it (`.`
-    /// and `..` resolved, `//` collapsed, escaped unreserved characters decoded); `""`
-    /// unless the plugin reads `Fields::PATH`.
+    /// and `..` resolved, `//` collapsed, escaped unreserved characters decoded).
+    /// Needs `Fields::PATH`.
     pub fn path(&self) -> &str {
-        self.path.as_deref().unwrap_or("")
+        declared(self.path.as_deref(), "path", "PATH")
     }
 
-    /// The raw query string without `?`; `""` when absent or unless the plugin
-    /// reads `Fields::QUERY`.
+    /// The raw query string without `?`; `""` when absent. Needs `Fields::QUERY`.
     pub fn query_string(&self) -> &str {
-        self.query.as_deref().unwrap_or("")
+        declared(self.query.as_deref(), "query", "QUERY")
     }
 
-    /// The client's `ip:port`; `""` unless the plugin reads `Fields::CLIENT_ADDR`.
+    /// The client's `ip:port`. Needs `Fields::CLIENT_ADDR`.
     pub fn client_addr(&self) -> &str {
-        self.client_addr.as_deref().unwrap_or("")
+        declared(self.client_addr.as_deref(), "client address", "CLIENT_ADDR")
     }
 
-    /// The client's IP address without the port (`10.0.0.7`, `::1`); `""`
-    /// unless the plugin reads `Fields::CLIENT_IP`.
+    /// The client's IP address without the port (`10.0.0.7`, `::1`). Needs
+    /// `Fields::CLIENT_IP`.
     pub fn client_ip(&self) -> &str {
-        self.client_ip.as_deref().unwrap_or("")
+        declared(self.client_ip.as_deref(), "client IP", "CLIENT_IP")
     }
 
-    /// The matched route's name; `""` unless the plugin reads `Fields::ROUTE`.
+    /// The matched route's name. Needs `Fields::ROUTE`.
     pub fn route(&self) -> &str {
-        self.route.as_deref().unwrap_or("")
+        declared(self.route.as_deref(), "route", "ROUTE")
     }
 
-    /// The subprotocols the client offered; empty unless the plugin reads
-    /// `Fields::SUBPROTOCOLS`.
+    /// The subprotocols the client offered. Needs `Fields::SUBPROTOCOLS`.
     pub fn subprotocols(&self) -> &[String] {
-        self.subprotocols.as_deref().unwrap_or(&[])
+        declared(self.subprotocols.as_deref(), "subprotocols", "SUBPROTOCOLS")
     }
 
-    /// First value of a header; `name` is matched case-insensitively.
+    /// First value of a header; `name` is matched case-insensitively. A header the
+    /// plugin's `request_headers()` does not name panics, naming it.
     pub fn header(&self, name: &str) -> Option<&str> {
+        crate::check_header(name);
         self.headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value.as_str())
     }
 
-    /// Every value of a header, in arrival order.
+    /// Every value of a header, in arrival order (declared as for [`Request::header`]).
     pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        crate::check_header(name);
         self.headers
             .iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
@@ -101,7 +102,8 @@ impl Request {
             .filter(|t| !t.is_empty())
     }
 
-    /// The host part of the authority, without port, lower-case as sent.
+    /// The host part of the authority, without port, lower-case as sent. Needs
+    /// `Fields::AUTHORITY`.
     pub fn host(&self) -> &str {
         let authority = self.authority();
         if let Some(rest) = authority.strip_prefix('[') {
@@ -114,6 +116,19 @@ impl Request {
     /// Whether this is a WebSocket upgrade (as opposed to a plain request).
     pub fn is_websocket(&self) -> bool {
         self.kind == RequestKind::Websocket
+    }
+}
+
+/// A field's value, or a panic naming the flag the plugin did not declare: a field
+/// left out of `request_fields()` arrives as `None`, and reading it as empty would
+/// misjudge the request silently (a rule on `/admin` allowing everything).
+fn declared<'a, T: ?Sized>(value: Option<&'a T>, field: &str, flag: &str) -> &'a T {
+    match value {
+        Some(v) => v,
+        None => panic!(
+            "the plugin reads the request's {field}, which its request_fields() leaves \
+             out: add Fields::{flag}"
+        ),
     }
 }
 

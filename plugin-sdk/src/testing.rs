@@ -20,16 +20,27 @@ pub fn init<P: Plugin>(config_json: &str) -> Result<P, String> {
 
 /// Run a plugin's `on_request` as the gateway does: with only the headers
 /// its [`Plugin::request_headers`] names and the fields its
-/// [`Plugin::request_fields`] names (all of them for `None`).
+/// [`Plugin::request_fields`] names (all of them for `None`). Reading anything
+/// else panics with a message naming the declaration to add, failing the test.
 pub fn on_request<P: Plugin>(plugin: &P, req: &Request) -> Decision {
     let mut seen = req.clone();
-    if let Some(wanted) = plugin.request_headers() {
+    let wanted = plugin.request_headers();
+    if let Some(wanted) = &wanted {
         seen.headers
             .retain(|h| wanted.iter().any(|w| w.eq_ignore_ascii_case(&h.name)));
     }
     if let Some(fields) = plugin.request_fields() {
         hide(&mut seen, fields);
     }
+    /// Lifts the header declaration when the call ends, even by a panic.
+    struct Undeclare;
+    impl Drop for Undeclare {
+        fn drop(&mut self) {
+            crate::declare_headers(None);
+        }
+    }
+    crate::declare_headers(wanted);
+    let _undeclare = Undeclare;
     plugin.on_request(&seen)
 }
 
@@ -308,8 +319,53 @@ mod tests {
         assert_eq!(saw(&origin_only).as_deref(), Some("origin,origin"));
         assert_eq!(saw(&Echo(Some(Vec::new()))).as_deref(), Some(""));
         assert_eq!(
-            crate::interest(&origin_only).headers,
+            crate::interest(&origin_only, crate::Hooks::empty()).headers,
             Some(vec!["ORIGIN".to_owned()])
+        );
+    }
+
+    /// A plugin that reads what it did not declare fails its test, with the fix.
+    #[test]
+    fn reading_an_undeclared_field_or_header_is_loud() {
+        struct Admin;
+        impl Plugin for Admin {
+            fn init(_: Config) -> Result<Self, String> {
+                Ok(Admin)
+            }
+            fn request_headers(&self) -> Option<Vec<String>> {
+                Some(vec!["origin".into()])
+            }
+            fn request_fields(&self) -> Option<Fields> {
+                Some(Fields::QUERY)
+            }
+            fn on_request(&self, req: &Request) -> Decision {
+                if req.query_string() == "cookie" {
+                    let _ = req.cookie("session");
+                }
+                if req.path().starts_with("/admin") {
+                    return Decision::deny(403, "no");
+                }
+                Decision::allow()
+            }
+        }
+        let panic_of = |path: &str| {
+            let req = request().path(path).build();
+            let caught = std::panic::catch_unwind(|| on_request(&Admin, &req));
+            let payload = caught.expect_err("an undeclared read panics");
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_default()
+        };
+        let message = panic_of("/admin");
+        assert!(message.contains("add Fields::PATH"), "{message}");
+        let message = panic_of("/x?cookie");
+        assert!(message.contains("`cookie`"), "{message}");
+        // Called directly (not as the gateway would), nothing is hidden.
+        assert!(
+            Admin
+                .on_request(&request().path("/admin").build())
+                .is_deny()
         );
     }
 

@@ -7,7 +7,7 @@ use super::types::{
 
 mod generated {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../plugin-sdk/wit",
         world: "plugin",
         // Exports run on a fiber so a long hook yields to tokio at every epoch
         // tick instead of holding a worker (see the numbers in `mod.rs`).
