@@ -76,7 +76,7 @@ pub enum OnFailure {
 /// Limits shared by a fleet of gateways (`[cluster]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// The Redis server, as a `redis://` (or `rediss://`) URL.
+    /// The Redis server, as a `redis://` URL (plain TCP: keep it on a private network).
     pub redis: String,
     /// What happens while Redis is unreachable or slow.
     pub on_failure: OnFailure,
@@ -172,8 +172,9 @@ pub(super) fn max_clients(
 
 pub(super) fn cluster(raw: RawCluster, err: &Locator<'_>) -> Result<ClusterConfig, ConfigError> {
     let url = raw.redis.get_ref();
+    // `rediss://` (TLS) would need the redis crate's TLS support, which is not built in.
     let parsed = redis::IntoConnectionInfo::into_connection_info(url.as_str());
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) || parsed.is_err() {
+    if !url.starts_with("redis://") || parsed.is_err() {
         return Err(err.at(
             raw.redis.span(),
             format!("expected a URL such as \"redis://127.0.0.1:6379\", got {url:?}"),

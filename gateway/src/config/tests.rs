@@ -776,6 +776,7 @@ fn the_cluster_takes_a_redis_url_and_a_failure_mode() {
     assert_eq!(cluster.timeout, Duration::from_millis(100));
     let bad = |table: &str| err_of(&format!("{BASE}\n[cluster]\n{table}"));
     assert!(bad("redis = \"http://x\"").contains("cluster.redis: expected a URL such as"));
+    assert!(bad("redis = \"rediss://x:6380\"").contains("cluster.redis: expected a URL such as"));
     assert!(
         bad("redis = \"redis://x\"\non_failure = \"maybe\"")
             .contains("cluster.on_failure: expected \"open\" or \"closed\", got \"maybe\"")
