@@ -7,10 +7,12 @@
 #   jwt-auth origin-allowlist tenant-router sticky-key hostile   (Rust, wasm32-wasip2)
 #   hostile-deny                                                  (the fixture's `deny` build)
 #   api-key-js                                                     (JavaScript, componentize-js)
+#   path-guard-py                                                  (Python, componentize-py)
 #
 # Needs: rustup (adds the wasm32-wasip2 target if missing), Node.js >= 18 and
 # npm (installs the pinned componentize-js from plugins/api-key-js/package-lock.json
-# into target/plugin-toolchain/js). No wasm-tools needed: cargo emits
+# into target/plugin-toolchain/js), python3 with pip (installs the pinned
+# componentize-py into target/plugin-toolchain/py). No wasm-tools needed: cargo emits
 # components directly for wasm32-wasip2.
 #
 # Idempotent and quick on re-run: cargo rebuilds only what changed, the JS
@@ -47,6 +49,35 @@ done
 # The fixture's `deny` build: other code for the same config (tests/reload.rs).
 (cd "$root" && cargo build --quiet --profile plugin --target wasm32-wasip2 -p hostile --features deny)
 install_if_changed "$root/target/wasm32-wasip2/plugin/hostile.wasm" "$out/hostile-deny.wasm"
+
+# --- Python plugin (componentize-py) ---------------------------------------------
+# componentize-py, pinned, from PyPI into the target dir (no system-wide install);
+# rebuilt only when the sources, the pin or the WIT change.
+py_version="0.25.1"
+py_src="$root/plugins/path-guard-py"
+py_tool="$root/target/plugin-toolchain/py"
+py_out="$out/path-guard-py.wasm"
+command -v python3 >/dev/null || {
+  log "python3 (with pip) is required for the Python plugin (apt-get install python3-pip)"
+  exit 1
+}
+if [[ "$(cat "$py_tool/.version" 2>/dev/null)" != "$py_version" ]]; then
+  log "installing componentize-py $py_version into ${py_tool#"$root"/}"
+  rm -rf "$py_tool"
+  # A target directory of its own: nothing is installed into the system Python.
+  PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+    --target "$py_tool" \
+    "componentize-py==$py_version"
+  echo "$py_version" >"$py_tool/.version"
+fi
+py_hash="$(cat "$py_src"/*.py "$root"/plugin-sdk/wit/*.wit "$py_tool/.version" | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$py_out" || "$(cat "$py_tool/.built" 2>/dev/null)" != "$py_hash" ]]; then
+  log "componentizing path-guard-py"
+  PYTHONPATH="$py_tool" "$py_tool/bin/componentize-py" -d "$root/plugin-sdk/wit" -w plugin \
+    componentize app -p "$py_src" -o "$py_tool/path-guard-py.wasm" >/dev/null
+  install_if_changed "$py_tool/path-guard-py.wasm" "$py_out"
+  echo "$py_hash" >"$py_tool/.built"
+fi
 
 # --- JavaScript plugin (componentize-js) ----------------------------------------
 js_src="$root/plugins/api-key-js"

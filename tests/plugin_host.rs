@@ -494,6 +494,40 @@ async fn javascript_plugin_runs_against_the_same_wit() {
 }
 
 #[tokio::test]
+async fn python_plugin_runs_against_the_same_wit() {
+    let host = PluginHost::new().unwrap();
+    let guard = load(
+        &host,
+        &spec("path-guard-py", json!({"blocked": ["/admin"]})),
+    )
+    .await;
+    // It declares the path alone, and no headers.
+    assert_eq!(guard.headers(), Some(&[][..]));
+    let chain = Chain::new(vec![guard]);
+    let at = |path: &str| RequestInfo {
+        path: path.into(),
+        ..request(&[("origin", "https://a.example")])
+    };
+    let refused = chain.on_request(&at("/admin/users")).await;
+    assert_eq!(denied(&refused).0, 403);
+    match &refused {
+        ChainDecision::Deny(d) => assert_eq!(d.log_fields, [("blocked".into(), "/admin".into())]),
+        ChainDecision::Continue(_) => unreachable!(),
+    }
+    let m = continued(chain.on_request(&at("/chat")).await);
+    assert_eq!(values_set(m, "x-path-guard"), ["passed"]);
+
+    let bad = host
+        .load(&spec("path-guard-py", json!({"blocked": "/admin"})))
+        .await;
+    let err = bad.expect_err("bad config refused").to_string();
+    assert!(
+        err.contains("path-guard-py") && err.contains("`blocked` must be a list"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn load_errors_name_the_plugin_and_the_reason() {
     let host = PluginHost::new().unwrap();
     let dir = std::env::temp_dir().join(format!("sluice-plugin-host-{}", std::process::id()));
@@ -816,6 +850,24 @@ async fn measure() {
     println!(
         "reused instance, JS plugin: {}",
         per_call(&js, &js_req, 1_000).await
+    );
+    let no_reuse = |s: PluginConfig| PluginConfig {
+        limits: PluginLimits {
+            max_reused: 0,
+            ..s.limits
+        },
+        ..s
+    };
+    let py = Chain::new(vec![
+        load(
+            &host,
+            &no_reuse(spec("path-guard-py", json!({"blocked": ["/admin"]}))),
+        )
+        .await,
+    ]);
+    println!(
+        "reused instance, Python plugin (called every time): {}",
+        per_call(&py, &req, 1_000).await
     );
 
     let mut fresh = Vec::new();

@@ -1,0 +1,179 @@
+"""The Sluice plugin vocabulary for Python, in the words of the Rust SDK.
+
+A plugin subclasses `Plugin`, and its module exports it with
+`WitWorld = export(MyPlugin)`. `Request` reads what the plugin declared and
+raises, naming the declaration to add, for anything else (never a silent
+empty value); `allow()` and `deny()` build decisions with `set_header`,
+`remove_header`, `log_field` and `reuse_for`.
+"""
+
+import json
+from typing import List, Optional
+
+from componentize_py_types import Err
+from wit_world.imports import host, types
+from wit_world.imports.types import Fields, Hooks
+
+
+class Request:
+    """A request as the plugin sees it: the fields and headers it declared."""
+
+    def __init__(self, raw: types.Request, headers: Optional[List[str]]):
+        self._raw = raw
+        self._headers = headers
+
+    @staticmethod
+    def _declared(value, name: str, flag: str):
+        if value is None:
+            raise LookupError(
+                f"the plugin reads the request's {name}, which its fields() leaves "
+                f"out: add Fields.{flag}"
+            )
+        return value
+
+    def method(self) -> str:
+        return self._declared(self._raw.method, "method", "METHOD")
+
+    def authority(self) -> str:
+        return self._declared(self._raw.authority, "authority", "AUTHORITY")
+
+    def path(self) -> str:
+        return self._declared(self._raw.path, "path", "PATH")
+
+    def query_string(self) -> str:
+        return self._declared(self._raw.query, "query", "QUERY")
+
+    def client_ip(self) -> str:
+        return self._declared(self._raw.client_ip, "client IP", "CLIENT_IP")
+
+    def route(self) -> str:
+        return self._declared(self._raw.route, "route", "ROUTE")
+
+    def is_websocket(self) -> bool:
+        return self._raw.kind == types.RequestKind.WEBSOCKET
+
+    def header(self, name: str) -> Optional[str]:
+        """The first value of a header (names match in any case)."""
+        name = name.lower()
+        if self._headers is not None and name not in self._headers:
+            raise LookupError(
+                f"the plugin reads the request header `{name}`, which its headers() "
+                f"does not name: add \"{name}\" to it"
+            )
+        for h in self._raw.headers:
+            if h.name == name:
+                return h.value
+        return None
+
+
+class Decision:
+    """A verdict under construction: `allow()` or `deny(status, body)`."""
+
+    def __init__(self, status: Optional[int] = None, body: str = ""):
+        self._status = status
+        self._body = body
+        self._ops: List[types.HeaderOp] = []
+        self._response: List[types.Header] = []
+        self._log: List[types.Header] = []
+        self._reuse_ms = 0
+
+    def set_header(self, name: str, value: str) -> "Decision":
+        """Set an upstream request header (on a deny: a response header)."""
+        header = types.Header(name.lower(), value)
+        if self._status is None:
+            self._ops.append(types.HeaderOp_Set(header))
+        else:
+            self._response.append(header)
+        return self
+
+    def remove_header(self, name: str) -> "Decision":
+        """Remove an upstream request header."""
+        self._ops.append(types.HeaderOp_Remove(name.lower()))
+        return self
+
+    def log_field(self, name: str, value: str) -> "Decision":
+        """Add a field to the access-log line."""
+        self._log.append(types.Header(name, value))
+        return self
+
+    def reuse_for(self, seconds: float) -> "Decision":
+        """Let the gateway give this decision again, without a call, to requests
+        that show the plugin the same inputs, for up to `seconds`."""
+        self._reuse_ms = max(0, min(int(seconds * 1000), 2**32 - 1))
+        return self
+
+    def to_wit(self) -> types.Decision:
+        if self._status is None:
+            return types.Decision_Continue(
+                types.Mutations(self._ops, None, None, None, None, self._log, self._reuse_ms)
+            )
+        return types.Decision_Deny(
+            types.Denial(self._status, self._response, self._body, self._log, self._reuse_ms)
+        )
+
+
+def allow() -> Decision:
+    """Let the request through, unchanged until changed."""
+    return Decision()
+
+
+def deny(status: int, body: str) -> Decision:
+    """Refuse the request with this status and body."""
+    return Decision(status, body)
+
+
+class Plugin:
+    """A policy plugin. Override what you need; `__init__` takes the config (a
+    dict) and raises `ValueError` for a bad one."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def headers(self) -> Optional[List[str]]:
+        """The request headers `on_request` reads; `None` for all."""
+        return None
+
+    def fields(self) -> Optional[Fields]:
+        """The other request fields `on_request` reads; `None` for all."""
+        return None
+
+    def on_request(self, req: Request) -> Decision:
+        return allow()
+
+
+def log(level: host.Level, message: str, **fields: str) -> None:
+    """Log through the gateway, tagged with the plugin's name."""
+    host.log(level, message, list(fields.items()))
+
+
+def export(plugin_class):
+    """The component's exports for `plugin_class` (assign to `WitWorld`)."""
+    state = {}
+
+    class Exports:
+        def init(self, config: str) -> types.Interest:
+            try:
+                plugin = plugin_class(json.loads(config or "{}"))
+            except (ValueError, KeyError, TypeError) as e:
+                raise Err(f"invalid config: {e}")
+            headers = plugin.headers()
+            if headers is not None:
+                headers = [h.lower() for h in headers]
+            state["plugin"], state["headers"] = plugin, headers
+            hooks = Hooks.ON_CLOSE if hasattr(plugin, "on_close") else Hooks(0)
+            return types.Interest(hooks, headers, plugin.fields())
+
+        def on_request(self, req: types.Request) -> types.Decision:
+            try:
+                return state["plugin"].on_request(Request(req, state["headers"])).to_wit()
+            except Exception as e:
+                # The gateway counts the fault; the message goes to its log.
+                host.log(host.Level.ERROR, f"plugin raised: {e!r}", [])
+                raise
+
+        def on_close(self, info: types.CloseInfo) -> None:
+            plugin = state.get("plugin")
+            if plugin is not None and hasattr(plugin, "on_close"):
+                plugin.on_close(info)
+
+    return Exports
