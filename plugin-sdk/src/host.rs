@@ -55,7 +55,9 @@ pub fn monotonic_ns() -> u64 {
 
 /// Add `delta` to counter `key` in the current fixed `window` and return its
 /// value in that window (pass `0` to read). Counters are shared by all
-/// instances of this plugin and private to it.
+/// instances of this plugin and private to it, kept apart by the tenant of the
+/// request the call is about, and shared by the fleet when the gateway has
+/// `[cluster]` (one Redis round trip per call then).
 pub fn counter_add(key: &str, delta: u64, window: Duration) -> u64 {
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
     imp::counter_add(key, delta, window_ms)
