@@ -104,11 +104,15 @@ impl Record {
 }
 
 impl Record {
+    /// The counters this exchange is counted in: its route's, and its tenant's.
+    fn counters(&self) -> impl Iterator<Item = &RouteStats> {
+        std::iter::once(&*self.stats).chain(self.tenant.as_ref().map(|t| &t.stats))
+    }
+
     /// A tunnel opened: its `status` (`101`, or an HTTP/2 `200`) went to the client.
     pub fn tunnel_opened(&self) {
-        self.stats.tunnel_opened(self.status);
-        if let Some(t) = &self.tenant {
-            t.stats.tunnel_opened(self.status);
+        for stats in self.counters() {
+            stats.tunnel_opened(self.status);
         }
     }
 
@@ -121,11 +125,8 @@ impl Record {
             _ => CloseReason::Completed,
         };
         self.notify(bytes_in, bytes_out, reason);
-        self.stats
-            .answered(self.upgrade, self.status, bytes_in, bytes_out);
-        if let Some(t) = &self.tenant {
-            t.stats
-                .answered(self.upgrade, self.status, bytes_in, bytes_out);
+        for stats in self.counters() {
+            stats.answered(self.upgrade, self.status, bytes_in, bytes_out);
         }
         self.emit(bytes_in, bytes_out, None, None);
     }
@@ -140,8 +141,7 @@ impl Record {
             Ended::Error => CloseReason::UpstreamError,
         };
         self.notify(report.bytes_in, report.bytes_out, reason);
-        let tenant = self.tenant.as_ref().map(|t| &t.stats);
-        for stats in std::iter::once(&*self.stats).chain(tenant) {
+        for stats in self.counters() {
             stats.tunnel_closed(
                 report.reason,
                 report.bytes_in,

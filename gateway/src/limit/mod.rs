@@ -105,6 +105,19 @@ impl Limit {
     }
 }
 
+/// What a request takes a token of: a WebSocket a handshake, a plain request a
+/// request, under `limits`.
+fn rate_of(limits: &Limits, websocket: bool) -> (Limit, Option<Rate>) {
+    if websocket {
+        (Limit::Handshakes, limits.handshakes)
+    } else {
+        (Limit::Requests, limits.requests)
+    }
+}
+
+/// `Retry-After` for a tunnel limit: when a slot comes free is not known.
+const TUNNEL_RETRY: Duration = Duration::from_secs(1);
+
 /// Whose limit it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -210,7 +223,13 @@ impl Tenant {
         self.limited[i][j].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn take(&self, bucket: &Mutex<Option<Bucket>>, rate: Rate) -> Result<(), Duration> {
+    /// Takes a token from this gateway's handshake (`websocket`) or request bucket.
+    fn take(&self, websocket: bool, rate: Rate) -> Result<(), Duration> {
+        let bucket = if websocket {
+            &self.handshakes
+        } else {
+            &self.requests
+        };
         let now = Instant::now();
         let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
         b.get_or_insert_with(|| Bucket::full(rate, now))
@@ -312,11 +331,7 @@ impl Clients {
         websocket: bool,
         max: usize,
     ) -> Result<bool, Refusal> {
-        let rate = if websocket {
-            limits.handshakes
-        } else {
-            limits.requests
-        };
+        let (limit, rate) = rate_of(limits, websocket);
         let tunnel_limit = limits.tunnels.filter(|_| websocket);
         if rate.is_none() && tunnel_limit.is_none() {
             return Ok(false);
@@ -349,20 +364,13 @@ impl Clients {
             let taken = bucket.take(rate, now);
             c.idle_at = c.idle_at.max(bucket.full_at(rate));
             if let Err(wait) = taken {
-                let limit = if websocket {
-                    Limit::Handshakes
-                } else {
-                    Limit::Requests
-                };
                 return Err(Refusal::new(limit, Scope::Ip, wait));
             }
         }
         match tunnel_limit {
-            Some(max) if c.tunnels >= max => Err(Refusal::new(
-                Limit::Tunnels,
-                Scope::Ip,
-                Duration::from_secs(1),
-            )),
+            Some(max) if c.tunnels >= max => {
+                Err(Refusal::new(Limit::Tunnels, Scope::Ip, TUNNEL_RETRY))
+            }
             Some(_) => {
                 c.tunnels += 1;
                 Ok(true)
@@ -527,11 +535,8 @@ impl Table {
     /// The state a request of `tenant` is counted under: its own when the config lists
     /// it, else the shared [`OTHER_TENANT`].
     pub fn tenant(&self, tenant: Option<&str>) -> Option<Arc<Tenant>> {
-        let name = tenant?;
-        match self.tenants.get(name) {
-            Some((_, t)) => Some(t.clone()),
-            None => Some(self.other.clone()),
-        }
+        let known = self.tenants.get(tenant?).map(|(_, t)| t);
+        Some(known.unwrap_or(&self.other).clone())
     }
 
     /// Checks one request against its tenant's limits and its client address's, and
@@ -583,16 +588,7 @@ impl Table {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let rate = if websocket {
-            limits.handshakes
-        } else {
-            limits.requests
-        };
-        let limit = if websocket {
-            Limit::Handshakes
-        } else {
-            Limit::Requests
-        };
+        let (limit, rate) = rate_of(limits, websocket);
         if let Some(rate) = rate {
             let shared = match &self.cluster {
                 Some(c) if websocket => c.take(tenant, rate).await.ok_or(()),
@@ -604,12 +600,7 @@ impl Table {
                     if self.cluster.is_some() && websocket {
                         self.unavailable(limit).map_err(refused)?;
                     }
-                    let bucket = if websocket {
-                        &tenant.handshakes
-                    } else {
-                        &tenant.requests
-                    };
-                    tenant.take(bucket, rate)
+                    tenant.take(websocket, rate)
                 }
             };
             taken.map_err(|wait| refused(Refusal::new(limit, Scope::Tenant, wait)))?;
@@ -637,7 +628,7 @@ impl Table {
                 return Err(refused(Refusal::new(
                     Limit::Tunnels,
                     Scope::Tenant,
-                    Duration::from_secs(1),
+                    TUNNEL_RETRY,
                 )));
             }
             admission.tenant = Some(tenant.clone());

@@ -38,7 +38,6 @@ use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
