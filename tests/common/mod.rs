@@ -57,6 +57,11 @@ use tokio_tungstenite::tungstenite::{self, Message};
 /// The default deadline for one awaited step: a connect, a handshake, one reply.
 pub const STEP: Duration = Duration::from_secs(10);
 
+/// How long a gateway may take to report its listeners. Generous because the first
+/// start of a run compiles its plugins (a JavaScript component takes over 15 s on a
+/// busy 2-core machine); later starts load them from wasmtime's cache.
+const STARTUP: Duration = Duration::from_secs(90);
+
 // ---- deadlines ------------------------------------------------------------------------
 
 /// Awaits `fut`, panicking with `what` if it has not finished within `limit`.
@@ -443,7 +448,7 @@ impl Gateway {
             // `[listeners.NAME]`, not one of its sub-tables such as `[listeners.NAME.tls]`.
             .filter(|rest| rest.split(']').next().is_some_and(|n| !n.contains('.')))
             .count();
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + STARTUP;
         loop {
             gateway.listeners = gateway
                 .stdout
@@ -462,7 +467,7 @@ impl Gateway {
             }
             assert!(
                 Instant::now() < deadline,
-                "sluice did not report {expected} listener(s) within 15s; stdout: {:?}",
+                "sluice did not report {expected} listener(s) within {STARTUP:?}; stdout: {:?}",
                 gateway.stdout.snapshot()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
