@@ -23,6 +23,7 @@ fn spec(name: &str, config: serde_json::Value) -> PluginConfig {
         config_json: config.to_string(),
         limits: PluginLimits::default(),
         fail_open: false,
+        grants: Vec::new(),
         config_at: String::new(),
     }
 }
@@ -586,7 +587,9 @@ async fn load_errors_name_the_plugin_and_the_reason() {
         "{bad_config}"
     );
     assert!(
-        bad_config.to_string().contains("missing field `keys`"),
+        bad_config
+            .to_string()
+            .contains("`keys` must list at least one key"),
         "{bad_config}"
     );
 

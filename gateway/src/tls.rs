@@ -276,9 +276,19 @@ impl Connector {
         server: &UpstreamServer,
         tcp: TcpStream,
     ) -> io::Result<client::TlsStream<TcpStream>> {
+        self.connect_to(&server.authority, tcp).await
+    }
+
+    /// The TLS handshake with the server at `authority` (`host[:port]`), verified under
+    /// the connector's `server_name` or else that host.
+    pub async fn connect_to(
+        &self,
+        authority: &str,
+        tcp: TcpStream,
+    ) -> io::Result<client::TlsStream<TcpStream>> {
         let name = match &self.server_name {
             Some(n) => n.clone(),
-            None => server_name(&server.authority)?,
+            None => server_name(authority)?,
         };
         self.connector.connect(name, tcp).await
     }

@@ -1,7 +1,7 @@
 //! Write Sluice gateway policy plugins in Rust.
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2` against the
-//! `sluice:plugin@0.5.0` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
+//! `sluice:plugin@0.5.1` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
 //! one a plugin author depends on: it holds the bindings, a [`Plugin`] trait
 //! whose hooks have defaults, typed accessors on [`Request`], builders on
 //! [`Decision`], the host helpers in [`host`], one [`export!`] macro, and
@@ -108,6 +108,7 @@
 //! `crate-type = ["cdylib"]`; the `.wasm` file is the component.
 
 mod decision;
+pub mod documents;
 pub mod host;
 pub mod matching;
 mod request;

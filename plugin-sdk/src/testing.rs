@@ -206,7 +206,33 @@ pub fn take_logs() -> Vec<LogRecord> {
     host::STATE.with(|s| std::mem::take(&mut s.borrow_mut().logs))
 }
 
-/// Forget this thread's logs, counters and clock override.
+/// Give the native host's watched document at `url` a new copy (its version grows by
+/// one), as a fetch by the gateway would.
+pub fn set_document(url: &str, body: &[u8]) {
+    host::STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let version = s.documents.get(url).map_or(0, |d| d.version) + 1;
+        s.documents.insert(
+            url.to_owned(),
+            crate::documents::Document {
+                version,
+                body: body.to_vec(),
+            },
+        );
+    });
+}
+
+/// How many times the plugin asked for an early fetch of `url` on this thread.
+pub fn refresh_requests(url: &str) -> usize {
+    host::STATE.with(|s| s.borrow().refreshes.get(url).copied().unwrap_or(0))
+}
+
+/// The URLs the plugin watched on this thread, in order.
+pub fn watched() -> Vec<String> {
+    host::STATE.with(|s| s.borrow().watched.clone())
+}
+
+/// Forget this thread's logs, counters, documents and clock override.
 pub fn reset() {
     host::STATE.with(|s| *s.borrow_mut() = host::State::default());
 }
@@ -226,6 +252,11 @@ pub(crate) mod host {
         pub(crate) logs: Vec<LogRecord>,
         /// key → (window start, count).
         counters: HashMap<String, (u64, u64)>,
+        /// url → the current copy.
+        pub(crate) documents: HashMap<String, crate::documents::Document>,
+        /// url → early fetches asked for.
+        pub(crate) refreshes: HashMap<String, usize>,
+        pub(crate) watched: Vec<String>,
     }
 
     thread_local! {
@@ -267,6 +298,32 @@ pub(crate) mod host {
             slot.1 = slot.1.saturating_add(delta);
             slot.1
         })
+    }
+}
+
+/// The native stand-in for the `documents` imports: every URL may be watched, and
+/// copies come from [`set_document`].
+pub(crate) mod documents {
+    use super::host::STATE;
+    use crate::documents::Document;
+
+    pub(crate) fn watch(url: &str, _min_ms: u32, _max_ms: u32) -> Result<(), String> {
+        STATE.with(|s| s.borrow_mut().watched.push(url.to_owned()));
+        Ok(())
+    }
+
+    pub(crate) fn latest(url: &str, seen: u64) -> Option<Document> {
+        STATE.with(|s| {
+            s.borrow()
+                .documents
+                .get(url)
+                .filter(|d| d.version > seen)
+                .cloned()
+        })
+    }
+
+    pub(crate) fn refresh_soon(url: &str) {
+        STATE.with(|s| *s.borrow_mut().refreshes.entry(url.to_owned()).or_default() += 1);
     }
 }
 

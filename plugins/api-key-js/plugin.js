@@ -1,12 +1,12 @@
 // `api-key-js`: API-key auth with an optional per-client rate limit, written
-// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.5.0)
+// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.5.1)
 // and built into a component by componentize-js (see build.mjs).
 //
 // Config: {"keys": {"<api key>": "<client name>"}, "header": "x-api-key",
 //          "rate_limit_per_minute": 0}
 // Missing key → 401, unknown key → 403, over the limit → 429. An admitted
 // request goes upstream without the key and with `x-client: <client name>`.
-import { counterAdd } from 'sluice:plugin/host@0.5.0';
+import { counterAdd } from 'sluice:plugin/host@0.5.1';
 
 let keys = new Map();
 let header = 'x-api-key';

@@ -419,7 +419,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Writes `config` to a fresh temp dir, starts `sluice run` on it and waits (15 s at
+    /// Writes `config` to a fresh temp dir, starts `sluice run` on it and waits ([`STARTUP`] at
     /// most) until stdout has reported every `[listeners.NAME]` table of the config as
     /// `listening NAME ADDR`.
     pub async fn start(config: &str) -> Gateway {

@@ -400,6 +400,29 @@ impl Collector for GatewayCollector {
         )?;
         let mut f = family(
             &mut enc,
+            "sluice_plugin_document_fetches",
+            "Fetches of the documents plugins watch (grants.http), by plugin and outcome.",
+            MetricType::Counter,
+        )?;
+        for ((labels, s), (_, p)) in stats.iter().zip(&plugins) {
+            if p.watches_documents() {
+                let plugin = labels[0].1;
+                f.counter(
+                    &[("plugin", plugin), ("outcome", "changed")],
+                    s.fetches_changed,
+                )?;
+                f.counter(
+                    &[("plugin", plugin), ("outcome", "unchanged")],
+                    s.fetches_unchanged,
+                )?;
+                f.counter(
+                    &[("plugin", plugin), ("outcome", "failed")],
+                    s.fetches_failed,
+                )?;
+            }
+        }
+        let mut f = family(
+            &mut enc,
             "sluice_plugin_call_duration_seconds",
             "on-request call latency, by plugin.",
             MetricType::Histogram,

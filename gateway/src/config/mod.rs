@@ -347,6 +347,8 @@ pub struct PluginConfig {
     pub limits: PluginLimits,
     /// On a fault, skip this plugin (true) instead of denying with 503.
     pub fail_open: bool,
+    /// `grants.http`: the URLs whose documents the host may fetch for it.
+    pub grants: Vec<String>,
     /// Where its config is written in the config file (`line L, column C
     /// (plugins.NAME.config)`), for a config its `init` refuses; empty when not from a file.
     pub config_at: String,
@@ -362,12 +364,14 @@ impl PartialEq for PluginConfig {
             &self.config_json,
             &self.limits,
             self.fail_open,
+            &self.grants,
         ) == (
             &other.name,
             &other.wasm,
             &other.config_json,
             &other.limits,
             other.fail_open,
+            &other.grants,
         )
     }
 }

@@ -225,6 +225,15 @@ const PLUGIN: Fields = (
         ("memory", Kind::Size),
         ("max_instances", Kind::Integer),
         ("max_reused", Kind::Integer),
+        // A dotted key: the `grants` table's one field.
+        (
+            "grants.http",
+            Kind::Texts(&[
+                "https://idp.example/.well-known/jwks.json",
+                "http://127.0.0.1:8080/keys",
+                "ftp://idp.example/keys",
+            ]),
+        ),
     ],
 );
 

@@ -85,6 +85,15 @@ pub(super) struct RawPlugin {
     pub(super) memory: Option<Spanned<Size>>,
     pub(super) max_instances: Option<Spanned<u32>>,
     pub(super) max_reused: Option<Spanned<u32>>,
+    pub(super) grants: Option<RawGrants>,
+}
+
+/// What a plugin may reach beyond the host's clocks, logs and counters.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGrants {
+    /// URLs whose JSON documents the host fetches for it (the `documents` import).
+    pub(super) http: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -114,6 +114,46 @@ fn reused_decisions_default_can_be_turned_off_and_are_bounded() {
 }
 
 #[test]
+fn grants_are_absolute_http_urls_each_once() {
+    let with = |grants: &str| {
+        format!("{BASE}\n[plugins.p]\npath = \"p.wasm\"\ngrants = {{ http = [{grants}] }}\n")
+    };
+    let granted = |src: &str| {
+        Config::parse("sluice.toml", src).unwrap().plugins[0]
+            .grants
+            .clone()
+    };
+    let url = "\"https://idp.example/.well-known/jwks.json\"";
+    assert_eq!(
+        granted(&with(url)),
+        ["https://idp.example/.well-known/jwks.json"]
+    );
+    assert!(granted(&format!("{BASE}\n[plugins.p]\npath = \"p.wasm\"\n")).is_empty());
+    for (bad, message) in [
+        (
+            "\"ftp://idp.example/k\"",
+            "must be an http:// or https:// URL",
+        ),
+        ("\"/jwks.json\"", "must be an http:// or https:// URL"),
+        (
+            "\"https://user:pw@idp.example/k\"",
+            "must not carry user info",
+        ),
+        ("\"not a url\"", "not a URL"),
+        (&format!("{url}, {url}"), "is granted twice"),
+    ] {
+        let err = err_of(&with(bad));
+        assert!(
+            err.starts_with("sluice.toml:14:")
+                && err.contains("plugins.p.grants.http")
+                && err.contains(message),
+            "{bad}: {err}"
+        );
+    }
+    assert!(err_of(&with("\"x\"], ftp = [\"y\"")).contains("unknown field `ftp`"));
+}
+
+#[test]
 fn durations_past_365_days_are_located_errors_not_panics() {
     for (duration, line) in [
         ("18446744073709551615s1s", 11),

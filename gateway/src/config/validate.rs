@@ -578,6 +578,41 @@ fn known_name(
     Ok(name.into_inner())
 }
 
+/// Most URLs one plugin may be granted.
+const MAX_GRANTS: usize = 16;
+
+/// `grants.http`: absolute `http`/`https` URLs with a host and no user info, each once.
+fn granted_urls(urls: Vec<Spanned<String>>, err: &Locator<'_>) -> Result<Vec<String>, ConfigError> {
+    if urls.len() > MAX_GRANTS {
+        let span = urls[MAX_GRANTS].span();
+        return Err(err.at(span, format!("at most {MAX_GRANTS} URLs may be granted")));
+    }
+    let mut granted: Vec<String> = Vec::with_capacity(urls.len());
+    for url in urls {
+        let fail = |m: &str| err.at(url.span(), format!("{:?}: {m}", url.get_ref()));
+        let uri: http::Uri = url
+            .get_ref()
+            .parse()
+            .map_err(|e| fail(&format!("not a URL: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(fail("must be an http:// or https:// URL"));
+        }
+        match uri.authority() {
+            None => return Err(fail("must name a host")),
+            Some(a) if a.as_str().contains('@') => {
+                return Err(fail("must not carry user info"));
+            }
+            Some(a) if a.host().is_empty() => return Err(fail("must name a host")),
+            Some(_) => {}
+        }
+        if granted.contains(url.get_ref()) {
+            return Err(fail("is granted twice"));
+        }
+        granted.push(url.into_inner());
+    }
+    Ok(granted)
+}
+
 /// Most decisions one plugin may keep for reuse (each holds its key, at most 4 KiB).
 const MAX_REUSED: u32 = 65_536;
 
@@ -623,9 +658,14 @@ impl RawPlugin {
                 format!("config table is not JSON-compatible: {e}"),
             )
         })?;
+        let grants = match self.grants {
+            Some(g) => granted_urls(g.http, err)?,
+            None => Vec::new(),
+        };
         Ok(PluginConfig {
             name,
             wasm: base_dir.join(self.path.get_ref()),
+            grants,
             config_json,
             config_at,
             limits: PluginLimits {

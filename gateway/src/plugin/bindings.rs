@@ -12,12 +12,16 @@ mod generated {
         // Exports run on a fiber so a long hook yields to tokio at every epoch
         // tick instead of holding a worker (see the numbers in `mod.rs`).
         exports: { default: async },
-        // With `[cluster]`, a counter lives in the fleet's Redis: the host awaits it.
-        imports: { "sluice:plugin/host.counter-add": async },
+        // With `[cluster]`, a counter lives in the fleet's Redis: the host awaits it; the
+        // first `watch` of a URL awaits its first fetch.
+        imports: {
+            "sluice:plugin/host.counter-add": async,
+            "sluice:plugin/documents.watch": async,
+        },
     });
 }
 
-pub(super) use generated::sluice::plugin::{host, types as wit};
+pub(super) use generated::sluice::plugin::{documents, host, types as wit};
 pub(super) use generated::{Plugin, PluginPre};
 pub(super) use wit::{Decision, Request};
 

@@ -11,7 +11,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::{self, Decision, Request, host, wit};
+use super::bindings::{self, Decision, Request, documents, host, wit};
+use super::documents::Documents;
 use super::reuse::{Reuse, reuse_ms};
 use super::types::{Fault, PluginStats};
 use crate::config::PluginLimits;
@@ -123,6 +124,8 @@ pub(super) struct Shared {
     pub(super) name: Arc<str>,
     pub(super) counters: Arc<Counters>,
     pub(super) origin: Instant,
+    /// The documents fetched for it from its `grants.http`.
+    pub(super) documents: Arc<Documents>,
 }
 
 /// Memory cap of one instance; remembers whether it was hit.
@@ -207,6 +210,27 @@ impl host::Host for State {
             .counters
             .add(&self.shared.name, tenant, key, delta, window_ms)
             .await
+    }
+}
+
+impl documents::Host for State {
+    async fn watch(&mut self, url: String, refresh: documents::Refresh) -> Result<(), String> {
+        self.shared
+            .documents
+            .watch(url, refresh.min_ms, refresh.max_ms)
+            .await
+    }
+
+    fn latest(&mut self, url: String, seen: u64) -> Option<documents::Document> {
+        let copy = self.shared.documents.latest(&url, seen)?;
+        Some(documents::Document {
+            version: copy.version,
+            body: copy.body.to_vec(),
+        })
+    }
+
+    fn refresh_soon(&mut self, url: String) {
+        self.shared.documents.refresh_soon(&url);
     }
 }
 
@@ -302,9 +326,14 @@ impl InstancePool {
     /// inputs when it allowed that (`reuse-ms`).
     pub(super) async fn on_request(&self, req: &Request) -> Result<Decision, Fault> {
         let now = Instant::now();
+        // A decision made on an older copy of a watched document is not given again.
+        let generation = self.shared.documents.generation();
         let reuse = self.reuse.get();
         let key = reuse.and_then(|reuse| reuse.key(req));
-        if let Some(decision) = key.as_ref().and_then(|key| reuse?.get(key, now)) {
+        if let Some(decision) = key
+            .as_ref()
+            .and_then(|key| reuse?.get(key, now, generation))
+        {
             self.stats.reused.fetch_add(1, Ordering::Relaxed);
             self.count_deny(&decision);
             return Ok(decision);
@@ -325,7 +354,7 @@ impl InstancePool {
                 .reuse
                 .get_or_init(|| Reuse::new(self.limits.max_reused));
             if let Some(key) = key.or_else(|| reuse.key(req)) {
-                reuse.put(key, &decision, now, ms);
+                reuse.put(key, &decision, now, ms, generation);
             }
         }
         Ok(decision)
@@ -356,6 +385,9 @@ impl InstancePool {
             timeouts: get(&self.stats.timeouts),
             memory_faults: get(&self.stats.memory_faults),
             instances_created: get(&self.stats.instances_created),
+            fetches_changed: get(&self.shared.documents.stats.changed),
+            fetches_unchanged: get(&self.shared.documents.stats.unchanged),
+            fetches_failed: get(&self.shared.documents.stats.failed),
         }
     }
 

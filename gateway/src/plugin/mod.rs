@@ -1,5 +1,5 @@
 //! The plugin host: runs policy plugins (WebAssembly components of the
-//! `sluice:plugin@0.5.0` world in `wit/`) with hard limits, and chains them.
+//! `sluice:plugin@0.5.1` world in `wit/`) with hard limits, and chains them.
 //!
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
@@ -51,6 +51,7 @@
 
 mod bindings;
 mod chain;
+mod documents;
 mod instance;
 mod reuse;
 mod types;
@@ -70,6 +71,7 @@ pub use types::{
 };
 
 use crate::config::PluginConfig;
+use documents::Documents;
 use instance::{Counters, InstancePool, Shared, State};
 
 /// ` at PLACE`, or nothing for a config that was not read from a file.
@@ -122,8 +124,8 @@ pub enum PluginError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The component does not target the `sluice:plugin@0.5.0` `plugin` world.
-    #[error("plugin `{plugin}`: not a sluice:plugin@0.5.0 plugin: {reason}")]
+    /// The component does not target the `sluice:plugin@0.5.1` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.5.1 plugin: {reason}")]
     WrongWorld {
         /// Plugin name.
         plugin: String,
@@ -322,6 +324,7 @@ impl PluginHost {
             name: Arc::from(spec.name.as_str()),
             counters: self.counters.clone(),
             origin: Instant::now(),
+            documents: Arc::new(Documents::new(Arc::from(spec.name.as_str()), &spec.grants)),
         });
         let pool = InstancePool::new(
             self.engine.clone(),
@@ -415,10 +418,11 @@ impl PluginHost {
 }
 
 /// The version of the WIT package `wit/` defines, as component import names spell it.
-const WIT_VERSION: &str = "0.5.0";
+const WIT_VERSION: &str = "0.5.1";
 
-/// The `sluice:plugin` version a component imports or exports, when it is not
-/// [`WIT_VERSION`] (a plugin built against an older or newer WIT).
+/// The `sluice:plugin` version a component imports or exports, when it is not one this
+/// gateway links: [`WIT_VERSION`] or an earlier `0.5.x` (additions since keep them
+/// working, and wasmtime links `0.5.x` imports to the `0.5.1` host).
 fn built_for(component: &Component, engine: &Engine) -> Option<String> {
     let ty = component.component_type();
     ty.imports(engine)
@@ -426,8 +430,14 @@ fn built_for(component: &Component, engine: &Engine) -> Option<String> {
         .chain(ty.exports(engine).map(|(name, _)| name))
         .filter_map(|name| name.strip_prefix("sluice:plugin/")?.split_once('@'))
         .map(|(_, version)| version)
-        .find(|version| *version != WIT_VERSION)
+        .find(|version| !compatible(version))
         .map(str::to_owned)
+}
+
+/// Whether a component built against `version` links with this host.
+fn compatible(version: &str) -> bool {
+    let series = |v: &str| v.rsplit_once('.').map(|(s, _)| s.to_owned());
+    series(version).is_some_and(|s| Some(s) == series(WIT_VERSION))
 }
 
 /// Advance the engine's epoch every `tick` until the engine is dropped.
@@ -506,6 +516,11 @@ impl Plugin {
     /// Counters since load.
     pub fn stats(&self) -> PluginStats {
         self.pool.stats()
+    }
+
+    /// Whether the plugin was granted documents to fetch (`grants.http`).
+    pub fn watches_documents(&self) -> bool {
+        self.pool.shared.documents.granted()
     }
 
     /// How long its `on-request` calls took, since load.

@@ -30,6 +30,8 @@ struct Entry {
     key: Box<[u8]>,
     decision: Decision,
     until: Instant,
+    /// The plugin's documents generation when it was decided.
+    generation: u64,
 }
 
 /// What a plugin was shown, serialised, and the slot it maps to.
@@ -61,19 +63,29 @@ impl Reuse {
         Some(Key { bytes, slot })
     }
 
-    /// The decision kept for exactly this key, if it has not expired.
-    pub(super) fn get(&self, key: &Key, now: Instant) -> Option<Decision> {
+    /// The decision kept for exactly this key, if it has not expired and was made on
+    /// the plugin's current documents (`generation`).
+    pub(super) fn get(&self, key: &Key, now: Instant, generation: u64) -> Option<Decision> {
         let slot = self.slots[key.slot]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let entry = slot.as_ref()?;
-        (entry.until > now && *entry.key == *key.bytes).then(|| entry.decision.clone())
+        (entry.until > now && entry.generation == generation && *entry.key == *key.bytes)
+            .then(|| entry.decision.clone())
     }
 
     /// Keeps `decision` for `key` from `now` for `ms` milliseconds (its
     /// [`reuse_ms`]), at most [`MAX_REUSE`].
-    pub(super) fn put(&self, key: Key, decision: &Decision, now: Instant, ms: u32) {
+    pub(super) fn put(
+        &self,
+        key: Key,
+        decision: &Decision,
+        now: Instant,
+        ms: u32,
+        generation: u64,
+    ) {
         let entry = Entry {
+            generation,
             key: key.bytes.into_boxed_slice(),
             decision: decision.clone(),
             until: now + Duration::from_millis(ms.into()).min(MAX_REUSE),

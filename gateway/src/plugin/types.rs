@@ -194,4 +194,10 @@ pub struct PluginStats {
     pub memory_faults: u64,
     /// Instances created (first one included).
     pub instances_created: u64,
+    /// Fetches of its documents (`grants.http`) that brought a new copy.
+    pub fetches_changed: u64,
+    /// Fetches that found the copy current (the same body, or `304`).
+    pub fetches_unchanged: u64,
+    /// Fetches that failed (the last good copy kept).
+    pub fetches_failed: u64,
 }

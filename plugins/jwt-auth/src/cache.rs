@@ -66,6 +66,14 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// Forget every token (the keys changed: a token of a removed key must be checked
+    /// again, and refused).
+    pub fn clear(&self) {
+        self.slots.borrow_mut().iter_mut().for_each(|s| *s = None);
+    }
+}
+
 fn slot(token: &str, len: usize) -> Option<usize> {
     if len == 0 {
         return None;

@@ -25,6 +25,24 @@
 //! }
 //! ```
 //!
+//! Keys may come from an identity provider's JWKS instead of (or as well as) `keys`:
+//!
+//! ```json
+//! {"jwks": {"url": "https://idp.example/.well-known/jwks.json",
+//!           "min_refresh_secs": 60, "max_refresh_secs": 3600}}
+//! ```
+//!
+//! The gateway fetches it in the background (the URL must be in the plugin's
+//! `grants.http`; a load without the grant fails and says so), again when its
+//! `Cache-Control: max-age` runs out (kept between the two bounds, defaults 60 s and
+//! an hour), and early, at most once per `min_refresh_secs`, when a token names a
+//! `kid` the set lacks (that token is refused; a retry after the fetch is admitted).
+//! RSA (RS256) and P-256 (ES256) keys are read, by `kid`. A copy that is not a usable
+//! JWKS is logged and the previous keys kept; a server that is down keeps them too.
+//! When the keys change, the instance forgets the tokens it verified, and the gateway
+//! the admissions it would have given again, so a removed key's tokens are refused
+//! from the next request.
+//!
 //! Each instance remembers up to about `cache_size` tokens it has verified
 //! (default 256; 0 turns the cache off), so a client that reconnects with the
 //! same token skips the signature check. `exp` and `nbf` are checked again on
@@ -42,11 +60,16 @@ mod cache;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::cell::{Cell, RefCell};
+
 use cache::{Cache, Verified};
 use serde::Deserialize;
+use sluice_jwt::jwks::KeySet;
 use sluice_jwt::token::{TokenFrom, TokenSources};
-use sluice_jwt::{Key, Validation, check_times, claim_str, time_claim, verify};
-use sluice_plugin_sdk::{Config, Decision, Fields, Plugin, Request, export, host};
+use sluice_jwt::{JwtError, Key, Validation, check_times, claim_str, time_claim};
+use sluice_plugin_sdk::{
+    Config, Decision, Fields, Level, Plugin, Request, documents, export, host,
+};
 
 /// One verification key as written in the config.
 #[derive(Debug, Deserialize)]
@@ -60,10 +83,31 @@ enum KeyConfig {
     Es256 { public_key_pem: String },
 }
 
+/// Where a JWKS comes from and how often it is fetched.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwksConfig {
+    url: String,
+    #[serde(default = "default_min_refresh")]
+    min_refresh_secs: u64,
+    #[serde(default = "default_max_refresh")]
+    max_refresh_secs: u64,
+}
+
+fn default_min_refresh() -> u64 {
+    60
+}
+
+fn default_max_refresh() -> u64 {
+    3600
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
     keys: Vec<KeyConfig>,
+    jwks: Option<JwksConfig>,
     issuer: Option<String>,
     audience: Option<String>,
     #[serde(default = "default_leeway")]
@@ -97,9 +141,19 @@ fn default_true() -> bool {
     true
 }
 
+/// A JWKS the host keeps fresh, and the version of it this instance read.
+struct Jwks {
+    url: String,
+    seen: Cell<u64>,
+}
+
 /// The plugin: keys, claim checks, and the claims to forward.
 pub struct JwtAuth {
-    keys: Vec<Key>,
+    /// The config's own keys.
+    fixed: Vec<Key>,
+    /// Those and the JWKS's current keys.
+    keys: RefCell<KeySet>,
+    jwks: Option<Jwks>,
     validation: Validation,
     sources: TokenSources,
     forward_claims: BTreeMap<String, String>,
@@ -109,13 +163,13 @@ pub struct JwtAuth {
 impl Plugin for JwtAuth {
     fn init(config: Config) -> Result<Self, String> {
         let raw: RawConfig = config.parse()?;
-        if raw.keys.is_empty() {
-            return Err("`keys` must list at least one key".into());
+        if raw.keys.is_empty() && raw.jwks.is_none() {
+            return Err("`keys` must list at least one key, or `jwks` name a key set".into());
         }
         if raw.cache_size > MAX_CACHE_SIZE {
             return Err(format!("`cache_size` must be at most {MAX_CACHE_SIZE}"));
         }
-        let keys = raw
+        let fixed: Vec<Key> = raw
             .keys
             .into_iter()
             .map(|k| match k {
@@ -127,8 +181,14 @@ impl Plugin for JwtAuth {
                 KeyConfig::Es256 { public_key_pem } => Key::es256_pem(&public_key_pem),
             })
             .collect::<Result<_, _>>()?;
-        Ok(JwtAuth {
-            keys,
+        let jwks = match raw.jwks {
+            Some(j) => Some(watch(j)?),
+            None => None,
+        };
+        let plugin = JwtAuth {
+            keys: RefCell::new(KeySet::from_keys(fixed.clone())),
+            fixed,
+            jwks,
             validation: Validation {
                 issuer: raw.issuer,
                 audience: raw.audience,
@@ -138,7 +198,9 @@ impl Plugin for JwtAuth {
             sources: raw.sources,
             forward_claims: raw.forward_claims,
             cache: Cache::new(raw.cache_size),
-        })
+        };
+        plugin.sync();
+        Ok(plugin)
     }
 
     fn request_headers(&self) -> Option<Vec<String>> {
@@ -153,6 +215,7 @@ impl Plugin for JwtAuth {
         let Some((token, from)) = self.sources.find(req) else {
             return unauthorized("missing token", "invalid_request");
         };
+        self.sync();
         let now_ms = host::now_ms();
         let now = now_ms / 1000;
         let verified = match self.cache.get(&token) {
@@ -160,7 +223,7 @@ impl Plugin for JwtAuth {
                 Ok(()) => hit,
                 Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
             },
-            None => match verify(&token, &self.keys, &self.validation, now) {
+            None => match self.keys.borrow().verify(&token, &self.validation, now) {
                 Ok(claims) => {
                     let verified = Verified {
                         exp: time_claim(&claims, "exp"),
@@ -174,7 +237,14 @@ impl Plugin for JwtAuth {
                     };
                     self.cache.put(&token, verified)
                 }
-                Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
+                Err(e) => {
+                    if let (JwtError::UnknownKey(_), Some(jwks)) = (&e, &self.jwks) {
+                        // Perhaps the provider rotated its keys: fetch again (at most
+                        // once per `min_refresh_secs`); a retry after it is admitted.
+                        documents::refresh_soon(&jwks.url);
+                    }
+                    return unauthorized(&e.to_string(), "invalid_token");
+                }
             },
         };
         self.admit(&verified, from, req)
@@ -185,7 +255,49 @@ impl Plugin for JwtAuth {
 /// Longest the gateway may admit a token again without a call.
 const MAX_REUSE: Duration = Duration::from_secs(60);
 
+/// Starts the host's fetches of a JWKS (refused unless the URL is granted).
+fn watch(j: JwksConfig) -> Result<Jwks, String> {
+    if j.min_refresh_secs == 0 || j.max_refresh_secs < j.min_refresh_secs {
+        return Err("`jwks`: need 1 <= `min_refresh_secs` <= `max_refresh_secs`".into());
+    }
+    documents::watch(
+        &j.url,
+        Duration::from_secs(j.min_refresh_secs),
+        Duration::from_secs(j.max_refresh_secs),
+    )
+    .map_err(|e| format!("`jwks.url`: {e}"))?;
+    Ok(Jwks {
+        url: j.url,
+        seen: Cell::new(0),
+    })
+}
+
 impl JwtAuth {
+    /// Takes the JWKS's newer copy, if the host has one: its keys replace the previous
+    /// ones (and the tokens verified with them are forgotten), unless it is not a usable
+    /// key set, which is logged and changes nothing.
+    fn sync(&self) {
+        let Some(jwks) = &self.jwks else { return };
+        let Some(copy) = documents::latest(&jwks.url, jwks.seen.get()) else {
+            return;
+        };
+        jwks.seen.set(copy.version);
+        match KeySet::parse(&copy.body) {
+            Ok((set, skipped)) => {
+                for why in &skipped {
+                    host::log(Level::Debug, "JWKS key skipped", &[("key", why)]);
+                }
+                *self.keys.borrow_mut() = KeySet::from_keys(self.fixed.clone()).merged(set);
+                self.cache.clear();
+            }
+            Err(e) => host::log(
+                Level::Warn,
+                "JWKS not usable; keeping the previous keys",
+                &[("url", &jwks.url), ("error", &e)],
+            ),
+        }
+    }
+
     /// How long an admission may be given again for the same token: until the
     /// first millisecond at which `exp` (with the leeway) refuses it, and at most
     /// [`MAX_REUSE`]. Refusals are never given again (a token that is not valid
@@ -243,7 +355,10 @@ export!(JwtAuth);
 mod tests {
     use serde_json::json;
     use sluice_jwt::mint;
-    use sluice_plugin_sdk::testing::{init, on_request, request, set_now_ms};
+    use sluice_plugin_sdk::testing::{
+        init, on_request, refresh_requests, request, reset, set_document, set_now_ms, take_logs,
+        watched,
+    };
 
     use super::*;
 
@@ -421,6 +536,59 @@ mod tests {
         assert!(off.cache.get(&token).is_none());
     }
 
+    const JWKS: &str = "https://idp.test/jwks.json";
+    const EC2_PRIVATE: &str = include_str!("../../jwt/testdata/ec2_private.pem");
+    const EC2_PUBLIC: &str = include_str!("../../jwt/testdata/ec2_public.pem");
+
+    fn jwks_of(keys: &[(&str, &str)]) -> Vec<u8> {
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|(pem, kid)| mint::jwk(pem, kid).unwrap())
+            .collect();
+        json!({ "keys": keys }).to_string().into_bytes()
+    }
+
+    #[test]
+    fn keys_follow_the_jwks_the_host_fetches() {
+        reset();
+        set_now_ms(1_000_000);
+        set_document(JWKS, &jwks_of(&[(EC_PUBLIC, "a")]));
+        let p: JwtAuth = init(&json!({"jwks": {"url": JWKS}}).to_string()).unwrap();
+        assert_eq!(watched(), [JWKS]);
+        let with = |token: &str| {
+            on_request(
+                &p,
+                &request()
+                    .header("authorization", &format!("Bearer {token}"))
+                    .build(),
+            )
+        };
+        let a = mint::es256_kid(&claims(), EC_PRIVATE, "a").unwrap();
+        let b = mint::es256_kid(&claims(), EC2_PRIVATE, "b").unwrap();
+        assert!(!with(&a).is_deny());
+        // An unknown key: refused, and an early fetch asked for.
+        let refused = with(&b);
+        assert_eq!(refused.status(), Some(401));
+        assert!(
+            refused.body().is_some_and(|b| b.contains("unknown key")),
+            "{refused:?}"
+        );
+        assert_eq!(refresh_requests(JWKS), 1);
+        // The provider rotated: b in, a out. a's token was cached, and is refused now.
+        set_document(JWKS, &jwks_of(&[(EC2_PUBLIC, "b")]));
+        assert!(!with(&b).is_deny());
+        assert_eq!(with(&a).status(), Some(401));
+        // A copy that is no key set keeps the keys it had.
+        set_document(JWKS, b"{\"keys\": \"oops\"}");
+        assert!(!with(&b).is_deny());
+        assert!(
+            take_logs()
+                .iter()
+                .any(|l| l.message.contains("keeping the previous keys")),
+            "the bad copy is logged"
+        );
+    }
+
     #[test]
     fn bad_configs_are_rejected() {
         let err = |c: serde_json::Value| init::<JwtAuth>(&c.to_string()).err().unwrap();
@@ -428,7 +596,10 @@ mod tests {
         assert!(err(json!({"keys": [{"alg": "HS256", "secret": "short"}]})).contains("16 bytes"));
         assert!(err(json!({"keys": [{"alg": "RS256", "public_key_pem": "x"}]})).contains("RS256"));
         assert!(err(json!({"keys": [{"alg": "none"}]})).contains("invalid config"));
-        assert!(err(json!({})).contains("missing field `keys`"));
+        assert!(err(json!({})).contains("or `jwks` name a key set"));
+        let backwards =
+            json!({"jwks": {"url": JWKS, "min_refresh_secs": 60, "max_refresh_secs": 10}});
+        assert!(err(backwards).contains("min_refresh_secs"));
         let huge = json!({"keys": [{"alg": "HS256", "secret": SECRET}], "cache_size": 1 << 20});
         assert!(err(huge).contains("cache_size"));
     }

@@ -22,6 +22,7 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
+pub mod jwks;
 pub mod mint;
 pub mod token;
 
@@ -45,6 +46,8 @@ pub enum JwtError {
     WrongIssuer,
     /// `aud` is missing or does not contain the expected audience.
     WrongAudience,
+    /// The header's `kid` names no key of the set.
+    UnknownKey(String),
 }
 
 impl std::fmt::Display for JwtError {
@@ -57,6 +60,7 @@ impl std::fmt::Display for JwtError {
             JwtError::NotYetValid => f.write_str("token not yet valid"),
             JwtError::WrongIssuer => f.write_str("wrong issuer"),
             JwtError::WrongAudience => f.write_str("wrong audience"),
+            JwtError::UnknownKey(kid) => write!(f, "unknown key {kid:?}"),
         }
     }
 }
@@ -68,6 +72,8 @@ impl std::error::Error for JwtError {}
 pub struct Decoded<'a> {
     /// The `alg` header field.
     pub alg: String,
+    /// The `kid` header field: which key of a set signed it.
+    pub kid: Option<String>,
     /// The payload object.
     pub claims: Claims,
     /// `header.payload`, the bytes the signature covers.
@@ -81,15 +87,17 @@ pub struct Decoded<'a> {
 pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
     let (signing_input, signature) = token.rsplit_once('.').ok_or(JwtError::Malformed)?;
     let (header, payload) = signing_input.split_once('.').ok_or(JwtError::Malformed)?;
-    /// Only `alg` of the header is read; the other members are skipped.
+    /// Only `alg` and `kid` of the header are read; the other members are skipped.
     #[derive(Deserialize)]
     struct Header {
         alg: String,
+        kid: Option<String>,
     }
     let header: Header =
         serde_json::from_slice(&base64(header)?).map_err(|_| JwtError::Malformed)?;
     Ok(Decoded {
         alg: header.alg,
+        kid: header.kid,
         claims: serde_json::from_slice(&base64(payload)?).map_err(|_| JwtError::Malformed)?,
         signing_input,
         signature: URL_SAFE_NO_PAD
@@ -243,7 +251,20 @@ pub fn verify(
     now_secs: u64,
 ) -> Result<Claims, JwtError> {
     let decoded = decode(token)?;
-    let mut candidates = keys.iter().filter(|k| k.alg() == decoded.alg).peekable();
+    let alg = decoded.alg.clone();
+    let candidates = keys.iter().filter(move |k| k.alg() == alg);
+    verify_decoded(decoded, candidates, validation, now_secs)
+}
+
+/// The signature check against `candidates` (the keys of the token's algorithm), then
+/// the claims.
+fn verify_decoded<'k>(
+    decoded: Decoded<'_>,
+    candidates: impl Iterator<Item = &'k Key>,
+    validation: &Validation,
+    now_secs: u64,
+) -> Result<Claims, JwtError> {
+    let mut candidates = candidates.peekable();
     if candidates.peek().is_none() {
         return Err(JwtError::UnsupportedAlgorithm(decoded.alg));
     }

@@ -1,0 +1,270 @@
+//! Key sets as identity providers publish them (a JWKS, RFC 7517), and verification
+//! that picks the set's key by the token's `kid`.
+//!
+//! RSA keys (`RS256`) and P-256 EC keys (`ES256`) are read; a key of another type,
+//! curve or algorithm, or one marked for encryption (`"use": "enc"`), is skipped and
+//! named, so a provider that adds an algorithm later does not break the set.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+
+use crate::{Claims, JwtError, Key, Validation, decode, verify_decoded};
+
+/// Most keys read from one set; a token without `kid` is tried against each of its
+/// algorithm, so this bounds the work one token can cause.
+pub const MAX_KEYS: usize = 64;
+
+/// A verification key and the `kid` a token names it by.
+#[derive(Debug, Clone)]
+pub struct NamedKey {
+    /// The key's id, if the set gives one.
+    pub kid: Option<String>,
+    /// The key.
+    pub key: Key,
+}
+
+/// The usable keys of one JWKS.
+#[derive(Debug, Clone, Default)]
+pub struct KeySet {
+    keys: Vec<NamedKey>,
+}
+
+/// One member of `keys`, as far as it is read.
+#[derive(Deserialize)]
+struct Jwk {
+    kty: Option<String>,
+    kid: Option<String>,
+    alg: Option<String>,
+    #[serde(rename = "use")]
+    usage: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    crv: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Document {
+    keys: Vec<Jwk>,
+}
+
+impl KeySet {
+    /// Keys given directly (a config's static keys), without ids.
+    pub fn from_keys(keys: Vec<Key>) -> KeySet {
+        KeySet {
+            keys: keys
+                .into_iter()
+                .map(|key| NamedKey { kid: None, key })
+                .collect(),
+        }
+    }
+
+    /// Reads a JWKS document. Returns the usable keys and, for each key skipped, why.
+    /// A document that is not a JWKS, or whose every key is skipped, is an error.
+    pub fn parse(json: &[u8]) -> Result<(KeySet, Vec<String>), String> {
+        let doc: Document =
+            serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let mut keys = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, jwk) in doc.keys.into_iter().enumerate() {
+            let name = jwk.kid.clone().unwrap_or_else(|| format!("#{i}"));
+            if keys.len() == MAX_KEYS {
+                skipped.push(format!("{name}: more than {MAX_KEYS} keys"));
+                continue;
+            }
+            match key_of(&jwk) {
+                Ok(key) => keys.push(NamedKey { kid: jwk.kid, key }),
+                Err(why) => skipped.push(format!("{name}: {why}")),
+            }
+        }
+        if keys.is_empty() {
+            return Err(match skipped.is_empty() {
+                true => "the JWKS has no keys".to_owned(),
+                false => format!("the JWKS has no usable key ({})", skipped.join("; ")),
+            });
+        }
+        Ok((KeySet { keys }, skipped))
+    }
+
+    /// This set's keys followed by `other`'s.
+    pub fn merged(mut self, other: KeySet) -> KeySet {
+        self.keys.extend(other.keys);
+        self
+    }
+
+    /// How many keys the set holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the set holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether a key of the set has this id.
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+
+    /// Verify a token as [`crate::verify`] does, with the key its `kid` names (each key
+    /// of its algorithm when it names none): [`JwtError::UnknownKey`] when no key of the
+    /// set has that id.
+    pub fn verify(
+        &self,
+        token: &str,
+        validation: &Validation,
+        now_secs: u64,
+    ) -> Result<Claims, JwtError> {
+        let decoded = decode(token)?;
+        let kid = decoded.kid.as_deref();
+        let candidates: Vec<&Key> = self
+            .keys
+            .iter()
+            .filter(|k| k.key.alg() == decoded.alg)
+            .filter(|k| match (kid, &k.kid) {
+                (Some(wanted), Some(id)) => wanted == id,
+                _ => true,
+            })
+            .map(|k| &k.key)
+            .collect();
+        if let Some(kid) = kid
+            && candidates.is_empty()
+            && !self.has_kid(kid)
+        {
+            return Err(JwtError::UnknownKey(kid.to_owned()));
+        }
+        verify_decoded(decoded, candidates.into_iter(), validation, now_secs)
+    }
+}
+
+/// The key a JWK describes, or why it is skipped.
+fn key_of(jwk: &Jwk) -> Result<Key, String> {
+    if jwk.usage.as_deref().is_some_and(|u| u != "sig") {
+        return Err("not a signing key".into());
+    }
+    let field = |v: &Option<String>, name: &str| {
+        let text = v.as_deref().ok_or_else(|| format!("no `{name}`"))?;
+        URL_SAFE_NO_PAD
+            .decode(text.trim_end_matches('='))
+            .map_err(|_| format!("`{name}` is not base64url"))
+    };
+    match (jwk.kty.as_deref(), jwk.alg.as_deref()) {
+        (Some("RSA"), None | Some("RS256")) => {
+            let n = rsa::BigUint::from_bytes_be(&field(&jwk.n, "n")?);
+            let e = rsa::BigUint::from_bytes_be(&field(&jwk.e, "e")?);
+            let key = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
+            Ok(Key::Rs256(rsa::pkcs1v15::VerifyingKey::new(key)))
+        }
+        (Some("EC"), None | Some("ES256")) if jwk.crv.as_deref() == Some("P-256") => {
+            let (x, y) = (field(&jwk.x, "x")?, field(&jwk.y, "y")?);
+            if x.len() != 32 || y.len() != 32 {
+                return Err("P-256 coordinates must be 32 bytes".into());
+            }
+            let point = p256::EncodedPoint::from_affine_coordinates(
+                p256::FieldBytes::from_slice(&x),
+                p256::FieldBytes::from_slice(&y),
+                false,
+            );
+            p256::ecdsa::VerifyingKey::from_encoded_point(&point)
+                .map(Key::Es256)
+                .map_err(|_| "not a point on P-256".into())
+        }
+        (Some("EC"), _) => Err(format!(
+            "curve {:?} is not supported (P-256 is)",
+            jwk.crv.as_deref().unwrap_or("")
+        )),
+        (kty, alg) => Err(format!(
+            "{} {} is not supported (RSA RS256 and EC ES256 are)",
+            kty.unwrap_or("(no kty)"),
+            alg.unwrap_or("")
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::mint;
+
+    const EC_PRIVATE: &str = include_str!("../testdata/ec_private.pem");
+    const EC_PUBLIC: &str = include_str!("../testdata/ec_public.pem");
+    const RSA_PRIVATE: &str = include_str!("../testdata/rsa_private.pem");
+    const RSA_PUBLIC: &str = include_str!("../testdata/rsa_public.pem");
+
+    fn claims() -> serde_json::Value {
+        json!({"sub": "alice", "exp": 2_000})
+    }
+
+    fn set(keys: serde_json::Value) -> KeySet {
+        KeySet::parse(json!({ "keys": keys }).to_string().as_bytes())
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn picks_the_key_a_token_names() {
+        let keys = set(json!([
+            mint::jwk(EC_PUBLIC, "ec-1").unwrap(),
+            mint::jwk(RSA_PUBLIC, "rsa-1").unwrap(),
+        ]));
+        assert_eq!(keys.len(), 2);
+        let v = Validation::default();
+        let es = mint::es256_kid(&claims(), EC_PRIVATE, "ec-1").unwrap();
+        let rs = mint::rs256_kid(&claims(), RSA_PRIVATE, "rsa-1").unwrap();
+        assert_eq!(keys.verify(&es, &v, 1_000).unwrap()["sub"], "alice");
+        assert_eq!(keys.verify(&rs, &v, 1_000).unwrap()["sub"], "alice");
+        // Named by another id: refused before any signature check.
+        let other = mint::es256_kid(&claims(), EC_PRIVATE, "ec-2").unwrap();
+        assert_eq!(
+            keys.verify(&other, &v, 1_000),
+            Err(JwtError::UnknownKey("ec-2".into()))
+        );
+        // A token with no `kid` is tried against each key of its algorithm.
+        let bare = mint::es256(&claims(), EC_PRIVATE).unwrap();
+        assert!(keys.verify(&bare, &v, 1_000).is_ok());
+        // The right id on the wrong key's signature fails.
+        let lying = mint::rs256_kid(&claims(), RSA_PRIVATE, "ec-1").unwrap();
+        assert!(keys.verify(&lying, &v, 1_000).is_err());
+    }
+
+    #[test]
+    fn unusable_keys_are_skipped_and_named() {
+        let (keys, skipped) = KeySet::parse(
+            json!({"keys": [
+                mint::jwk(EC_PUBLIC, "ok").unwrap(),
+                {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"},
+                {"kty": "EC", "kid": "p384", "crv": "P-384", "x": "AA", "y": "AA"},
+                {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"},
+                {"kty": "EC", "kid": "short", "crv": "P-256", "x": "AA", "y": "AA"},
+            ]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert!(skipped[0].starts_with("sym: "), "{skipped:?}");
+    }
+
+    #[test]
+    fn a_document_without_usable_keys_is_an_error() {
+        for bad in [
+            &b"not json"[..],
+            b"{\"keys\": 7}",
+            b"{\"keys\": []}",
+            b"{\"keys\": [{\"kty\": \"oct\"}]}",
+            b"[]",
+        ] {
+            assert!(
+                KeySet::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
