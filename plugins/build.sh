@@ -88,7 +88,7 @@ command -v node >/dev/null && command -v npm >/dev/null || {
   exit 1
 }
 inputs_hash="$(cat "$js_src"/package.json "$js_src"/package-lock.json "$js_src"/build.mjs \
-  "$js_src"/plugin.js "$root"/plugin-sdk/wit/*.wit | sha256sum | cut -d' ' -f1)"
+  "$js_src"/plugin.js "$js_src"/sluice.js "$root"/plugin-sdk/wit/*.wit | sha256sum | cut -d' ' -f1)"
 if [[ -f "$js_out" && "$(cat "$js_tool/.built" 2>/dev/null)" == "$inputs_hash" ]]; then
   exit 0
 fi
@@ -101,7 +101,7 @@ if ! cmp -s "$js_src/package-lock.json" "$js_tool/package-lock.json" \
 fi
 # Node resolves packages next to the importing file, so the build script and
 # the plugin source run from the toolchain directory.
-cp "$js_src/build.mjs" "$js_src/plugin.js" "$js_tool/"
+cp "$js_src/build.mjs" "$js_src/plugin.js" "$js_src/sluice.js" "$js_tool/"
 log "componentizing api-key-js (takes a minute)"
 (cd "$js_tool" && node build.mjs "$root/plugin-sdk/wit" "$js_tool/api-key-js.wasm")
 install_if_changed "$js_tool/api-key-js.wasm" "$js_out"

@@ -1,0 +1,215 @@
+// The Sluice plugin vocabulary for JavaScript, in the words of the Rust SDK
+// (plugin-sdk) and of plugins/path-guard-py/sluice.py, over the records of the
+// sluice:plugin WIT as componentize-js maps them.
+//
+//   import { plugin, allow, deny } from './sluice.js';
+//   export const { init, onRequest, onClose } = plugin({
+//     headers: ['x-api-key'],        // the request headers onRequest reads (or a function)
+//     fields: [],                    // the other fields it reads ('path', 'clientIp', ...)
+//     configure(config) { ... },     // the parsed config; throw a string to refuse it
+//     onRequest(req) { return allow().setHeader('x-user', req.header('x-api-key')); },
+//   });
+//
+// `req` reads only what the plugin declared and throws, naming the declaration
+// to add, for anything else (never a silent empty value). `allow()` and
+// `deny(status, body)` build decisions; `counterAdd`, `log` and `documents`
+// reach the host.
+import { counterAdd as hostCounterAdd, log as hostLog } from 'sluice:plugin/host@0.5.1';
+
+// The WIT `fields` flags by the names a plugin declares them with.
+const FIELDS = {
+  method: 'method',
+  scheme: 'scheme',
+  authority: 'authority',
+  path: 'path',
+  query: 'query',
+  clientAddr: 'clientAddr',
+  clientIp: 'clientIp',
+  tls: 'tls',
+  route: 'route',
+  tenant: 'tenant',
+  subprotocols: 'subprotocols',
+};
+
+/// A request as the plugin sees it: the fields and headers it declared.
+class Request {
+  constructor(raw, headers, fields) {
+    this.raw = raw;
+    this.declaredHeaders = headers;
+    this.declaredFields = fields;
+  }
+
+  field(name) {
+    if (this.declaredFields !== null && !this.declaredFields.includes(name)) {
+      throw `the plugin reads the request's ${name}, which its fields leave out: add '${name}'`;
+    }
+    return this.raw[name];
+  }
+
+  method() { return this.field('method'); }
+  scheme() { return this.field('scheme'); }
+  authority() { return this.field('authority'); }
+  path() { return this.field('path'); }
+  query() { return this.field('query'); }
+  clientAddr() { return this.field('clientAddr'); }
+  clientIp() { return this.field('clientIp'); }
+  route() { return this.field('route'); }
+  tenant() { return this.field('tenant'); }
+  subprotocols() { return this.field('subprotocols'); }
+  isWebSocket() { return this.raw.kind === 'websocket'; }
+
+  /// The first value of a header (names match in any case); undefined when absent.
+  header(name) {
+    const lower = name.toLowerCase();
+    if (this.declaredHeaders !== null && !this.declaredHeaders.includes(lower)) {
+      throw `the plugin reads the request header \`${lower}\`, which its headers do not name: add '${lower}'`;
+    }
+    return this.raw.headers.find((h) => h.name === lower)?.value;
+  }
+}
+
+/// A verdict under construction: `allow()` or `deny(status, body)`.
+class Decision {
+  constructor(status, body) {
+    this.status = status;
+    this.body = body ?? '';
+    this.ops = [];
+    this.response = [];
+    this.log = [];
+    this.reuseMs = 0;
+    this.choices = {};
+  }
+
+  /// Set an upstream request header (on a deny: a response header).
+  setHeader(name, value) {
+    const header = { name: name.toLowerCase(), value: String(value) };
+    if (this.status === undefined) {
+      this.ops.push({ tag: 'set', val: header });
+    } else {
+      this.response.push(header);
+    }
+    return this;
+  }
+
+  /// Add a value to an upstream request header, keeping the others.
+  appendHeader(name, value) {
+    this.ops.push({ tag: 'append', val: { name: name.toLowerCase(), value: String(value) } });
+    return this;
+  }
+
+  /// Remove an upstream request header.
+  removeHeader(name) {
+    this.ops.push({ tag: 'remove', val: name.toLowerCase() });
+    return this;
+  }
+
+  /// Add a field to the access-log line.
+  logField(name, value) {
+    this.log.push({ name, value: String(value) });
+    return this;
+  }
+
+  /// Let the gateway give this decision again, without a call, to requests that
+  /// show the plugin the same inputs, for up to `seconds`.
+  reuseFor(seconds) {
+    this.reuseMs = Math.max(0, Math.min(Math.floor(seconds * 1000), 2 ** 32 - 1));
+    return this;
+  }
+
+  /// The upstream pool to use (one the route allows).
+  pool(name) { this.choices.pool = name; return this; }
+  /// The tenant of this exchange.
+  tenant(name) { this.choices.tenant = name; return this; }
+  /// The consistent-hash key.
+  stickyKey(key) { this.choices.stickyKey = key; return this; }
+  /// The subprotocol to select (one the client offered).
+  subprotocol(name) { this.choices.subprotocol = name; return this; }
+
+  /// The WIT `decision` record.
+  toWit() {
+    if (this.status === undefined) {
+      return {
+        tag: 'continue',
+        val: {
+          headers: this.ops,
+          pool: this.choices.pool,
+          tenant: this.choices.tenant,
+          stickyKey: this.choices.stickyKey,
+          subprotocol: this.choices.subprotocol,
+          logFields: this.log,
+          reuseMs: this.reuseMs,
+        },
+      };
+    }
+    return {
+      tag: 'deny',
+      val: {
+        status: this.status,
+        headers: this.response,
+        body: this.body,
+        logFields: this.log,
+        reuseMs: this.reuseMs,
+      },
+    };
+  }
+}
+
+/// Let the request through, unchanged until changed.
+export const allow = () => new Decision(undefined, '');
+
+/// Refuse the request with this status and body.
+export const deny = (status, body) => new Decision(status, body);
+
+/// Add `delta` to the counter `key` in the current window of `windowMs` and
+/// return its value (counters are this plugin's, per tenant, fleet-wide with
+/// [cluster]).
+export const counterAdd = (key, delta, windowMs) =>
+  Number(hostCounterAdd(key, BigInt(delta), BigInt(windowMs)));
+
+/// Log through the gateway (level: 'trace' | 'debug' | 'info' | 'warn' | 'error').
+export const log = (level, message, fields = {}) =>
+  hostLog(level, message, Object.entries(fields).map(([k, v]) => [k, String(v)]));
+
+/// The component's exports for a plugin described by `spec`: `headers` and
+/// `fields` it reads (arrays, or functions giving them once configured; omit
+/// one for all), `configure(config)` run by init with the parsed config (throw
+/// a string to refuse it), `onRequest(req)` returning a decision, and an
+/// optional `onClose(info)`.
+export function plugin(spec) {
+  const declared = (v) => (typeof v === 'function' ? v() : v);
+  let headers = null;
+  let fields = null;
+  return {
+    init(config) {
+      let parsed;
+      try {
+        parsed = JSON.parse(config || '{}');
+      } catch (e) {
+        throw `invalid config: ${e.message}`;
+      }
+      spec.configure?.(parsed);
+      const h = declared(spec.headers);
+      const f = declared(spec.fields);
+      headers = h === undefined ? null : h.map((name) => name.toLowerCase());
+      fields = f === undefined ? null : [...f];
+      const flags = {};
+      for (const name of fields ?? []) {
+        if (!(name in FIELDS)) {
+          throw `unknown request field '${name}' (one of ${Object.keys(FIELDS).join(', ')})`;
+        }
+        flags[name] = true;
+      }
+      return {
+        hooks: { onClose: spec.onClose !== undefined },
+        headers: headers ?? undefined,
+        fields: fields === null ? undefined : flags,
+      };
+    },
+    onRequest(raw) {
+      return spec.onRequest(new Request(raw, headers, fields)).toWit();
+    },
+    onClose(info) {
+      spec.onClose?.(info);
+    },
+  };
+}
