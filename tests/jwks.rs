@@ -138,11 +138,7 @@ impl Provider {
 }
 
 fn jwks(keys: &[(&str, &str)]) -> Vec<u8> {
-    let keys: Vec<_> = keys
-        .iter()
-        .map(|(pem, kid)| mint::jwk(pem, kid).unwrap())
-        .collect();
-    json!({ "keys": keys }).to_string().into_bytes()
+    mint::jwks(keys).unwrap().to_string().into_bytes()
 }
 
 /// An ES256 token for the P-256 key `private_pem`, naming it `kid`.

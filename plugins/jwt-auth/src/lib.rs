@@ -541,11 +541,7 @@ mod tests {
     const EC2_PUBLIC: &str = include_str!("../../jwt/testdata/ec2_public.pem");
 
     fn jwks_of(keys: &[(&str, &str)]) -> Vec<u8> {
-        let keys: Vec<_> = keys
-            .iter()
-            .map(|(pem, kid)| mint::jwk(pem, kid).unwrap())
-            .collect();
-        json!({ "keys": keys }).to_string().into_bytes()
+        mint::jwks(keys).unwrap().to_string().into_bytes()
     }
 
     #[test]

@@ -92,3 +92,12 @@ pub fn jwk(public_pem: &str, kid: &str) -> Result<Value, String> {
         "n": b64(&key.n().to_bytes_be()), "e": b64(&key.e().to_bytes_be()),
     }))
 }
+
+/// A JWKS document listing the [`jwk`] of each `(public_pem, kid)`.
+pub fn jwks(keys: &[(&str, &str)]) -> Result<Value, String> {
+    let keys = keys
+        .iter()
+        .map(|(pem, kid)| jwk(pem, kid))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(serde_json::json!({ "keys": keys }))
+}
