@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod replay;
 pub mod snapshot;
 pub mod state;
 
