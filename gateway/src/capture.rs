@@ -12,6 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -384,6 +385,8 @@ pub struct Capture {
     /// Set by the writer once the file reached `max_size` or a write failed.
     stopped: Arc<AtomicBool>,
     stats: Arc<RouteStats>,
+    /// The opened file's device and inode, to tell whether it was moved away.
+    identity: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Entry {
@@ -404,7 +407,9 @@ impl Capture {
                 file: config.file.clone(),
                 source,
             })?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let meta = file.metadata().ok();
+        let size = meta.as_ref().map_or(0, |m| m.len());
+        let identity = meta.map(|m| (m.dev(), m.ino()));
         let (queue, rx) = mpsc::sync_channel(QUEUE);
         let stopped = Arc::new(AtomicBool::new(false));
         let writer = Writer {
@@ -426,6 +431,7 @@ impl Capture {
             queue,
             stopped,
             stats,
+            identity,
         })
     }
 
@@ -443,6 +449,13 @@ impl Capture {
     /// a reload opens such a capture anew.
     pub fn stopped(&self) -> bool {
         self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Whether its file is still the one at its path (not moved away or removed since it
+    /// was opened); a reload opens a capture whose file is not.
+    pub fn still_at_path(&self) -> bool {
+        let now = std::fs::metadata(&self.config.file).ok();
+        self.identity.is_some() && now.map(|m| (m.dev(), m.ino())) == self.identity
     }
 
     /// Queues one request's line, never waiting: when the queue is full or the

@@ -275,9 +275,9 @@ impl Snapshot {
 }
 
 /// The captures the config's routes ask for, by file: the previous snapshot's when its
-/// settings are unchanged and it is still writing (so a reload neither reopens the file
-/// nor resets its size), else opened anew (a capture stopped at `max_size` starts again,
-/// on a file an operator has moved away).
+/// settings are unchanged, it is still writing and its file is still at its path (so a
+/// reload neither reopens the file nor resets its size), else opened anew: a file an
+/// operator moved away is started afresh, and so is a capture stopped at `max_size`.
 fn open_captures(
     config: &Config,
     previous: Option<&Snapshot>,
@@ -290,7 +290,9 @@ fn open_captures(
             p.routes
                 .iter()
                 .filter_map(|old| old.capture.as_ref())
-                .find(|c| c.config() == wanted && c.route() == r.name && !c.stopped())
+                .find(|c| {
+                    c.config() == wanted && c.route() == r.name && !c.stopped() && c.still_at_path()
+                })
                 .cloned()
         });
         let capture =
