@@ -269,3 +269,95 @@ pub async fn replay(
     out.flush().map_err(ReplayError::Output)?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config whose routes run no plugins: `ws` (tenant `tenant`), `fixed` (a status).
+    fn config(tenant: &str) -> Config {
+        let src = format!(
+            "[listeners.public]\nbind = \"127.0.0.1:0\"\n[upstreams.echo]\nservers = [\"127.0.0.1:9\"]\n\
+             [[routes]]\nname = \"ws\"\nupstream = \"echo\"\ntenant = \"{tenant}\"\n\
+             [[routes]]\nname = \"fixed\"\npath_prefix = \"/x\"\nstatus = 403\n"
+        );
+        Config::parse("sluice.toml", &src).unwrap()
+    }
+
+    /// A capture line for route `route` whose captured decision allowed it for `tenant`.
+    fn line(route: &str, tenant: &str) -> String {
+        format!(
+            r#"{{"v":1,"ts_ms":0,"route":"{route}","request":{{"kind":"http","method":"GET","scheme":"http","authority":"a","path":"/","client":"127.0.0.1:1"}},"decision":{{"outcome":"allow","pool":"echo","tenant":"{tenant}"}}}}"#
+        )
+    }
+
+    async fn run(against: Option<&str>, lines: &[String]) -> (Summary, String, String) {
+        let host = PluginHost::new().unwrap();
+        let main = Chains::load(Path::new("a.toml"), &config("acme"), &host)
+            .await
+            .unwrap();
+        let other = match against {
+            Some(t) => Some(
+                Chains::load(Path::new("b.toml"), &config(t), &host)
+                    .await
+                    .unwrap(),
+            ),
+            None => None,
+        };
+        let file = std::env::temp_dir().join(format!(
+            "sluice-replay-{}-{}.jsonl",
+            std::process::id(),
+            against.unwrap_or("-")
+        ));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let (mut out, mut diag) = (Vec::new(), Vec::new());
+        let summary = replay(&main, other.as_ref(), &file, &mut out, &mut diag)
+            .await
+            .unwrap();
+        let _ = std::fs::remove_file(&file);
+        let diag = String::from_utf8(diag)
+            .unwrap()
+            .replace(&*file.to_string_lossy(), "CAPTURE");
+        (summary, String::from_utf8(out).unwrap(), diag)
+    }
+
+    #[tokio::test]
+    async fn lines_for_routes_a_config_cannot_replay_are_named() {
+        let lines = [
+            line("ws", "acme"),
+            line("gone", "acme"),
+            line("fixed", "acme"),
+        ];
+        let (summary, out, diag) = run(None, &lines).await;
+        assert_eq!(
+            summary,
+            Summary {
+                replayed: 1,
+                skipped: 2,
+                printed: 1
+            }
+        );
+        assert!(
+            out.contains(r#""line":1"#) && out.contains(r#""changed":[]"#),
+            "{out}"
+        );
+        assert_eq!(
+            diag,
+            "CAPTURE:2: route `gone` is not in a.toml\n\
+             CAPTURE:3: route `fixed` of a.toml answers with a fixed status and runs no plugins\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn against_prints_only_what_differs_and_how() {
+        let lines = [line("ws", "acme"), line("ws", "other")];
+        let (summary, out, _) = run(Some("acme"), &lines).await;
+        assert_eq!((summary.replayed, summary.printed), (2, 0), "{out}");
+        let (summary, out, _) = run(Some("globex"), &lines).await;
+        assert_eq!((summary.replayed, summary.printed), (2, 2));
+        let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(first["decision"]["tenant"], "acme");
+        assert_eq!(first["against"]["tenant"], "globex");
+        assert_eq!(first["changed"], serde_json::json!(["tenant"]));
+    }
+}
