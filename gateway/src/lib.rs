@@ -4,10 +4,12 @@
 #![forbid(unsafe_code)]
 
 // The process: config, the snapshot built from it, the state the stages share, the
-// control loop that starts the workers, reloads and drains, and the admin listener.
+// control loop that starts the workers, reloads and drains, the admin listener, and
+// `sluice replay`, which runs captured requests through a config's chains offline.
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod replay;
 pub mod snapshot;
 pub mod state;
 
@@ -16,6 +18,7 @@ pub mod accept;
 pub mod access;
 pub mod admit;
 pub mod balance;
+pub mod capture;
 pub mod client;
 pub mod client_handshake;
 pub mod connect;

@@ -123,6 +123,11 @@ pub struct RouteStats {
     pub closes: [AtomicU64; 5],
     /// How long tunnels lasted.
     pub tunnel_seconds: Histogram,
+    /// Lines its capture wrote (`[routes.capture]`).
+    pub capture_lines: AtomicU64,
+    /// Requests its capture did not write: the queue was full, the file had reached
+    /// `max_size`, or a write failed.
+    pub capture_dropped: AtomicU64,
 }
 
 impl RouteStats {
@@ -137,6 +142,8 @@ impl RouteStats {
             bytes_to_client: AtomicU64::new(0),
             closes: Default::default(),
             tunnel_seconds: Histogram::new(TUNNEL_BUCKETS),
+            capture_lines: AtomicU64::new(0),
+            capture_dropped: AtomicU64::new(0),
         }
     }
 

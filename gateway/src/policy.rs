@@ -9,10 +9,12 @@ use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
 
 use crate::balance::Pool;
+use crate::capture::{Decision, HeaderEdit};
+use crate::config::RouteConfig;
 use crate::head::{HeaderFields, RequestHead};
 use crate::headers::{is_hop_by_hop, tokens, value_text};
 use crate::plugin::{
-    ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind, TlsInfo,
+    Chain, ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind, TlsInfo,
 };
 use crate::route::{Route, authority};
 use crate::snapshot::Snapshot;
@@ -44,9 +46,11 @@ pub struct Client<'a> {
     pub tls: Option<&'a Facts>,
 }
 
-/// Runs the route's chain. A route without plugins costs nothing here. `path` is the
-/// normalised path routing matched, and the path plugins see: a rule on `/admin` must
-/// also catch `/public/../admin`, which routing and a normalising upstream treat alike.
+/// Runs the route's chain. A route without plugins (and without capture) costs nothing
+/// here. `path` is the normalised path routing matched, and the path plugins see: a rule
+/// on `/admin` must also catch `/public/../admin`, which routing and a normalising
+/// upstream treat alike. With `[routes.capture]`, what the chain saw and decided is
+/// handed to the route's capture.
 pub async fn decide(
     route: &Route,
     pool: &Arc<Pool>,
@@ -56,51 +60,131 @@ pub async fn decide(
     kind: RequestKind,
     client: Client<'_>,
 ) -> Result<Verdict, Denial> {
-    let mut verdict = Verdict {
-        pool: pool.clone(),
-        sticky_key: None,
-        headers: Vec::new(),
-        subprotocol: None,
-        tenant: route.config.tenant.clone(),
-        tags: String::new(),
-    };
-    if route.chain.is_empty() {
-        return Ok(verdict);
+    if route.chain.is_empty() && route.capture.is_none() {
+        return Ok(Verdict {
+            pool: pool.clone(),
+            sticky_key: None,
+            headers: Vec::new(),
+            subprotocol: None,
+            tenant: route.config.tenant.clone(),
+            tags: String::new(),
+        });
     }
     let info = request_info(route, req, path, kind, client);
-    let m: Mutations = match route.chain.on_request(&info).await {
+    let judged = judge(&route.config, &route.chain, &info).await;
+    if let Some(capture) = &route.capture {
+        capture.record(info, captured(&route.config, &judged));
+    }
+    let choice = judged?;
+    let pool = match &choice.pool {
+        None => pool.clone(),
+        // `judge` checked the route allows it; validation, that the config defines it.
+        Some(name) => match snapshot.pools.get(name) {
+            Some(p) => p.clone(),
+            None => return Err(pool_refused(&route.config, name, choice.log_fields)),
+        },
+    };
+    Ok(Verdict {
+        pool,
+        sticky_key: choice.sticky_key,
+        headers: choice.headers,
+        subprotocol: choice.subprotocol,
+        tenant: choice.tenant,
+        tags: tags(
+            choice
+                .log_fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        ),
+    })
+}
+
+/// What the chain decided for a request that may proceed, by name: a [`Verdict`] before
+/// its pool is looked up in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// The pool a plugin chose (one the route allows); `None`: the route's own.
+    pub pool: Option<String>,
+    /// Consistent-hash key chosen by a plugin.
+    pub sticky_key: Option<String>,
+    /// Upstream request header changes, in order.
+    pub headers: Vec<HeaderOp>,
+    /// The subprotocol to offer upstream (one the client offered).
+    pub subprotocol: Option<String>,
+    /// Tenant named by the route or a plugin.
+    pub tenant: Option<String>,
+    /// Extra access-log fields.
+    pub log_fields: Vec<(String, String)>,
+}
+
+/// Runs `chain` (the chain of the route configured as `route`) on what it sees of a
+/// request, and checks its choices against the route: a pool it does not allow is a
+/// 503, a subprotocol the client did not offer is dropped. Needs no snapshot, so
+/// `sluice replay` gives the same answers offline.
+pub async fn judge(
+    route: &RouteConfig,
+    chain: &Chain,
+    info: &RequestInfo,
+) -> Result<Choice, Denial> {
+    let m: Mutations = match chain.on_request(info).await {
         ChainDecision::Continue(m) => m,
         ChainDecision::Deny(d) => return Err(d),
     };
     if let Some(name) = &m.pool {
-        let allowed = route.config.action_pool() == Some(name.as_str())
-            || route.config.pools.iter().any(|p| p == name);
-        match snapshot.pools.get(name) {
-            Some(p) if allowed => verdict.pool = p.clone(),
-            _ => {
-                // A plugin steering traffic to a pool the route does not allow is a
-                // policy bug; failing closed keeps tenants apart.
-                tracing::error!(route = %route.config.name, pool = %name, "plugin chose a pool the route does not allow");
-                return Err(Denial {
-                    status: 503,
-                    headers: Vec::new(),
-                    body: "service unavailable: policy chose an unknown pool\n".into(),
-                    log_fields: m.log_fields,
-                    // Logged as `denied_by=pool:NAME`: the chain's choice was refused.
-                    plugin: format!("pool:{name}"),
-                    fault: None,
-                });
-            }
+        let allowed =
+            route.action_pool() == Some(name.as_str()) || route.pools.iter().any(|p| p == name);
+        if !allowed {
+            return Err(pool_refused(route, name, m.log_fields));
         }
     }
-    verdict.sticky_key = m.sticky_key;
-    verdict.headers = m.headers;
-    verdict.subprotocol = m.subprotocol.filter(|p| info.subprotocols.contains(p));
-    if m.tenant.is_some() {
-        verdict.tenant = m.tenant;
+    Ok(Choice {
+        pool: m.pool,
+        sticky_key: m.sticky_key,
+        headers: m.headers,
+        subprotocol: m.subprotocol.filter(|p| info.subprotocols.contains(p)),
+        tenant: m.tenant.or_else(|| route.tenant.clone()),
+        log_fields: m.log_fields,
+    })
+}
+
+/// The 503 for a chain that chose a pool the route does not allow: a policy bug, and
+/// failing closed keeps tenants apart.
+fn pool_refused(route: &RouteConfig, name: &str, log_fields: Vec<(String, String)>) -> Denial {
+    tracing::error!(route = %route.name, pool = %name, "plugin chose a pool the route does not allow");
+    Denial {
+        status: 503,
+        headers: Vec::new(),
+        body: "service unavailable: policy chose an unknown pool\n".into(),
+        log_fields,
+        // Logged as `denied_by=pool:NAME`: the chain's choice was refused.
+        plugin: format!("pool:{name}"),
+        fault: None,
     }
-    verdict.tags = tags(m.log_fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    Ok(verdict)
+}
+
+/// A decision as a capture line (and `sluice replay`) writes it.
+pub fn captured(route: &RouteConfig, judged: &Result<Choice, Denial>) -> Decision {
+    match judged {
+        Ok(c) => Decision::Allow {
+            pool: (c.pool.as_deref())
+                .or(route.action_pool())
+                .unwrap_or_default()
+                .to_owned(),
+            sticky_key: c.sticky_key.clone(),
+            headers: c.headers.iter().map(HeaderEdit::from).collect(),
+            subprotocol: c.subprotocol.clone(),
+            tenant: c.tenant.clone(),
+            tags: c.log_fields.clone(),
+        },
+        Err(d) => Decision::Deny {
+            status: d.status,
+            headers: d.headers.clone(),
+            body: d.body.clone(),
+            denied_by: d.plugin.clone(),
+            fault: d.fault.as_ref().map(ToString::to_string),
+            tags: d.log_fields.clone(),
+        },
+    }
 }
 
 /// Access-log fields as the `tags` value: `key=value` pairs joined by spaces.

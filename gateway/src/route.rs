@@ -3,9 +3,11 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::balance::Pool;
+use crate::capture::Capture;
 use crate::config::{HostMatch, RouteAction, RouteConfig};
 use crate::head::{HeaderFields, RequestHead};
 use crate::headers::value_text;
@@ -23,6 +25,9 @@ pub struct Route {
     pub chain: Chain,
     /// Its traffic counters (shared with the same-named route of other snapshots).
     pub stats: Arc<RouteStats>,
+    /// Where its chain's inputs and decisions are written (`[routes.capture]`); `None`:
+    /// off, and nothing is built for it.
+    pub capture: Option<Arc<Capture>>,
 }
 
 /// All routes of a snapshot.
@@ -35,11 +40,12 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Resolves each route's pool and plugins by name (names were checked by config
-    /// validation).
+    /// validation), and its capture by file (`captures`, opened by the snapshot).
     pub fn new(
         routes: &[RouteConfig],
         pools: &HashMap<String, Arc<Pool>>,
         plugins: &HashMap<String, Plugin>,
+        captures: &HashMap<PathBuf, Arc<Capture>>,
         metrics: &Metrics,
     ) -> RouteTable {
         RouteTable {
@@ -61,6 +67,7 @@ impl RouteTable {
                         pool,
                         chain: Chain::new(chain),
                         stats: metrics.route(&r.name),
+                        capture: (r.capture.as_ref()).and_then(|c| captures.get(&c.file).cloned()),
                     })
                 })
                 .collect(),

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::Pool;
+use crate::capture::{Capture, CaptureError};
 use crate::config::{Config, ListenerTls, PluginConfig};
 use crate::health;
 use crate::limit::{self, Limiter};
@@ -57,6 +58,14 @@ pub enum LoadError {
         listener: String,
         /// Why.
         source: tls::TlsError,
+    },
+    /// A route's capture file could not be opened.
+    #[error("route `{route}`: {source}")]
+    Capture {
+        /// The route.
+        route: String,
+        /// Why.
+        source: CaptureError,
     },
     /// A pool's TLS settings were refused.
     #[error("upstream `{pool}`: TLS: {source}")]
@@ -211,7 +220,8 @@ impl Snapshot {
             .iter()
             .map(|(n, (_, p))| (n.clone(), p.clone()))
             .collect();
-        let routes = RouteTable::new(&config.routes, &pools, &by_name, shared.metrics);
+        let captures = open_captures(&config, previous, shared.metrics)?;
+        let routes = RouteTable::new(&config.routes, &pools, &by_name, &captures, shared.metrics);
         let limits = limit::Table::new(&config, shared.limiter);
         if let Some(host) = host {
             host.share_counters(limits.cluster().cloned());
@@ -262,6 +272,42 @@ impl Snapshot {
     pub fn plugins(&self) -> impl Iterator<Item = (&str, &Plugin)> {
         self.plugins.iter().map(|(n, (_, p))| (n.as_str(), p))
     }
+}
+
+/// The captures the config's routes ask for, by file: the previous snapshot's when its
+/// settings are unchanged, it is still writing and its file is still at its path (so a
+/// reload neither reopens the file nor resets its size), else opened anew: a file an
+/// operator moved away is started afresh, and so is a capture stopped at `max_size`.
+fn open_captures(
+    config: &Config,
+    previous: Option<&Snapshot>,
+    metrics: &Metrics,
+) -> Result<HashMap<std::path::PathBuf, Arc<Capture>>, LoadError> {
+    let mut out = HashMap::new();
+    for r in &config.routes {
+        let Some(wanted) = &r.capture else { continue };
+        let kept = previous.and_then(|p| {
+            p.routes
+                .iter()
+                .filter_map(|old| old.capture.as_ref())
+                .find(|c| {
+                    c.config() == wanted && c.route() == r.name && !c.stopped() && c.still_at_path()
+                })
+                .cloned()
+        });
+        let capture =
+            match kept {
+                Some(c) => c,
+                None => Arc::new(Capture::open(wanted, metrics.route(&r.name)).map_err(
+                    |source| LoadError::Capture {
+                        route: r.name.clone(),
+                        source,
+                    },
+                )?),
+            };
+        out.insert(wanted.file.clone(), capture);
+    }
+    Ok(out)
 }
 
 impl Drop for Snapshot {

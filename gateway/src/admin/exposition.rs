@@ -252,6 +252,34 @@ impl Collector for GatewayCollector {
         let routes: Vec<(&str, &RouteStats)> =
             routes.iter().map(|r| (r.name.as_str(), &**r)).collect();
         traffic(&mut enc, "sluice_", "route", &routes)?;
+        // Capture counters only for routes that capture now or have done so.
+        let capturing: Vec<(Labels<1>, &RouteStats)> = routes
+            .iter()
+            .filter(|(name, r)| {
+                r.capture_lines.load(Ordering::Relaxed) + r.capture_dropped.load(Ordering::Relaxed)
+                    > 0
+                    || s.routes
+                        .iter()
+                        .any(|sr| sr.capture.is_some() && sr.config.name == *name)
+            })
+            .map(|(name, r)| ([("route", *name)], *r))
+            .collect();
+        families(
+            &mut enc,
+            &capturing,
+            &[
+                (
+                    "sluice_capture_lines",
+                    "Lines written to the route's capture file ([routes.capture]), by route.",
+                    Read::Counter(|r| r.capture_lines.load(Ordering::Relaxed)),
+                ),
+                (
+                    "sluice_capture_dropped",
+                    "Requests the route's capture did not write (queue full, file at max_size, or a failed write), by route.",
+                    Read::Counter(|r| r.capture_dropped.load(Ordering::Relaxed)),
+                ),
+            ],
+        )?;
         let tenants = gw.limiter().tenants();
         let traffic_of: Vec<(&str, &RouteStats)> = tenants
             .iter()

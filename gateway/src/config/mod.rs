@@ -299,6 +299,31 @@ pub struct RouteConfig {
     pub pools: Vec<String>,
     /// Tenant this route belongs to, told to plugins.
     pub tenant: Option<String>,
+    /// Where the chain's inputs and decisions are written for `sluice replay`
+    /// (`[routes.capture]`); `None`: off.
+    pub capture: Option<CaptureConfig>,
+}
+
+/// A route's capture (`[routes.capture]`): each request's view as the plugin chain saw it
+/// and the decision it took, as JSON lines appended to `file`, for `sluice replay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// The file appended to (relative paths resolved against the config's directory).
+    pub file: PathBuf,
+    /// Header names (lower-case) whose values are replaced by a marker before a line is
+    /// written: in the request, in the plugins' header changes and in a denial's headers.
+    pub redact: Vec<String>,
+    /// The file's size past which nothing more is written (a reload with a fresh file
+    /// starts again).
+    pub max_size: u64,
+}
+
+impl CaptureConfig {
+    /// Headers redacted when `redact` is not given: the credentials a browser or client
+    /// sends on their own.
+    pub const DEFAULT_REDACT: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+    /// `max_size` when not given.
+    pub const DEFAULT_MAX_SIZE: u64 = 64 << 20;
 }
 
 impl RouteConfig {

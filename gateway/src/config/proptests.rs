@@ -217,6 +217,17 @@ const ROUTE: Fields = (
         ("tenant", Kind::Text(&["acme"])),
     ],
 );
+/// A route's `[routes.capture]` table.
+const CAPTURE: Fields = (
+    &[("file", Kind::Text(&["capture.jsonl", "captures/ws.jsonl"]))],
+    &[
+        (
+            "redact",
+            Kind::Texts(&["authorization", "Cookie", "bad name"]),
+        ),
+        ("max_size", Kind::Size),
+    ],
+);
 const PLUGIN: Fields = (
     &[("path", Kind::Text(&["p.wasm", "plugins/p.wasm"]))],
     &[
@@ -528,9 +539,20 @@ fn action(plan: &Plan) -> BoxedStrategy<String> {
     .boxed()
 }
 
+/// A route, now and then with a `[routes.capture]` table (which a fixed-answer route,
+/// or a second route naming the same file, has refused).
 fn route(plan: &Plan) -> BoxedStrategy<String> {
-    (entries(ROUTE, plan), action(plan))
-        .prop_map(|(body, action)| format!("[[routes]]\n{body}{action}\n"))
+    (
+        entries(ROUTE, plan),
+        action(plan),
+        option::weighted(0.3, table("[routes.capture]", "", CAPTURE, plan)),
+    )
+        .prop_map(|(body, action, capture)| {
+            format!(
+                "[[routes]]\n{body}{action}\n{}",
+                capture.unwrap_or_default()
+            )
+        })
         .boxed()
 }
 

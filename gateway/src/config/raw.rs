@@ -245,4 +245,13 @@ pub(super) struct RawRoute {
     pub(super) plugins: Option<Vec<Spanned<String>>>,
     pub(super) pools: Option<Vec<Spanned<String>>>,
     pub(super) tenant: Option<String>,
+    pub(super) capture: Option<Spanned<RawCapture>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCapture {
+    pub(super) file: Spanned<String>,
+    pub(super) redact: Option<Vec<Spanned<String>>>,
+    pub(super) max_size: Option<Spanned<Size>>,
 }

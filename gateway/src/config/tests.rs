@@ -838,3 +838,69 @@ fn trusted_proxies_and_listener_per_ip_limits() {
     );
     assert!(err_of(&bad).contains("listeners.public.trusted_proxies[0]: expected an IP address"));
 }
+
+#[test]
+fn capture_is_off_by_default_and_redacts_credentials_unless_told_otherwise() {
+    let c = Config::parse("conf/sluice.toml", BASE).unwrap();
+    assert_eq!(c.routes[0].capture, None);
+    let src = format!("{BASE}[routes.capture]\nfile = \"captures/ws.jsonl\"\n");
+    let c = Config::parse("conf/sluice.toml", &src).unwrap();
+    assert_eq!(
+        c.routes[0].capture,
+        Some(CaptureConfig {
+            file: "conf/captures/ws.jsonl".into(),
+            redact: vec![
+                "authorization".into(),
+                "cookie".into(),
+                "proxy-authorization".into()
+            ],
+            max_size: 64 << 20,
+        })
+    );
+    let src = format!(
+        "{BASE}capture = {{ file = \"/tmp/c.jsonl\", redact = [\"X-Api-Key\", \"x-api-key\"], max_size = \"1MiB\" }}\n"
+    );
+    let capture = Config::parse("sluice.toml", &src).unwrap().routes[0]
+        .capture
+        .clone()
+        .unwrap();
+    assert_eq!(capture.file, std::path::Path::new("/tmp/c.jsonl"));
+    assert_eq!(capture.redact, vec!["x-api-key".to_string()]);
+    assert_eq!(capture.max_size, 1 << 20);
+    let src = format!("{BASE}capture = {{ file = \"c.jsonl\", redact = [] }}\n");
+    let c = Config::parse("sluice.toml", &src).unwrap();
+    assert!(c.routes[0].capture.as_ref().unwrap().redact.is_empty());
+}
+
+#[test]
+fn capture_errors_are_located() {
+    let at = |extra: &str| err_of(&format!("{BASE}{extra}"));
+    assert_eq!(
+        at("[routes.capture]\nfile = \"c.jsonl\"\nsample = 2\n"),
+        "sluice.toml:13:1: routes[0].capture.sample: unknown field `sample`, expected one of `file`, `redact`, `max_size`"
+    );
+    assert_eq!(
+        at("[routes.capture]\nfile = \"c.jsonl\"\nredact = [\"bad name\"]\n"),
+        "sluice.toml:13:11: routes[0].capture.redact[0]: expected a header name, got \"bad name\""
+    );
+    assert_eq!(
+        at("[routes.capture]\nfile = \"c.jsonl\"\nmax_size = \"1KiB\"\n"),
+        "sluice.toml:13:12: routes[0].capture.max_size: must be at least 4KiB"
+    );
+    assert_eq!(
+        at("[routes.capture]\nfile = \"\"\n"),
+        "sluice.toml:12:8: routes[0].capture.file: expected a file path"
+    );
+    assert_eq!(
+        at(
+            "[routes.capture]\nfile = \"c.jsonl\"\n\n[[routes]]\npath_prefix = \"/x\"\nstatus = 403\ncapture = { file = \"d.jsonl\" }\n"
+        ),
+        "sluice.toml:17:11: routes[1].capture: capture needs a route with `upstream`: a fixed answer runs no plugins"
+    );
+    assert_eq!(
+        at(
+            "[routes.capture]\nfile = \"c.jsonl\"\n\n[[routes]]\npath_prefix = \"/x\"\nupstream = \"echo\"\ncapture = { file = \"./c.jsonl\" }\n"
+        ),
+        "sluice.toml:17:20: routes[1].capture.file: ./c.jsonl is already the capture file of route `*/`; each route needs its own"
+    );
+}

@@ -9,12 +9,14 @@ use toml::Spanned;
 
 use super::limits;
 use super::locate::Locator;
-use super::raw::{RawAdmin, RawConfig, RawHealth, RawHttp2, RawPlugin, RawRoute, RawUpstream};
+use super::raw::{
+    RawAdmin, RawCapture, RawConfig, RawHealth, RawHttp2, RawPlugin, RawRoute, RawUpstream,
+};
 use super::units::{Dur, Size};
 use super::{
-    AdminConfig, Balance, Config, ConfigError, HashKey, HealthCheck, HealthConfig, HostMatch,
-    Http2Config, ListenerConfig, LogConfig, PluginConfig, PluginLimits, ReloadConfig, RouteAction,
-    RouteConfig, ServerConfig, UpstreamConfig,
+    AdminConfig, Balance, CaptureConfig, Config, ConfigError, HashKey, HealthCheck, HealthConfig,
+    HostMatch, Http2Config, ListenerConfig, LogConfig, PluginConfig, PluginLimits, ReloadConfig,
+    RouteAction, RouteConfig, ServerConfig, UpstreamConfig,
 };
 
 /// Most worker threads a config may ask for.
@@ -125,7 +127,26 @@ impl RawConfig {
                 upstreams: &upstreams,
                 plugins: &plugins,
             };
-            let mut route = r.into_inner().validate(span, &known, err)?;
+            let file_span = (r.get_ref().capture.as_ref()).map(|c| c.get_ref().file.span());
+            let mut route = r.into_inner().validate(span, base_dir, &known, err)?;
+            // One writer per file: two routes appending to one file would interleave
+            // their bounds and redactions.
+            if let (Some(c), Some(file_span)) = (&route.capture, file_span)
+                && let Some(other) = routes.iter().find(|o: &&RouteConfig| {
+                    o.capture
+                        .as_ref()
+                        .is_some_and(|oc| same_path(&oc.file, &c.file))
+                })
+            {
+                return Err(err.at(
+                    file_span,
+                    format!(
+                        "{} is already the capture file of route `{}`; each route needs its own",
+                        c.file.display(),
+                        other.name
+                    ),
+                ));
+            }
             if route.tenant.is_none() {
                 // A route on a tenant's host belongs to that tenant.
                 route.tenant = tenants
@@ -437,6 +458,7 @@ impl RawRoute {
     fn validate(
         self,
         span: std::ops::Range<usize>,
+        base_dir: &Path,
         known: &Known<'_>,
         err: &Locator<'_>,
     ) -> Result<RouteConfig, ConfigError> {
@@ -497,6 +519,16 @@ impl RawRoute {
                 path_prefix
             )
         });
+        let capture = match self.capture {
+            None => None,
+            Some(c) if matches!(action, RouteAction::Respond { .. }) => {
+                return Err(err.at(
+                    c.span(),
+                    "capture needs a route with `upstream`: a fixed answer runs no plugins".into(),
+                ));
+            }
+            Some(c) => Some(c.into_inner().validate(base_dir, err)?),
+        };
         let idle_timeout = match self.idle_timeout {
             Some(d) if d.value.is_zero() => None,
             Some(d) => Some(d.value),
@@ -516,6 +548,62 @@ impl RawRoute {
             plugins: route_plugins,
             pools: route_pools,
             tenant: self.tenant,
+            capture,
+        })
+    }
+}
+
+/// Whether two paths as written name the same file (`./a` and `a` do), short of
+/// following links.
+fn same_path(a: &Path, b: &Path) -> bool {
+    let parts = |p: &Path| {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        p.components()
+            .filter(|c| *c != std::path::Component::CurDir)
+            .map(|c| c.as_os_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    parts(a) == parts(b)
+}
+
+/// Smallest `max_size` of a capture file: room for a few lines.
+const MIN_CAPTURE_SIZE: u64 = 4 << 10;
+
+impl RawCapture {
+    fn validate(self, base_dir: &Path, err: &Locator<'_>) -> Result<CaptureConfig, ConfigError> {
+        if self.file.get_ref().is_empty() {
+            return Err(err.at(self.file.span(), "expected a file path".into()));
+        }
+        let redact = match self.redact {
+            None => CaptureConfig::DEFAULT_REDACT.map(String::from).to_vec(),
+            Some(names) => {
+                let mut out: Vec<String> = Vec::new();
+                for n in names {
+                    if http::HeaderName::from_bytes(n.get_ref().as_bytes()).is_err() {
+                        return Err(err.at(
+                            n.span(),
+                            format!("expected a header name, got {:?}", n.get_ref()),
+                        ));
+                    }
+                    let name = n.get_ref().to_ascii_lowercase();
+                    if !out.contains(&name) {
+                        out.push(name);
+                    }
+                }
+                out
+            }
+        };
+        let max_size = match self.max_size {
+            Some(s) if s.get_ref().0 < MIN_CAPTURE_SIZE => {
+                return Err(err.at(s.span(), "must be at least 4KiB".into()));
+            }
+            Some(s) => s.into_inner().0,
+            None => CaptureConfig::DEFAULT_MAX_SIZE,
+        };
+        Ok(CaptureConfig {
+            file: base_dir.join(self.file.get_ref()),
+            redact,
+            max_size,
         })
     }
 }
