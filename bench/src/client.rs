@@ -21,6 +21,9 @@ pub struct Endpoint {
     /// Extra request header lines, each ending in CRLF (empty for none): what a target's
     /// policy plugins need to admit the request, e.g. `Origin` and `Authorization`.
     pub headers: Arc<str>,
+    /// Builds those header lines anew for each upgrade from a random number, in place of
+    /// `headers` (`sluice-4p-called`: a new token and origin every time).
+    pub fresh: Option<fn(u64) -> String>,
     /// `wss://`: the TLS client every connection makes a full handshake with; `None` for
     /// `ws://`.
     pub tls: Option<tls::Client>,
@@ -32,6 +35,7 @@ impl Endpoint {
         Endpoint {
             addr,
             headers: Arc::from(""),
+            fresh: None,
             tls: None,
         }
     }
@@ -59,7 +63,14 @@ impl Conn {
             Some(client) => client.connect(tcp).await?,
         };
         let key = ws::client_key(&mut rng);
-        let extra = &endpoint.headers;
+        let fresh;
+        let extra: &str = match endpoint.fresh {
+            Some(make) => {
+                fresh = make(rng.next_u64());
+                &fresh
+            }
+            None => &endpoint.headers,
+        };
         let request = format!(
             "GET /bench HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"

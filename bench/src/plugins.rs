@@ -33,11 +33,27 @@ pub const CHAIN: [(&str, &str); 4] = [
 
 /// Mints the session's JWT: HS256, `sub` and `tenant` claims, valid for a day.
 pub fn token() -> String {
+    token_for("bench-user")
+}
+
+/// [`headers`] with a new token (its `sub` and `iat` from `n`) and a new origin under
+/// the allowlist's wildcard, for every upgrade: nothing a plugin saw before, so every
+/// plugin is called and `jwt-auth` verifies every token (`sluice-4p-called`).
+pub fn fresh_headers(n: u64) -> String {
+    let token = token_for(&format!("u{n:016x}"));
+    format!(
+        "Origin: https://c{:x}.bench.example\r\nAuthorization: Bearer {token}\r\n",
+        n >> 40
+    )
+}
+
+/// A token for `sub`, valid for a day.
+fn token_for(sub: &str) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let claims = serde_json::json!({
-        "sub": "bench-user",
+        "sub": sub,
         "tenant": "bench",
         "iss": ISSUER,
         "aud": AUDIENCE,
@@ -110,6 +126,25 @@ fallback = "client_ip""#
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fresh_headers_differ_every_time_and_still_verify() {
+        let (one, two) = (fresh_headers(1 << 40), fresh_headers(2 << 40));
+        assert_ne!(one, two);
+        for h in [&one, &two] {
+            let origin = h.lines().next().unwrap().strip_prefix("Origin: ").unwrap();
+            assert!(origin.ends_with(".bench.example"), "{origin}");
+            let token = h.split("Bearer ").nth(1).unwrap().trim_end();
+            let claims = sluice_jwt::verify(
+                token,
+                &[sluice_jwt::Key::hs256(SECRET.as_bytes())],
+                &sluice_jwt::Validation::default(),
+                0,
+            )
+            .unwrap();
+            assert_eq!(claims["tenant"], "bench");
+        }
+    }
 
     #[test]
     fn token_verifies_with_the_configured_key() {

@@ -161,6 +161,12 @@ impl Target {
         self.is_sluice() || self == Target::Haproxy
     }
 
+    /// Whether every upgrade brings a new token and origin (`sluice-4p-called`), so no
+    /// plugin has seen its inputs before: the chain's full price.
+    pub fn fresh_credentials(self) -> bool {
+        self == Target::Sluice4pCalled
+    }
+
     /// Whether the target's plugins may reuse their decisions (Sluice's default).
     pub fn reuses_decisions(self) -> bool {
         self != Target::Sluice4pCalled
@@ -366,6 +372,9 @@ pub fn start(target: Target, env: &Env, tls: bool, h2: bool) -> Result<Running> 
         endpoint: Endpoint {
             addr,
             headers: plugins::headers(target.plugins(), &env.token).into(),
+            fresh: target
+                .fresh_credentials()
+                .then_some(plugins::fresh_headers as fn(u64) -> String),
             tls: match h2 {
                 true => client.as_ref().map(tls::Client::h2),
                 false => client.clone(),

@@ -126,6 +126,7 @@ mod tests {
         let extra = Endpoint {
             addr,
             headers: Arc::from("Origin: https://app.bench.example\r\nAuthorization: Bearer x\r\n"),
+            fresh: None,
             tls: None,
         };
         for i in 0..HANDSHAKES {
