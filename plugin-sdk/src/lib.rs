@@ -18,7 +18,10 @@
 //!
 //! The gateway keeps a few initialised instances per plugin and reuses them,
 //! one request at a time; state kept in `self` is per instance, state that must
-//! be shared (rate limits) goes through [`host::counter_add`].
+//! be shared (rate limits) goes through [`host::counter_add`]. A plugin has no
+//! network of its own: JSON documents the operator granted it (`grants.http`),
+//! such as an identity provider's JWKS, are fetched by the gateway in the
+//! background and read through [`documents`].
 //!
 //! `on_request` is always called. [`OnClose::on_close`] is called for a plugin
 //! that implements [`OnClose`] ([`export!`] finds out at compile time and tells
