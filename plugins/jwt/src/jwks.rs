@@ -9,7 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 
-use crate::{Claims, JwtError, Key, Validation, decode, verify_decoded};
+use crate::{Claims, JwtError, Key, Validation, check_claims, check_signature, decode};
 
 /// Most keys read from one set; a token without `kid` is tried against each of its
 /// algorithm, so this bounds the work one token can cause.
@@ -120,7 +120,7 @@ impl KeySet {
     ) -> Result<Claims, JwtError> {
         let decoded = decode(token)?;
         let kid = decoded.kid.as_deref();
-        let candidates: Vec<&Key> = self
+        let mut candidates = self
             .keys
             .iter()
             .filter(|k| k.key.alg() == decoded.alg)
@@ -129,14 +129,16 @@ impl KeySet {
                 _ => true,
             })
             .map(|k| &k.key)
-            .collect();
+            .peekable();
         if let Some(kid) = kid
-            && candidates.is_empty()
+            && candidates.peek().is_none()
             && !self.has_kid(kid)
         {
             return Err(JwtError::UnknownKey(kid.to_owned()));
         }
-        verify_decoded(decoded, candidates.into_iter(), validation, now_secs)
+        check_signature(&decoded, candidates)?;
+        check_claims(&decoded.claims, validation, now_secs)?;
+        Ok(decoded.claims)
     }
 }
 

@@ -251,28 +251,26 @@ pub fn verify(
     now_secs: u64,
 ) -> Result<Claims, JwtError> {
     let decoded = decode(token)?;
-    let alg = decoded.alg.clone();
-    let candidates = keys.iter().filter(move |k| k.alg() == alg);
-    verify_decoded(decoded, candidates, validation, now_secs)
+    check_signature(&decoded, keys.iter().filter(|k| k.alg() == decoded.alg))?;
+    check_claims(&decoded.claims, validation, now_secs)?;
+    Ok(decoded.claims)
 }
 
-/// The signature check against `candidates` (the keys of the token's algorithm), then
-/// the claims.
-fn verify_decoded<'k>(
-    decoded: Decoded<'_>,
+/// The signature check of a decoded token against `candidates` (the keys of its
+/// algorithm): none is [`JwtError::UnsupportedAlgorithm`], none verifying
+/// [`JwtError::BadSignature`].
+fn check_signature<'k>(
+    decoded: &Decoded<'_>,
     candidates: impl Iterator<Item = &'k Key>,
-    validation: &Validation,
-    now_secs: u64,
-) -> Result<Claims, JwtError> {
+) -> Result<(), JwtError> {
     let mut candidates = candidates.peekable();
     if candidates.peek().is_none() {
-        return Err(JwtError::UnsupportedAlgorithm(decoded.alg));
+        return Err(JwtError::UnsupportedAlgorithm(decoded.alg.clone()));
     }
     if !candidates.any(|k| k.verifies(decoded.signing_input.as_bytes(), &decoded.signature)) {
         return Err(JwtError::BadSignature);
     }
-    check_claims(&decoded.claims, validation, now_secs)?;
-    Ok(decoded.claims)
+    Ok(())
 }
 
 /// A time claim (`exp`, `nbf`, `iat`) in whole seconds, if present and numeric.
