@@ -92,14 +92,9 @@ impl Chains {
         }
         let mut routes = HashMap::new();
         for r in &config.routes {
-            let chain = r
-                .plugins
-                .iter()
-                .filter_map(|p| plugins.get(p).cloned())
-                .collect();
             routes
                 .entry(r.name.clone())
-                .or_insert_with(|| (r.clone(), Chain::new(chain)));
+                .or_insert_with(|| (r.clone(), Chain::named(&r.plugins, &plugins)));
         }
         Ok(Chains {
             path: path.to_owned(),

@@ -57,15 +57,10 @@ impl RouteTable {
                         RouteAction::Proxy(name) => pools.get(name).cloned(),
                         RouteAction::Respond { .. } => None,
                     };
-                    let chain = r
-                        .plugins
-                        .iter()
-                        .filter_map(|p| plugins.get(p).cloned())
-                        .collect();
                     Arc::new(Route {
                         config: r.clone(),
                         pool,
-                        chain: Chain::new(chain),
+                        chain: Chain::named(&r.plugins, plugins),
                         stats: metrics.route(&r.name),
                         capture: (r.capture.as_ref()).and_then(|c| captures.get(&c.file).cloned()),
                     })

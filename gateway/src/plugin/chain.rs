@@ -2,6 +2,8 @@
 //! order, and each plugin sees the headers and tenant as the plugins before
 //! it left them.
 
+use std::collections::HashMap;
+
 use super::Plugin;
 use super::bindings::wit::Fields;
 use super::bindings::{self, Decision, Request};
@@ -44,6 +46,17 @@ impl Chain {
             fields,
             headers,
         }
+    }
+
+    /// The chain of a route that lists `names`, from the loaded `plugins` by name (names
+    /// were checked by config validation).
+    pub fn named(names: &[String], plugins: &HashMap<String, Plugin>) -> Self {
+        Self::new(
+            names
+                .iter()
+                .filter_map(|n| plugins.get(n).cloned())
+                .collect(),
+        )
     }
 
     /// Whether any plugin asked for `on-close`. When none did, the close
