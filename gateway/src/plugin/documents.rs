@@ -220,9 +220,11 @@ impl Documents {
                 }
                 schedule.failures = 0;
                 let next = fetched.max_age.unwrap_or(w.max).clamp(w.min, w.max);
+                // Only this task stores a copy, so the one read here stays current.
+                let current = w.current.load_full();
                 match fetched.body {
-                    Some(body) if w.current.load().as_ref().is_none_or(|c| c.body != body) => {
-                        let version = w.current.load().as_ref().map_or(0, |c| c.version) + 1;
+                    Some(body) if current.as_ref().is_none_or(|c| c.body != body) => {
+                        let version = current.as_ref().map_or(0, |c| c.version) + 1;
                         tracing::info!(plugin = %self.plugin, url, version, bytes = body.len(), "plugin document updated");
                         w.current.store(Some(Arc::new(Copy { version, body })));
                         schedule.etag = fetched.etag;
