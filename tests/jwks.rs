@@ -199,21 +199,16 @@ async fn upgrade_status(gw: &Gateway, token: &str) -> u16 {
     }
 }
 
-/// Polls until an upgrade with `token` gets `status` (the JWKS is fetched in the
-/// background, so a change shows after the fetch it waits for).
-async fn until_status(gw: &Gateway, token: &str, status: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = upgrade_status(gw, token).await;
-        if got == status {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still {got}, not {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Waits until the gateway has taken its `n`th differing copy of the JWKS (the first is
+/// the one fetched at load): the next request reads it.
+async fn wait_copies(gw: &Gateway, n: f64) {
+    wait_metric(
+        gw.admin().await,
+        "sluice_plugin_document_fetches_total",
+        &[("plugin", "auth"), ("outcome", "changed")],
+        n,
+    )
+    .await;
 }
 
 async fn failed_fetches(gw: &Gateway) -> f64 {
@@ -241,7 +236,8 @@ async fn rotated_keys_are_picked_up_without_a_reload() {
     // The provider rotates: a out, b in. `max-age=1` brings the new set within seconds,
     // and a's admission, cached by the plugin and reusable by the gateway, goes with it.
     idp.set(|s| s.body = jwks(&[(EC2_PUBLIC, "b")]));
-    until_status(&gw, &a, 401, "a removed key's token").await;
+    wait_copies(&gw, 2.0).await;
+    assert_eq!(upgrade_status(&gw, &a).await, 401, "a removed key's token");
     assert_eq!(upgrade_status(&gw, &b).await, 101);
 
     // Now the server says an hour: only an unknown `kid` makes the gateway ask early.
@@ -249,7 +245,14 @@ async fn rotated_keys_are_picked_up_without_a_reload() {
     let from = idp.fetches();
     idp.wait_served(from, &jwks(&[(EC2_PUBLIC, "b")]), 1).await;
     idp.set(|s| s.body = jwks(&[(EC2_PUBLIC, "b"), (RSA_PUBLIC, "c")]));
-    until_status(&gw, &c, 101, "a new RSA key named by kid").await;
+    // c's unknown kid asks for the early fetch that brings c.
+    upgrade_status(&gw, &c).await;
+    wait_copies(&gw, 3.0).await;
+    assert_eq!(
+        upgrade_status(&gw, &c).await,
+        101,
+        "a new RSA key named by kid"
+    );
 
     // Unknown kids in a burst: at most one fetch per `min_refresh_secs`.
     let before = idp.fetches();
@@ -374,7 +377,9 @@ async fn bad_documents_keep_the_last_good_keys() {
             ..served()
         }
     });
-    until_status(&gw, &b, 101, "b after a good set").await;
+    // The copies taken: the first, the JSON that was no key set, and this one.
+    wait_copies(&gw, 3.0).await;
+    assert_eq!(upgrade_status(&gw, &b).await, 101, "b after a good set");
 }
 
 /// What the provider serves when all is well (its body aside).
