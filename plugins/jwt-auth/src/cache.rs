@@ -10,7 +10,6 @@
 //! memory is bounded and a flood of distinct tokens only costs re-checks.
 
 use std::cell::RefCell;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::rc::Rc;
 
 /// What a verified token contributes to a decision.
@@ -52,7 +51,7 @@ impl Cache {
     pub fn get(&self, token: &str) -> Option<Rc<Verified>> {
         let slots = self.slots.borrow();
         let (cached, verified) = slots.get(slot(token, slots.len())?)?.as_ref()?;
-        (cached == token).then(|| verified.clone())
+        same(cached, token).then(|| verified.clone())
     }
 
     /// Keep `verified` for `token`, in place of whatever held its slot; returns it.
@@ -74,13 +73,30 @@ impl Cache {
     }
 }
 
+/// The slot of `token` among `len` (a power of two): from its last eight bytes, which
+/// are its signature's, unpredictable for every genuine token, and its length. A
+/// forger who picks them can only take slots over, which costs re-checks, as a flood
+/// of distinct tokens would. Hashing the whole token (SipHash) cost more than a
+/// tenth of a verify.
 fn slot(token: &str, len: usize) -> Option<usize> {
     if len == 0 {
         return None;
     }
-    let mut h = DefaultHasher::new();
-    token.hash(&mut h);
-    Some(h.finish() as usize & (len - 1))
+    let bytes = token.as_bytes();
+    let mut tail = [0u8; 8];
+    let n = bytes.len().min(8);
+    tail[8 - n..].copy_from_slice(&bytes[bytes.len() - n..]);
+    // Fibonacci hashing: the product's top bits depend on every bit of the input.
+    let mixed = (u64::from_le_bytes(tail) ^ bytes.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let top = mixed.checked_shr(64 - len.trailing_zeros()).unwrap_or(0);
+    Some(top as usize & (len - 1))
+}
+
+/// Whether two tokens are the same, comparing their signatures' ends first: tokens of
+/// one issuer share their first bytes (header and leading claims).
+fn same(a: &str, b: &str) -> bool {
+    let tail = a.len().min(16);
+    a.len() == b.len() && a.as_bytes()[a.len() - tail..] == b.as_bytes()[b.len() - tail..] && a == b
 }
 
 #[cfg(test)]
@@ -102,6 +118,23 @@ mod tests {
         cache.put("a.b.c", entry("alice"));
         assert_eq!(cache.get("a.b.c").as_deref(), Some(&entry("alice")));
         assert_eq!(cache.get("a.b.d"), None);
+    }
+
+    #[test]
+    fn slots_spread_and_only_equal_tokens_are_the_same() {
+        let used: std::collections::HashSet<_> = (0..64)
+            .map(|i| slot(&format!("eyJhbGciOi.eyJzdWIiOi.sig{i:08x}"), 256).unwrap())
+            .collect();
+        assert!(
+            used.len() > 48,
+            "64 tokens took only {} of 256 slots",
+            used.len()
+        );
+        assert!(same("a.b.c", "a.b.c"));
+        assert!(!same("a.b.c", "a.b.d"));
+        assert!(!same("x.b.c", "a.b.c"), "the ends agree, the starts do not");
+        assert!(!same("a.b.c", "a.b.cc"));
+        assert_eq!(slot("", 4), slot("", 4));
     }
 
     #[test]

@@ -66,7 +66,7 @@ use cache::{Cache, Verified};
 use serde::Deserialize;
 use sluice_jwt::jwks::KeySet;
 use sluice_jwt::token::{TokenFrom, TokenSources};
-use sluice_jwt::{JwtError, Key, Validation, check_times, claim_str, time_claim};
+use sluice_jwt::{JwtError, Key, Validation, check_times};
 use sluice_plugin_sdk::{
     Config, Decision, Fields, Level, Plugin, Request, documents, export, host,
 };
@@ -157,6 +157,9 @@ pub struct JwtAuth {
     validation: Validation,
     sources: TokenSources,
     forward_claims: BTreeMap<String, String>,
+    /// The claims read of a token besides those checked: the forwarded ones, in
+    /// `forward_claims`' order, then `sub` (for the access log).
+    wanted: Vec<String>,
     cache: Cache,
 }
 
@@ -196,6 +199,12 @@ impl Plugin for JwtAuth {
                 require_exp: raw.require_exp,
             },
             sources: raw.sources,
+            wanted: raw
+                .forward_claims
+                .keys()
+                .cloned()
+                .chain(["sub".to_owned()])
+                .collect(),
             forward_claims: raw.forward_claims,
             cache: Cache::new(raw.cache_size),
         };
@@ -223,29 +232,33 @@ impl Plugin for JwtAuth {
                 Ok(()) => hit,
                 Err(e) => return unauthorized(&e.to_string(), "invalid_token"),
             },
-            None => match self.keys.borrow().verify(&token, &self.validation, now) {
-                Ok(claims) => {
-                    let verified = Verified {
-                        exp: time_claim(&claims, "exp"),
-                        nbf: time_claim(&claims, "nbf"),
-                        forwarded: self
-                            .forward_claims
-                            .keys()
-                            .map(|claim| claim_str(&claims, claim))
-                            .collect(),
-                        sub: claim_str(&claims, "sub"),
-                    };
-                    self.cache.put(&token, verified)
-                }
-                Err(e) => {
-                    if let (JwtError::UnknownKey(_), Some(jwks)) = (&e, &self.jwks) {
-                        // Perhaps the provider rotated its keys: fetch again (at most
-                        // once per `min_refresh_secs`); a retry after it is admitted.
-                        documents::refresh_soon(&jwks.url);
+            None => {
+                match self
+                    .keys
+                    .borrow()
+                    .verify_picking(&token, &self.validation, now, &self.wanted)
+                {
+                    Ok(mut picked) => {
+                        // `wanted` is the forwarded claims, then `sub`.
+                        let sub = picked.values.pop().flatten();
+                        let verified = Verified {
+                            exp: picked.exp,
+                            nbf: picked.nbf,
+                            forwarded: picked.values,
+                            sub,
+                        };
+                        self.cache.put(&token, verified)
                     }
-                    return unauthorized(&e.to_string(), "invalid_token");
+                    Err(e) => {
+                        if let (JwtError::UnknownKey(_), Some(jwks)) = (&e, &self.jwks) {
+                            // Perhaps the provider rotated its keys: fetch again (at most
+                            // once per `min_refresh_secs`); a retry after it is admitted.
+                            documents::refresh_soon(&jwks.url);
+                        }
+                        return unauthorized(&e.to_string(), "invalid_token");
+                    }
                 }
-            },
+            }
         };
         self.admit(&verified, from, req)
             .reuse_for(self.reuse(verified.exp, now_ms))

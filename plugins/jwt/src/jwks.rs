@@ -9,7 +9,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 
-use crate::{Claims, JwtError, Key, Validation, check_claims, check_signature, decode};
+use crate::{
+    Claims, Decoded, JwtError, Key, Picked, Validation, check_claims, check_signature, decode,
+};
 
 /// Most keys read from one set; a token without `kid` is tried against each of its
 /// algorithm, so this bounds the work one token can cause.
@@ -118,6 +120,28 @@ impl KeySet {
         validation: &Validation,
         now_secs: u64,
     ) -> Result<Claims, JwtError> {
+        let decoded = self.signed(token)?;
+        let claims = decoded.claims()?;
+        check_claims(&claims, validation, now_secs)?;
+        Ok(claims)
+    }
+
+    /// [`KeySet::verify`], reading of the claims only what the checks need and the
+    /// values of `wanted` ([`Picked`]): no map of every claim is built.
+    pub fn verify_picking(
+        &self,
+        token: &str,
+        validation: &Validation,
+        now_secs: u64,
+        wanted: &[impl AsRef<str>],
+    ) -> Result<Picked, JwtError> {
+        let picked = self.signed(token)?.pick(wanted)?;
+        picked.check(validation, now_secs)?;
+        Ok(picked)
+    }
+
+    /// The token decoded, once its signature holds under the key its `kid` names.
+    fn signed<'t>(&self, token: &'t str) -> Result<Decoded<'t>, JwtError> {
         let decoded = decode(token)?;
         let kid = decoded.kid.as_deref();
         let mut candidates = self
@@ -137,8 +161,7 @@ impl KeySet {
             return Err(JwtError::UnknownKey(kid.to_owned()));
         }
         check_signature(&decoded, candidates)?;
-        check_claims(&decoded.claims, validation, now_secs)?;
-        Ok(decoded.claims)
+        Ok(decoded)
     }
 }
 

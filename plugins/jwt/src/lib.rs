@@ -74,12 +74,25 @@ pub struct Decoded<'a> {
     pub alg: String,
     /// The `kid` header field: which key of a set signed it.
     pub kid: Option<String>,
-    /// The payload object.
-    pub claims: Claims,
+    /// The payload's bytes: JSON, parsed only once the signature holds.
+    payload: Vec<u8>,
     /// `header.payload`, the bytes the signature covers.
     pub signing_input: &'a str,
     /// The raw signature bytes.
     pub signature: Vec<u8>,
+}
+
+impl Decoded<'_> {
+    /// The payload object, whole.
+    pub fn claims(&self) -> Result<Claims, JwtError> {
+        serde_json::from_slice(&self.payload).map_err(|_| JwtError::Malformed)
+    }
+
+    /// What a verifier reads of the payload: the registered claims [`Picked::check`]
+    /// checks and the values of `wanted`, with every other member skipped unbuilt.
+    pub fn pick<S: AsRef<str>>(&self, wanted: &[S]) -> Result<Picked, JwtError> {
+        pick(&self.payload, wanted, true).ok_or(JwtError::Malformed)
+    }
 }
 
 /// Split and decode a token without checking its signature. Use only for
@@ -98,7 +111,7 @@ pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
     Ok(Decoded {
         alg: header.alg,
         kid: header.kid,
-        claims: serde_json::from_slice(&base64(payload)?).map_err(|_| JwtError::Malformed)?,
+        payload: base64(payload)?,
         signing_input,
         signature: URL_SAFE_NO_PAD
             .decode(signature)
@@ -120,56 +133,136 @@ fn base64(part: &str) -> Result<Vec<u8>, JwtError> {
 pub fn peek_claim(token: &str, name: &str) -> Option<String> {
     let mut parts = token.split('.');
     let (_header, payload) = (parts.next()?, parts.next()?);
-    let bytes = base64(payload).ok()?;
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let value = de.deserialize_map(FindMember(name)).ok()??;
-    value_str(&value)
+    let mut picked = pick(&base64(payload).ok()?, &[name], false)?;
+    picked.values.pop()?
 }
 
-/// Visits a JSON object and keeps the value of one member (the last one,
-/// like `serde_json::Map`, if the name repeats).
-struct FindMember<'n>(&'n str);
+/// The claims of a token a verifier reads, without building the others: the
+/// registered ones it checks and the values of the names it asked for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Picked {
+    /// `exp`, in whole seconds, if present and numeric.
+    pub exp: Option<u64>,
+    /// `nbf`, in whole seconds, if present and numeric.
+    pub nbf: Option<u64>,
+    iss: Option<Value>,
+    aud: Option<Value>,
+    /// The value of each wanted name, in the order asked, as [`claim_str`] formats it.
+    pub values: Vec<Option<String>>,
+}
 
-impl<'de> Visitor<'de> for FindMember<'_> {
-    type Value = Option<Value>;
+impl Picked {
+    /// The checks [`verify`] makes of the claims: times, issuer and audience.
+    pub fn check(&self, v: &Validation, now: u64) -> Result<(), JwtError> {
+        check_registered(
+            self.exp,
+            self.nbf,
+            self.iss.as_ref(),
+            self.aud.as_ref(),
+            v,
+            now,
+        )
+    }
+}
+
+/// A registered claim [`Picked`] keeps for the checks.
+#[derive(Clone, Copy)]
+enum Registered {
+    Exp,
+    Nbf,
+    Iss,
+    Aud,
+}
+
+/// Reads a payload's members into a [`Picked`] (the registered claims too when
+/// `registered`); `None` when it is not a JSON object. A repeated member counts
+/// once, the last time, as in a [`Claims`] map.
+fn pick<S: AsRef<str>>(payload: &[u8], wanted: &[S], registered: bool) -> Option<Picked> {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let mut picked = de.deserialize_map(Pick { wanted, registered }).ok()?;
+    de.end().ok()?;
+    // A name asked twice gets the value of its first asking.
+    for i in 0..wanted.len() {
+        let name = wanted[i].as_ref();
+        if let Some(first) = wanted[..i].iter().position(|w| w.as_ref() == name) {
+            picked.values[i] = picked.values[first].clone();
+        }
+    }
+    Some(picked)
+}
+
+/// Visits a payload object for [`pick`].
+struct Pick<'w, S> {
+    wanted: &'w [S],
+    registered: bool,
+}
+
+impl<'de, S: AsRef<str>> Visitor<'de> for Pick<'_, S> {
+    type Value = Picked;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found = None;
-        while let Some(is_it) = map.next_key_seed(KeyIs(self.0))? {
-            if is_it {
-                found = Some(map.next_value::<Value>()?);
-            } else {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Picked, A::Error> {
+        let mut picked = Picked {
+            values: vec![None; self.wanted.len()],
+            ..Picked::default()
+        };
+        while let Some((registered, wanted)) = map.next_key_seed(Member(&self))? {
+            if registered.is_none() && wanted.is_none() {
                 map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            let value: Value = map.next_value()?;
+            if let Some(i) = wanted {
+                picked.values[i] = value_str(&value);
+            }
+            let time = || value.as_f64().map(|t| t as u64);
+            match registered {
+                Some(Registered::Exp) => picked.exp = time(),
+                Some(Registered::Nbf) => picked.nbf = time(),
+                Some(Registered::Iss) => picked.iss = Some(value),
+                Some(Registered::Aud) => picked.aud = Some(value),
+                None => {}
             }
         }
-        Ok(found)
+        Ok(picked)
     }
 }
 
-/// Compares an object key with a name without allocating it.
-struct KeyIs<'n>(&'n str);
+/// A member name, told apart without allocating: which registered claim it is (when
+/// those are read) and which wanted name (its first place).
+struct Member<'p, 'w, S>(&'p Pick<'w, S>);
 
-impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
-    type Value = bool;
+impl<'de, S: AsRef<str>> DeserializeSeed<'de> for Member<'_, '_, S> {
+    type Value = (Option<Registered>, Option<usize>);
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_str(self)
     }
 }
 
-impl<'de> Visitor<'de> for KeyIs<'_> {
-    type Value = bool;
+impl<'de, S: AsRef<str>> Visitor<'de> for Member<'_, '_, S> {
+    type Value = (Option<Registered>, Option<usize>);
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a string key")
     }
 
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
-        Ok(key == self.0)
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        let registered = match key {
+            _ if !self.0.registered => None,
+            "exp" => Some(Registered::Exp),
+            "nbf" => Some(Registered::Nbf),
+            "iss" => Some(Registered::Iss),
+            "aud" => Some(Registered::Aud),
+            _ => None,
+        };
+        Ok((
+            registered,
+            self.0.wanted.iter().position(|w| w.as_ref() == key),
+        ))
     }
 }
 
@@ -252,8 +345,9 @@ pub fn verify(
 ) -> Result<Claims, JwtError> {
     let decoded = decode(token)?;
     check_signature(&decoded, keys.iter().filter(|k| k.alg() == decoded.alg))?;
-    check_claims(&decoded.claims, validation, now_secs)?;
-    Ok(decoded.claims)
+    let claims = decoded.claims()?;
+    check_claims(&claims, validation, now_secs)?;
+    Ok(claims)
 }
 
 /// The signature check of a decoded token against `candidates` (the keys of its
@@ -298,16 +392,35 @@ pub fn check_times(
 }
 
 fn check_claims(claims: &Claims, v: &Validation, now: u64) -> Result<(), JwtError> {
-    check_times(time_claim(claims, "exp"), time_claim(claims, "nbf"), v, now)?;
-    if let Some(iss) = &v.issuer
-        && claims.get("iss").and_then(Value::as_str) != Some(iss)
+    check_registered(
+        time_claim(claims, "exp"),
+        time_claim(claims, "nbf"),
+        claims.get("iss"),
+        claims.get("aud"),
+        v,
+        now,
+    )
+}
+
+/// The claim checks of [`verify`], on the registered claims' values.
+fn check_registered(
+    exp: Option<u64>,
+    nbf: Option<u64>,
+    iss: Option<&Value>,
+    aud: Option<&Value>,
+    v: &Validation,
+    now: u64,
+) -> Result<(), JwtError> {
+    check_times(exp, nbf, v, now)?;
+    if let Some(wanted) = &v.issuer
+        && iss.and_then(Value::as_str) != Some(wanted)
     {
         return Err(JwtError::WrongIssuer);
     }
-    if let Some(aud) = &v.audience {
-        let ok = match claims.get("aud") {
-            Some(Value::String(s)) => s == aud,
-            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(aud)),
+    if let Some(wanted) = &v.audience {
+        let ok = match aud {
+            Some(Value::String(s)) => s == wanted,
+            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(wanted)),
             _ => false,
         };
         if !ok {
@@ -460,6 +573,61 @@ mod tests {
         assert_eq!(peek_claim("a.!!!.c", "sub"), None);
         let array = format!("x.{}.y", URL_SAFE_NO_PAD.encode("[1]"));
         assert_eq!(peek_claim(&array, "sub"), None);
+    }
+
+    #[test]
+    fn picking_agrees_with_the_claims_map() {
+        let keys = jwks::KeySet::from_keys(vec![Key::hs256(b"k")]);
+        let v = Validation {
+            issuer: Some("iss".into()),
+            audience: Some("sluice".into()),
+            leeway_secs: 0,
+            require_exp: true,
+        };
+        let wanted = ["sub", "n", "iss", "obj", "nil", "missing", "sub"];
+        let payloads = [
+            json!({"sub": "alice", "iss": "iss", "aud": "sluice", "exp": 100, "n": 7.5}),
+            json!({"sub": "a", "iss": "iss", "aud": ["x", "sluice"], "exp": 100, "nbf": 10, "obj": {"k": [1]}, "nil": null}),
+            json!({"iss": "iss", "aud": "sluice", "exp": "100"}),
+            json!({"iss": "other", "aud": "sluice", "exp": 100}),
+            json!({"iss": "iss", "aud": ["x"], "exp": 100}),
+            json!({"iss": "iss", "aud": "sluice", "exp": 100, "nbf": 60}),
+            json!({"iss": "iss", "aud": "sluice", "exp": 40}),
+            json!({"iss": "iss", "aud": "sluice", "exp": 100, "sub\u{0}": 1, "s\"ub": 2}),
+        ];
+        for payload in payloads {
+            let token = mint::hs256(&payload, b"k");
+            let full = keys.verify(&token, &v, 50);
+            let picked = keys.verify_picking(&token, &v, 50, &wanted);
+            match (full, picked) {
+                (Ok(claims), Ok(picked)) => {
+                    assert_eq!(picked.exp, time_claim(&claims, "exp"), "{payload}");
+                    assert_eq!(picked.nbf, time_claim(&claims, "nbf"), "{payload}");
+                    let each: Vec<_> = wanted.iter().map(|w| claim_str(&claims, w)).collect();
+                    assert_eq!(picked.values, each, "{payload}");
+                }
+                (full, picked) => assert_eq!(full.err(), picked.err(), "{payload}"),
+            }
+        }
+        let repeated = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#),
+            URL_SAFE_NO_PAD.encode(r#"{"sub":"first","sub":"last"}"#)
+        );
+        let decoded = decode(&repeated).unwrap();
+        assert_eq!(
+            decoded.pick(&["sub"]).unwrap().values,
+            vec![claim_str(&decoded.claims().unwrap(), "sub")]
+        );
+        let not_object = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"HS256"}"#),
+            URL_SAFE_NO_PAD.encode("[1]")
+        );
+        assert_eq!(
+            decode(&not_object).unwrap().pick(&["sub"]),
+            Err(JwtError::Malformed)
+        );
     }
 
     #[test]

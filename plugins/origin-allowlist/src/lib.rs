@@ -13,27 +13,40 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_plugin_sdk::matching::origin_matches;
+use sluice_plugin_sdk::matching::{Origin, OriginPattern};
 use sluice_plugin_sdk::{Config, Decision, Fields, Plugin, Request, export};
 
-/// The plugin: the allowed origin patterns.
+/// The config, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OriginAllowlist {
+struct RawConfig {
     allowed: Vec<String>,
     #[serde(default)]
     allow_missing: bool,
 }
 
+/// The plugin: the allowed origin patterns, parsed once.
+#[derive(Debug)]
+pub struct OriginAllowlist {
+    allowed: Vec<OriginPattern>,
+    allow_missing: bool,
+}
+
 impl Plugin for OriginAllowlist {
     fn init(config: Config) -> Result<Self, String> {
-        let this: Self = config.parse()?;
-        match this.allowed.iter().find(|p| !origin_matches(p, p)) {
-            Some(bad) => Err(format!(
-                "{bad:?} is not an origin like \"https://host[:port]\""
-            )),
-            None => Ok(this),
-        }
+        let raw: RawConfig = config.parse()?;
+        let allowed = raw
+            .allowed
+            .iter()
+            .map(|p| {
+                OriginPattern::parse(p)
+                    .ok_or_else(|| format!("{p:?} is not an origin like \"https://host[:port]\""))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(OriginAllowlist {
+            allowed,
+            allow_missing: raw.allow_missing,
+        })
     }
 
     fn request_headers(&self) -> Option<Vec<String>> {
@@ -57,7 +70,10 @@ impl OriginAllowlist {
         match req.header("origin") {
             None if self.allow_missing => Decision::allow(),
             None => Decision::deny(403, "forbidden: missing Origin\n"),
-            Some(origin) if self.allowed.iter().any(|p| origin_matches(p, origin)) => {
+            Some(origin)
+                if Origin::parse(origin)
+                    .is_some_and(|o| self.allowed.iter().any(|p| p.matches(&o))) =>
+            {
                 Decision::allow()
             }
             Some(origin) => Decision::deny(403, "forbidden: origin not allowed\n")
