@@ -7,7 +7,9 @@
 # usage: bench/callgrind/cg.sh [TARGET] [BIN] [OUT] [N]
 #   TARGET  sluice (default), nginx or haproxy, configured as the bench configures them
 #           (`sluice-bench config`, from bench/src/targets.rs) except that nginx runs
-#           without its master process and HAProxy without master-worker
+#           without its master process and HAProxy without master-worker; or a plugin
+#           target (sluice-1p, sluice-4p, sluice-4p-called), whose upgrades carry what its
+#           chain admits, as in `run` (plugins from target/plugins, or PLUGINS=DIR)
 #   BIN     the sluice binary (default target/dist/sluice; ignored for the peers)
 #   OUT     callgrind output file (default /tmp/TARGET.callgrind)
 #   N       measured upgrades (default 2000), after 200 unmeasured warm-up ones
@@ -32,7 +34,11 @@ CONC=${CONC:-4}
 ECHO=${ECHO:-}
 drive() { # ADDR N C
     if [ "$PAIR" = bench ]; then
-        python3 bench/callgrind/drive.py "$@"
+        if [ "${TARGET#sluice-}" != "$TARGET" ]; then
+            target/dist/sluice-bench drive "$@" --target "$TARGET"
+        else
+            python3 bench/callgrind/drive.py "$@"
+        fi
     else
         target/dist/sluice-bench drive "$@" --ws "$PAIR"
     fi
@@ -68,7 +74,8 @@ backend=$(sed -n 's/.*listening \(127.0.0.1:[0-9]*\).*/\1/p' "$dir/backend.out" 
 port=$(free_port)
 # The bench's own config and command line for the target (bench/src/targets.rs).
 mapfile -t cmd < <(target/dist/sluice-bench config "$TARGET" --backend "$backend" \
-    --listen "127.0.0.1:$port" --dir "$dir/proxy" --sluice "$BIN" --single-process)
+    --listen "127.0.0.1:$port" --dir "$dir/proxy" --sluice "$BIN" --single-process \
+    --plugins "${PLUGINS:-target/plugins}")
 [ "${#cmd[@]}" -gt 0 ] || exit 2
 
 valgrind --tool=callgrind --instr-atstart=no ${CG_OPTS:-} --callgrind-out-file="$OUT" \

@@ -44,7 +44,8 @@ enum Cmd {
     /// line (used by `bench/callgrind/cg.sh`).
     #[command(hide = true)]
     Config {
-        /// sluice, nginx or haproxy.
+        /// sluice (or a plugin target: sluice-1p, sluice-4p, sluice-4p-called), nginx or
+        /// haproxy.
         target: targets::Target,
         /// The echo backend's address.
         #[arg(long)]
@@ -65,6 +66,9 @@ enum Cmd {
         /// (`ca.pem` is what `drive --tls-ca` trusts).
         #[arg(long)]
         tls: bool,
+        /// Directory of the plugin components of a plugin target.
+        #[arg(long, default_value = "target/plugins")]
+        plugins: PathBuf,
     },
     /// The echo backend (started by `run` as a separate process).
     #[command(hide = true)]
@@ -97,6 +101,10 @@ enum Cmd {
         /// file (the bench pair only).
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// Send what this target's plugin chain needs to admit the upgrade, as `run`
+        /// does (`sluice-4p-called`: a new token and origin every time).
+        #[arg(long, default_value = "sluice")]
+        target: targets::Target,
     },
     /// The `floor` target: a plain TCP relay doing one `recv` and one `send` per event
     /// (started by `run`).
@@ -129,7 +137,17 @@ fn main() -> Result<()> {
             sluice,
             single_process,
             tls,
-        } => targets::print_command(target, backend, listen, dir, sluice, single_process, tls),
+            plugins,
+        } => targets::print_command(
+            target,
+            backend,
+            listen,
+            dir,
+            sluice,
+            single_process,
+            tls,
+            &plugins,
+        ),
         Cmd::Backend {
             listen,
             threads,
@@ -141,7 +159,8 @@ fn main() -> Result<()> {
             c,
             ws,
             tls_ca,
-        } => scenario::drive(addr, n, c, ws, tls_ca.as_deref()),
+            target,
+        } => scenario::drive(addr, n, c, ws, tls_ca.as_deref(), target),
         Cmd::Relay {
             listen,
             upstream,

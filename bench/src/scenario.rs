@@ -751,13 +751,14 @@ pub fn drive(
     concurrency: usize,
     pair: Pair,
     tls_ca: Option<&std::path::Path>,
+    target: crate::targets::Target,
 ) -> Result<()> {
     if tls_ca.is_some() && pair != Pair::Bench {
         bail!("over TLS only the bench's own pair runs");
     }
     let endpoint = Endpoint {
         tls: tls_ca.map(crate::tls::Client::trusting).transpose()?,
-        ..Endpoint::plain(addr)
+        ..crate::targets::admitted(target, addr, &crate::plugins::token())
     };
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + SWEEP_TIMEOUT;

@@ -370,15 +370,11 @@ pub fn start(target: Target, env: &Env, tls: bool, h2: bool) -> Result<Running> 
     let client = pki.map(Pki::client).transpose()?;
     let mut running = Running {
         endpoint: Endpoint {
-            addr,
-            headers: plugins::headers(target.plugins(), &env.token).into(),
-            fresh: target
-                .fresh_credentials()
-                .then_some(plugins::fresh_headers as fn(u64) -> String),
             tls: match h2 {
                 true => client.as_ref().map(tls::Client::h2),
                 false => client.clone(),
             },
+            ..admitted(target, addr, &env.token)
         },
         child: Some(child),
         log,
@@ -482,10 +478,26 @@ pub fn print_command(
     sluice_bin: PathBuf,
     single_process: bool,
     tls: bool,
+    plugins: &Path,
 ) -> Result<()> {
-    if !matches!(target, Target::Sluice | Target::Nginx | Target::Haproxy) {
-        bail!("`config` writes the configs of sluice, nginx and haproxy only");
+    if !matches!(
+        target,
+        Target::Sluice
+            | Target::Sluice1p
+            | Target::Sluice4p
+            | Target::Sluice4pCalled
+            | Target::Nginx
+            | Target::Haproxy
+    ) {
+        bail!(
+            "`config` writes the configs of sluice, sluice-1p, sluice-4p, sluice-4p-called, nginx and haproxy only"
+        );
     }
+    let plugin_dir = match target.plugins() {
+        0 => PathBuf::new(),
+        _ => fs::canonicalize(plugins)
+            .with_context(|| format!("plugin directory {}", plugins.display()))?,
+    };
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::path::absolute(&dir)?;
     let pki = tls.then(|| Pki::generate(&dir)).transpose()?;
@@ -496,7 +508,7 @@ pub fn print_command(
         sluice_bin,
         sluice_b_bin: None,
         work_dir: dir.clone(),
-        plugin_dir: PathBuf::new(),
+        plugin_dir,
         token: String::new(),
         peers_defer_accept: false,
         pki: None,
@@ -516,6 +528,19 @@ pub fn print_command(
         println!("{}", arg.to_string_lossy());
     }
     Ok(())
+}
+
+/// A plain endpoint at `addr` whose upgrades carry what `target`'s plugin chain needs to
+/// admit them: `token` and the allowed origin, or a new token and origin every time
+/// (`sluice-4p-called`).
+pub fn admitted(target: Target, addr: SocketAddr, token: &str) -> Endpoint {
+    Endpoint {
+        headers: plugins::headers(target.plugins(), token).into(),
+        fresh: target
+            .fresh_credentials()
+            .then_some(plugins::fresh_headers as fn(u64) -> String),
+        ..Endpoint::plain(addr)
+    }
 }
 
 /// Writes the target's config into `dir`; returns the command to run and its pid file.
