@@ -144,9 +144,11 @@ fn main() -> Result<()> {
             listen,
             dir,
             sluice,
-            single_process,
-            tls,
-            &plugins,
+            targets::ConfigOptions {
+                single_process,
+                tls,
+                plugins,
+            },
         ),
         Cmd::Backend {
             listen,

@@ -463,23 +463,36 @@ pub fn free_port() -> Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// How [`print_command`] writes a config besides the target's own settings.
+pub struct ConfigOptions {
+    /// nginx without its master process, HAProxy without master-worker.
+    pub single_process: bool,
+    /// Listen with TLS.
+    pub tls: bool,
+    /// Directory of a plugin target's components.
+    pub plugins: PathBuf,
+}
+
 /// Writes `target`'s config into `dir` for a proxy on `addr` in front of `backend`, and
 /// prints the command that runs it, one argument per line (`bench/callgrind/cg.sh` runs
 /// it under valgrind, so that it measures the configs the bench measures). With
 /// `single_process`, nginx runs without its master and HAProxy without master-worker:
 /// the process started is then the one that does the work. With `tls`, the proxy listens
 /// with TLS, from a throw-away CA and certificate written into `dir` (`ca.pem` is what
-/// `sluice-bench drive --tls-ca` trusts).
+/// `sluice-bench drive --tls-ca` trusts). A plugin target loads its chain from `plugins`.
 pub fn print_command(
     target: Target,
     backend: SocketAddr,
     addr: SocketAddr,
     dir: PathBuf,
     sluice_bin: PathBuf,
-    single_process: bool,
-    tls: bool,
-    plugins: &Path,
+    options: ConfigOptions,
 ) -> Result<()> {
+    let ConfigOptions {
+        single_process,
+        tls,
+        plugins,
+    } = options;
     if !matches!(
         target,
         Target::Sluice
@@ -495,7 +508,7 @@ pub fn print_command(
     }
     let plugin_dir = match target.plugins() {
         0 => PathBuf::new(),
-        _ => fs::canonicalize(plugins)
+        _ => fs::canonicalize(&plugins)
             .with_context(|| format!("plugin directory {}", plugins.display()))?,
     };
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
