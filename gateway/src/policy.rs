@@ -70,7 +70,12 @@ pub async fn decide(
             tags: String::new(),
         });
     }
-    let info = request_info(route, req, path, kind, client);
+    // A capture records every header; otherwise only those a plugin reads are copied.
+    let headers = match route.capture {
+        Some(_) => None,
+        None => route.chain.headers(),
+    };
+    let info = request_info(route, req, path, kind, client, headers);
     let judged = judge(&route.config, &route.chain, &info).await;
     if let Some(capture) = &route.capture {
         capture.record(info, captured(&route.config, &judged));
@@ -238,18 +243,23 @@ pub fn apply(verdict: &Verdict, headers: &mut HeaderMap) {
     }
 }
 
-/// What plugins see of a request.
+/// What plugins see of a request: of its headers, those named in `wanted` (lower-case;
+/// `None`: all).
 fn request_info(
     route: &Route,
     req: &impl RequestHead,
     path: &str,
     kind: RequestKind,
     client: Client<'_>,
+    wanted: Option<&[String]>,
 ) -> RequestInfo {
     let fields = req.fields();
     // Names lower-case, as a header map has them, whichever form the head is in.
     let headers = fields
         .each()
+        .filter(|(k, _)| {
+            wanted.is_none_or(|names| names.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(k)))
+        })
         .filter_map(|(k, v)| {
             let name = std::str::from_utf8(k).ok()?.to_ascii_lowercase();
             Some((name, value_text(v)?.to_string()))

@@ -70,6 +70,12 @@ impl Chain {
         self.plugins.is_empty()
     }
 
+    /// The request headers some plugin of the chain reads, lower-case (`None`: a plugin
+    /// reads all), so the policy stage copies no others.
+    pub fn headers(&self) -> Option<&[String]> {
+        self.headers.as_deref()
+    }
+
     /// The plugins, in order.
     pub fn plugins(&self) -> &[Plugin] {
         &self.plugins
