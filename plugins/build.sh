@@ -5,7 +5,7 @@
 #
 # Output (fixed): target/plugins/NAME.wasm under the workspace root, for
 #   jwt-auth origin-allowlist tenant-router sticky-key hostile   (Rust, wasm32-wasip2)
-#   hostile-deny                                                  (the fixture's `deny` build)
+#   hostile-deny, hostile-floor                                   (the fixture's `deny` and `floor` builds)
 #   api-key-js                                                     (JavaScript, componentize-js)
 #   path-guard-py                                                  (Python, componentize-py)
 #
@@ -49,6 +49,9 @@ done
 # The fixture's `deny` build: other code for the same config (tests/reload.rs).
 (cd "$root" && cargo build --quiet --profile plugin --target wasm32-wasip2 -p hostile --features deny)
 install_if_changed "$root/target/wasm32-wasip2/plugin/hostile.wasm" "$out/hostile-deny.wasm"
+# The `floor` build, without `on_close`: the bench's plugins that do nothing.
+(cd "$root" && cargo build --quiet --profile plugin --target wasm32-wasip2 -p hostile --features floor)
+install_if_changed "$root/target/wasm32-wasip2/plugin/hostile.wasm" "$out/hostile-floor.wasm"
 
 # --- Python plugin (componentize-py) ---------------------------------------------
 # componentize-py, pinned, from PyPI into the target dir (no system-wide install);

@@ -123,6 +123,39 @@ fallback = "client_ip""#
     toml
 }
 
+/// The `hostile` fixture's `floor` build (no `on_close`), whose `pass` the floor chain
+/// runs.
+pub const FLOOR_FILE: &str = "hostile-floor.wasm";
+
+/// What each plugin of [`CHAIN`] says it reads (`init`'s interest): its request headers
+/// and other fields, by WIT name.
+const INTERESTS: [(&str, &str); 4] = [
+    (r#"["origin"]"#, "[]"),
+    (r#"["authorization"]"#, r#"["subprotocols", "query"]"#),
+    (r#"["x-tenant"]"#, "[]"),
+    (
+        r#"["authorization"]"#,
+        r#"["subprotocols", "query", "client-ip"]"#,
+    ),
+];
+
+/// The floor chain's TOML (`sluice-4p-floor`): four plugins named as in [`CHAIN`], each
+/// the `hostile` fixture's `floor` build answering `pass` (allow, nothing else) and
+/// declaring what its namesake reads, so the host lowers the same requests into them;
+/// every one called for every upgrade (`max_reused = 0`). What the real chain costs
+/// beyond it is the plugins' work and their decisions' mutations.
+pub fn floor_toml(wasm_dir: &Path) -> String {
+    let names: Vec<String> = CHAIN.iter().map(|(name, _)| format!("{name:?}")).collect();
+    let mut toml = format!("plugins = [{}]\n", names.join(", "));
+    let path = wasm_dir.join(FLOOR_FILE).display().to_string();
+    for ((name, _), (headers, fields)) in CHAIN.iter().zip(INTERESTS) {
+        toml.push_str(&format!(
+            "\n[plugins.{name}]\npath = {path:?}\nmax_reused = 0\n[plugins.{name}.config]\non_request = \"pass\"\nheaders = {headers}\nfields = {fields}\n"
+        ));
+    }
+    toml
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +200,26 @@ mod tests {
         );
         assert_eq!(headers(0, &token), "");
         assert!(headers(4, &token).contains(&format!("Authorization: Bearer {token}\r\n")));
+    }
+
+    #[test]
+    fn the_floor_chain_passes_and_reads_what_the_chain_reads() {
+        let floor = floor_toml(Path::new("/p"));
+        assert!(
+            floor.starts_with("plugins = [\"origin\", \"auth\", \"tenants\", \"sticky\"]\n"),
+            "{floor}"
+        );
+        assert_eq!(
+            floor.matches("path = \"/p/hostile-floor.wasm\"").count(),
+            4,
+            "{floor}"
+        );
+        assert_eq!(floor.matches("on_request = \"pass\"").count(), 4, "{floor}");
+        assert_eq!(floor.matches("max_reused = 0").count(), 4, "{floor}");
+        assert!(
+            floor.ends_with("fields = [\"subprotocols\", \"query\", \"client-ip\"]\n"),
+            "{floor}"
+        );
     }
 
     #[test]

@@ -971,7 +971,7 @@ Policy plugin chains (added = Sluice with the chain minus Sluice without, same r
             num(added, 1),
             num(ratio(sum.ops_per_s, base.ops_per_s), 2),
         );
-        if scenarios[s].starts_with("handshake") && t.plugins() == 4 {
+        if scenarios[s].starts_with("handshake") && t.plugins() == 4 && !t.floor_chain() {
             let met = match added {
                 Some(a) if a <= CHAIN4_UPGRADE_LIMIT_US => "yes",
                 Some(_) => "**no**",

@@ -22,13 +22,14 @@ use crate::{plugins, sys};
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct RunArgs {
     /// Targets, comma-separated: direct, sluice, sluice-b, sluice-1p, sluice-4p,
-    /// sluice-4p-called, sluice-limits, sluice-limits-redis, nginx, haproxy, floor,
-    /// floor-uring (sluice-b: the `--sluice-b` build, configured as sluice; sluice-1p/-4p:
-    /// Sluice with a 1- or 4-plugin policy chain; sluice-4p-called: the 4-plugin chain with
-    /// decision reuse off; sluice-limits: the route in a tenant with tenant and per-address
+    /// sluice-4p-called, sluice-4p-floor, sluice-limits, sluice-limits-redis, nginx,
+    /// haproxy, floor, floor-uring (sluice-b: the `--sluice-b` build, configured as sluice;
+    /// sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain; sluice-4p-called: the
+    /// 4-plugin chain with decision reuse off; sluice-4p-floor: four plugins called the same
+    /// way that only allow, the price of the calls alone; sluice-limits: the route in a tenant with tenant and per-address
     /// limits none reaches; sluice-limits-redis: the same shared through a `redis-server`
     /// the bench starts; floor: a plain TCP relay with no protocol work, the kernel's share
-    /// of relaying; floor-uring: that relay on io_uring; these eight are not in the default
+    /// of relaying; floor-uring: that relay on io_uring; these nine are not in the default
     /// set).
     #[arg(
         long,
@@ -351,7 +352,9 @@ fn plugin_dir(args: &RunArgs) -> Result<PathBuf> {
             args.plugins.display()
         )
     })?;
-    for (_, file) in &plugins::CHAIN[..longest] {
+    let floor = args.targets.iter().any(|t| t.floor_chain());
+    let files = plugins::CHAIN[..longest].iter().map(|(_, file)| *file);
+    for file in files.chain(floor.then_some(plugins::FLOOR_FILE)) {
         let path = dir.join(file);
         ensure!(
             path.is_file(),

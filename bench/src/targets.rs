@@ -62,6 +62,9 @@ pub enum Target {
     /// The same four-plugin chain with decision reuse off (`max_reused = 0`):
     /// every plugin is called for every upgrade.
     Sluice4pCalled,
+    /// `sluice-4p-called` with four plugins that read what the chain's plugins read and
+    /// allow at once (the `hostile` fixture's `pass`): the price of the calls alone.
+    Sluice4pFloor,
     /// Sluice with its route in a tenant with limits on the tenant and on each client
     /// address, so high that none refuses: every check runs on every upgrade.
     SluiceLimits,
@@ -82,13 +85,14 @@ pub enum Target {
 
 impl Target {
     /// All targets, in report order.
-    pub const ALL: [Target; 12] = [
+    pub const ALL: [Target; 13] = [
         Target::Direct,
         Target::Sluice,
         Target::SluiceB,
         Target::Sluice1p,
         Target::Sluice4p,
         Target::Sluice4pCalled,
+        Target::Sluice4pFloor,
         Target::SluiceLimits,
         Target::SluiceLimitsRedis,
         Target::Nginx,
@@ -106,6 +110,7 @@ impl Target {
             Target::Sluice1p => "sluice-1p",
             Target::Sluice4p => "sluice-4p",
             Target::Sluice4pCalled => "sluice-4p-called",
+            Target::Sluice4pFloor => "sluice-4p-floor",
             Target::SluiceLimits => "sluice-limits",
             Target::SluiceLimitsRedis => "sluice-limits-redis",
             Target::Nginx => "nginx",
@@ -124,6 +129,7 @@ impl Target {
                 | Target::Sluice1p
                 | Target::Sluice4p
                 | Target::Sluice4pCalled
+                | Target::Sluice4pFloor
                 | Target::SluiceLimits
                 | Target::SluiceLimitsRedis
         )
@@ -143,7 +149,7 @@ impl Target {
     pub fn plugins(self) -> usize {
         match self {
             Target::Sluice1p => 1,
-            Target::Sluice4p | Target::Sluice4pCalled => 4,
+            Target::Sluice4p | Target::Sluice4pCalled | Target::Sluice4pFloor => 4,
             _ => 0,
         }
     }
@@ -164,12 +170,17 @@ impl Target {
     /// Whether every upgrade brings a new token and origin (`sluice-4p-called`), so no
     /// plugin has seen its inputs before: the chain's full price.
     pub fn fresh_credentials(self) -> bool {
-        self == Target::Sluice4pCalled
+        matches!(self, Target::Sluice4pCalled | Target::Sluice4pFloor)
     }
 
     /// Whether the target's plugins may reuse their decisions (Sluice's default).
     pub fn reuses_decisions(self) -> bool {
-        self != Target::Sluice4pCalled
+        !self.fresh_credentials()
+    }
+
+    /// Whether the target's chain is the floor's plugins that decide nothing.
+    pub fn floor_chain(self) -> bool {
+        self == Target::Sluice4pFloor
     }
 
     /// Processes a running instance consists of (master plus workers).
@@ -181,6 +192,7 @@ impl Target {
             | Target::Sluice1p
             | Target::Sluice4p
             | Target::Sluice4pCalled
+            | Target::Sluice4pFloor
             | Target::SluiceLimits
             | Target::SluiceLimitsRedis => 1,
             Target::Nginx => 1 + workers,
@@ -253,7 +265,7 @@ impl FromStr for Target {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, sluice-limits, sluice-limits-redis, nginx, haproxy, floor or floor-uring"
+                    "unknown target {s:?}: expected direct, sluice, sluice-b, sluice-1p, sluice-4p, sluice-4p-called, sluice-4p-floor, sluice-limits, sluice-limits-redis, nginx, haproxy, floor or floor-uring"
                 )
             })
     }
@@ -381,7 +393,9 @@ pub fn start(target: Target, env: &Env, tls: bool, h2: bool) -> Result<Running> 
     };
     let ready = wait_ready(target, env, &mut running, pid_file.as_deref()).and_then(|()| {
         match target.plugins() {
+            // The floor's plugins refuse nothing; a plugin that failed to load stops Sluice.
             0 => Ok(()),
+            _ if target.floor_chain() => Ok(()),
             _ => refused_without_origin(addr, client.as_ref()),
         }
     });
@@ -499,11 +513,12 @@ pub fn print_command(
             | Target::Sluice1p
             | Target::Sluice4p
             | Target::Sluice4pCalled
+            | Target::Sluice4pFloor
             | Target::Nginx
             | Target::Haproxy
     ) {
         bail!(
-            "`config` writes the configs of sluice, sluice-1p, sluice-4p, sluice-4p-called, nginx and haproxy only"
+            "`config` writes the configs of sluice, sluice-1p, sluice-4p, sluice-4p-called, sluice-4p-floor, nginx and haproxy only"
         );
     }
     let plugin_dir = match target.plugins() {
@@ -585,15 +600,19 @@ fn command(
         | Target::Sluice1p
         | Target::Sluice4p
         | Target::Sluice4pCalled
+        | Target::Sluice4pFloor
         | Target::SluiceLimits
         | Target::SluiceLimitsRedis => {
             let config = dir.join("sluice.toml");
-            let chain = plugins::sluice_toml(
-                target.plugins(),
-                target.reuses_decisions(),
-                &env.plugin_dir,
-                backend,
-            );
+            let chain = match target.floor_chain() {
+                true => plugins::floor_toml(&env.plugin_dir),
+                false => plugins::sluice_toml(
+                    target.plugins(),
+                    target.reuses_decisions(),
+                    &env.plugin_dir,
+                    backend,
+                ),
+            };
             let (tenant, limits) = limits_toml(target.limits(), env.redis.map(|(addr, _)| addr))?;
             // Sluice's TLS defaults otherwise (handshake timeout, no client certificates),
             // and its HTTP/2 defaults: on, offered by ALPN beside HTTP/1.1, with extended
