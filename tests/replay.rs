@@ -9,7 +9,8 @@
 //! - `sluice replay` with the same config, `--against` a changed allowlist, and a
 //!   malformed line in the middle (named by number, the others replayed);
 //! - hand-written bad lines (garbage, wrong types, an unknown route) never panic it;
-//! - capture off writes nothing; a reload turns capture on and off.
+//! - capture off writes nothing; a reload turns capture on and off;
+//! - SIGUSR1 reopens a capture file moved away, as it does the access log.
 
 mod common;
 
@@ -413,4 +414,35 @@ async fn capture_follows_the_config_and_is_off_by_default() {
         listing(),
         ["capture.1.jsonl", "capture.jsonl", "sluice.toml"]
     );
+}
+
+/// A capture file moved away (as logrotate does) is reopened at its path on SIGUSR1:
+/// the next line goes to a new file, the moved one gets nothing more.
+#[tokio::test]
+async fn a_capture_file_moved_away_is_reopened_on_sigusr1() {
+    let backend = Backend::start("a").await;
+    let gateway = Gateway::start(&config(&backend, &["https://app.example.com"], true)).await;
+    let addr = gateway.addr();
+    let file = gateway.config_path().with_file_name("capture.jsonl");
+    let from_app = upgrade_from("https://app.example.com");
+    assert_eq!(request_once(addr, &from_app).await.status, 101);
+    assert_eq!(
+        capture_lines(&file, 1).await[0]["decision"]["outcome"],
+        "allow"
+    );
+
+    let rotated = file.with_file_name("capture.1.jsonl");
+    std::fs::rename(&file, &rotated).unwrap();
+    gateway.signal("USR1");
+    gateway
+        .wait_log("the reopen", |l| l["message"] == "capture reopened")
+        .await;
+    assert!(file.exists(), "SIGUSR1 created the new file");
+    let refused = request_once(addr, &upgrade_from("https://x.example")).await;
+    assert_eq!(refused.status, 403);
+    let lines = capture_lines(&file, 1).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["decision"]["outcome"], "deny");
+    let old = capture_lines(&rotated, 1).await;
+    assert_eq!(old.len(), 1, "the moved file got nothing more: {old:?}");
 }

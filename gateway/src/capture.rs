@@ -14,9 +14,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -386,7 +386,30 @@ pub struct Capture {
     stopped: Arc<AtomicBool>,
     stats: Arc<RouteStats>,
     /// The opened file's device and inode, to tell whether it was moved away.
-    identity: Option<(u64, u64)>,
+    identity: Mutex<Option<Identity>>,
+    /// A file opened again at the path ([`Capture::reopen`]), and its size, for the
+    /// writer to take up before its next line.
+    reopened: Arc<Mutex<Option<(File, u64)>>>,
+}
+
+/// A file's device and inode.
+type Identity = (u64, u64);
+
+/// Opens `config.file` for appending (creating it): the file, its size, and its device
+/// and inode.
+fn open_file(config: &CaptureConfig) -> Result<(File, u64, Option<Identity>), CaptureError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&config.file)
+        .map_err(|source| CaptureError::Open {
+            file: config.file.clone(),
+            source,
+        })?;
+    let meta = file.metadata().ok();
+    let size = meta.as_ref().map_or(0, |m| m.len());
+    let identity = meta.map(|m| (m.dev(), m.ino()));
+    Ok((file, size, identity))
 }
 
 impl std::fmt::Debug for Entry {
@@ -399,25 +422,17 @@ impl Capture {
     /// Opens `config.file` for appending (creating it) and starts its writer thread;
     /// lines written and dropped are counted in `stats`.
     pub fn open(config: &CaptureConfig, stats: Arc<RouteStats>) -> Result<Capture, CaptureError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&config.file)
-            .map_err(|source| CaptureError::Open {
-                file: config.file.clone(),
-                source,
-            })?;
-        let meta = file.metadata().ok();
-        let size = meta.as_ref().map_or(0, |m| m.len());
-        let identity = meta.map(|m| (m.dev(), m.ino()));
+        let (file, size, identity) = open_file(config)?;
         let (queue, rx) = mpsc::sync_channel(QUEUE);
         let stopped = Arc::new(AtomicBool::new(false));
+        let reopened = Arc::default();
         let writer = Writer {
             file,
             size,
             config: config.clone(),
             stopped: stopped.clone(),
             stats: stats.clone(),
+            reopened: Arc::clone(&reopened),
         };
         std::thread::Builder::new()
             .name("sluice-capture".into())
@@ -431,8 +446,21 @@ impl Capture {
             queue,
             stopped,
             stats,
-            identity,
+            identity: Mutex::new(identity),
+            reopened,
         })
+    }
+
+    /// Opens the file at its path again (SIGUSR1, after logrotate moved it away): the
+    /// lines from now on go there, up to `max_size` of it, and a capture stopped at
+    /// `max_size` or by a failed write starts again. On an error the capture goes on as
+    /// it was.
+    pub fn reopen(&self) -> Result<(), CaptureError> {
+        let (file, size, identity) = open_file(&self.config)?;
+        *lock(&self.reopened) = Some((file, size));
+        *lock(&self.identity) = identity;
+        self.stopped.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The route it captures for.
@@ -455,7 +483,8 @@ impl Capture {
     /// was opened); a reload opens a capture whose file is not.
     pub fn still_at_path(&self) -> bool {
         let now = std::fs::metadata(&self.config.file).ok();
-        self.identity.is_some() && now.map(|m| (m.dev(), m.ino())) == self.identity
+        let identity = *lock(&self.identity);
+        identity.is_some() && now.map(|m| (m.dev(), m.ino())) == identity
     }
 
     /// Queues one request's line, never waiting: when the queue is full or the
@@ -479,6 +508,12 @@ impl Capture {
     }
 }
 
+/// The value behind a mutex, also after a panic elsewhere (the values here are
+/// replaced whole).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Milliseconds since the Unix epoch (0 for a clock before it).
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -493,6 +528,8 @@ struct Writer {
     config: CaptureConfig,
     stopped: Arc<AtomicBool>,
     stats: Arc<RouteStats>,
+    /// Set by [`Capture::reopen`].
+    reopened: Arc<Mutex<Option<(File, u64)>>>,
 }
 
 impl Writer {
@@ -502,6 +539,10 @@ impl Writer {
         let mut batch = Vec::with_capacity(BATCH);
         let mut lines = 0u64;
         while let Ok(entry) = rx.recv() {
+            if let Some((file, size)) = lock(&self.reopened).take() {
+                self.file = file;
+                self.size = size;
+            }
             let mut next = Some(entry);
             while let Some(entry) = next.take() {
                 self.encode(entry, &mut batch, &mut lines);

@@ -24,8 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve with this config (SIGHUP reloads it, SIGUSR1 reopens the access log,
-    /// SIGTERM/SIGINT drain and stop).
+    /// Serve with this config (SIGHUP reloads it, SIGUSR1 reopens the access log and
+    /// capture files, SIGTERM/SIGINT drain and stop).
     Run {
         /// Path to the TOML config.
         config: PathBuf,

@@ -1,8 +1,8 @@
 //! The control loop: binds the listeners, starts the worker threads that serve
 //! connections and the admin listener, reloads on SIGHUP, `POST /reload` or a watched
-//! file's change, reopens the access log on SIGUSR1, and drains on SIGTERM/SIGINT or
-//! `POST /drain`. It runs on its own runtime, off the request path; the state it shares
-//! with the stages is in `state`.
+//! file's change, reopens the access log and capture files on SIGUSR1, and drains on
+//! SIGTERM/SIGINT or `POST /drain`. It runs on its own runtime, off the request path;
+//! the state it shares with the stages is in `state`.
 
 mod listeners;
 mod logs;
@@ -86,6 +86,7 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
             _ = hup.recv() => (Trigger::Signal, None),
             _ = usr1.recv() => {
                 control.logs.reopen();
+                control.reopen_captures();
                 continue;
             }
             c = requests.recv() => match c {
@@ -171,6 +172,27 @@ struct Control<'a> {
 }
 
 impl Control<'_> {
+    /// Opens every capture file again at its path (SIGUSR1), each once however many
+    /// routes write to it.
+    fn reopen_captures(&self) {
+        let snapshot = self.gw.snapshot();
+        let mut done: Vec<&std::path::Path> = Vec::new();
+        for capture in snapshot.routes.iter().filter_map(|r| r.capture.as_ref()) {
+            let file = capture.config().file.as_path();
+            if done.contains(&file) {
+                continue;
+            }
+            done.push(file);
+            match capture.reopen() {
+                Ok(()) => tracing::info!(file = %file.display(), "capture reopened"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "capture not reopened; still writing to the old file"
+                ),
+            }
+        }
+    }
+
     /// Re-reads the config file and applies all of it, or none of it: everything that
     /// can fail (reading and checking the file, binding new listeners and the admin
     /// address, opening the access log, compiling and initialising changed plugins) is
