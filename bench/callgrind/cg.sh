@@ -8,8 +8,9 @@
 #   TARGET  sluice (default), nginx or haproxy, configured as the bench configures them
 #           (`sluice-bench config`, from bench/src/targets.rs) except that nginx runs
 #           without its master process and HAProxy without master-worker; or a plugin
-#           target (sluice-1p, sluice-4p, sluice-4p-called), whose upgrades carry what its
-#           chain admits, as in `run` (plugins from target/plugins, or PLUGINS=DIR)
+#           target (sluice-1p, sluice-4p, sluice-4p-called, sluice-4p-floor), whose
+#           upgrades carry what its chain admits, as in `run` (plugins from target/plugins,
+#           or PLUGINS=DIR)
 #   BIN     the sluice binary (default target/dist/sluice; ignored for the peers)
 #   OUT     callgrind output file (default /tmp/TARGET.callgrind)
 #   N       measured upgrades (default 2000), after 200 unmeasured warm-up ones

@@ -44,8 +44,8 @@ enum Cmd {
     /// line (used by `bench/callgrind/cg.sh`).
     #[command(hide = true)]
     Config {
-        /// sluice (or a plugin target: sluice-1p, sluice-4p, sluice-4p-called), nginx or
-        /// haproxy.
+        /// sluice (or a plugin target: sluice-1p, sluice-4p, sluice-4p-called,
+        /// sluice-4p-floor), nginx or haproxy.
         target: targets::Target,
         /// The echo backend's address.
         #[arg(long)]

@@ -26,11 +26,11 @@ pub struct RunArgs {
     /// haproxy, floor, floor-uring (sluice-b: the `--sluice-b` build, configured as sluice;
     /// sluice-1p/-4p: Sluice with a 1- or 4-plugin policy chain; sluice-4p-called: the
     /// 4-plugin chain with decision reuse off; sluice-4p-floor: four plugins called the same
-    /// way that only allow, the price of the calls alone; sluice-limits: the route in a tenant with tenant and per-address
-    /// limits none reaches; sluice-limits-redis: the same shared through a `redis-server`
-    /// the bench starts; floor: a plain TCP relay with no protocol work, the kernel's share
-    /// of relaying; floor-uring: that relay on io_uring; these nine are not in the default
-    /// set).
+    /// way that only allow, the price of the calls alone; sluice-limits: the route in a
+    /// tenant with tenant and per-address limits none reaches; sluice-limits-redis: the
+    /// same shared through a `redis-server` the bench starts; floor: a plain TCP relay with
+    /// no protocol work, the kernel's share of relaying; floor-uring: that relay on
+    /// io_uring; these nine are not in the default set).
     #[arg(
         long,
         value_delimiter = ',',

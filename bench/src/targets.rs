@@ -167,8 +167,9 @@ impl Target {
         self.is_sluice() || self == Target::Haproxy
     }
 
-    /// Whether every upgrade brings a new token and origin (`sluice-4p-called`), so no
-    /// plugin has seen its inputs before: the chain's full price.
+    /// Whether every upgrade brings a new token and origin (`sluice-4p-called`, and the
+    /// floor that stands in for it), so no plugin has seen its inputs before: the chain's
+    /// full price.
     pub fn fresh_credentials(self) -> bool {
         matches!(self, Target::Sluice4pCalled | Target::Sluice4pFloor)
     }
@@ -507,19 +508,9 @@ pub fn print_command(
         tls,
         plugins,
     } = options;
-    if !matches!(
-        target,
-        Target::Sluice
-            | Target::Sluice1p
-            | Target::Sluice4p
-            | Target::Sluice4pCalled
-            | Target::Sluice4pFloor
-            | Target::Nginx
-            | Target::Haproxy
-    ) {
-        bail!(
-            "`config` writes the configs of sluice, sluice-1p, sluice-4p, sluice-4p-called, sluice-4p-floor, nginx and haproxy only"
-        );
+    if !matches!(target, Target::Sluice | Target::Nginx | Target::Haproxy) && target.plugins() == 0
+    {
+        bail!("`config` writes the configs of sluice, its plugin targets, nginx and haproxy only");
     }
     let plugin_dir = match target.plugins() {
         0 => PathBuf::new(),
