@@ -6,7 +6,7 @@
 //! `jwt-auth` verifies an HS256 token from `Authorization: Bearer` (minted once per
 //! session by [`token`]) and forwards two claims as headers, `tenant-router` routes on
 //! the forwarded `x-tenant` to a second pool on the same echo backend, and `sticky-key`
-//! sets that pool's consistent-hash key from the token's `sub` claim.
+//! sets that pool's consistent-hash key from the forwarded `x-user` (the verified `sub`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -110,7 +110,7 @@ forward_claims = {{ sub = "x-user", tenant = "x-tenant" }}"#
             ),
             "tenants" => r#"rules = [{ header = "x-tenant", value = "bench", tenant = "bench", pool = "hashed" }]"#
                 .to_string(),
-            _ => r#"sources = [{ jwt_claim = "sub" }]
+            _ => r#"sources = [{ header = "x-user" }]
 fallback = "client_ip""#
                 .to_string(),
         };
@@ -133,10 +133,7 @@ const INTERESTS: [(&str, &str); 4] = [
     (r#"["origin"]"#, "[]"),
     (r#"["authorization"]"#, r#"["subprotocols", "query"]"#),
     (r#"["x-tenant"]"#, "[]"),
-    (
-        r#"["authorization"]"#,
-        r#"["subprotocols", "query", "client-ip"]"#,
-    ),
+    (r#"["x-user"]"#, r#"["client-ip"]"#),
 ];
 
 /// The floor chain's TOML (`sluice-4p-floor`): four plugins named as in [`CHAIN`], each
