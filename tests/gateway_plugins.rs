@@ -998,3 +998,20 @@ async fn an_undeclared_read_faults_loudly_and_a_declared_one_is_served() {
     let (_backend, declared) = single_plugin_gateway("reader", "hostile", reader(&["path"])).await;
     assert_answered(declared.addr(), &Head::get("/admin"), "a").await;
 }
+
+/// A plugin's `crypto` keys are bounded per instance: the gateway refuses the 1,025th
+/// with a reason the plugin can show, and keeps serving.
+#[tokio::test]
+async fn crypto_keys_are_bounded_per_instance() {
+    let hoarder = json!({"on_request": "keys"});
+    let (_backend, gateway) = single_plugin_gateway("hoarder", "hostile", hoarder).await;
+    let answer = request_once(gateway.addr(), &Head::get("/")).await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(
+        answer.text(),
+        "hostile: 1024 keys, then: this instance already holds 1024 keys\n"
+    );
+    // The next request finds the instance at the bound and the gateway still serving.
+    let again = request_once(gateway.addr(), &Head::get("/")).await;
+    assert_eq!(again.text(), answer.text());
+}

@@ -812,6 +812,13 @@ async fn measure() {
         "reused instance, 1 Rust plugin: {}",
         per_call(&one, &req, 10_000).await
     );
+    let no_reuse = |s: PluginConfig| PluginConfig {
+        limits: PluginLimits {
+            max_reused: 0,
+            ..s.limits
+        },
+        ..s
+    };
     // Every plugin called: no decision reuse (the cost of a first request, or
     // of a chain whose plugins do not allow reuse).
     let four_called = load_chain(
@@ -830,6 +837,37 @@ async fn measure() {
         "reused instances, 4-plugin chain, every plugin called: {}",
         per_call(&four_called, &req, 2_000).await
     );
+    // A token's signature checked on every call (no token cache, no reuse), per
+    // algorithm: the price of verifying a new token.
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/jwt/testdata");
+    let read = |file: &str| std::fs::read_to_string(keys.join(file)).unwrap();
+    let claims = json!({"sub": "alice", "exp": 4_000_000_000u64});
+    for (alg, key, signed) in [
+        (
+            "HS256",
+            json!({"alg": "HS256", "secret": SECRET}),
+            sluice_jwt::mint::hs256(&claims, SECRET.as_bytes()),
+        ),
+        (
+            "RS256",
+            json!({"alg": "RS256", "public_key_pem": read("rsa_public.pem")}),
+            sluice_jwt::mint::rs256(&claims, &read("rsa_private.pem")).unwrap(),
+        ),
+        (
+            "ES256",
+            json!({"alg": "ES256", "public_key_pem": read("ec_public.pem")}),
+            sluice_jwt::mint::es256(&claims, &read("ec_private.pem")).unwrap(),
+        ),
+    ] {
+        let config = json!({"keys": [key], "cache_size": 0});
+        let verifier = Chain::new(vec![load(&host, &no_reuse(spec("jwt-auth", config))).await]);
+        let bearer = format!("Bearer {signed}");
+        let req = request(&[("authorization", &bearer)]);
+        println!(
+            "jwt-auth, {alg} signature checked every call: {}",
+            per_call(&verifier, &req, 300).await
+        );
+    }
     // With reuse (the default): the same request again, as on a reconnect.
     let four = full_chain(&host).await;
     each_alone(&four, &req, "of which").await;
@@ -854,13 +892,6 @@ async fn measure() {
         "reused instance, JS plugin: {}",
         per_call(&js, &js_req, 1_000).await
     );
-    let no_reuse = |s: PluginConfig| PluginConfig {
-        limits: PluginLimits {
-            max_reused: 0,
-            ..s.limits
-        },
-        ..s
-    };
     let py = Chain::new(vec![
         load(
             &host,

@@ -167,7 +167,7 @@ mod tests {
             let token = h.split("Bearer ").nth(1).unwrap().trim_end();
             let claims = sluice_jwt::verify(
                 token,
-                &[sluice_jwt::Key::hs256(SECRET.as_bytes())],
+                &[sluice_jwt::Key::hs256(SECRET.as_bytes()).expect("an HS256 key")],
                 &sluice_jwt::Validation::default(),
                 0,
             )
@@ -189,7 +189,7 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let keys = [sluice_jwt::Key::hs256(SECRET.as_bytes())];
+        let keys = [sluice_jwt::Key::hs256(SECRET.as_bytes()).expect("an HS256 key")];
         let claims = sluice_jwt::verify(&token, &keys, &validation, now).expect("valid");
         assert_eq!(
             sluice_jwt::claim_str(&claims, "tenant").as_deref(),

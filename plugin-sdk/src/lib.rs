@@ -1,7 +1,7 @@
 //! Write Sluice gateway policy plugins in Rust.
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2` against the
-//! `sluice:plugin@0.5.1` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
+//! `sluice:plugin@0.5.2` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
 //! one a plugin author depends on: it holds the bindings, a [`Plugin`] trait
 //! whose hooks have defaults, typed accessors on [`Request`], builders on
 //! [`Decision`], the host helpers in [`host`], one [`export!`] macro, and
@@ -21,7 +21,8 @@
 //! be shared (rate limits) goes through [`host::counter_add`]. A plugin has no
 //! network of its own: JSON documents the operator granted it (`grants.http`),
 //! such as an identity provider's JWKS, are fetched by the gateway in the
-//! background and read through [`documents`].
+//! background and read through [`documents`]. Signatures and MACs are checked by
+//! the gateway too, in native code, with keys made once through [`crypto`].
 //!
 //! `on_request` is always called. [`OnClose::on_close`] is called for a plugin
 //! that implements [`OnClose`] ([`export!`] finds out at compile time and tells
@@ -110,6 +111,7 @@
 //! Build it with `cargo build --release --target wasm32-wasip2` on a crate of
 //! `crate-type = ["cdylib"]`; the `.wasm` file is the component.
 
+pub mod crypto;
 mod decision;
 pub mod documents;
 pub mod host;

@@ -14,7 +14,7 @@
 // to add, for anything else (never a silent empty value). `allow()` and
 // `deny(status, body)` build decisions; `counterAdd`, `log` and `documents`
 // reach the host.
-import { counterAdd as hostCounterAdd, log as hostLog } from 'sluice:plugin/host@0.5.1';
+import { counterAdd as hostCounterAdd, log as hostLog } from 'sluice:plugin/host@0.5.2';
 
 // The WIT `fields` flags by the names a plugin declares them with.
 const FIELDS = {

@@ -18,10 +18,14 @@ mod generated {
             "sluice:plugin/host.counter-add": async,
             "sluice:plugin/documents.watch": async,
         },
+        // A plugin's keys are parsed once, on the host (super::crypto).
+        with: {
+            "sluice:plugin/crypto.key": crate::plugin::crypto::Key,
+        },
     });
 }
 
-pub(super) use generated::sluice::plugin::{documents, host, types as wit};
+pub(super) use generated::sluice::plugin::{crypto, documents, host, types as wit};
 pub(super) use generated::{Plugin, PluginPre};
 pub(super) use wit::{Decision, Request};
 

@@ -161,7 +161,10 @@ impl ResourceLimiter for MemoryCap {
 /// The data of one instance's store.
 pub(super) struct State {
     wasi: WasiCtx,
-    table: ResourceTable,
+    /// WASI's resources and the plugin's `crypto` keys.
+    pub(super) table: ResourceTable,
+    /// `crypto` keys in `table`, bounded by `crypto::MAX_KEYS`.
+    pub(super) keys: usize,
     memory: MemoryCap,
     /// Epoch ticks the current call may still run.
     ticks_left: u64,
@@ -477,6 +480,7 @@ impl InstancePool {
             // only what the `host` interface lends it.
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
+            keys: 0,
             memory: MemoryCap {
                 cap: self.limits.memory_bytes,
                 hit: false,

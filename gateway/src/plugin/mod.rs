@@ -1,5 +1,5 @@
 //! The plugin host: runs policy plugins (WebAssembly components of the
-//! `sluice:plugin@0.5.1` world in `wit/`) with hard limits, and chains them.
+//! `sluice:plugin@0.5.2` world in `wit/`) with hard limits, and chains them.
 //!
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
@@ -51,6 +51,7 @@
 
 mod bindings;
 mod chain;
+mod crypto;
 mod documents;
 mod instance;
 mod reuse;
@@ -124,8 +125,8 @@ pub enum PluginError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The component does not target the `sluice:plugin@0.5.1` `plugin` world.
-    #[error("plugin `{plugin}`: not a sluice:plugin@0.5.1 plugin: {reason}")]
+    /// The component does not target the `sluice:plugin@0.5.2` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.5.2 plugin: {reason}")]
     WrongWorld {
         /// Plugin name.
         plugin: String,
@@ -418,11 +419,11 @@ impl PluginHost {
 }
 
 /// The version of the WIT package `wit/` defines, as component import names spell it.
-const WIT_VERSION: &str = "0.5.1";
+const WIT_VERSION: &str = "0.5.2";
 
 /// The `sluice:plugin` version a component imports or exports, when it is not one this
 /// gateway links: [`WIT_VERSION`] or an earlier `0.5.x` (additions since keep them
-/// working, and wasmtime links `0.5.x` imports to the `0.5.1` host).
+/// working, and wasmtime links `0.5.x` imports to the `0.5.2` host).
 fn built_for(component: &Component, engine: &Engine) -> Option<String> {
     let ty = component.component_type();
     ty.imports(engine)

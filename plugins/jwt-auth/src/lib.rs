@@ -43,6 +43,10 @@
 //! the admissions it would have given again, so a removed key's tokens are refused
 //! from the next request.
 //!
+//! Signatures are checked by the gateway in native code (the SDK's `crypto::Key`, keys
+//! parsed once, at load or when the JWKS changes); the plugin carries no HMAC, RSA or
+//! P-256 code.
+//!
 //! Each instance remembers up to about `cache_size` tokens it has verified
 //! (default 256; 0 turns the cache off), so a client that reconnects with the
 //! same token skips the signature check. `exp` and `nbf` are checked again on
@@ -179,7 +183,7 @@ impl Plugin for JwtAuth {
                 KeyConfig::Hs256 { secret } if secret.len() < 16 => {
                     Err("HS256 secret must be at least 16 bytes".to_owned())
                 }
-                KeyConfig::Hs256 { secret } => Ok(Key::hs256(secret.as_bytes())),
+                KeyConfig::Hs256 { secret } => Key::hs256(secret.as_bytes()),
                 KeyConfig::Rs256 { public_key_pem } => Key::rs256_pem(&public_key_pem),
                 KeyConfig::Es256 { public_key_pem } => Key::es256_pem(&public_key_pem),
             })

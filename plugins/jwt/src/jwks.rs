@@ -178,24 +178,16 @@ fn key_of(jwk: &Jwk) -> Result<Key, String> {
     };
     match (jwk.kty.as_deref(), jwk.alg.as_deref()) {
         (Some("RSA"), None | Some("RS256")) => {
-            let n = rsa::BigUint::from_bytes_be(&field(&jwk.n, "n")?);
-            let e = rsa::BigUint::from_bytes_be(&field(&jwk.e, "e")?);
-            let key = rsa::RsaPublicKey::new(n, e).map_err(|e| format!("bad RSA key: {e}"))?;
-            Ok(Key::Rs256(rsa::pkcs1v15::VerifyingKey::new(key)))
+            let der = rsa_public_key_der(&field(&jwk.n, "n")?, &field(&jwk.e, "e")?);
+            Key::rs256_der(&der)
         }
         (Some("EC"), None | Some("ES256")) if jwk.crv.as_deref() == Some("P-256") => {
             let (x, y) = (field(&jwk.x, "x")?, field(&jwk.y, "y")?);
             if x.len() != 32 || y.len() != 32 {
                 return Err("P-256 coordinates must be 32 bytes".into());
             }
-            let point = p256::EncodedPoint::from_affine_coordinates(
-                p256::FieldBytes::from_slice(&x),
-                p256::FieldBytes::from_slice(&y),
-                false,
-            );
-            p256::ecdsa::VerifyingKey::from_encoded_point(&point)
-                .map(Key::Es256)
-                .map_err(|_| "not a point on P-256".into())
+            let point: Vec<u8> = [&[4][..], &x, &y].concat();
+            Key::es256_der(&point).map_err(|_| "not a point on P-256".into())
         }
         (Some("EC"), _) => Err(format!(
             "curve {:?} is not supported (P-256 is)",
@@ -207,6 +199,41 @@ fn key_of(jwk: &Jwk) -> Result<Key, String> {
             alg.unwrap_or("")
         )),
     }
+}
+
+/// PKCS#1 `RSAPublicKey` DER (`SEQUENCE { INTEGER n, INTEGER e }`) from a JWK's `n`
+/// and `e`, big-endian unsigned.
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    fn length(out: &mut Vec<u8>, len: usize) {
+        match u8::try_from(len) {
+            Ok(short) if short < 0x80 => out.push(short),
+            _ => {
+                let be = len.to_be_bytes();
+                let skip = be.iter().take_while(|&&b| b == 0).count();
+                out.push(0x80 | (be.len() - skip) as u8);
+                out.extend_from_slice(&be[skip..]);
+            }
+        }
+    }
+    fn integer(out: &mut Vec<u8>, bytes: &[u8]) {
+        let skip = bytes.iter().take_while(|&&b| b == 0).count();
+        let bytes = &bytes[skip..];
+        // A positive INTEGER: a zero byte first when the top bit is set, and `0` as one byte.
+        let pad = bytes.first().is_none_or(|&b| b & 0x80 != 0);
+        out.push(0x02);
+        length(out, bytes.len() + usize::from(pad));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(bytes);
+    }
+    let mut body = Vec::with_capacity(n.len() + e.len() + 12);
+    integer(&mut body, n);
+    integer(&mut body, e);
+    let mut der = vec![0x30];
+    length(&mut der, body.len());
+    der.extend_from_slice(&body);
+    der
 }
 
 #[cfg(test)]
@@ -229,6 +256,21 @@ mod tests {
         KeySet::parse(json!({ "keys": keys }).to_string().as_bytes())
             .unwrap()
             .0
+    }
+
+    #[test]
+    fn a_jwks_rsa_key_is_the_der_the_rsa_crate_writes() {
+        use rsa::pkcs1::EncodeRsaPublicKey as _;
+        use rsa::pkcs8::DecodePublicKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        let key = rsa::RsaPublicKey::from_public_key_pem(RSA_PUBLIC).unwrap();
+        let der = rsa_public_key_der(&key.n().to_bytes_be(), &key.e().to_bytes_be());
+        assert_eq!(der, key.to_pkcs1_der().unwrap().as_bytes());
+        // Leading zeros dropped, a zero byte added before a set top bit, zero as one byte.
+        assert_eq!(
+            rsa_public_key_der(&[0, 0x80], &[]),
+            [0x30, 0x07, 0x02, 0x02, 0x00, 0x80, 0x02, 0x01, 0x00]
+        );
     }
 
     #[test]

@@ -8,21 +8,22 @@
 //! ```
 //! use sluice_jwt::{Key, Validation, mint, verify};
 //! let token = mint::hs256(&serde_json::json!({"sub": "alice", "exp": 2_000}), b"secret");
-//! let claims = verify(&token, &[Key::hs256(b"secret")], &Validation::default(), 1_000).unwrap();
+//! let keys = [Key::hs256(b"secret").unwrap()];
+//! let claims = verify(&token, &keys, &Validation::default(), 1_000).unwrap();
 //! assert_eq!(sluice_jwt::claim_str(&claims, "sub").as_deref(), Some("alice"));
 //! ```
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
-use p256::ecdsa::signature::Verifier as _;
-use p256::pkcs8::DecodePublicKey as _;
+use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
-use sha2::Sha256;
+use sluice_plugin_sdk::crypto::{self, Algorithm};
+use std::rc::Rc;
 
 pub mod jwks;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod mint;
 pub mod token;
 
@@ -266,60 +267,74 @@ impl<'de, S: AsRef<str>> Visitor<'de> for Member<'_, '_, S> {
     }
 }
 
-/// A verification key.
+/// A verification key: the JOSE algorithm it verifies and the key the gateway holds
+/// for it (`sluice_plugin_sdk::crypto`), which checks signatures in native code.
+/// Cloning shares the one key.
 #[derive(Debug, Clone)]
-pub enum Key {
-    /// HMAC-SHA256 with a shared secret, kept as the keyed HMAC state (the
-    /// secret's inner and outer pads already hashed), cloned per token.
-    Hs256(Hmac<Sha256>),
-    /// RSA public key (PKCS#1 v1.5, SHA-256).
-    Rs256(rsa::pkcs1v15::VerifyingKey<Sha256>),
-    /// P-256 ECDSA public key (SHA-256).
-    Es256(p256::ecdsa::VerifyingKey),
+pub struct Key {
+    alg: &'static str,
+    key: Rc<crypto::Key>,
 }
 
 impl Key {
-    /// An HS256 key from a shared secret.
-    pub fn hs256(secret: &[u8]) -> Self {
-        Key::Hs256(Hmac::new_from_slice(secret).expect("HMAC accepts any key length"))
+    fn new(alg: &'static str, algorithm: Algorithm, material: &[u8]) -> Result<Self, String> {
+        let key = crypto::Key::new(algorithm, material)
+            .map_err(|e| format!("bad {alg} key: {e}"))?;
+        Ok(Key {
+            alg,
+            key: Rc::new(key),
+        })
+    }
+
+    /// An HS256 key from a shared secret (refused only when the instance holds too
+    /// many keys).
+    pub fn hs256(secret: &[u8]) -> Result<Self, String> {
+        Key::new("HS256", Algorithm::HmacSha256, secret)
     }
 
     /// An RS256 key from a PEM `PUBLIC KEY` (SPKI).
     pub fn rs256_pem(pem: &str) -> Result<Self, String> {
-        let key = rsa::RsaPublicKey::from_public_key_pem(pem)
-            .map_err(|e| format!("bad RS256 public key: {e}"))?;
-        Ok(Key::Rs256(rsa::pkcs1v15::VerifyingKey::new(key)))
+        let der = pem_der(pem).map_err(|e| format!("bad RS256 public key: {e}"))?;
+        Key::rs256_der(&der)
+    }
+
+    /// An RS256 key from DER: SPKI or PKCS#1 `RSAPublicKey`.
+    pub fn rs256_der(der: &[u8]) -> Result<Self, String> {
+        Key::new("RS256", Algorithm::RsaPkcs1Sha256, der)
     }
 
     /// An ES256 key from a PEM `PUBLIC KEY` (SPKI).
     pub fn es256_pem(pem: &str) -> Result<Self, String> {
-        p256::ecdsa::VerifyingKey::from_public_key_pem(pem)
-            .map(Key::Es256)
-            .map_err(|e| format!("bad ES256 public key: {e}"))
+        let der = pem_der(pem).map_err(|e| format!("bad ES256 public key: {e}"))?;
+        Key::es256_der(&der)
+    }
+
+    /// An ES256 key from DER SPKI or an uncompressed SEC1 point (`04 || x || y`).
+    pub fn es256_der(der: &[u8]) -> Result<Self, String> {
+        Key::new("ES256", Algorithm::EcdsaP256Sha256, der)
     }
 
     /// The JOSE algorithm name this key verifies.
     pub fn alg(&self) -> &'static str {
-        match self {
-            Key::Hs256(_) => "HS256",
-            Key::Rs256(_) => "RS256",
-            Key::Es256(_) => "ES256",
-        }
+        self.alg
     }
 
     fn verifies(&self, input: &[u8], signature: &[u8]) -> bool {
-        match self {
-            Key::Hs256(mac) => mac
-                .clone()
-                .chain_update(input)
-                .verify_slice(signature)
-                .is_ok(),
-            Key::Rs256(key) => rsa::pkcs1v15::Signature::try_from(signature)
-                .is_ok_and(|sig| key.verify(input, &sig).is_ok()),
-            Key::Es256(key) => p256::ecdsa::Signature::from_slice(signature)
-                .is_ok_and(|sig| key.verify(input, &sig).is_ok()),
-        }
+        self.key.verify(input, signature)
     }
+}
+
+/// The DER inside a PEM `PUBLIC KEY` block.
+fn pem_der(pem: &str) -> Result<Vec<u8>, &'static str> {
+    let body = pem
+        .trim()
+        .strip_prefix("-----BEGIN PUBLIC KEY-----")
+        .and_then(|rest| rest.strip_suffix("-----END PUBLIC KEY-----"))
+        .ok_or("not a PEM PUBLIC KEY block")?;
+    let base64: String = body.split_whitespace().collect();
+    STANDARD
+        .decode(base64)
+        .map_err(|_| "the PEM block is not base64")
 }
 
 /// Claim checks applied after the signature.
@@ -458,7 +473,7 @@ mod tests {
 
     fn all_keys() -> Vec<Key> {
         vec![
-            Key::hs256(b"s3cret"),
+            Key::hs256(b"s3cret").unwrap(),
             Key::rs256_pem(RSA_PUBLIC).unwrap(),
             Key::es256_pem(EC_PUBLIC).unwrap(),
         ]
@@ -482,7 +497,7 @@ mod tests {
     #[test]
     fn tampering_and_wrong_keys_fail() {
         let token = mint::hs256(&json!({"sub": "alice"}), b"s3cret");
-        let keys = [Key::hs256(b"other")];
+        let keys = [Key::hs256(b"other").unwrap()];
         assert_eq!(
             verify(&token, &keys, &Validation::default(), 0),
             Err(JwtError::BadSignature)
@@ -518,7 +533,7 @@ mod tests {
 
     #[test]
     fn time_and_audience_claims() {
-        let key = [Key::hs256(b"k")];
+        let key = [Key::hs256(b"k").unwrap()];
         let v = Validation {
             issuer: Some("https://issuer".into()),
             audience: Some("sluice".into()),
@@ -577,7 +592,7 @@ mod tests {
 
     #[test]
     fn picking_agrees_with_the_claims_map() {
-        let keys = jwks::KeySet::from_keys(vec![Key::hs256(b"k")]);
+        let keys = jwks::KeySet::from_keys(vec![Key::hs256(b"k").unwrap()]);
         let v = Validation {
             issuer: Some("iss".into()),
             audience: Some("sluice".into()),

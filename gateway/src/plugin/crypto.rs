@@ -1,0 +1,117 @@
+//! The `crypto` import: HMAC and signature checks a plugin asks of the host, done in
+//! native code by aws-lc-rs (the provider rustls already uses). The same check compiled
+//! into a plugin costs many times more (an HS256 token's HMAC alone is some 18,000 guest
+//! instructions) and is not constant-time by construction.
+//!
+//! A key is parsed once, when the plugin creates it, and lives in the instance's resource
+//! table until the plugin drops it or the instance goes. Bounded: keys per instance and
+//! bytes per key.
+
+use aws_lc_rs::hmac;
+use aws_lc_rs::signature::{self, ParsedPublicKey};
+use wasmtime::component::Resource;
+
+use super::bindings::crypto::{Algorithm, Host, HostKey};
+use super::instance::State;
+
+/// Keys one instance may hold at once: a JWKS rarely has more than a handful.
+pub(super) const MAX_KEYS: usize = 1024;
+/// Bytes of one key's material: an 8192-bit RSA key's DER is about 1.1 KiB.
+const MAX_MATERIAL: usize = 16 * 1024;
+
+/// A parsed key, the host side of the WIT `key` resource.
+pub enum Key {
+    /// An HMAC key (its pads already hashed).
+    Hmac(hmac::Key),
+    /// A public key and the algorithm it verifies.
+    Public(ParsedPublicKey),
+}
+
+impl Key {
+    /// `algorithm`'s key from `material`, or why not.
+    fn parse(algorithm: Algorithm, material: &[u8]) -> Result<Self, String> {
+        if material.len() > MAX_MATERIAL {
+            return Err(format!(
+                "key material is {} bytes, over the {MAX_MATERIAL}-byte bound",
+                material.len()
+            ));
+        }
+        let public = |alg: &'static dyn signature::VerificationAlgorithm, what: &str| {
+            ParsedPublicKey::new(alg, material)
+                .map(Key::Public)
+                .map_err(|e| format!("not {what}: {e}"))
+        };
+        match algorithm {
+            Algorithm::HmacSha256 => Ok(Key::Hmac(hmac::Key::new(hmac::HMAC_SHA256, material))),
+            Algorithm::RsaPkcs1Sha256 => public(
+                &signature::RSA_PKCS1_2048_8192_SHA256,
+                "an RSA public key of 2048 to 8192 bits (DER SubjectPublicKeyInfo or RSAPublicKey)",
+            ),
+            Algorithm::EcdsaP256Sha256 => public(
+                &signature::ECDSA_P256_SHA256_FIXED,
+                "a P-256 public key (DER SubjectPublicKeyInfo or an uncompressed point)",
+            ),
+        }
+    }
+
+    /// Whether `signature` is this key's signature or MAC of `message`.
+    fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        match self {
+            Key::Hmac(key) => hmac::verify(key, message, signature).is_ok(),
+            Key::Public(key) => key.verify_sig(message, signature).is_ok(),
+        }
+    }
+}
+
+impl Host for State {}
+
+impl HostKey for State {
+    fn parse(&mut self, algorithm: Algorithm, material: Vec<u8>) -> Result<Resource<Key>, String> {
+        if self.keys >= MAX_KEYS {
+            return Err(format!("this instance already holds {MAX_KEYS} keys"));
+        }
+        let key = Key::parse(algorithm, &material)?;
+        let handle = self.table.push(key).map_err(|e| e.to_string())?;
+        self.keys += 1;
+        Ok(handle)
+    }
+
+    fn verify(&mut self, key: Resource<Key>, message: Vec<u8>, signature: Vec<u8>) -> bool {
+        // A handle the guest holds is in the table: wasmtime checked it on the way in.
+        self.table
+            .get(&key)
+            .is_ok_and(|key| key.verify(&message, &signature))
+    }
+
+    fn drop(&mut self, key: Resource<Key>) -> wasmtime::Result<()> {
+        self.table.delete(key)?;
+        self.keys -= 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_keys_check_macs_and_nothing_else() {
+        let key = Key::parse(Algorithm::HmacSha256, b"secret").expect("any bytes are a secret");
+        let mac = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, b"secret"), b"message");
+        assert!(key.verify(b"message", mac.as_ref()));
+        assert!(!key.verify(b"messagE", mac.as_ref()));
+        assert!(!key.verify(b"message", &mac.as_ref()[..31]));
+    }
+
+    #[test]
+    fn malformed_and_oversized_material_is_refused_with_a_reason() {
+        let rsa = Key::parse(Algorithm::RsaPkcs1Sha256, b"not der").err().expect("refused");
+        assert!(rsa.starts_with("not an RSA public key"), "{rsa}");
+        let ec = Key::parse(Algorithm::EcdsaP256Sha256, &[4; 65]).err().expect("refused");
+        assert!(ec.starts_with("not a P-256 public key"), "{ec}");
+        let big = Key::parse(Algorithm::HmacSha256, &vec![0; MAX_MATERIAL + 1])
+            .err()
+            .expect("refused");
+        assert!(big.contains("16384-byte bound"), "{big}");
+    }
+}
