@@ -53,7 +53,8 @@ pub struct Record {
     pub hold: Option<Arc<crate::balance::ActiveGuard>>,
     /// Extra fields from plugins, `key=value` pairs joined by spaces.
     pub tags: String,
-    /// The route's plugin chain, told when the exchange ends.
+    /// The route's plugin chain, told when the exchange ends (only when a plugin of it
+    /// asked for `on-close`).
     pub close_hook: Option<Arc<CloseHook>>,
     /// The client's TLS session, on a TLS listener (logged as `sni` and `tls_client`).
     pub tls: Option<Arc<Facts>>,

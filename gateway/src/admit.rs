@@ -153,7 +153,8 @@ pub async fn admit(
         Upgrade::WebSocket { key } => (RequestKind::WebSocket, Some(key)),
         Upgrade::None => (RequestKind::Http, None),
     };
-    if !route.chain.is_empty() {
+    // Only for a chain with a plugin that asked for `on-close`: the hook clones the chain.
+    if route.chain.wants_close() {
         rec.close_hook = Some(Arc::new(CloseHook {
             chain: route.chain.clone(),
             kind,

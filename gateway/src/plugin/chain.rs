@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::Plugin;
-use super::bindings::wit::Fields;
+use super::bindings::wit::{self, Fields};
 use super::bindings::{self, Decision, Request};
 use super::types::{ChainDecision, CloseInfo, Denial, Fault, Mutations, RequestInfo};
 
@@ -93,7 +93,7 @@ impl Chain {
         for plugin in &self.plugins {
             // Only the headers and fields it reads are lowered into the plugin; the
             // others wait aside (each costs a guest allocation and a copy per call).
-            let aside = hide(&mut view, plugin);
+            let aside = hide(&mut view, plugin.headers(), plugin.fields());
             let decision = plugin.pool.on_request(&view).await;
             restore(&mut view, aside);
             match decision {
@@ -125,39 +125,52 @@ impl Chain {
     }
 }
 
-/// Takes out of `view` what `plugin` does not read: the headers it did not name
-/// (lower-case, as the view's names are; the rest keep their order) and the fields
-/// it left out. Returns them, in a request of their own, for [`restore`].
-fn hide(view: &mut Request, plugin: &Plugin) -> Request {
-    let mut aside = Request {
-        kind: view.kind,
-        method: None,
-        scheme: None,
-        authority: None,
-        path: None,
-        query: None,
+/// What [`hide`] took out of a view: the fields a plugin left out, in a request of
+/// their own, and the headers it did not name with the places they had.
+struct Aside {
+    fields: Request,
+    headers: Vec<(usize, wit::Header)>,
+}
+
+/// Takes out of `view` what a plugin does not read: the headers it did not name in
+/// `wanted` (lower-case, as the view's names are; the rest keep their order) and the
+/// fields `reads` leaves out (`None`: it reads all). Moved, not copied; [`restore`]
+/// puts them back.
+fn hide(view: &mut Request, wanted: Option<&[String]>, reads: Option<Fields>) -> Aside {
+    let mut aside = Aside {
+        fields: Request {
+            kind: view.kind,
+            method: None,
+            scheme: None,
+            authority: None,
+            path: None,
+            query: None,
+            headers: Vec::new(),
+            client_addr: None,
+            client_ip: None,
+            tls: None,
+            route: None,
+            tenant: None,
+            subprotocols: None,
+        },
         headers: Vec::new(),
-        client_addr: None,
-        client_ip: None,
-        tls: None,
-        route: None,
-        tenant: None,
-        subprotocols: None,
     };
-    if let Some(wanted) = plugin.headers() {
-        let seen = view
-            .headers
-            .iter()
-            .filter(|h| wanted.contains(&h.name))
-            .cloned()
-            .collect();
-        aside.headers = std::mem::replace(&mut view.headers, seen);
+    if let Some(wanted) = wanted
+        && !view.headers.iter().all(|h| wanted.contains(&h.name))
+    {
+        let all = std::mem::take(&mut view.headers);
+        for (at, header) in all.into_iter().enumerate() {
+            match wanted.contains(&header.name) {
+                true => view.headers.push(header),
+                false => aside.headers.push((at, header)),
+            }
+        }
     }
-    if let Some(reads) = plugin.fields() {
+    if let Some(reads) = reads {
         macro_rules! take_unread {
             ($($flag:ident => $field:ident),*) => {$(
                 if !reads.contains(Fields::$flag) {
-                    aside.$field = view.$field.take();
+                    aside.fields.$field = view.$field.take();
                 }
             )*};
         }
@@ -171,11 +184,13 @@ fn hide(view: &mut Request, plugin: &Plugin) -> Request {
     aside
 }
 
-/// Puts back what [`hide`] took out of `view`.
-fn restore(view: &mut Request, aside: Request) {
-    if !aside.headers.is_empty() {
-        view.headers = aside.headers;
+/// Puts back what [`hide`] took out of `view`, each header in its place.
+fn restore(view: &mut Request, aside: Aside) {
+    // In ascending places: each lands where it was, before the ones after it return.
+    for (at, header) in aside.headers {
+        view.headers.insert(at, header);
     }
+    let aside = aside.fields;
     // A field is either in the view or aside, never both.
     macro_rules! put_back {
         ($($field:ident),*) => {$( view.$field = view.$field.take().or(aside.$field); )*};
@@ -215,4 +230,58 @@ fn fail_closed(plugin: &Plugin, fault: Fault, earlier: Mutations) -> ChainDecisi
         plugin: plugin.name().to_owned(),
         fault: Some(fault),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(name: &str, value: &str) -> wit::Header {
+        wit::Header {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn hidden_headers_and_fields_come_back_in_their_places() {
+        let headers = vec![
+            header("a", "1"),
+            header("b", "2"),
+            header("a", "3"),
+            header("c", "4"),
+            header("b", "5"),
+        ];
+        let mut view = Request {
+            kind: wit::RequestKind::Websocket,
+            method: Some("GET".into()),
+            scheme: None,
+            authority: None,
+            path: Some("/p".into()),
+            query: None,
+            headers: headers.clone(),
+            client_addr: None,
+            client_ip: None,
+            tls: None,
+            route: None,
+            tenant: None,
+            subprotocols: None,
+        };
+        // The generated types have no `PartialEq`; their `Debug` shows every field.
+        let shown = |r: &Request| format!("{r:?}");
+        let original = shown(&view);
+        let wanted = ["b".to_owned()];
+        let aside = hide(&mut view, Some(&wanted), Some(Fields::PATH));
+        let values: Vec<&str> = view.headers.iter().map(|h| h.value.as_str()).collect();
+        assert_eq!(values, ["2", "5"]);
+        assert_eq!((view.method.as_deref(), view.path.as_deref()), (None, Some("/p")));
+        restore(&mut view, aside);
+        assert_eq!(shown(&view), original);
+        // Every header wanted, every field read: nothing moves.
+        let all = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let aside = hide(&mut view, Some(&all), None);
+        assert_eq!(shown(&view), original);
+        restore(&mut view, aside);
+        assert_eq!(format!("{:?}", view.headers), format!("{headers:?}"));
+    }
 }
