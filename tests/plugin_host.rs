@@ -606,6 +606,20 @@ async fn load_errors_name_the_plugin_and_the_reason() {
         "{err}"
     );
 
+    // A deadline shorter than the 5 ms epoch tick could not be kept: refused, saying so.
+    let hasty = PluginConfig {
+        limits: PluginLimits {
+            cpu_deadline: Duration::from_millis(2),
+            ..PluginLimits::default()
+        },
+        ..spec("origin-allowlist", json!({"allowed": []}))
+    };
+    let err = host.load(&hasty).await.unwrap_err().to_string();
+    assert!(
+        err.contains("cpu deadline 2ms is below the epoch tick 5ms"),
+        "{err}"
+    );
+
     let zero = PluginConfig {
         limits: PluginLimits {
             max_instances: 0,

@@ -22,10 +22,13 @@
 //!   instance serving one call at a time, thrown away after any fault. A fresh instance
 //!   per request costs tens of times a call on a warm one.
 //! - Hooks run with wasmtime's **async** support on the calling task, not on a blocking
-//!   pool (a `spawn_blocking` hand-off costs more than a whole call). With a 1 ms epoch
-//!   tick a runaway plugin yields to the tokio scheduler every tick and is interrupted at
-//!   its CPU deadline, so it never holds a worker for long; synchronous calls would save
-//!   a fiber switch but hold a worker for the whole deadline.
+//!   pool (a `spawn_blocking` hand-off costs more than a whole call). With a 5 ms epoch
+//!   tick a runaway plugin yields to the tokio scheduler every tick and is interrupted
+//!   within a tick after its CPU deadline, so it never holds a worker for long;
+//!   synchronous calls would save a fiber switch but hold a worker for the whole
+//!   deadline. The tick is a thread waking to advance the epoch: at 1 ms those wake-ups
+//!   (and the workers they preempt) cost 3 to 5 µs of CPU per upgrade on the bench's
+//!   2-core machine; at 5 ms a fifth of it (bench/README.md).
 //! - **Only what a plugin reads is lowered into it**: `init` names the request headers
 //!   and fields `on-request` reads (`interest`); the others arrive as `none`, because
 //!   every string lowered is a guest allocation and a copy, for every plugin of a chain.
@@ -179,7 +182,8 @@ pub struct HostOptions {
     pub cache_dir: Option<PathBuf>,
     /// Turn the compilation cache off.
     pub disable_cache: bool,
-    /// Epoch tick: the granularity of CPU deadlines and of yields.
+    /// Epoch tick: the granularity of CPU deadlines and of yields, and the shortest
+    /// deadline a plugin may have.
     pub tick: Duration,
     /// Largest memory cap any plugin may ask for (sizes pooling slots).
     pub max_memory_bytes: usize,
@@ -192,7 +196,7 @@ impl Default for HostOptions {
         Self {
             cache_dir: None,
             disable_cache: false,
-            tick: Duration::from_millis(1),
+            tick: Duration::from_millis(5),
             max_memory_bytes: 1 << 30,
             pool_instances: 1000,
         }
