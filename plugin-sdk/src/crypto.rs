@@ -91,7 +91,11 @@ mod imp {
 
         pub(super) fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
             match self {
-                Key::Hmac(mac) => mac.clone().chain_update(message).verify_slice(signature).is_ok(),
+                Key::Hmac(mac) => mac
+                    .clone()
+                    .chain_update(message)
+                    .verify_slice(signature)
+                    .is_ok(),
                 Key::Rsa(key) => rsa::pkcs1v15::Signature::try_from(signature)
                     .is_ok_and(|sig| key.verify(message, &sig).is_ok()),
                 Key::Ec(key) => p256::ecdsa::Signature::from_slice(signature)

@@ -38,7 +38,7 @@ impl From<RequestKind> for wit::RequestKind {
     }
 }
 
-fn header(name: &str, value: &str) -> wit::Header {
+pub(super) fn header(name: &str, value: &str) -> wit::Header {
     wit::Header {
         name: name.to_ascii_lowercase(),
         value: value.to_owned(),

@@ -138,21 +138,7 @@ struct Aside {
 /// puts them back.
 fn hide(view: &mut Request, wanted: Option<&[String]>, reads: Option<Fields>) -> Aside {
     let mut aside = Aside {
-        fields: Request {
-            kind: view.kind,
-            method: None,
-            scheme: None,
-            authority: None,
-            path: None,
-            query: None,
-            headers: Vec::new(),
-            client_addr: None,
-            client_ip: None,
-            tls: None,
-            route: None,
-            tenant: None,
-            subprotocols: None,
-        },
+        fields: nothing(view.kind),
         headers: Vec::new(),
     };
     if let Some(wanted) = wanted
@@ -182,6 +168,25 @@ fn hide(view: &mut Request, wanted: Option<&[String]>, reads: Option<Fields>) ->
         );
     }
     aside
+}
+
+/// A request of `kind` with no headers and every field `none`.
+fn nothing(kind: wit::RequestKind) -> Request {
+    Request {
+        kind,
+        method: None,
+        scheme: None,
+        authority: None,
+        path: None,
+        query: None,
+        headers: Vec::new(),
+        client_addr: None,
+        client_ip: None,
+        tls: None,
+        route: None,
+        tenant: None,
+        subprotocols: None,
+    }
 }
 
 /// Puts back what [`hide`] took out of `view`, each header in its place.
@@ -234,14 +239,8 @@ fn fail_closed(plugin: &Plugin, fault: Fault, earlier: Mutations) -> ChainDecisi
 
 #[cfg(test)]
 mod tests {
+    use super::bindings::header;
     use super::*;
-
-    fn header(name: &str, value: &str) -> wit::Header {
-        wit::Header {
-            name: name.into(),
-            value: value.into(),
-        }
-    }
 
     #[test]
     fn hidden_headers_and_fields_come_back_in_their_places() {
@@ -253,19 +252,10 @@ mod tests {
             header("b", "5"),
         ];
         let mut view = Request {
-            kind: wit::RequestKind::Websocket,
             method: Some("GET".into()),
-            scheme: None,
-            authority: None,
             path: Some("/p".into()),
-            query: None,
             headers: headers.clone(),
-            client_addr: None,
-            client_ip: None,
-            tls: None,
-            route: None,
-            tenant: None,
-            subprotocols: None,
+            ..nothing(wit::RequestKind::Websocket)
         };
         // The generated types have no `PartialEq`; their `Debug` shows every field.
         let shown = |r: &Request| format!("{r:?}");
@@ -274,7 +264,10 @@ mod tests {
         let aside = hide(&mut view, Some(&wanted), Some(Fields::PATH));
         let values: Vec<&str> = view.headers.iter().map(|h| h.value.as_str()).collect();
         assert_eq!(values, ["2", "5"]);
-        assert_eq!((view.method.as_deref(), view.path.as_deref()), (None, Some("/p")));
+        assert_eq!(
+            (view.method.as_deref(), view.path.as_deref()),
+            (None, Some("/p"))
+        );
         restore(&mut view, aside);
         assert_eq!(shown(&view), original);
         // Every header wanted, every field read: nothing moves.

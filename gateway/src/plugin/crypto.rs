@@ -21,8 +21,8 @@ const MAX_MATERIAL: usize = 16 * 1024;
 
 /// A parsed key, the host side of the WIT `key` resource.
 pub enum Key {
-    /// An HMAC key (its pads already hashed).
-    Hmac(hmac::Key),
+    /// An HMAC key (its pads already hashed; boxed, being 1.2 KB of context).
+    Hmac(Box<hmac::Key>),
     /// A public key and the algorithm it verifies.
     Public(ParsedPublicKey),
 }
@@ -42,7 +42,10 @@ impl Key {
                 .map_err(|e| format!("not {what}: {e}"))
         };
         match algorithm {
-            Algorithm::HmacSha256 => Ok(Key::Hmac(hmac::Key::new(hmac::HMAC_SHA256, material))),
+            Algorithm::HmacSha256 => Ok(Key::Hmac(Box::new(hmac::Key::new(
+                hmac::HMAC_SHA256,
+                material,
+            )))),
             Algorithm::RsaPkcs1Sha256 => public(
                 &signature::RSA_PKCS1_2048_8192_SHA256,
                 "an RSA public key of 2048 to 8192 bits (DER SubjectPublicKeyInfo or RSAPublicKey)",
@@ -105,9 +108,13 @@ mod tests {
 
     #[test]
     fn malformed_and_oversized_material_is_refused_with_a_reason() {
-        let rsa = Key::parse(Algorithm::RsaPkcs1Sha256, b"not der").err().expect("refused");
+        let rsa = Key::parse(Algorithm::RsaPkcs1Sha256, b"not der")
+            .err()
+            .expect("refused");
         assert!(rsa.starts_with("not an RSA public key"), "{rsa}");
-        let ec = Key::parse(Algorithm::EcdsaP256Sha256, &[4; 65]).err().expect("refused");
+        let ec = Key::parse(Algorithm::EcdsaP256Sha256, &[4; 65])
+            .err()
+            .expect("refused");
         assert!(ec.starts_with("not a P-256 public key"), "{ec}");
         let big = Key::parse(Algorithm::HmacSha256, &vec![0; MAX_MATERIAL + 1])
             .err()

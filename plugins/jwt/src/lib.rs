@@ -14,8 +14,8 @@
 //! ```
 
 use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
@@ -278,8 +278,8 @@ pub struct Key {
 
 impl Key {
     fn new(alg: &'static str, algorithm: Algorithm, material: &[u8]) -> Result<Self, String> {
-        let key = crypto::Key::new(algorithm, material)
-            .map_err(|e| format!("bad {alg} key: {e}"))?;
+        let key =
+            crypto::Key::new(algorithm, material).map_err(|e| format!("bad {alg} key: {e}"))?;
         Ok(Key {
             alg,
             key: Rc::new(key),
