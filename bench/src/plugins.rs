@@ -213,8 +213,9 @@ mod tests {
         );
         assert_eq!(floor.matches("on_request = \"pass\"").count(), 4, "{floor}");
         assert_eq!(floor.matches("max_reused = 0").count(), 4, "{floor}");
+        // sticky-key reads the `x-user` jwt-auth forwards, and the client IP to fall back on.
         assert!(
-            floor.ends_with("fields = [\"subprotocols\", \"query\", \"client-ip\"]\n"),
+            floor.ends_with("headers = [\"x-user\"]\nfields = [\"client-ip\"]\n"),
             "{floor}"
         );
     }

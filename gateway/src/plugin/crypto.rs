@@ -46,10 +46,21 @@ impl Key {
                 hmac::HMAC_SHA256,
                 material,
             )))),
-            Algorithm::RsaPkcs1Sha256 => public(
-                &signature::RSA_PKCS1_2048_8192_SHA256,
-                "an RSA public key of 2048 to 8192 bits (DER SubjectPublicKeyInfo or RSAPublicKey)",
-            ),
+            Algorithm::RsaPkcs1Sha256 => {
+                // Parsing does not check the size, verifying does: a key of the wrong size
+                // would load and then refuse every signature.
+                if let Some(bits) = rsa_bits(material)
+                    && !(2048..=8192).contains(&bits)
+                {
+                    return Err(format!(
+                        "an RSA key of {bits} bits; 2048 to 8192 bits are accepted"
+                    ));
+                }
+                public(
+                    &signature::RSA_PKCS1_2048_8192_SHA256,
+                    "an RSA public key of 2048 to 8192 bits (DER SubjectPublicKeyInfo or RSAPublicKey)",
+                )
+            }
             Algorithm::EcdsaP256Sha256 => public(
                 &signature::ECDSA_P256_SHA256_FIXED,
                 "a P-256 public key (DER SubjectPublicKeyInfo or an uncompressed point)",
@@ -64,6 +75,18 @@ impl Key {
             Key::Public(key) => key.verify_sig(message, signature).is_ok(),
         }
     }
+}
+
+/// The modulus size of an RSA public key in DER, SPKI or PKCS#1 `RSAPublicKey`.
+fn rsa_bits(der: &[u8]) -> Option<usize> {
+    aws_lc_rs::rsa::PublicEncryptingKey::from_der(der)
+        .map(|key| key.key_size_bits())
+        .ok()
+        .or_else(|| {
+            signature::RsaParameters::public_modulus_len(der)
+                .ok()
+                .and_then(|bits| usize::try_from(bits).ok())
+        })
 }
 
 impl Host for State {}
@@ -116,6 +139,17 @@ mod tests {
             .err()
             .expect("refused");
         assert!(ec.starts_with("not a P-256 public key"), "{ec}");
+        // PKCS#1 `RSAPublicKey` with a 1024-bit odd modulus and e = 65537.
+        let mut small = vec![0x30, 0x81, 0x89, 0x02, 0x81, 0x81, 0x00, 0xc0];
+        small.extend([0x11; 126]);
+        small.extend([0x01, 0x02, 0x03, 0x01, 0x00, 0x01]);
+        let weak = Key::parse(Algorithm::RsaPkcs1Sha256, &small)
+            .err()
+            .expect("refused");
+        assert_eq!(
+            weak,
+            "an RSA key of 1024 bits; 2048 to 8192 bits are accepted"
+        );
         let big = Key::parse(Algorithm::HmacSha256, &vec![0; MAX_MATERIAL + 1])
             .err()
             .expect("refused");
