@@ -835,17 +835,7 @@ async fn measure() {
     };
     // Every plugin called: no decision reuse (the cost of a first request, or
     // of a chain whose plugins do not allow reuse).
-    let four_called = load_chain(
-        &host,
-        &full_chain_specs().map(|s| PluginConfig {
-            limits: PluginLimits {
-                max_reused: 0,
-                ..s.limits
-            },
-            ..s
-        }),
-    )
-    .await;
+    let four_called = load_chain(&host, &full_chain_specs().map(no_reuse)).await;
     each_alone(&four_called, &req, "called every time").await;
     println!(
         "reused instances, 4-plugin chain, every plugin called: {}",
@@ -853,8 +843,6 @@ async fn measure() {
     );
     // A token's signature checked on every call (no token cache, no reuse), per
     // algorithm: the price of verifying a new token.
-    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/jwt/testdata");
-    let read = |file: &str| std::fs::read_to_string(keys.join(file)).unwrap();
     let claims = json!({"sub": "alice", "exp": 4_000_000_000u64});
     for (alg, key, signed) in [
         (
@@ -864,13 +852,21 @@ async fn measure() {
         ),
         (
             "RS256",
-            json!({"alg": "RS256", "public_key_pem": read("rsa_public.pem")}),
-            sluice_jwt::mint::rs256(&claims, &read("rsa_private.pem")).unwrap(),
+            json!({"alg": "RS256", "public_key_pem": include_str!("../plugins/jwt/testdata/rsa_public.pem")}),
+            sluice_jwt::mint::rs256(
+                &claims,
+                include_str!("../plugins/jwt/testdata/rsa_private.pem"),
+            )
+            .unwrap(),
         ),
         (
             "ES256",
-            json!({"alg": "ES256", "public_key_pem": read("ec_public.pem")}),
-            sluice_jwt::mint::es256(&claims, &read("ec_private.pem")).unwrap(),
+            json!({"alg": "ES256", "public_key_pem": include_str!("../plugins/jwt/testdata/ec_public.pem")}),
+            sluice_jwt::mint::es256(
+                &claims,
+                include_str!("../plugins/jwt/testdata/ec_private.pem"),
+            )
+            .unwrap(),
         ),
     ] {
         let config = json!({"keys": [key], "cache_size": 0});

@@ -72,20 +72,30 @@ mod imp {
                 Algorithm::HmacSha256 => Hmac::new_from_slice(material)
                     .map(Key::Hmac)
                     .map_err(|e| e.to_string()),
-                Algorithm::RsaPkcs1Sha256 => rsa::RsaPublicKey::from_public_key_der(material)
-                    .or_else(|_| rsa::RsaPublicKey::from_pkcs1_der(material))
-                    .ok()
-                    .filter(|key| (2048..=8192).contains(&rsa::traits::PublicKeyParts::n(key).bits()))
-                    .map(|key| Key::Rsa(rsa::pkcs1v15::VerifyingKey::new(key)))
-                    .ok_or_else(|| {
-                        "not an RSA public key of 2048 to 8192 bits (DER SubjectPublicKeyInfo or RSAPublicKey)".to_owned()
-                    }),
-                Algorithm::EcdsaP256Sha256 => p256::ecdsa::VerifyingKey::from_public_key_der(material)
-                    .or_else(|_| p256::ecdsa::VerifyingKey::from_sec1_bytes(material))
-                    .map(Key::Ec)
-                    .map_err(|_| {
-                        "not a P-256 public key (DER SubjectPublicKeyInfo or an uncompressed point)".to_owned()
-                    }),
+                Algorithm::RsaPkcs1Sha256 => {
+                    let key = rsa::RsaPublicKey::from_public_key_der(material)
+                        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_der(material))
+                        .map_err(|_| {
+                            "not an RSA public key of 2048 to 8192 bits (DER SubjectPublicKeyInfo or RSAPublicKey)".to_owned()
+                        })?;
+                    // The gateway's own words for a key of the wrong size.
+                    let bits = rsa::traits::PublicKeyParts::n(&key).bits();
+                    if !(2048..=8192).contains(&bits) {
+                        return Err(format!(
+                            "an RSA key of {bits} bits; 2048 to 8192 bits are accepted"
+                        ));
+                    }
+                    Ok(Key::Rsa(rsa::pkcs1v15::VerifyingKey::new(key)))
+                }
+                Algorithm::EcdsaP256Sha256 => p256::ecdsa::VerifyingKey::from_public_key_der(
+                    material,
+                )
+                .or_else(|_| p256::ecdsa::VerifyingKey::from_sec1_bytes(material))
+                .map(Key::Ec)
+                .map_err(|_| {
+                    "not a P-256 public key (DER SubjectPublicKeyInfo or an uncompressed point)"
+                        .to_owned()
+                }),
             }
         }
 
@@ -102,5 +112,26 @@ mod imp {
                     .is_ok_and(|sig| key.verify(message, &sig).is_ok()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_rsa_key_is_refused_in_the_gateways_words() {
+        // PKCS#1 `RSAPublicKey` with a 1024-bit odd modulus and e = 65537 (the gateway's
+        // own test of plugin/crypto.rs uses the same bytes).
+        let mut small = vec![0x30, 0x81, 0x89, 0x02, 0x81, 0x81, 0x00, 0xc0];
+        small.extend([0x11; 126]);
+        small.extend([0x01, 0x02, 0x03, 0x01, 0x00, 0x01]);
+        let refused = Key::new(Algorithm::RsaPkcs1Sha256, &small).err();
+        assert_eq!(
+            refused.as_deref(),
+            Some("an RSA key of 1024 bits; 2048 to 8192 bits are accepted")
+        );
+        let hmac = Key::new(Algorithm::HmacSha256, b"secret").expect("any bytes are a secret");
+        assert!(!hmac.verify(b"message", &[0; 32]));
     }
 }

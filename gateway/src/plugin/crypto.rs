@@ -47,17 +47,19 @@ impl Key {
                 material,
             )))),
             Algorithm::RsaPkcs1Sha256 => {
+                let rsa = &signature::RSA_PKCS1_2048_8192_SHA256;
                 // Parsing does not check the size, verifying does: a key of the wrong size
                 // would load and then refuse every signature.
+                let (min, max) = (rsa.min_modulus_len(), rsa.max_modulus_len());
                 if let Some(bits) = rsa_bits(material)
-                    && !(2048..=8192).contains(&bits)
+                    && !(min..=max).contains(&bits)
                 {
                     return Err(format!(
-                        "an RSA key of {bits} bits; 2048 to 8192 bits are accepted"
+                        "an RSA key of {bits} bits; {min} to {max} bits are accepted"
                     ));
                 }
                 public(
-                    &signature::RSA_PKCS1_2048_8192_SHA256,
+                    rsa,
                     "an RSA public key of 2048 to 8192 bits (DER SubjectPublicKeyInfo or RSAPublicKey)",
                 )
             }
@@ -78,15 +80,11 @@ impl Key {
 }
 
 /// The modulus size of an RSA public key in DER, SPKI or PKCS#1 `RSAPublicKey`.
-fn rsa_bits(der: &[u8]) -> Option<usize> {
+fn rsa_bits(der: &[u8]) -> Option<u32> {
     aws_lc_rs::rsa::PublicEncryptingKey::from_der(der)
-        .map(|key| key.key_size_bits())
         .ok()
-        .or_else(|| {
-            signature::RsaParameters::public_modulus_len(der)
-                .ok()
-                .and_then(|bits| usize::try_from(bits).ok())
-        })
+        .and_then(|key| u32::try_from(key.key_size_bits()).ok())
+        .or_else(|| signature::RsaParameters::public_modulus_len(der).ok())
 }
 
 impl Host for State {}
