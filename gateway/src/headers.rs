@@ -215,20 +215,115 @@ fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, proto: &'static st
     }
 }
 
+/// A change a policy makes to the fields an upstream gets, made after the gateway's own
+/// (`X-Forwarded-*`, `Host`), as `policy::apply` makes it on a header map. Names are
+/// lower-case; changes to hop-by-hop fields, which stay the gateway's
+/// to manage, and to names or values no header map would take are not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldEdit<'a> {
+    /// Replace every value of the field, or add it.
+    Set(&'a str, &'a str),
+    /// Add a value.
+    Append(&'a str, &'a str),
+    /// Drop every value.
+    Remove(&'a str),
+}
+
+impl<'a> FieldEdit<'a> {
+    /// The field it changes.
+    pub fn name(&self) -> &'a str {
+        match *self {
+            Self::Set(name, _) | Self::Append(name, _) | Self::Remove(name) => name,
+        }
+    }
+
+    /// Whether it is made at all: not of a hop-by-hop field, and a valid name and value.
+    fn applies(&self) -> bool {
+        let name = self.name().as_bytes();
+        let value = match *self {
+            Self::Set(_, v) | Self::Append(_, v) => v.as_bytes(),
+            Self::Remove(_) => b"",
+        };
+        is_token(name) && !is_hop_name(name) && is_field_value(value)
+    }
+}
+
+/// Makes `edits` on a header map (after [`set_upstream_fields`]), as
+/// [`push_upgrade_fields`] makes them on raw fields.
+pub fn edit_map(headers: &mut HeaderMap, edits: &[FieldEdit<'_>]) {
+    for edit in edits.iter().filter(|e| e.applies()) {
+        let Ok(name) = HeaderName::from_bytes(edit.name().as_bytes()) else {
+            continue;
+        };
+        match *edit {
+            FieldEdit::Set(_, v) => {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    headers.insert(name, v);
+                }
+            }
+            FieldEdit::Append(_, v) => {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    headers.append(name, v);
+                }
+            }
+            FieldEdit::Remove(_) => {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+/// Whether `name` is a valid field name (an RFC 9110 token), as `HeaderName` takes it
+/// (which also bounds its length).
+pub fn is_token(name: &[u8]) -> bool {
+    (1..1 << 16).contains(&name.len())
+        && name.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+/// Whether `value` is a valid field value, as `HeaderValue` takes it: no control
+/// characters but tab (so no line break can smuggle a field in).
+pub fn is_field_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+}
+
 /// Appends the header lines of one WebSocket upgrade hop made from a client's raw fields,
 /// with no header map: the same fields [`set_upgrade_hop`] and [`set_upstream_fields`]
-/// make of their map. These are the end-to-end fields as
-/// sent (less the `X-Forwarded-*` ones, and less `Host` when `host` is given), one
-/// `Connection: Upgrade`/`Upgrade: websocket` pair, `X-Forwarded-For` with `client`
-/// appended, `X-Forwarded-Proto`, `X-Forwarded-Host` (the client's first `Host`) and
-/// `Host: host`. Returns whether the client's end-to-end fields had a `Host`.
+/// make of their map, then changed by `edits` as a policy changes that map. These are the
+/// end-to-end fields as sent (less the `X-Forwarded-*` ones, and less `Host` when `host`
+/// is given), one `Connection: Upgrade`/`Upgrade: websocket` pair, `X-Forwarded-For` with
+/// `client` appended, `X-Forwarded-Proto`, `X-Forwarded-Host` (the client's first `Host`)
+/// and `Host: host`; the lines of fields `edits` change come last, as edited. Returns
+/// whether the client's end-to-end fields had a `Host`.
 pub fn push_upgrade_fields(
     out: &mut Vec<u8>,
     fields: &RawFields,
     host: Option<&str>,
     client: SocketAddr,
     proto: &str,
+    edits: &[FieldEdit<'_>],
 ) -> bool {
+    let mut lines = Edited::new(edits);
     let mut client_host = None;
     // Earlier proxies' chain; allocated only when there is one.
     let mut chain = Vec::new();
@@ -246,20 +341,85 @@ pub fn push_upgrade_fields(
                 continue;
             }
         }
-        push_field(out, name, value);
+        lines.push(out, name, value);
     }
-    out.extend_from_slice(b"connection: Upgrade\r\nupgrade: websocket\r\nx-forwarded-for: ");
-    out.extend_from_slice(&chain);
-    push_ip(out, client.ip());
-    out.extend_from_slice(b"\r\n");
-    push_field(out, X_FORWARDED_PROTO.as_str().as_bytes(), proto.as_bytes());
+    out.extend_from_slice(b"connection: Upgrade\r\nupgrade: websocket\r\n");
+    let xff = b"x-forwarded-for";
+    if lines.changes(xff) {
+        push_ip(&mut chain, client.ip());
+        lines.push(out, xff, &chain);
+    } else {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        out.extend_from_slice(&chain);
+        push_ip(out, client.ip());
+        out.extend_from_slice(b"\r\n");
+    }
+    lines.push(out, b"x-forwarded-proto", proto.as_bytes());
     if let Some(value) = client_host {
-        push_field(out, X_FORWARDED_HOST.as_str().as_bytes(), value);
+        lines.push(out, b"x-forwarded-host", value);
     }
     if let Some(host) = host {
-        push_field(out, header::HOST.as_str().as_bytes(), host.as_bytes());
+        lines.push(out, b"host", host.as_bytes());
     }
+    lines.finish(out);
     client_host.is_some()
+}
+
+/// Lines being written under a policy's edits: those of fields an edit changes are held
+/// back, to be written after all others as the edits leave them.
+struct Edited<'e, 'v> {
+    /// The edits that are made, in order.
+    edits: Vec<FieldEdit<'e>>,
+    held: Vec<(&'v [u8], Vec<u8>)>,
+}
+
+impl<'e, 'v> Edited<'e, 'v> {
+    fn new(edits: &[FieldEdit<'e>]) -> Self {
+        Self {
+            edits: edits.iter().filter(|e| e.applies()).copied().collect(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Whether an edit changes the field `name`.
+    fn changes(&self, name: &[u8]) -> bool {
+        (self.edits.iter()).any(|e| name.eq_ignore_ascii_case(e.name().as_bytes()))
+    }
+
+    fn push(&mut self, out: &mut Vec<u8>, name: &'v [u8], value: &[u8]) {
+        match self.changes(name) {
+            true => self.held.push((name, value.to_vec())),
+            false => push_field(out, name, value),
+        }
+    }
+
+    /// Writes each edited field's values, in the order the edits first name them.
+    fn finish(self, out: &mut Vec<u8>) {
+        for (at, first) in self.edits.iter().enumerate() {
+            let name = first.name();
+            let same = |e: &&FieldEdit<'_>| e.name().eq_ignore_ascii_case(name);
+            if self.edits[..at].iter().any(|e| same(&e)) {
+                continue;
+            }
+            let mut values: Vec<&[u8]> = (self.held.iter())
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v.as_slice())
+                .collect();
+            for edit in self.edits.iter().filter(same) {
+                match *edit {
+                    FieldEdit::Set(_, v) => {
+                        values.clear();
+                        values.push(v.as_bytes());
+                    }
+                    FieldEdit::Append(_, v) => values.push(v.as_bytes()),
+                    FieldEdit::Remove(_) => values.clear(),
+                }
+            }
+            for value in values {
+                push_field(out, name.as_bytes(), value);
+            }
+        }
+    }
 }
 
 /// Appends one `name: value` line.
@@ -480,14 +640,53 @@ mod tests {
         assert_eq!(stripped.len(), 3);
     }
 
-    /// What the map path sends upstream for an upgrade no plugin edits (the calls
-    /// `open` and `admit::Plan::upstream_head` make).
-    fn through_a_map(fields: &RawFields, host: Option<&str>, client: SocketAddr) -> HeaderMap {
+    /// What the map path sends upstream for an upgrade (the calls `open` and
+    /// `admit::Plan::upstream_head` make).
+    fn through_a_map(
+        fields: &RawFields,
+        host: Option<&str>,
+        client: SocketAddr,
+        edits: &[FieldEdit<'_>],
+    ) -> HeaderMap {
         let mut map = fields.to_map();
         set_upgrade_hop(&mut map);
         set_upstream_fields(&mut map, client, "http", host);
+        edit_map(&mut map, edits);
         map
     }
+
+    /// Policies' changes: none; new fields and the client's replaced, appended to and
+    /// removed; the gateway's own fields changed; hop-by-hop fields and invalid names and
+    /// values (not made); one name in two cases.
+    const EDITS: &[&[FieldEdit<'static>]] = &[
+        &[],
+        &[
+            FieldEdit::Set("x-user", "alice"),
+            FieldEdit::Append("cookie", "c=3"),
+            FieldEdit::Remove("origin"),
+            FieldEdit::Append("x-tag", "a"),
+            FieldEdit::Append("x-tag", "b"),
+            FieldEdit::Set("sec-websocket-protocol", "chat"),
+        ],
+        &[
+            FieldEdit::Append("x-forwarded-for", "10.0.0.1"),
+            FieldEdit::Set("x-forwarded-proto", "https"),
+            FieldEdit::Remove("x-forwarded-host"),
+            FieldEdit::Set("host", "rewritten.example"),
+            FieldEdit::Remove("x-kept"),
+            FieldEdit::Append("x-kept", "3"),
+        ],
+        &[
+            FieldEdit::Set("connection", "close"),
+            FieldEdit::Remove("upgrade"),
+            FieldEdit::Set("x-bad", "a\r\nx-injected: 1"),
+            FieldEdit::Set("bad name", "v"),
+            FieldEdit::Set("X-Case", "1"),
+            FieldEdit::Append("x-case", "2"),
+            FieldEdit::Set("cookie", "only"),
+            FieldEdit::Remove("cookie"),
+        ],
+    ];
 
     #[test]
     fn raw_upgrade_fields_are_what_the_map_path_sends() {
@@ -514,9 +713,12 @@ mod tests {
             let fields = RawFields::of_request(head);
             for client in ["127.0.0.1:5000", "[2001:db8::7]:443"] {
                 let client: SocketAddr = client.parse().unwrap();
-                for host in [None, Some("backend:9000")] {
+                for (host, edits) in [None, Some("backend:9000")]
+                    .into_iter()
+                    .flat_map(|h| EDITS.iter().map(move |e| (h, *e)))
+                {
                     let mut out = Vec::new();
-                    push_upgrade_fields(&mut out, &fields, host, client, "http");
+                    push_upgrade_fields(&mut out, &fields, host, client, "http", edits);
                     out.extend_from_slice(b"\r\n");
                     let mut slots = [httparse::EMPTY_HEADER; 32];
                     let parsed = match httparse::parse_headers(&out, &mut slots) {
@@ -525,13 +727,35 @@ mod tests {
                     };
                     assert_eq!(
                         from_parsed(parsed).unwrap(),
-                        through_a_map(&fields, host, client),
-                        "{head:?} {client} {host:?}: {}",
+                        through_a_map(&fields, host, client, edits),
+                        "{head:?} {client} {host:?} {edits:?}: {}",
                         String::from_utf8_lossy(&out)
                     );
                 }
             }
         }
+    }
+
+    #[test]
+    fn names_and_values_are_valid_as_a_header_map_takes_them() {
+        for b in 0..=u8::MAX {
+            let name = [b'x', b];
+            let value = [b'v', b, b'v'];
+            assert_eq!(
+                is_token(&name),
+                HeaderName::from_bytes(&name).is_ok(),
+                "{b}"
+            );
+            assert_eq!(
+                is_field_value(&value),
+                HeaderValue::from_bytes(&value).is_ok(),
+                "{b}"
+            );
+        }
+        let long = vec![b'x'; 1 << 16];
+        assert!(is_token(&long[1..]) && HeaderName::from_bytes(&long[1..]).is_ok());
+        assert!(!is_token(&long) && HeaderName::from_bytes(&long).is_err());
+        assert!(!is_token(b"") && HeaderName::from_bytes(b"").is_err());
     }
 
     #[test]

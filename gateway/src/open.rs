@@ -15,7 +15,8 @@ use crate::admit::Plan;
 use crate::balance::{ActiveGuard, Server};
 use crate::connect::{self, Upstream, with_failover};
 use crate::head::{RequestHead, UpgradeHead};
-use crate::headers::set_upgrade_hop;
+use crate::headers::{FieldEdit, set_upgrade_hop};
+use crate::policy;
 use crate::respond::{ResponseBody, no_upstream, relay_refusal, respond};
 use crate::tunnel::Side;
 use crate::upstream_handshake::{self, Outcome, Switch};
@@ -116,6 +117,8 @@ pub async fn open(
 struct UpgradeAttempt<'a> {
     plan: &'a Plan,
     head: Prepared<'a>,
+    /// The plugins' header changes, for heads made per server from raw fields.
+    edits: Vec<FieldEdit<'a>>,
 }
 
 /// The upgrade head for the servers tried.
@@ -128,17 +131,10 @@ enum Prepared<'a> {
 }
 
 impl<'a> UpgradeAttempt<'a> {
-    /// The client's raw fields are written upstream without a header map unless a plugin
-    /// edits them (header changes or a subprotocol), which is done on a map.
+    /// The client's raw fields are written upstream without a header map, with the
+    /// plugins' changes made as they are written; fields hyper read are in a map already.
     fn new(client: ClientHead<'a>, plan: &'a Plan) -> Self {
-        let edits = !plan.verdict.headers.is_empty() || plan.verdict.subprotocol.is_some();
-        let client = match client {
-            ClientHead::Raw(req) if edits => ClientHead::Map {
-                uri: req.uri(),
-                headers: req.fields().to_map(),
-            },
-            client => client,
-        };
+        let edits = policy::edits(&plan.verdict);
         let head = match client {
             ClientHead::Raw(req) => {
                 // Made at once with the client's `Host`, and kept if it had one.
@@ -150,6 +146,7 @@ impl<'a> UpgradeAttempt<'a> {
                         None,
                         plan.hop,
                         plan.scheme,
+                        &edits,
                     )
                 });
                 match fixed {
@@ -170,7 +167,7 @@ impl<'a> UpgradeAttempt<'a> {
                 }
             }
         };
-        UpgradeAttempt { plan, head }
+        UpgradeAttempt { plan, head, edits }
     }
 }
 
@@ -184,9 +181,9 @@ impl connect::Attempt for UpgradeAttempt<'_> {
             Prepared::PerServer(ClientHead::Raw(req)) => {
                 let (target, peer) = (self.plan.target(req.uri()), self.plan.hop);
                 let fields = req.fields();
-                let scheme = self.plan.scheme;
-                upstream_handshake::request_head_raw(target, fields, Some(authority), peer, scheme)
-                    .0
+                let (scheme, edits) = (self.plan.scheme, &self.edits);
+                let host = Some(authority);
+                upstream_handshake::request_head_raw(target, fields, host, peer, scheme, edits).0
             }
             Prepared::PerServer(ClientHead::Map { uri, headers }) => {
                 let (uri, headers) = self.plan.upstream_head(uri, headers.clone(), authority);

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::HeaderMap;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header;
 
 use crate::balance::Pool;
 use crate::capture::{Decision, HeaderEdit};
 use crate::config::RouteConfig;
 use crate::head::{HeaderFields, RequestHead};
-use crate::headers::{is_hop_by_hop, tokens, value_text};
+use crate::headers::{FieldEdit, edit_map, tokens, value_text};
 use crate::plugin::{
     Chain, ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind, TlsInfo,
 };
@@ -209,38 +209,21 @@ pub fn tags<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> String 
 /// Applies the verdict's header changes to an upstream request head. Hop-by-hop headers
 /// stay the gateway's to manage and are never touched by plugins.
 pub fn apply(verdict: &Verdict, headers: &mut HeaderMap) {
-    for op in &verdict.headers {
-        let (name, value) = match op {
-            HeaderOp::Set(n, v) | HeaderOp::Append(n, v) => (n, Some(v)),
-            HeaderOp::Remove(n) => (n, None),
-        };
-        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-            continue;
-        };
-        if is_hop_by_hop(&name) {
-            continue;
-        }
-        let value = value.and_then(|v| HeaderValue::from_str(v).ok());
-        match (op, value) {
-            (HeaderOp::Set(..), Some(v)) => {
-                headers.insert(name, v);
-            }
-            (HeaderOp::Append(..), Some(v)) => {
-                headers.append(name, v);
-            }
-            (HeaderOp::Remove(_), _) => {
-                headers.remove(name);
-            }
-            _ => {}
-        }
-    }
-    if let Some(v) = verdict
-        .subprotocol
-        .as_ref()
-        .and_then(|p| HeaderValue::from_str(p).ok())
-    {
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
-    }
+    edit_map(headers, &edits(verdict));
+}
+
+/// The verdict's header changes, in order, the subprotocol last: what [`apply`] makes
+/// on a header map, and the raw upgrade path as it writes the fields
+/// ([`crate::headers::push_upgrade_fields`]).
+pub fn edits(verdict: &Verdict) -> Vec<FieldEdit<'_>> {
+    let ops = verdict.headers.iter().map(|op| match op {
+        HeaderOp::Set(n, v) => FieldEdit::Set(n, v),
+        HeaderOp::Append(n, v) => FieldEdit::Append(n, v),
+        HeaderOp::Remove(n) => FieldEdit::Remove(n),
+    });
+    let protocol = verdict.subprotocol.as_deref();
+    let protocol = protocol.map(|p| FieldEdit::Set(header::SEC_WEBSOCKET_PROTOCOL.as_str(), p));
+    ops.chain(protocol).collect()
 }
 
 /// What plugins see of a request: of its headers, those named in `wanted` (lower-case;

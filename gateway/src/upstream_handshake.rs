@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::client_handshake::accept_for;
 use crate::head::{HeaderFields, RawFields};
 use crate::headers::{
-    end_to_end, from_parsed, has_token, is_named, push_field, push_upgrade_fields, set_upgrade_hop,
-    value_has_token,
+    FieldEdit, end_to_end, from_parsed, has_token, is_named, push_field, push_upgrade_fields,
+    set_upgrade_hop, value_has_token,
 };
 use crate::stream::Stream;
 use crate::tunnel::{self, Side};
@@ -204,7 +204,8 @@ pub fn request_head(uri: &Uri, headers: &HeaderMap) -> Vec<u8> {
 
 /// The upgrade's request head made from a client's raw fields, as [`request_head`] makes
 /// it from their map after the upgrade hop's rules ([`push_upgrade_fields`]): `host`
-/// replaces the client's `Host` when given. Also says whether the client's end-to-end
+/// replaces the client's `Host` when given, and `edits` (a policy's) change the fields
+/// last. Also says whether the client's end-to-end
 /// fields had a `Host`. `proto` is the client's scheme, for `X-Forwarded-Proto`.
 pub fn request_head_raw(
     uri: &Uri,
@@ -212,9 +213,10 @@ pub fn request_head_raw(
     host: Option<&str>,
     client: SocketAddr,
     proto: &str,
+    edits: &[FieldEdit<'_>],
 ) -> (Vec<u8>, bool) {
     let mut out = request_line(uri, 256 + fields.head().len());
-    let had_host = push_upgrade_fields(&mut out, fields, host, client, proto);
+    let had_host = push_upgrade_fields(&mut out, fields, host, client, proto, edits);
     out.extend_from_slice(b"\r\n");
     (out, had_host)
 }
