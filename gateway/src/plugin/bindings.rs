@@ -1,7 +1,7 @@
 //! The one `bindgen!` site, and conversions between the generated WIT types
 //! and the gateway's own plain types (so no wasmtime type leaves `plugin`).
 
-use crate::headers::{is_field_value, is_token};
+use crate::headers::{ip_text, is_field_value, is_token};
 
 use super::types::{
     ChainDecision, CloseInfo, CloseReason, Denial, HeaderOp, Mutations, RequestInfo, RequestKind,
@@ -74,7 +74,7 @@ pub(super) fn request(
         query: text(wit::Fields::QUERY, &req.query),
         headers,
         client_addr: read(wit::Fields::CLIENT_ADDR).then(|| req.client_addr.to_string()),
-        client_ip: read(wit::Fields::CLIENT_IP).then(|| req.client_addr.ip().to_string()),
+        client_ip: read(wit::Fields::CLIENT_IP).then(|| ip_text(req.client_addr.ip())),
         tls: req
             .tls
             .as_ref()
