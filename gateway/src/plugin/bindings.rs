@@ -1,6 +1,8 @@
 //! The one `bindgen!` site, and conversions between the generated WIT types
 //! and the gateway's own plain types (so no wasmtime type leaves `plugin`).
 
+use std::borrow::Cow;
+
 use crate::headers::{ip_text, is_field_value, is_token};
 
 use super::types::{
@@ -20,6 +22,9 @@ mod generated {
             "sluice:plugin/host.counter-add": async,
             "sluice:plugin/documents.watch": async,
         },
+        // A request is lowered into each plugin from borrowed text (`View`), not copied
+        // into an owned record first.
+        ownership: Borrowing { duplicate_if_necessary: true },
         // A plugin's keys are parsed once, on the host (super::crypto).
         with: {
             "sluice:plugin/crypto.key": crate::plugin::crypto::Key,
@@ -40,65 +45,112 @@ impl From<RequestKind> for wit::RequestKind {
     }
 }
 
-pub(super) fn header(name: &str, value: &str) -> wit::Header {
-    wit::Header {
-        name: name.to_ascii_lowercase(),
-        value: value.to_owned(),
-    }
+/// What a chain's plugins are shown of one request, borrowed from it: its headers as
+/// the plugins before changed them, and the fields that are not text in the request
+/// (addresses, lists), each written once for the whole chain.
+pub(super) struct View<'r> {
+    req: &'r RequestInfo,
+    /// Lower-case names, in arrival order; a plugin's `set` moves its name to the end.
+    headers: Vec<(Cow<'r, str>, Cow<'r, str>)>,
+    client_addr: Option<String>,
+    client_ip: Option<String>,
+    subprotocols: Option<Vec<&'r str>>,
+    cert_names: Vec<&'r str>,
+    /// The tenant a plugin set, which later plugins see.
+    tenant: Option<String>,
 }
 
-/// The record for `req` with only the fields in `fields` and the headers in
-/// `headers` (lower-case names; `None`: all of either): what a chain whose
-/// plugins read no more needs, without copying the rest.
-pub(super) fn request(
-    req: &RequestInfo,
-    fields: Option<wit::Fields>,
-    headers: Option<&[String]>,
-) -> Request {
-    let read = |f: wit::Fields| fields.is_none_or(|fields| fields.contains(f));
-    let text = |f: wit::Fields, s: &String| read(f).then(|| s.clone());
-    let headers = req
-        .headers
-        .iter()
-        .filter(|(n, _)| {
-            headers.is_none_or(|wanted| wanted.iter().any(|w| w.eq_ignore_ascii_case(n)))
-        })
-        .map(|(n, v)| header(n, v))
-        .collect();
-    Request {
-        kind: req.kind.into(),
-        method: text(wit::Fields::METHOD, &req.method),
-        scheme: text(wit::Fields::SCHEME, &req.scheme),
-        authority: text(wit::Fields::AUTHORITY, &req.authority),
-        path: text(wit::Fields::PATH, &req.path),
-        query: text(wit::Fields::QUERY, &req.query),
-        headers,
-        client_addr: read(wit::Fields::CLIENT_ADDR).then(|| req.client_addr.to_string()),
-        client_ip: read(wit::Fields::CLIENT_IP).then(|| ip_text(req.client_addr.ip())),
-        tls: req
-            .tls
-            .as_ref()
-            .filter(|_| read(wit::Fields::TLS))
-            .map(|t| wit::TlsInfo {
-                sni: t.sni.clone(),
-                alpn: t.alpn.clone(),
-                client_cert_subject: t.client_cert_subject.clone(),
-                client_cert_names: t.client_cert_names.clone(),
+impl<'r> View<'r> {
+    /// The view of `req` for a chain whose plugins read `fields` (`None`: all).
+    pub(super) fn new(req: &'r RequestInfo, fields: Option<wit::Fields>) -> Self {
+        let read = |f: wit::Fields| fields.is_none_or(|fields| fields.contains(f));
+        // Lower-case already when the policy stage made `req`; a replayed capture may say
+        // otherwise.
+        let name = |n: &'r String| match n.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => Cow::Owned(n.to_ascii_lowercase()),
+            false => Cow::Borrowed(n.as_str()),
+        };
+        let headers = (req.headers.iter())
+            .map(|(n, v)| (name(n), Cow::Borrowed(v.as_str())))
+            .collect();
+        let tls = req.tls.as_ref().filter(|_| read(wit::Fields::TLS));
+        View {
+            req,
+            headers,
+            client_addr: read(wit::Fields::CLIENT_ADDR).then(|| req.client_addr.to_string()),
+            client_ip: read(wit::Fields::CLIENT_IP).then(|| ip_text(req.client_addr.ip())),
+            subprotocols: read(wit::Fields::SUBPROTOCOLS)
+                .then(|| req.subprotocols.iter().map(String::as_str).collect()),
+            cert_names: tls.map_or_else(Vec::new, |t| {
+                t.client_cert_names.iter().map(String::as_str).collect()
             }),
-        route: text(wit::Fields::ROUTE, &req.route),
-        // Earlier plugins may set the tenant, so it is always carried.
-        tenant: req.tenant.clone(),
-        subprotocols: read(wit::Fields::SUBPROTOCOLS).then(|| req.subprotocols.clone()),
+            tenant: None,
+        }
+    }
+
+    /// The headers named in `wanted` (lower-case; `None`: all), for [`View::request`].
+    pub(super) fn headers(&self, wanted: Option<&[String]>) -> Vec<wit::HeaderParam<'_>> {
+        (self.headers.iter())
+            .filter(|(n, _)| wanted.is_none_or(|wanted| wanted.iter().any(|w| w == n)))
+            .map(|(name, value)| wit::HeaderParam { name, value })
+            .collect()
+    }
+
+    /// The request a plugin that reads `fields` (`None`: all) and the `headers` picked
+    /// for it is shown: what it reads and nothing else is lowered into it (each field
+    /// costs a guest allocation and a copy per call). The tenant shown is the one an
+    /// earlier plugin set, if one did.
+    pub(super) fn request<'a>(
+        &'a self,
+        headers: &'a [wit::HeaderParam<'a>],
+        fields: Option<wit::Fields>,
+    ) -> Request<'a> {
+        let req = self.req;
+        let read = |f: wit::Fields| fields.is_none_or(|fields| fields.contains(f));
+        let text = |f: wit::Fields, s: &'a str| read(f).then_some(s);
+        Request {
+            kind: req.kind.into(),
+            method: text(wit::Fields::METHOD, &req.method),
+            scheme: text(wit::Fields::SCHEME, &req.scheme),
+            authority: text(wit::Fields::AUTHORITY, &req.authority),
+            path: text(wit::Fields::PATH, &req.path),
+            query: text(wit::Fields::QUERY, &req.query),
+            headers,
+            client_addr: self
+                .client_addr
+                .as_deref()
+                .filter(|_| read(wit::Fields::CLIENT_ADDR)),
+            client_ip: self
+                .client_ip
+                .as_deref()
+                .filter(|_| read(wit::Fields::CLIENT_IP)),
+            tls: (req.tls.as_ref())
+                .filter(|_| read(wit::Fields::TLS))
+                .map(|t| wit::TlsInfo {
+                    sni: t.sni.as_deref(),
+                    alpn: t.alpn.as_deref(),
+                    client_cert_subject: t.client_cert_subject.as_deref(),
+                    client_cert_names: &self.cert_names,
+                }),
+            route: text(wit::Fields::ROUTE, &req.route),
+            tenant: (self.tenant.as_deref())
+                .or(req.tenant.as_deref())
+                .filter(|_| read(wit::Fields::TENANT)),
+            subprotocols: self
+                .subprotocols
+                .as_deref()
+                .filter(|_| read(wit::Fields::SUBPROTOCOLS)),
+        }
     }
 }
 
-impl From<&CloseInfo> for wit::CloseInfo {
-    fn from(info: &CloseInfo) -> Self {
+impl<'a> From<&'a CloseInfo> for wit::CloseInfo<'a> {
+    fn from(info: &'a CloseInfo) -> Self {
         wit::CloseInfo {
             kind: info.kind.into(),
-            route: info.route.clone(),
-            tenant: info.tenant.clone(),
-            upstream: info.upstream.clone(),
+            route: &info.route,
+            tenant: info.tenant.as_deref(),
+            upstream: info.upstream.as_deref(),
             duration_ms: u64::try_from(info.duration.as_millis()).unwrap_or(u64::MAX),
             bytes_from_client: info.bytes_from_client,
             bytes_to_client: info.bytes_to_client,
@@ -116,7 +168,7 @@ impl From<&CloseInfo> for wit::CloseInfo {
 }
 
 /// What a header map would take, checked without making one (that copies every value).
-fn valid_header(h: &wit::Header) -> Result<(), String> {
+fn valid_header(h: &wit::HeaderResult) -> Result<(), String> {
     valid_name(&h.name)?;
     match is_field_value(h.value.as_bytes()) {
         true => Ok(()),
@@ -155,33 +207,34 @@ pub(super) fn validate(decision: &Decision) -> Result<(), String> {
     }
 }
 
-/// Apply a plugin's `continue` to the request the next plugin sees (headers
-/// and tenant), and fold it into the chain's accumulated mutations. Names are
-/// lower-cased, as the request's own are, whatever case the plugin used.
-pub(super) fn accumulate(m: wit::Mutations, req: &mut Request, acc: &mut Mutations) {
+/// Apply a plugin's `continue` to what the next plugin sees (headers and tenant), and
+/// fold it into the chain's accumulated mutations. Names are lower-cased, as the
+/// request's own are, whatever case the plugin used.
+pub(super) fn accumulate(m: wit::Mutations, view: &mut View<'_>, acc: &mut Mutations) {
+    let headers = &mut view.headers;
     for op in m.headers {
         let op = match op {
             wit::HeaderOp::Set(mut h) => {
                 h.name.make_ascii_lowercase();
-                req.headers.retain(|x| x.name != h.name);
-                req.headers.push(h.clone());
+                headers.retain(|(n, _)| *n != h.name);
+                headers.push((h.name.clone().into(), h.value.clone().into()));
                 HeaderOp::Set(h.name, h.value)
             }
             wit::HeaderOp::Append(mut h) => {
                 h.name.make_ascii_lowercase();
-                req.headers.push(h.clone());
+                headers.push((h.name.clone().into(), h.value.clone().into()));
                 HeaderOp::Append(h.name, h.value)
             }
             wit::HeaderOp::Remove(name) => {
                 let name = name.to_ascii_lowercase();
-                req.headers.retain(|x| x.name != name);
+                headers.retain(|(n, _)| *n != name);
                 HeaderOp::Remove(name)
             }
         };
         acc.headers.push(op);
     }
     if m.tenant.is_some() {
-        req.tenant.clone_from(&m.tenant);
+        view.tenant.clone_from(&m.tenant);
     }
     let later = [
         (&mut acc.pool, m.pool),
@@ -217,57 +270,117 @@ pub(super) fn denial(d: wit::Denial, plugin: &str, earlier: Mutations) -> ChainD
 mod tests {
     use super::*;
 
-    fn header(name: &str, value: &str) -> wit::Header {
-        wit::Header {
+    fn header(name: &str, value: &str) -> wit::HeaderResult {
+        wit::HeaderResult {
             name: name.into(),
             value: value.into(),
         }
     }
 
-    #[test]
-    fn accumulated_header_names_are_lower_case() {
-        let info = RequestInfo {
+    fn info() -> RequestInfo {
+        RequestInfo {
             kind: RequestKind::WebSocket,
             method: "GET".into(),
             scheme: "http".into(),
             authority: "a.example".into(),
-            path: "/".into(),
+            path: "/p".into(),
             query: String::new(),
-            headers: vec![("X-User".into(), "spoofed".into())],
+            headers: vec![
+                ("X-User".into(), "spoofed".into()),
+                ("origin".into(), "https://a.example".into()),
+            ],
             client_addr: "127.0.0.1:1".parse().unwrap(),
             tls: None,
             route: "r".into(),
             tenant: None,
-            subprotocols: Vec::new(),
-        };
-        let mut req = request(&info, None, None);
-        let m = wit::Mutations {
-            headers: vec![
-                wit::HeaderOp::Set(header("X-User", "alice")),
-                wit::HeaderOp::Append(header("X-Tag", "a")),
-            ],
+            subprotocols: vec!["chat".into()],
+        }
+    }
+
+    fn continuing(headers: Vec<wit::HeaderOp>, tenant: Option<&str>) -> wit::Mutations {
+        wit::Mutations {
+            headers,
             pool: None,
-            tenant: None,
+            tenant: tenant.map(Into::into),
             sticky_key: None,
             subprotocol: None,
             log_fields: Vec::new(),
             reuse_ms: 0,
-        };
+        }
+    }
+
+    fn shown(view: &View<'_>, wanted: Option<&[String]>) -> Vec<(String, String)> {
+        (view.headers(wanted).iter())
+            .map(|h| (h.name.to_owned(), h.value.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn accumulated_header_names_are_lower_case() {
+        let info = info();
+        let mut view = View::new(&info, None);
+        let m = continuing(
+            vec![
+                wit::HeaderOp::Set(header("X-User", "alice")),
+                wit::HeaderOp::Append(header("X-Tag", "a")),
+            ],
+            None,
+        );
         let mut acc = Mutations::default();
-        accumulate(m, &mut req, &mut acc);
+        accumulate(m, &mut view, &mut acc);
         // The client's `X-User` is replaced, not kept beside the plugin's.
-        let seen: Vec<(&str, &str)> = req
-            .headers
-            .iter()
-            .map(|h| (h.name.as_str(), h.value.as_str()))
-            .collect();
-        assert_eq!(seen, [("x-user", "alice"), ("x-tag", "a")]);
+        let seen = shown(&view, None);
+        let seen: Vec<(&str, &str)> = seen.iter().map(|(n, v)| (&**n, &**v)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("origin", "https://a.example"),
+                ("x-user", "alice"),
+                ("x-tag", "a")
+            ]
+        );
         assert_eq!(
             acc.headers,
             [
                 HeaderOp::Set("x-user".into(), "alice".into()),
                 HeaderOp::Append("x-tag".into(), "a".into())
             ]
+        );
+    }
+
+    #[test]
+    fn each_plugin_is_shown_what_it_reads_as_the_plugins_before_left_it() {
+        let info = info();
+        let mut view = View::new(&info, None);
+        let origin = ["origin".to_owned()];
+        let headers = view.headers(Some(&origin));
+        let req = view.request(&headers, Some(wit::Fields::PATH));
+        assert_eq!(req.headers.len(), 1);
+        assert_eq!(
+            (req.headers[0].name, req.headers[0].value),
+            ("origin", "https://a.example")
+        );
+        assert_eq!((req.path, req.method, req.query), (Some("/p"), None, None));
+        assert_eq!(
+            (req.client_ip, req.subprotocols, req.tenant),
+            (None, None, None)
+        );
+        // Every field read: the ones the view writes once are shown too.
+        let req = view.request(&headers, None);
+        assert_eq!(req.client_ip, Some("127.0.0.1"));
+        assert_eq!(req.client_addr, Some("127.0.0.1:1"));
+        assert_eq!(req.subprotocols, Some(&["chat"][..]));
+        drop(headers);
+        // A later plugin sees an earlier one's tenant and header changes.
+        let m = continuing(vec![wit::HeaderOp::Remove("Origin".into())], Some("t1"));
+        accumulate(m, &mut view, &mut Mutations::default());
+        let headers = view.headers(Some(&origin));
+        let req = view.request(&headers, Some(wit::Fields::TENANT));
+        assert!(req.headers.is_empty());
+        assert_eq!(req.tenant, Some("t1"));
+        assert_eq!(
+            view.request(&headers, Some(wit::Fields::empty())).tenant,
+            None
         );
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::Plugin;
 use super::bindings::wit::{self, Fields};
-use super::bindings::{self, Decision, Request};
+use super::bindings::{self, Decision};
 use super::types::{ChainDecision, CloseInfo, Denial, Fault, Mutations, RequestInfo};
 
 /// Status answered when a fail-closed plugin faults.
@@ -87,15 +87,13 @@ impl Chain {
         if self.plugins.is_empty() {
             return ChainDecision::Continue(acc);
         }
-        // Only what some plugin of the chain reads (the tenant always, since a
-        // plugin may set it for the later ones).
-        let mut view = bindings::request(req, self.fields, self.headers.as_deref());
+        let mut view = bindings::View::new(req, self.fields);
         for plugin in &self.plugins {
-            // Only the headers and fields it reads are lowered into the plugin; the
-            // others wait aside (each costs a guest allocation and a copy per call).
-            let aside = hide(&mut view, plugin.headers(), plugin.fields());
-            let decision = plugin.pool.on_request(&view).await;
-            restore(&mut view, aside);
+            let headers = view.headers(plugin.headers());
+            let decision = (plugin.pool)
+                .on_request(view.request(&headers, plugin.fields()))
+                .await;
+            drop(headers);
             match decision {
                 Ok(Decision::Continue(m)) => bindings::accumulate(m, &mut view, &mut acc),
                 Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name(), acc),
@@ -116,103 +114,13 @@ impl Chain {
         if !self.wants_close {
             return;
         }
-        let info = info.into();
+        let info: wit::CloseInfo<'_> = info.into();
         for plugin in self.plugins.iter().filter(|p| p.wants_close()) {
-            if let Err(fault) = plugin.pool.on_close(&info).await {
+            if let Err(fault) = plugin.pool.on_close(info.clone()).await {
                 report(plugin, "on-close", &fault);
             }
         }
     }
-}
-
-/// What [`hide`] took out of a view: the fields a plugin left out, in a request of
-/// their own, and the headers it did not name with the places they had.
-struct Aside {
-    fields: Request,
-    headers: Vec<(usize, wit::Header)>,
-}
-
-/// Takes out of `view` what a plugin does not read: the headers it did not name in
-/// `wanted` (lower-case, as the view's names are; the rest keep their order) and the
-/// fields `reads` leaves out (`None`: it reads all). Moved, not copied; [`restore`]
-/// puts them back.
-fn hide(view: &mut Request, wanted: Option<&[String]>, reads: Option<Fields>) -> Aside {
-    let mut aside = Aside {
-        fields: nothing(view.kind),
-        headers: Vec::new(),
-    };
-    if let Some(wanted) = wanted
-        && !view.headers.iter().all(|h| wanted.contains(&h.name))
-    {
-        let all = std::mem::take(&mut view.headers);
-        for (at, header) in all.into_iter().enumerate() {
-            match wanted.contains(&header.name) {
-                true => view.headers.push(header),
-                false => aside.headers.push((at, header)),
-            }
-        }
-    }
-    if let Some(reads) = reads {
-        macro_rules! take_unread {
-            ($($flag:ident => $field:ident),*) => {$(
-                if !reads.contains(Fields::$flag) {
-                    aside.fields.$field = view.$field.take();
-                }
-            )*};
-        }
-        take_unread!(
-            METHOD => method, SCHEME => scheme, AUTHORITY => authority, PATH => path,
-            QUERY => query, CLIENT_ADDR => client_addr,
-            CLIENT_IP => client_ip, TLS => tls, ROUTE => route,
-            TENANT => tenant, SUBPROTOCOLS => subprotocols
-        );
-    }
-    aside
-}
-
-/// A request of `kind` with no headers and every field `none`.
-fn nothing(kind: wit::RequestKind) -> Request {
-    Request {
-        kind,
-        method: None,
-        scheme: None,
-        authority: None,
-        path: None,
-        query: None,
-        headers: Vec::new(),
-        client_addr: None,
-        client_ip: None,
-        tls: None,
-        route: None,
-        tenant: None,
-        subprotocols: None,
-    }
-}
-
-/// Puts back what [`hide`] took out of `view`, each header in its place.
-fn restore(view: &mut Request, aside: Aside) {
-    // In ascending places: each lands where it was, before the ones after it return.
-    for (at, header) in aside.headers {
-        view.headers.insert(at, header);
-    }
-    let aside = aside.fields;
-    // A field is either in the view or aside, never both.
-    macro_rules! put_back {
-        ($($field:ident),*) => {$( view.$field = view.$field.take().or(aside.$field); )*};
-    }
-    put_back!(
-        method,
-        scheme,
-        authority,
-        path,
-        query,
-        client_addr,
-        client_ip,
-        tls,
-        route,
-        tenant,
-        subprotocols
-    );
 }
 
 fn report(plugin: &Plugin, hook: &str, fault: &Fault) {
@@ -235,46 +143,4 @@ fn fail_closed(plugin: &Plugin, fault: Fault, earlier: Mutations) -> ChainDecisi
         plugin: plugin.name().to_owned(),
         fault: Some(fault),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bindings::header;
-    use super::*;
-
-    #[test]
-    fn hidden_headers_and_fields_come_back_in_their_places() {
-        let headers = vec![
-            header("a", "1"),
-            header("b", "2"),
-            header("a", "3"),
-            header("c", "4"),
-            header("b", "5"),
-        ];
-        let mut view = Request {
-            method: Some("GET".into()),
-            path: Some("/p".into()),
-            headers: headers.clone(),
-            ..nothing(wit::RequestKind::Websocket)
-        };
-        // The generated types have no `PartialEq`; their `Debug` shows every field.
-        let shown = |r: &Request| format!("{r:?}");
-        let original = shown(&view);
-        let wanted = ["b".to_owned()];
-        let aside = hide(&mut view, Some(&wanted), Some(Fields::PATH));
-        let values: Vec<&str> = view.headers.iter().map(|h| h.value.as_str()).collect();
-        assert_eq!(values, ["2", "5"]);
-        assert_eq!(
-            (view.method.as_deref(), view.path.as_deref()),
-            (None, Some("/p"))
-        );
-        restore(&mut view, aside);
-        assert_eq!(shown(&view), original);
-        // Every header wanted, every field read: nothing moves.
-        let all = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
-        let aside = hide(&mut view, Some(&all), None);
-        assert_eq!(shown(&view), original);
-        restore(&mut view, aside);
-        assert_eq!(format!("{:?}", view.headers), format!("{headers:?}"));
-    }
 }

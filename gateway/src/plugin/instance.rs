@@ -327,12 +327,12 @@ impl InstancePool {
 
     /// Call `on-request`, or give again the decision it returned for the same
     /// inputs when it allowed that (`reuse-ms`).
-    pub(super) async fn on_request(&self, req: &Request) -> Result<Decision, Fault> {
+    pub(super) async fn on_request(&self, req: Request<'_>) -> Result<Decision, Fault> {
         let now = Instant::now();
         // A decision made on an older copy of a watched document is not given again.
         let generation = self.shared.documents.generation();
         let reuse = self.reuse.get();
-        let key = reuse.and_then(|reuse| reuse.key(req));
+        let key = reuse.and_then(|reuse| reuse.key(&req));
         if let Some(decision) = key
             .as_ref()
             .and_then(|key| reuse?.get(key, now, generation))
@@ -343,8 +343,11 @@ impl InstancePool {
         }
         let (_permit, mut inst) = self.checkout().await?;
         arm(&mut inst.store, self.budget_ticks);
-        inst.store.data_mut().tenant.clone_from(&req.tenant);
-        let result = inst.plugin.call_on_request(&mut inst.store, req).await;
+        inst.store.data_mut().tenant = req.tenant.map(str::to_owned);
+        let result = inst
+            .plugin
+            .call_on_request(&mut inst.store, req.clone())
+            .await;
         self.latency.observe(now.elapsed());
         let decision = self.settle(inst, result)?;
         if let Err(reason) = bindings::validate(&decision) {
@@ -356,7 +359,7 @@ impl InstancePool {
             let reuse = self
                 .reuse
                 .get_or_init(|| Reuse::new(self.limits.max_reused));
-            if let Some(key) = key.or_else(|| reuse.key(req)) {
+            if let Some(key) = key.or_else(|| reuse.key(&req)) {
                 reuse.put(key, &decision, now, ms, generation);
             }
         }
@@ -370,10 +373,10 @@ impl InstancePool {
     }
 
     /// Call `on-close`.
-    pub(super) async fn on_close(&self, info: &wit::CloseInfo) -> Result<(), Fault> {
+    pub(super) async fn on_close(&self, info: wit::CloseInfo<'_>) -> Result<(), Fault> {
         let (_permit, mut inst) = self.checkout().await?;
         arm(&mut inst.store, self.budget_ticks);
-        inst.store.data_mut().tenant.clone_from(&info.tenant);
+        inst.store.data_mut().tenant = info.tenant.map(str::to_owned);
         let result = inst.plugin.call_on_close(&mut inst.store, info).await;
         self.settle(inst, result)
     }

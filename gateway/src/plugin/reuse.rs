@@ -51,7 +51,7 @@ impl Reuse {
     }
 
     /// The key of `req` as the plugin sees it; `None` when it is too long to keep.
-    pub(super) fn key(&self, req: &Request) -> Option<Key> {
+    pub(super) fn key(&self, req: &Request<'_>) -> Option<Key> {
         let mut bytes = Vec::with_capacity(256);
         serialise(req, &mut bytes);
         if bytes.len() > MAX_KEY_BYTES {
@@ -106,7 +106,7 @@ pub(super) fn reuse_ms(decision: &Decision) -> u32 {
 
 /// Every input of `req`, each length-prefixed and each option tagged, so two
 /// requests serialise alike only when the plugin would see them alike.
-fn serialise(req: &Request, out: &mut Vec<u8>) {
+fn serialise(req: &Request<'_>, out: &mut Vec<u8>) {
     fn count(out: &mut Vec<u8>, n: usize) {
         out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
     }
@@ -127,38 +127,32 @@ fn serialise(req: &Request, out: &mut Vec<u8>) {
         wit::RequestKind::Websocket => 0,
         wit::RequestKind::Http => 1,
     });
-    for field in [
-        &req.method,
-        &req.scheme,
-        &req.authority,
-        &req.path,
-        &req.query,
-    ] {
-        opt(out, field.as_deref());
+    for field in [req.method, req.scheme, req.authority, req.path, req.query] {
+        opt(out, field);
     }
     count(out, req.headers.len());
-    for h in &req.headers {
-        text(out, &h.name);
-        text(out, &h.value);
+    for h in req.headers {
+        text(out, h.name);
+        text(out, h.value);
     }
-    opt(out, req.client_addr.as_deref());
-    opt(out, req.client_ip.as_deref());
+    opt(out, req.client_addr);
+    opt(out, req.client_ip);
     match &req.tls {
         None => out.push(0),
         Some(tls) => {
             out.push(1);
-            for field in [&tls.sni, &tls.alpn, &tls.client_cert_subject] {
-                opt(out, field.as_deref());
+            for field in [tls.sni, tls.alpn, tls.client_cert_subject] {
+                opt(out, field);
             }
             count(out, tls.client_cert_names.len());
-            for name in &tls.client_cert_names {
+            for name in tls.client_cert_names {
                 text(out, name);
             }
         }
     }
-    opt(out, req.route.as_deref());
-    opt(out, req.tenant.as_deref());
-    match &req.subprotocols {
+    opt(out, req.route);
+    opt(out, req.tenant);
+    match req.subprotocols {
         None => out.push(0),
         Some(list) => {
             out.push(1);
