@@ -86,6 +86,38 @@ fn check_accepts_a_valid_config() {
 }
 
 #[test]
+fn check_opens_capture_files_and_leaves_none_behind() {
+    let dir = TempDir::new();
+    let route = "[[routes]]\nname = \"main\"\n";
+    let with_capture = |file: &str| {
+        BASE.replace("[[routes]]\n", route) + &format!("capture = {{ file = {file:?} }}\n")
+    };
+    // A file that cannot be created: the route and the file are named.
+    let path = dir.write("sluice.toml", &with_capture("missing-dir/capture.jsonl"));
+    let file = dir.path().join("missing-dir/capture.jsonl");
+    assert_fails_at(
+        "check",
+        &path,
+        &format!(
+            "error: {}: route `main`: capture file {}: No such file or directory (os error 2)",
+            path.display(),
+            file.display()
+        ),
+    );
+    // One that can: accepted, and not left behind.
+    let path = dir.write("sluice.toml", &with_capture("capture.jsonl"));
+    let out = sluice("check", &path);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(!dir.path().join("capture.jsonl").exists());
+    // One that exists is kept as it is.
+    dir.write("capture.jsonl", "{}\n");
+    let out = sluice("check", &path);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let kept = std::fs::read_to_string(dir.path().join("capture.jsonl")).unwrap();
+    assert_eq!(kept, "{}\n");
+}
+
+#[test]
 fn check_reports_an_unknown_field_with_file_line_and_field() {
     assert_fails(
         "check",

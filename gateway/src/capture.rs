@@ -412,6 +412,29 @@ fn open_file(config: &CaptureConfig) -> Result<(File, u64, Option<Identity>), Ca
     Ok((file, size, identity))
 }
 
+/// Whether `config.file` can be opened as [`Capture::open`] opens it, leaving nothing
+/// behind: `sluice check`'s test of a capture path (a file it had to create is removed).
+pub fn check(config: &CaptureConfig) -> Result<(), CaptureError> {
+    let open = |create_new| {
+        OpenOptions::new()
+            .append(true)
+            .create_new(create_new)
+            .open(&config.file)
+    };
+    let opened = match open(true) {
+        Ok(file) => {
+            drop(file);
+            std::fs::remove_file(&config.file)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open(false).map(drop),
+        Err(e) => Err(e),
+    };
+    opened.map_err(|source| CaptureError::Open {
+        file: config.file.clone(),
+        source,
+    })
+}
+
 impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry").field("ts_ms", &self.ts_ms).finish()

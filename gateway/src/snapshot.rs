@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::Pool;
-use crate::capture::{Capture, CaptureError};
+use crate::capture::{self, Capture, CaptureError};
 use crate::config::{Config, ListenerTls, PluginConfig};
 use crate::health;
 use crate::limit::{self, Limiter};
@@ -241,10 +241,19 @@ impl Snapshot {
     }
 
     /// Builds what `sluice check` checks beyond the config file itself: each TLS
-    /// listener's and pool's rustls settings, and every plugin loaded once (compile +
+    /// listener's and pool's rustls settings, each route's capture file opened (and
+    /// removed again if it had to be created), and every plugin loaded once (compile +
     /// `init`); nothing is started.
     pub async fn check(config: &Config) -> Result<(), LoadError> {
         Tls::build(config)?;
+        for route in &config.routes {
+            if let Some(wanted) = &route.capture {
+                capture::check(wanted).map_err(|source| LoadError::Capture {
+                    route: route.name.clone(),
+                    source,
+                })?;
+            }
+        }
         if config.plugins.is_empty() {
             return Ok(());
         }
