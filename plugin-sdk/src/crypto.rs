@@ -43,6 +43,8 @@ use crate::bindings::sluice::plugin::crypto as imp;
 /// The native stand-in for the `crypto` import, on the RustCrypto crates.
 #[cfg(not(target_arch = "wasm32"))]
 mod imp {
+    use std::cell::Cell;
+
     use hmac::{Hmac, Mac as _};
     use p256::ecdsa::signature::Verifier as _;
     use rsa::pkcs1::DecodeRsaPublicKey as _;
@@ -52,6 +54,11 @@ mod imp {
     use super::Algorithm;
 
     const MAX_MATERIAL: usize = 16 * 1024;
+    /// Keys one instance may hold at once, as the gateway bounds them; natively, a thread
+    /// stands for an instance.
+    pub(super) const MAX_KEYS: usize = 1024;
+
+    thread_local!(static LIVE: Cell<usize> = const { Cell::new(0) });
 
     #[derive(Debug)]
     pub(super) enum Key {
@@ -60,8 +67,23 @@ mod imp {
         Ec(p256::ecdsa::VerifyingKey),
     }
 
+    impl Drop for Key {
+        fn drop(&mut self) {
+            LIVE.with(|live| live.set(live.get().saturating_sub(1)));
+        }
+    }
+
     impl Key {
         pub(super) fn parse(algorithm: Algorithm, material: &[u8]) -> Result<Self, String> {
+            if LIVE.with(Cell::get) >= MAX_KEYS {
+                return Err(format!("this instance already holds {MAX_KEYS} keys"));
+            }
+            let key = Self::parse_material(algorithm, material)?;
+            LIVE.with(|live| live.set(live.get() + 1));
+            Ok(key)
+        }
+
+        fn parse_material(algorithm: Algorithm, material: &[u8]) -> Result<Self, String> {
             if material.len() > MAX_MATERIAL {
                 return Err(format!(
                     "key material is {} bytes, over the {MAX_MATERIAL}-byte bound",
@@ -133,5 +155,19 @@ mod tests {
         );
         let hmac = Key::new(Algorithm::HmacSha256, b"secret").expect("any bytes are a secret");
         assert!(!hmac.verify(b"message", &[0; 32]));
+    }
+
+    #[test]
+    fn an_instance_holds_at_most_1024_keys_as_in_the_gateway() {
+        // Each test runs on a thread of its own: this one's keys are all its own.
+        let make = || Key::new(Algorithm::HmacSha256, b"secret");
+        let mut held: Vec<Key> = (0..imp::MAX_KEYS).map(|_| make().unwrap()).collect();
+        assert_eq!(
+            make().err().as_deref(),
+            Some("this instance already holds 1024 keys")
+        );
+        // A key dropped frees its place.
+        held.pop();
+        held.push(make().expect("a place was freed"));
     }
 }
