@@ -86,7 +86,7 @@ fn check_accepts_a_valid_config() {
 }
 
 #[test]
-fn check_opens_capture_files_and_leaves_none_behind() {
+fn check_opens_capture_and_access_files_and_leaves_none_behind() {
     let dir = TempDir::new();
     let route = "[[routes]]\nname = \"main\"\n";
     let with_capture = |file: &str| {
@@ -115,6 +115,23 @@ fn check_opens_capture_files_and_leaves_none_behind() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let kept = std::fs::read_to_string(dir.path().join("capture.jsonl")).unwrap();
     assert_eq!(kept, "{}\n");
+    // The access log likewise.
+    let with_access = |file: &str| format!("{BASE}\n[log]\naccess_file = {file:?}\n");
+    let path = dir.write("sluice.toml", &with_access("missing-dir/access.log"));
+    let file = dir.path().join("missing-dir/access.log");
+    assert_fails_at(
+        "check",
+        &path,
+        &format!(
+            "error: {}: log.access_file: cannot open {}: No such file or directory (os error 2)",
+            path.display(),
+            file.display()
+        ),
+    );
+    let path = dir.write("sluice.toml", &with_access("access.log"));
+    let out = sluice("check", &path);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(!dir.path().join("access.log").exists());
 }
 
 #[test]

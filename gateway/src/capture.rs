@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -413,26 +413,32 @@ fn open_file(config: &CaptureConfig) -> Result<(File, u64, Option<Identity>), Ca
 }
 
 /// Whether `config.file` can be opened as [`Capture::open`] opens it, leaving nothing
-/// behind: `sluice check`'s test of a capture path (a file it had to create is removed).
+/// behind: `sluice check`'s test of a capture path.
 pub fn check(config: &CaptureConfig) -> Result<(), CaptureError> {
+    appendable(&config.file).map_err(|source| CaptureError::Open {
+        file: config.file.clone(),
+        source,
+    })
+}
+
+/// Whether `path` can be opened for appending (created if missing), leaving nothing
+/// behind: a file it had to create is removed again, an existing one is not changed.
+/// What `sluice check` asks of the files `run` would open.
+pub fn appendable(path: &Path) -> std::io::Result<()> {
     let open = |create_new| {
         OpenOptions::new()
             .append(true)
             .create_new(create_new)
-            .open(&config.file)
+            .open(path)
     };
-    let opened = match open(true) {
+    match open(true) {
         Ok(file) => {
             drop(file);
-            std::fs::remove_file(&config.file)
+            std::fs::remove_file(path)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open(false).map(drop),
         Err(e) => Err(e),
-    };
-    opened.map_err(|source| CaptureError::Open {
-        file: config.file.clone(),
-        source,
-    })
+    }
 }
 
 impl std::fmt::Debug for Entry {

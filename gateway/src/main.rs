@@ -138,8 +138,13 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     if let Command::Check { .. } = cli.command {
-        // TLS settings built and plugins compiled and their `init` run, as `run` would.
+        // TLS settings built, plugins compiled and their `init` run, and the capture and
+        // access files opened, as `run` would.
         if let Err(e) = runtime.block_on(sluice::snapshot::Snapshot::check(&config)) {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = sluice::control::check_log_files(&config) {
             eprintln!("error: {}: {e}", path.display());
             return ExitCode::FAILURE;
         }

@@ -14,6 +14,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry, reload};
 
 use crate::access;
+use crate::capture::appendable;
 use crate::config::{Config, LogFormat};
 
 /// The access-log file, when one is configured; reopened in place.
@@ -61,6 +62,18 @@ pub enum LogError {
     /// A setting that only a restart applies.
     #[error("log.format: changing the log format needs a restart")]
     Format,
+}
+
+/// Whether the access file `config` names can be opened, leaving nothing behind
+/// (`sluice check`).
+pub fn check_files(config: &Config) -> Result<(), LogError> {
+    match &config.log.access_file {
+        Some(path) => appendable(path).map_err(|source| LogError::AccessFile {
+            path: path.clone(),
+            source,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn open(path: &Path) -> Result<File, LogError> {

@@ -20,7 +20,7 @@ use crate::admin::{self, Admin};
 use crate::config::Config;
 use crate::state::{Command, Gateway, ReloadEvent, Trigger};
 use listeners::{Listeners, Workers};
-pub use logs::{LogError, Logs, init as init_logging};
+pub use logs::{LogError, Logs, check_files as check_log_files, init as init_logging};
 use watch::Watch;
 
 /// Runs the gateway until SIGTERM/SIGINT or `POST /drain`, then drains tunnels for the
