@@ -87,51 +87,45 @@ fn check_accepts_a_valid_config() {
 
 #[test]
 fn check_opens_capture_and_access_files_and_leaves_none_behind() {
+    fn with_capture(file: &str) -> String {
+        BASE.replace("[[routes]]\n", "[[routes]]\nname = \"main\"\n")
+            + &format!("capture = {{ file = {file:?} }}\n")
+    }
+    fn with_access(file: &str) -> String {
+        format!("{BASE}\n[log]\naccess_file = {file:?}\n")
+    }
+    /// A config naming a file, the file's name, and how an error names it.
+    type Case = (fn(&str) -> String, &'static str, &'static str);
+    let cases: [Case; 2] = [
+        (with_capture, "capture.jsonl", "route `main`: capture file"),
+        (with_access, "access.log", "log.access_file: cannot open"),
+    ];
     let dir = TempDir::new();
-    let route = "[[routes]]\nname = \"main\"\n";
-    let with_capture = |file: &str| {
-        BASE.replace("[[routes]]\n", route) + &format!("capture = {{ file = {file:?} }}\n")
-    };
-    // A file that cannot be created: the route and the file are named.
-    let path = dir.write("sluice.toml", &with_capture("missing-dir/capture.jsonl"));
-    let file = dir.path().join("missing-dir/capture.jsonl");
-    assert_fails_at(
-        "check",
-        &path,
-        &format!(
-            "error: {}: route `main`: capture file {}: No such file or directory (os error 2)",
-            path.display(),
-            file.display()
-        ),
-    );
-    // One that can: accepted, and not left behind.
-    let path = dir.write("sluice.toml", &with_capture("capture.jsonl"));
-    let out = sluice("check", &path);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(!dir.path().join("capture.jsonl").exists());
-    // One that exists is kept as it is.
-    dir.write("capture.jsonl", "{}\n");
-    let out = sluice("check", &path);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let kept = std::fs::read_to_string(dir.path().join("capture.jsonl")).unwrap();
-    assert_eq!(kept, "{}\n");
-    // The access log likewise.
-    let with_access = |file: &str| format!("{BASE}\n[log]\naccess_file = {file:?}\n");
-    let path = dir.write("sluice.toml", &with_access("missing-dir/access.log"));
-    let file = dir.path().join("missing-dir/access.log");
-    assert_fails_at(
-        "check",
-        &path,
-        &format!(
-            "error: {}: log.access_file: cannot open {}: No such file or directory (os error 2)",
-            path.display(),
-            file.display()
-        ),
-    );
-    let path = dir.write("sluice.toml", &with_access("access.log"));
-    let out = sluice("check", &path);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(!dir.path().join("access.log").exists());
+    for (config, name, names) in cases {
+        // A file that cannot be created: what it is and where are named.
+        let path = dir.write("sluice.toml", &config(&format!("missing-dir/{name}")));
+        let file = dir.path().join("missing-dir").join(name);
+        assert_fails_at(
+            "check",
+            &path,
+            &format!(
+                "error: {}: {names} {}: No such file or directory (os error 2)",
+                path.display(),
+                file.display()
+            ),
+        );
+        // One that can: accepted, and not left behind.
+        let path = dir.write("sluice.toml", &config(name));
+        let out = sluice("check", &path);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(!dir.path().join(name).exists(), "{name}");
+        // One that exists is kept as it is.
+        dir.write(name, "{}\n");
+        let out = sluice("check", &path);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let kept = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(kept, "{}\n", "{name}");
+    }
 }
 
 #[test]
