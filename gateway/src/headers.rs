@@ -347,6 +347,10 @@ pub fn push_upgrade_fields(
         lines.push(out, name, value);
     }
     out.extend_from_slice(b"connection: Upgrade\r\nupgrade: websocket\r\n");
+    // The gateway's own fields by literal name, as `X_FORWARDED_*` and `header::HOST`
+    // spell them: `lines` may hold a name back for an edit, which a name borrowed from a
+    // constant `HeaderName` cannot outlive (binding the constants to locals costs their
+    // drops on every upgrade).
     let xff = b"x-forwarded-for";
     if lines.changes(xff) {
         push_ip(&mut chain, client.ip());

@@ -63,7 +63,7 @@ pub(super) struct View<'r> {
 impl<'r> View<'r> {
     /// The view of `req` for a chain whose plugins read `fields` (`None`: all).
     pub(super) fn new(req: &'r RequestInfo, fields: Option<wit::Fields>) -> Self {
-        let read = |f: wit::Fields| fields.is_none_or(|fields| fields.contains(f));
+        let read = |f| reads(fields, f);
         // Lower-case already when the policy stage made `req`; a replayed capture may say
         // otherwise.
         let name = |n: &'r String| match n.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -106,7 +106,7 @@ impl<'r> View<'r> {
         fields: Option<wit::Fields>,
     ) -> Request<'a> {
         let req = self.req;
-        let read = |f: wit::Fields| fields.is_none_or(|fields| fields.contains(f));
+        let read = |f| reads(fields, f);
         let text = |f: wit::Fields, s: &'a str| read(f).then_some(s);
         Request {
             kind: req.kind.into(),
@@ -142,6 +142,11 @@ impl<'r> View<'r> {
                 .filter(|_| read(wit::Fields::SUBPROTOCOLS)),
         }
     }
+}
+
+/// Whether a plugin (or chain) that reads `fields` (`None`: all) reads `field`.
+fn reads(fields: Option<wit::Fields>, field: wit::Fields) -> bool {
+    fields.is_none_or(|fields| fields.contains(field))
 }
 
 impl<'a> From<&'a CloseInfo> for wit::CloseInfo<'a> {
