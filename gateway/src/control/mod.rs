@@ -47,8 +47,9 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
         Some(a) => Some(admin::bind(a.bind)?),
         None => None,
     };
-    let watch_cfg = config.reload;
-    let watched = watched_files(&path, &config);
+    // The watch starts before the listeners announce `listening`: a file replaced once
+    // the gateway is up must be seen, however soon after.
+    let mut watch = start_watch(config.reload, &watched_files(&path, &config), &commands);
     let gw = Arc::new(
         Gateway::start(
             config,
@@ -65,7 +66,6 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
         return Err(e);
     }
     let mut admin = admin_listener.map(|l| Admin::start(gw.clone(), l));
-    let mut watch = start_watch(watch_cfg, &watched, &commands);
     gw.record_reload(ReloadEvent {
         at: SystemTime::now(),
         trigger: Trigger::Start,
