@@ -5,9 +5,9 @@
 //! Why a front at all: a plugin allocates a few dozen small blocks per call (the
 //! request the gateway lowers into it, serde's strings, the decision it returns) and
 //! frees all of them at the call's end. talc splits and coalesces on every one of
-//! them, about 400 wasm instructions per allocate-and-free pair, a fifth of the
-//! four-plugin chain's guest work (bench/README.md); a free-list pop and push is
-//! about twenty. A freed small block goes back to its class's list and is never
+//! them, about 400 machine instructions per allocate-and-free pair, a fifth of the
+//! four-plugin chain's guest work (bench/README.md); a free-list pop and push take
+//! about 90. A freed small block goes back to its class's list and is never
 //! returned to the general allocator, so an instance keeps its peak of small blocks;
 //! the gateway bounds an instance's memory (and throws instances away after faults).
 //!
