@@ -140,11 +140,11 @@ fn main() -> ExitCode {
     if let Command::Check { .. } = cli.command {
         // TLS settings built, plugins compiled and their `init` run, and the capture and
         // access files opened, as `run` would.
-        if let Err(e) = runtime.block_on(sluice::snapshot::Snapshot::check(&config)) {
-            eprintln!("error: {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-        if let Err(e) = sluice::control::check_log_files(&config) {
+        let checked = runtime
+            .block_on(sluice::snapshot::Snapshot::check(&config))
+            .map_err(|e| e.to_string())
+            .and_then(|()| sluice::control::check_log_files(&config).map_err(|e| e.to_string()));
+        if let Err(e) = checked {
             eprintln!("error: {}: {e}", path.display());
             return ExitCode::FAILURE;
         }
