@@ -94,6 +94,10 @@ pub(super) struct Shared {
     until: Option<Instant>,
     /// Tunnel slots this gateway holds in Redis (at least the tunnels open).
     claimed: u32,
+    /// Claims sent to Redis and not yet answered. A renewal counts them in what it
+    /// writes: written without them, a renewal that lands after a claim's grant would
+    /// erase the granted slot from the fleet's count.
+    pending: u32,
     /// What the last renewal wrote, so an unchanged zero is not written again.
     renewed: Option<u32>,
 }
@@ -312,12 +316,14 @@ impl Cluster {
             .arg(1)
             .arg(max)
             .arg(self.config.lease.as_millis() as u64);
-        let got: u32 = self.call(&inv).await?;
+        let in_flight = InFlight::new(tenant);
+        let got: Option<u32> = self.call(&inv).await;
+        drop(in_flight);
         tenant
             .shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .claimed += got;
+            .claimed += got?;
         Some(self.slot_at_hand(tenant))
     }
 
@@ -357,10 +363,13 @@ impl Cluster {
                 let open = u32::try_from(tenant.tunnels.load(Ordering::Relaxed)).unwrap_or(0)
                     * u32::from(keep);
                 s.claimed = open;
-                if open == 0 && s.renewed == Some(0) {
+                // A claim in flight may be granted before or after this write lands: the
+                // slot is counted either way (a refused one is written off next tick).
+                let n = open + s.pending * u32::from(keep);
+                if n == 0 && s.renewed == Some(0) {
                     continue;
                 }
-                open
+                n
             };
             let mut inv = self.renew.key(tunnel_keys(&tenant));
             inv.key(lease_key(&tenant))
@@ -376,6 +385,31 @@ impl Cluster {
                 .unwrap_or_else(|e| e.into_inner())
                 .renewed = Some(written);
         }
+    }
+}
+
+/// A claim of `tenant`'s in flight, counted in its `pending` for as long as it lives
+/// (also when the claim's future is dropped, its client gone).
+struct InFlight<'t>(&'t Tenant);
+
+impl<'t> InFlight<'t> {
+    fn new(tenant: &'t Tenant) -> Self {
+        tenant
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending += 1;
+        InFlight(tenant)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending -= 1;
     }
 }
 
