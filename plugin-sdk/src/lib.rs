@@ -1,7 +1,7 @@
 //! Write Sluice gateway policy plugins in Rust.
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2` against the
-//! `sluice:plugin@0.5.2` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
+//! `sluice:plugin@0.6.0` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
 //! one a plugin author depends on: it holds the bindings, a [`Plugin`] trait
 //! whose hooks have defaults, typed accessors on [`Request`], builders on
 //! [`Decision`], the host helpers in [`host`], one [`export!`] macro, and
@@ -153,8 +153,9 @@ use std::cell::RefCell;
 pub use bindings::sluice::plugin::host::Level;
 pub use bindings::sluice::plugin::types::{
     CloseInfo, CloseReason, Decision, Denial, Fields, Header, HeaderOp, Hooks, Interest, Mutations,
-    Request, RequestKind, TlsInfo,
+    RequestKind,
 };
+pub use request::{Request, Tls};
 
 /// The configuration handed to [`Plugin::init`]: the JSON text of the
 /// plugin's `config` table in the gateway config.
@@ -194,8 +195,8 @@ pub trait Plugin: Sized + 'static {
     /// The request headers [`Plugin::on_request`] reads (names, in any case),
     /// or `None` for all of them. Asked once, right after `init`; the
     /// gateway then hands `on_request` only these headers, which saves
-    /// copying every other header into the plugin for every request (about
-    /// a third of a microsecond each). Default: all. Reading another header
+    /// copying every other header into the plugin for every request.
+    /// Default: all. Reading another header
     /// ([`Request::header`]) panics, naming it.
     ///
     /// Test with [`testing::on_request`], which hides the other headers as
@@ -206,8 +207,8 @@ pub trait Plugin: Sized + 'static {
 
     /// The other fields of the request [`Plugin::on_request`] reads (path,
     /// query, authority, client address, …), or `None` for all of them.
-    /// Asked once, right after `init`; a field left out arrives as `None`,
-    /// which saves a guest allocation and a copy per field per request, and
+    /// Asked once, right after `init`; a field left out is not handed over,
+    /// which saves copying it into the plugin for every request, and
     /// its accessor (e.g. [`Request::path`]) panics, naming the flag to add.
     /// `kind` and the headers are always there. Default: all.
     ///
@@ -387,9 +388,9 @@ pub mod __private {
     }
 
     /// `on-request`.
-    pub fn on_request(req: Request) -> Decision {
+    pub fn on_request(req: crate::bindings::sluice::plugin::types::Request) -> Decision {
         match INSTANCE.with(|slot| slot.borrow().clone()) {
-            Some(plugin) => plugin.on_request(&req),
+            Some(plugin) => plugin.on_request(&Request::from(req)),
             None => Decision::deny(500, "plugin used before init"),
         }
     }
@@ -417,7 +418,9 @@ macro_rules! export {
                 ) -> ::core::result::Result<$crate::Interest, ::std::string::String> {
                     $crate::__private::init::<$plugin>(config, $crate::__close_hook!($plugin))
                 }
-                fn on_request(req: $crate::Request) -> $crate::Decision {
+                fn on_request(
+                    req: $crate::bindings::sluice::plugin::types::Request,
+                ) -> $crate::Decision {
                     $crate::__private::on_request(req)
                 }
                 fn on_close(info: $crate::CloseInfo) {

@@ -9,9 +9,9 @@
 //! assert_eq!(sluice_plugin_sdk::host::now_secs(), 1_700_000_000);
 //! ```
 
-use crate::{
-    CloseInfo, CloseReason, Config, Decision, Fields, Header, Plugin, Request, RequestKind, TlsInfo,
-};
+use crate::bindings::sluice::plugin::types as wire;
+use crate::request::TEXT_FIELDS;
+use crate::{CloseInfo, CloseReason, Config, Decision, Fields, Plugin, Request, RequestKind};
 
 /// Run a plugin's `init` with a JSON config, as the gateway does at load.
 pub fn init<P: Plugin>(config_json: &str) -> Result<P, String> {
@@ -23,15 +23,11 @@ pub fn init<P: Plugin>(config_json: &str) -> Result<P, String> {
 /// [`Plugin::request_fields`] names (all of them for `None`). Reading anything
 /// else panics with a message naming the declaration to add, failing the test.
 pub fn on_request<P: Plugin>(plugin: &P, req: &Request) -> Decision {
-    let mut seen = req.clone();
     let wanted = plugin.request_headers();
-    if let Some(wanted) = &wanted {
-        seen.headers
-            .retain(|h| wanted.iter().any(|w| w.eq_ignore_ascii_case(&h.name)));
-    }
-    if let Some(fields) = plugin.request_fields() {
-        hide(&mut seen, fields);
-    }
+    let fields = plugin.request_fields().unwrap_or_else(Fields::all);
+    let wanted_lower: Option<Vec<String>> =
+        (wanted.as_ref()).map(|w| w.iter().map(|n| n.to_ascii_lowercase()).collect());
+    let seen = Draft::of(req).pack(fields, wanted_lower.as_deref());
     /// Lifts the header declaration when the call ends, even by a panic.
     struct Undeclare;
     impl Drop for Undeclare {
@@ -44,48 +40,153 @@ pub fn on_request<P: Plugin>(plugin: &P, req: &Request) -> Decision {
     plugin.on_request(&seen)
 }
 
-/// Empties the fields of `req` that `fields` leaves out, as the gateway does.
-fn hide(req: &mut Request, fields: Fields) {
-    macro_rules! drop_unread {
-        ($($flag:ident => $field:ident),*) => {$(
-            if !fields.contains(Fields::$flag) {
-                req.$field = None;
-            }
-        )*};
+/// A request's parts, owned: what a [`RequestBuilder`] collects, and what
+/// [`on_request`] narrows to a plugin's declarations.
+#[derive(Debug, Clone)]
+struct Draft {
+    kind: RequestKind,
+    /// The fields given (a built request has all).
+    fields: Fields,
+    /// The text fields' values, in [`TEXT_FIELDS`] order (`tenant`: empty for none).
+    texts: [String; 9],
+    /// SNI, ALPN and client certificate subject (each empty when absent), and the
+    /// certificate's DNS names; `None` on plain text.
+    tls: Option<([String; 3], Vec<String>)>,
+    subprotocols: Vec<String>,
+    headers: Vec<(String, String)>,
+}
+
+impl Draft {
+    /// The parts of `req` (of the fields it was given).
+    fn of(req: &Request) -> Draft {
+        let given = req.fields();
+        let read = |f: Fields, value: fn(&Request) -> &str| match given.contains(f) {
+            true => value(req).to_owned(),
+            false => String::new(),
+        };
+        let texts = [
+            read(Fields::METHOD, Request::method),
+            read(Fields::SCHEME, Request::scheme),
+            read(Fields::AUTHORITY, Request::authority),
+            read(Fields::PATH, Request::path),
+            read(Fields::QUERY, Request::query_string),
+            read(Fields::CLIENT_ADDR, Request::client_addr),
+            read(Fields::CLIENT_IP, Request::client_ip),
+            read(Fields::ROUTE, Request::route),
+            read(Fields::TENANT, |r| r.tenant().unwrap_or("")),
+        ];
+        let owned = |v: Option<&str>| v.unwrap_or("").to_owned();
+        let tls = (given.contains(Fields::TLS))
+            .then(|| req.tls())
+            .flatten()
+            .map(|t| {
+                let names = t
+                    .client_cert_names
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .collect();
+                (
+                    [owned(t.sni), owned(t.alpn), owned(t.client_cert_subject)],
+                    names,
+                )
+            });
+        let subprotocols = match given.contains(Fields::SUBPROTOCOLS) {
+            true => req.subprotocols().map(str::to_owned).collect(),
+            false => Vec::new(),
+        };
+        Draft {
+            kind: req.kind(),
+            fields: given,
+            texts,
+            tls,
+            subprotocols,
+            headers: (req.headers())
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+        }
     }
-    drop_unread!(
-        METHOD => method, SCHEME => scheme, AUTHORITY => authority, PATH => path,
-        QUERY => query, CLIENT_ADDR => client_addr,
-        CLIENT_IP => client_ip, TLS => tls, ROUTE => route,
-        TENANT => tenant, SUBPROTOCOLS => subprotocols
-    );
+
+    /// The request as the gateway shows it to a plugin that reads `fields` and the
+    /// headers named in `wanted` (lower-case; `None`: all).
+    fn pack(&self, fields: Fields, wanted: Option<&[String]>) -> Request {
+        let fields = fields & self.fields;
+        let (mut text, mut ends) = (String::new(), Vec::new());
+        let mut part = |value: &str| {
+            text.push_str(value);
+            ends.push(u32::try_from(text.len()).unwrap_or(u32::MAX));
+            text.push('\0');
+        };
+        for (field, value) in TEXT_FIELDS.iter().zip(&self.texts) {
+            if fields.contains(*field) {
+                part(value);
+            }
+        }
+        let tls = self.tls.as_ref().filter(|_| fields.contains(Fields::TLS));
+        if let Some((values, names)) = tls {
+            values.iter().chain(names).for_each(|v| part(v));
+        }
+        let subprotocols = match fields.contains(Fields::SUBPROTOCOLS) {
+            true => self.subprotocols.as_slice(),
+            false => &[],
+        };
+        subprotocols.iter().for_each(|p| part(p));
+        let mut headers = 0;
+        for (name, value) in &self.headers {
+            if wanted.is_none_or(|w| w.contains(name)) {
+                part(name);
+                part(value);
+                headers += 1;
+            }
+        }
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Request::from(wire::Request {
+            kind: self.kind,
+            fields,
+            tls_on: tls.is_some(),
+            cert_names: count(tls.map_or(0, |(_, names)| names.len())),
+            subprotocols: count(subprotocols.len()),
+            headers,
+            text,
+            ends,
+        })
+    }
 }
 
 /// Start a request: `GET ws://example.com/`, a WebSocket upgrade on route
 /// `default` from `127.0.0.1:40000`, no headers.
 pub fn request() -> RequestBuilder {
-    RequestBuilder(Request {
+    let text = |s: &str| s.to_owned();
+    RequestBuilder(Draft {
         kind: RequestKind::Websocket,
-        method: Some("GET".into()),
-        scheme: Some("http".into()),
-        authority: Some("example.com".into()),
-        path: Some("/".into()),
-        query: Some(String::new()),
-        headers: Vec::new(),
-        client_addr: Some("127.0.0.1:40000".into()),
-        client_ip: Some("127.0.0.1".into()),
+        fields: Fields::all(),
+        texts: [
+            text("GET"),
+            text("http"),
+            text("example.com"),
+            text("/"),
+            String::new(),
+            text("127.0.0.1:40000"),
+            text("127.0.0.1"),
+            text("default"),
+            String::new(),
+        ],
         tls: None,
-        route: Some("default".into()),
-        tenant: None,
-        subprotocols: Some(Vec::new()),
+        subprotocols: Vec::new(),
+        headers: Vec::new(),
     })
 }
 
 /// Builder for a [`Request`]; see [`request`].
 #[derive(Debug, Clone)]
-pub struct RequestBuilder(Request);
+pub struct RequestBuilder(Draft);
 
 impl RequestBuilder {
+    fn set(mut self, field: Fields, value: &str) -> Self {
+        let i = TEXT_FIELDS.iter().position(|f| *f == field).unwrap_or(0);
+        self.0.texts[i] = value.to_owned();
+        self
+    }
+
     /// Make it a plain HTTP request instead of an upgrade.
     pub fn http(mut self) -> Self {
         self.0.kind = RequestKind::Http;
@@ -93,80 +194,66 @@ impl RequestBuilder {
     }
 
     /// Set the method.
-    pub fn method(mut self, method: &str) -> Self {
-        self.0.method = Some(method.into());
-        self
+    pub fn method(self, method: &str) -> Self {
+        self.set(Fields::METHOD, method)
     }
 
     /// Set the authority (`host[:port]`).
-    pub fn authority(mut self, authority: &str) -> Self {
-        self.0.authority = Some(authority.into());
-        self
+    pub fn authority(self, authority: &str) -> Self {
+        self.set(Fields::AUTHORITY, authority)
     }
 
     /// Set path and query from `"/path?query"`.
-    pub fn path(mut self, path_and_query: &str) -> Self {
+    pub fn path(self, path_and_query: &str) -> Self {
         let (path, query) = path_and_query
             .split_once('?')
             .unwrap_or((path_and_query, ""));
-        self.0.path = Some(path.into());
-        self.0.query = Some(query.into());
-        self
+        self.set(Fields::PATH, path).set(Fields::QUERY, query)
     }
 
     /// Add a header (name lower-cased, as the gateway delivers them).
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.0.headers.push(Header {
-            name: name.to_ascii_lowercase(),
-            value: value.into(),
-        });
+        self.0
+            .headers
+            .push((name.to_ascii_lowercase(), value.into()));
         if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             let offered = value.split(',').map(|p| p.trim().to_owned());
-            self.0.subprotocols.get_or_insert_default().extend(offered);
+            self.0.subprotocols.extend(offered);
         }
         self
     }
 
     /// Mark the request as arriving over TLS with this SNI.
     pub fn tls_sni(mut self, sni: &str) -> Self {
-        self.0.scheme = Some("https".into());
-        self.0.tls = Some(TlsInfo {
-            sni: Some(sni.into()),
-            alpn: Some("http/1.1".into()),
-            client_cert_subject: None,
-            client_cert_names: Vec::new(),
-        });
-        self
+        self.0.tls = Some(([sni.into(), "http/1.1".into(), String::new()], Vec::new()));
+        self.set(Fields::SCHEME, "https")
     }
 
     /// Set the client address (`ip:port`, `[ipv6]:port`), and the client IP
     /// from it, as the gateway gives them.
-    pub fn client(mut self, addr: &str) -> Self {
+    pub fn client(self, addr: &str) -> Self {
         let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);
         let ip = ip
             .strip_prefix('[')
             .and_then(|ip| ip.strip_suffix(']'))
             .unwrap_or(ip);
-        self.0.client_ip = Some(ip.into());
-        self.0.client_addr = Some(addr.into());
-        self
+        self.set(Fields::CLIENT_IP, ip)
+            .set(Fields::CLIENT_ADDR, addr)
     }
 
     /// Set the route name.
-    pub fn route(mut self, route: &str) -> Self {
-        self.0.route = Some(route.into());
-        self
+    pub fn route(self, route: &str) -> Self {
+        self.set(Fields::ROUTE, route)
     }
 
     /// Set the tenant name.
-    pub fn tenant(mut self, tenant: &str) -> Self {
-        self.0.tenant = Some(tenant.into());
-        self
+    pub fn tenant(self, tenant: &str) -> Self {
+        self.set(Fields::TENANT, tenant)
     }
 
     /// Finish.
     pub fn build(self) -> Request {
-        self.0
+        self.0.pack(Fields::all(), None)
     }
 }
 
@@ -357,7 +444,7 @@ mod tests {
                 self.0.clone()
             }
             fn on_request(&self, req: &Request) -> Decision {
-                let names: Vec<&str> = req.headers.iter().map(|h| h.name.as_str()).collect();
+                let names: Vec<&str> = req.headers().map(|(name, _)| name).collect();
                 Decision::allow().set_header("x-saw", &names.join(","))
             }
         }
@@ -442,6 +529,9 @@ mod tests {
         let req = request()
             .header("Sec-WebSocket-Protocol", "chat, bearer.abc")
             .build();
-        assert_eq!(req.subprotocols(), ["chat", "bearer.abc"]);
+        assert_eq!(
+            req.subprotocols().collect::<Vec<_>>(),
+            ["chat", "bearer.abc"]
+        );
     }
 }

@@ -14,7 +14,7 @@
 // to add, for anything else (never a silent empty value). `allow()` and
 // `deny(status, body)` build decisions; `counterAdd`, `log` and `documents`
 // reach the host.
-import { counterAdd as hostCounterAdd, log as hostLog } from 'sluice:plugin/host@0.5.2';
+import { counterAdd as hostCounterAdd, log as hostLog } from 'sluice:plugin/host@0.6.0';
 
 // The WIT `fields` flags by the names a plugin declares them with.
 const FIELDS = {
@@ -31,10 +31,37 @@ const FIELDS = {
   subprotocols: 'subprotocols',
 };
 
+// The text fields, in the order the WIT's `request.text` holds them.
+const TEXT_FIELDS = ['method', 'scheme', 'authority', 'path', 'query', 'clientAddr', 'clientIp', 'route', 'tenant'];
+
+/// The WIT `request` (its text is one string of NUL-ended parts, see the WIT) as
+/// plain fields: those it carries, by name, and `headers` as `{ name, value }`.
+export function unpack(raw) {
+  const parts = raw.text.split('\0');
+  let at = 0;
+  const next = (n) => parts.slice(at, (at += n));
+  const view = { kind: raw.kind };
+  for (const name of TEXT_FIELDS) {
+    if (raw.fields[name]) view[name] = parts[at++];
+  }
+  if (view.tenant === '') view.tenant = undefined;
+  if (raw.fields.tls && raw.tlsOn) {
+    const [sni, alpn, clientCertSubject] = next(3).map((v) => v || undefined);
+    view.tls = { sni, alpn, clientCertSubject, clientCertNames: next(raw.certNames) };
+  }
+  if (raw.fields.subprotocols) view.subprotocols = next(raw.subprotocols);
+  view.headers = [];
+  for (let i = 0; i < raw.headers; i++) {
+    const [name, value] = next(2);
+    view.headers.push({ name, value });
+  }
+  return view;
+}
+
 /// A request as the plugin sees it: the fields and headers it declared.
 class Request {
   constructor(raw, headers, fields) {
-    this.raw = raw;
+    this.raw = unpack(raw);
     this.declaredHeaders = headers;
     this.declaredFields = fields;
   }
@@ -54,7 +81,10 @@ class Request {
   clientAddr() { return this.field('clientAddr'); }
   clientIp() { return this.field('clientIp'); }
   route() { return this.field('route'); }
+  /// The tenant assigned, or undefined.
   tenant() { return this.field('tenant'); }
+  /// `{ sni, alpn, clientCertSubject, clientCertNames }`, or undefined on plain text.
+  tls() { return this.field('tls'); }
   subprotocols() { return this.field('subprotocols'); }
   isWebSocket() { return this.raw.kind === 'websocket'; }
 

@@ -15,15 +15,44 @@ from wit_world.imports import host, types
 from wit_world.imports.types import Fields, Hooks
 
 
+# The text fields, in the order the WIT's `request.text` holds them.
+_TEXT_FIELDS = [
+    ("method", Fields.METHOD),
+    ("scheme", Fields.SCHEME),
+    ("authority", Fields.AUTHORITY),
+    ("path", Fields.PATH),
+    ("query", Fields.QUERY),
+    ("client_addr", Fields.CLIENT_ADDR),
+    ("client_ip", Fields.CLIENT_IP),
+    ("route", Fields.ROUTE),
+    ("tenant", Fields.TENANT),
+]
+
+
 class Request:
-    """A request as the plugin sees it: the fields and headers it declared."""
+    """A request as the plugin sees it: the fields and headers it declared,
+    read back from the one string of NUL-ended parts the WIT's `request` is."""
 
     def __init__(self, raw: types.Request, headers: Optional[List[str]]):
         self._raw = raw
         self._headers = headers
+        parts = raw.text.split("\0")
+        at = 0
+        self._fields = {}
+        for name, flag in _TEXT_FIELDS:
+            if flag in raw.fields:
+                self._fields[name] = parts[at]
+                at += 1
+        if Fields.TLS in raw.fields and raw.tls_on:
+            at += 3 + raw.cert_names
+        self._subprotocols = None
+        if Fields.SUBPROTOCOLS in raw.fields:
+            self._subprotocols = parts[at : at + raw.subprotocols]
+            at += raw.subprotocols
+        self._pairs = [(parts[at + 2 * i], parts[at + 2 * i + 1]) for i in range(raw.headers)]
 
-    @staticmethod
-    def _declared(value, name: str, flag: str):
+    def _declared(self, key: str, name: str, flag: str) -> str:
+        value = self._fields.get(key)
         if value is None:
             raise LookupError(
                 f"the plugin reads the request's {name}, which its fields() leaves "
@@ -32,22 +61,40 @@ class Request:
         return value
 
     def method(self) -> str:
-        return self._declared(self._raw.method, "method", "METHOD")
+        return self._declared("method", "method", "METHOD")
+
+    def scheme(self) -> str:
+        return self._declared("scheme", "scheme", "SCHEME")
 
     def authority(self) -> str:
-        return self._declared(self._raw.authority, "authority", "AUTHORITY")
+        return self._declared("authority", "authority", "AUTHORITY")
 
     def path(self) -> str:
-        return self._declared(self._raw.path, "path", "PATH")
+        return self._declared("path", "path", "PATH")
 
     def query_string(self) -> str:
-        return self._declared(self._raw.query, "query", "QUERY")
+        return self._declared("query", "query", "QUERY")
+
+    def client_addr(self) -> str:
+        return self._declared("client_addr", "client address", "CLIENT_ADDR")
 
     def client_ip(self) -> str:
-        return self._declared(self._raw.client_ip, "client IP", "CLIENT_IP")
+        return self._declared("client_ip", "client IP", "CLIENT_IP")
 
     def route(self) -> str:
-        return self._declared(self._raw.route, "route", "ROUTE")
+        return self._declared("route", "route", "ROUTE")
+
+    def tenant(self) -> Optional[str]:
+        """The tenant assigned, or `None`."""
+        return self._declared("tenant", "tenant", "TENANT") or None
+
+    def subprotocols(self) -> List[str]:
+        if self._subprotocols is None:
+            raise LookupError(
+                "the plugin reads the request's subprotocols, which its fields() "
+                "leaves out: add Fields.SUBPROTOCOLS"
+            )
+        return self._subprotocols
 
     def is_websocket(self) -> bool:
         return self._raw.kind == types.RequestKind.WEBSOCKET
@@ -60,9 +107,9 @@ class Request:
                 f"the plugin reads the request header `{name}`, which its headers() "
                 f"does not name: add \"{name}\" to it"
             )
-        for h in self._raw.headers:
-            if h.name == name:
-                return h.value
+        for n, value in self._pairs:
+            if n == name:
+                return value
         return None
 
 

@@ -22,8 +22,9 @@ mod generated {
             "sluice:plugin/host.counter-add": async,
             "sluice:plugin/documents.watch": async,
         },
-        // A request is lowered into each plugin from borrowed text (`View`), not copied
-        // into an owned record first.
+        // A request's parts are lowered into each plugin from the chain's buffers
+        // (`Parts`), and close infos from borrowed text, not copied into owned records
+        // first.
         ownership: Borrowing { duplicate_if_necessary: true },
         // A plugin's keys are parsed once, on the host (super::crypto).
         with: {
@@ -47,15 +48,13 @@ impl From<RequestKind> for wit::RequestKind {
 
 /// What a chain's plugins are shown of one request, borrowed from it: its headers as
 /// the plugins before changed them, and the fields that are not text in the request
-/// (addresses, lists), each written once for the whole chain.
+/// (addresses), each written once for the whole chain.
 pub(super) struct View<'r> {
     req: &'r RequestInfo,
     /// Lower-case names, in arrival order; a plugin's `set` moves its name to the end.
     headers: Vec<(Cow<'r, str>, Cow<'r, str>)>,
     client_addr: Option<String>,
     client_ip: Option<String>,
-    subprotocols: Option<Vec<&'r str>>,
-    cert_names: Vec<&'r str>,
     /// The tenant a plugin set, which later plugins see.
     tenant: Option<String>,
 }
@@ -73,75 +72,127 @@ impl<'r> View<'r> {
         let headers = (req.headers.iter())
             .map(|(n, v)| (name(n), Cow::Borrowed(v.as_str())))
             .collect();
-        let tls = req.tls.as_ref().filter(|_| read(wit::Fields::TLS));
         View {
             req,
             headers,
             client_addr: read(wit::Fields::CLIENT_ADDR).then(|| req.client_addr.to_string()),
             client_ip: read(wit::Fields::CLIENT_IP).then(|| ip_text(req.client_addr.ip())),
-            subprotocols: read(wit::Fields::SUBPROTOCOLS)
-                .then(|| req.subprotocols.iter().map(String::as_str).collect()),
-            cert_names: tls.map_or_else(Vec::new, |t| {
-                t.client_cert_names.iter().map(String::as_str).collect()
-            }),
             tenant: None,
         }
     }
 
-    /// The headers named in `wanted` (lower-case; `None`: all), for [`View::request`].
-    pub(super) fn headers(&self, wanted: Option<&[String]>) -> Vec<wit::HeaderParam<'_>> {
-        (self.headers.iter())
-            .filter(|(n, _)| wanted.is_none_or(|wanted| wanted.iter().any(|w| w == n)))
-            .map(|(name, value)| wit::HeaderParam { name, value })
-            .collect()
+    /// The tenant the route or an earlier plugin assigned.
+    pub(super) fn tenant(&self) -> Option<&str> {
+        (self.tenant.as_deref()).or(self.req.tenant.as_deref())
     }
 
-    /// The request a plugin that reads `fields` (`None`: all) and the `headers` picked
-    /// for it is shown: what it reads and nothing else is lowered into it (each field
-    /// costs a guest allocation and a copy per call). The tenant shown is the one an
-    /// earlier plugin set, if one did.
+    /// The request a plugin that reads `fields` (`None`: all) and the headers named in
+    /// `wanted` (lower-case; `None`: all) is shown, its parts written into `parts` (see
+    /// the WIT's `request`): what it reads and nothing else crosses into it, in one
+    /// string. The tenant shown is the one an earlier plugin set, if one did.
     pub(super) fn request<'a>(
-        &'a self,
-        headers: &'a [wit::HeaderParam<'a>],
+        &self,
+        wanted: Option<&[String]>,
         fields: Option<wit::Fields>,
+        parts: &'a mut Parts,
     ) -> Request<'a> {
         let req = self.req;
-        let read = |f| reads(fields, f);
-        let text = |f: wit::Fields, s: &'a str| read(f).then_some(s);
+        let fields = fields.unwrap_or_else(wit::Fields::all);
+        parts.text.clear();
+        parts.ends.clear();
+        let mut part = |value: &str| parts.push(value);
+        let tenant = self.tenant();
+        let texts = [
+            (wit::Fields::METHOD, req.method.as_str()),
+            (wit::Fields::SCHEME, &req.scheme),
+            (wit::Fields::AUTHORITY, &req.authority),
+            (wit::Fields::PATH, &req.path),
+            (wit::Fields::QUERY, &req.query),
+            (
+                wit::Fields::CLIENT_ADDR,
+                self.client_addr.as_deref().unwrap_or(""),
+            ),
+            (
+                wit::Fields::CLIENT_IP,
+                self.client_ip.as_deref().unwrap_or(""),
+            ),
+            (wit::Fields::ROUTE, &req.route),
+            (wit::Fields::TENANT, tenant.unwrap_or("")),
+        ];
+        for (field, value) in texts {
+            if fields.contains(field) {
+                part(value);
+            }
+        }
+        let tls = req
+            .tls
+            .as_ref()
+            .filter(|_| fields.contains(wit::Fields::TLS));
+        if let Some(tls) = tls {
+            for value in [&tls.sni, &tls.alpn, &tls.client_cert_subject] {
+                part(value.as_deref().unwrap_or(""));
+            }
+            tls.client_cert_names.iter().for_each(|n| part(n));
+        }
+        let subprotocols = match fields.contains(wit::Fields::SUBPROTOCOLS) {
+            true => req.subprotocols.as_slice(),
+            false => &[],
+        };
+        subprotocols.iter().for_each(|p| part(p));
+        let mut headers = 0;
+        for (name, value) in &self.headers {
+            if wanted.is_none_or(|wanted| wanted.iter().any(|w| w == name)) {
+                part(name);
+                part(value);
+                headers += 1;
+            }
+        }
         Request {
             kind: req.kind.into(),
-            method: text(wit::Fields::METHOD, &req.method),
-            scheme: text(wit::Fields::SCHEME, &req.scheme),
-            authority: text(wit::Fields::AUTHORITY, &req.authority),
-            path: text(wit::Fields::PATH, &req.path),
-            query: text(wit::Fields::QUERY, &req.query),
-            headers,
-            client_addr: self
-                .client_addr
-                .as_deref()
-                .filter(|_| read(wit::Fields::CLIENT_ADDR)),
-            client_ip: self
-                .client_ip
-                .as_deref()
-                .filter(|_| read(wit::Fields::CLIENT_IP)),
-            tls: (req.tls.as_ref())
-                .filter(|_| read(wit::Fields::TLS))
-                .map(|t| wit::TlsInfo {
-                    sni: t.sni.as_deref(),
-                    alpn: t.alpn.as_deref(),
-                    client_cert_subject: t.client_cert_subject.as_deref(),
-                    client_cert_names: &self.cert_names,
-                }),
-            route: text(wit::Fields::ROUTE, &req.route),
-            tenant: (self.tenant.as_deref())
-                .or(req.tenant.as_deref())
-                .filter(|_| read(wit::Fields::TENANT)),
-            subprotocols: self
-                .subprotocols
-                .as_deref()
-                .filter(|_| read(wit::Fields::SUBPROTOCOLS)),
+            fields,
+            tls_on: tls.is_some(),
+            cert_names: count(tls.map_or(0, |t| t.client_cert_names.len())),
+            subprotocols: count(subprotocols.len()),
+            headers: count(headers),
+            text: &parts.text,
+            ends: &parts.ends,
         }
     }
+}
+
+/// A request's `text` and `ends` (see the WIT's `request`), kept by a chain for its
+/// plugins in turn.
+#[derive(Default)]
+pub(super) struct Parts {
+    text: String,
+    ends: Vec<u32>,
+}
+
+impl Parts {
+    /// Room for a usual request, so writing one does not grow them.
+    pub(super) fn new() -> Self {
+        Parts {
+            text: String::with_capacity(512),
+            ends: Vec::with_capacity(32),
+        }
+    }
+
+    /// Appends `value` and its NUL; a NUL inside it (a route or tenant name, a
+    /// certificate's subject can hold one) is written as U+FFFD so it cannot end the
+    /// part early for a reader that splits at NULs.
+    fn push(&mut self, value: &str) {
+        match value.contains('\0') {
+            false => self.text.push_str(value),
+            true => self.text.push_str(&value.replace('\0', "\u{FFFD}")),
+        }
+        self.ends.push(count(self.text.len()));
+        self.text.push('\0');
+    }
+}
+
+/// A count or offset for the WIT's `u32` (a request is far smaller).
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Whether a plugin (or chain) that reads `fields` (`None`: all) reads `field`.
@@ -173,7 +224,7 @@ impl<'a> From<&'a CloseInfo> for wit::CloseInfo<'a> {
 }
 
 /// What a header map would take, checked without making one (that copies every value).
-fn valid_header(h: &wit::HeaderResult) -> Result<(), String> {
+fn valid_header(h: &wit::Header) -> Result<(), String> {
     valid_name(&h.name)?;
     match is_field_value(h.value.as_bytes()) {
         true => Ok(()),
@@ -274,9 +325,10 @@ pub(super) fn denial(d: wit::Denial, plugin: &str, earlier: Mutations) -> ChainD
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plugin::types::TlsInfo;
 
-    fn header(name: &str, value: &str) -> wit::HeaderResult {
-        wit::HeaderResult {
+    fn header(name: &str, value: &str) -> wit::Header {
+        wit::Header {
             name: name.into(),
             value: value.into(),
         }
@@ -314,10 +366,19 @@ mod tests {
         }
     }
 
-    fn shown(view: &View<'_>, wanted: Option<&[String]>) -> Vec<(String, String)> {
-        (view.headers(wanted).iter())
-            .map(|h| (h.name.to_owned(), h.value.to_owned()))
-            .collect()
+    /// The parts of a request's text, split at its NULs, which `ends` must agree with.
+    fn parts<'a>(req: &Request<'a>) -> Vec<&'a str> {
+        let parts: Vec<&str> = match req.text.strip_suffix('\0') {
+            None => Vec::new(),
+            Some(text) => text.split('\0').collect(),
+        };
+        let mut at = 0;
+        for (part, &end) in parts.iter().zip(req.ends) {
+            assert_eq!(&req.text[at..end as usize], *part);
+            at = end as usize + 1;
+        }
+        assert_eq!(req.ends.len(), parts.len());
+        parts
     }
 
     #[test]
@@ -334,14 +395,18 @@ mod tests {
         let mut acc = Mutations::default();
         accumulate(m, &mut view, &mut acc);
         // The client's `X-User` is replaced, not kept beside the plugin's.
-        let seen = shown(&view, None);
-        let seen: Vec<(&str, &str)> = seen.iter().map(|(n, v)| (&**n, &**v)).collect();
+        let mut text = Parts::default();
+        let req = view.request(None, Some(wit::Fields::empty()), &mut text);
+        assert_eq!(req.headers, 3);
         assert_eq!(
-            seen,
+            parts(&req),
             [
-                ("origin", "https://a.example"),
-                ("x-user", "alice"),
-                ("x-tag", "a")
+                "origin",
+                "https://a.example",
+                "x-user",
+                "alice",
+                "x-tag",
+                "a"
             ]
         );
         assert_eq!(
@@ -358,34 +423,73 @@ mod tests {
         let info = info();
         let mut view = View::new(&info, None);
         let origin = ["origin".to_owned()];
-        let headers = view.headers(Some(&origin));
-        let req = view.request(&headers, Some(wit::Fields::PATH));
-        assert_eq!(req.headers.len(), 1);
+        let mut text = Parts::default();
+        let req = view.request(Some(&origin), Some(wit::Fields::PATH), &mut text);
         assert_eq!(
-            (req.headers[0].name, req.headers[0].value),
-            ("origin", "https://a.example")
+            (req.fields, req.headers, req.subprotocols),
+            (wit::Fields::PATH, 1, 0)
         );
-        assert_eq!((req.path, req.method, req.query), (Some("/p"), None, None));
+        assert_eq!(parts(&req), ["/p", "origin", "https://a.example"]);
+        // Every field read: the ones the view writes once are shown too, in the WIT's
+        // order.
+        let req = view.request(Some(&origin), None, &mut text);
+        assert_eq!((req.fields, req.tls_on), (wit::Fields::all(), false));
+        assert_eq!((req.subprotocols, req.headers, req.cert_names), (1, 1, 0));
         assert_eq!(
-            (req.client_ip, req.subprotocols, req.tenant),
-            (None, None, None)
+            parts(&req),
+            [
+                "GET",
+                "http",
+                "a.example",
+                "/p",
+                "",
+                "127.0.0.1:1",
+                "127.0.0.1",
+                "r",
+                "",
+                "chat",
+                "origin",
+                "https://a.example"
+            ]
         );
-        // Every field read: the ones the view writes once are shown too.
-        let req = view.request(&headers, None);
-        assert_eq!(req.client_ip, Some("127.0.0.1"));
-        assert_eq!(req.client_addr, Some("127.0.0.1:1"));
-        assert_eq!(req.subprotocols, Some(&["chat"][..]));
-        drop(headers);
         // A later plugin sees an earlier one's tenant and header changes.
         let m = continuing(vec![wit::HeaderOp::Remove("Origin".into())], Some("t1"));
         accumulate(m, &mut view, &mut Mutations::default());
-        let headers = view.headers(Some(&origin));
-        let req = view.request(&headers, Some(wit::Fields::TENANT));
-        assert!(req.headers.is_empty());
-        assert_eq!(req.tenant, Some("t1"));
+        let req = view.request(Some(&origin), Some(wit::Fields::TENANT), &mut text);
+        assert_eq!((req.headers, parts(&req)), (0, vec!["t1"]));
+        let req = view.request(Some(&origin), Some(wit::Fields::empty()), &mut text);
+        assert_eq!((req.headers, req.text), (0, ""));
+    }
+
+    #[test]
+    fn tls_parts_follow_the_text_fields_and_no_part_holds_a_nul() {
+        let mut info = info();
+        info.route = "r\0x".into();
+        info.tls = Some(TlsInfo {
+            sni: Some("a.example".into()),
+            alpn: None,
+            client_cert_subject: Some("CN=alice".into()),
+            client_cert_names: vec!["alice.example".into(), "bob.example".into()],
+        });
+        let view = View::new(&info, None);
+        let mut text = Parts::default();
+        let fields = wit::Fields::ROUTE | wit::Fields::TLS | wit::Fields::SUBPROTOCOLS;
+        let req = view.request(Some(&[]), Some(fields), &mut text);
+        assert_eq!((req.tls_on, req.cert_names, req.subprotocols), (true, 2, 1));
         assert_eq!(
-            view.request(&headers, Some(wit::Fields::empty())).tenant,
-            None
+            parts(&req),
+            [
+                "r\u{FFFD}x",
+                "a.example",
+                "",
+                "CN=alice",
+                "alice.example",
+                "bob.example",
+                "chat"
+            ]
         );
+        // Without `tls` in its fields, a plugin is not told the listener's TLS at all.
+        let req = view.request(Some(&[]), Some(wit::Fields::ROUTE), &mut text);
+        assert_eq!((req.tls_on, req.cert_names), (false, 0));
     }
 }

@@ -88,12 +88,11 @@ impl Chain {
             return ChainDecision::Continue(acc);
         }
         let mut view = bindings::View::new(req, self.fields);
+        // Each plugin's request parts, written in turn into the same buffers.
+        let mut parts = bindings::Parts::new();
         for plugin in &self.plugins {
-            let headers = view.headers(plugin.headers());
-            let decision = (plugin.pool)
-                .on_request(view.request(&headers, plugin.fields()))
-                .await;
-            drop(headers);
+            let shown = view.request(plugin.headers(), plugin.fields(), &mut parts);
+            let decision = plugin.pool.on_request(shown, view.tenant()).await;
             match decision {
                 Ok(Decision::Continue(m)) => bindings::accumulate(m, &mut view, &mut acc),
                 Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name(), acc),

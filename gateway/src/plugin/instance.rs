@@ -326,8 +326,13 @@ impl InstancePool {
     }
 
     /// Call `on-request`, or give again the decision it returned for the same
-    /// inputs when it allowed that (`reuse-ms`).
-    pub(super) async fn on_request(&self, req: Request<'_>) -> Result<Decision, Fault> {
+    /// inputs when it allowed that (`reuse-ms`). `tenant` is the request's, the scope of
+    /// the plugin's counters whether or not it reads the tenant.
+    pub(super) async fn on_request(
+        &self,
+        req: Request<'_>,
+        tenant: Option<&str>,
+    ) -> Result<Decision, Fault> {
         let now = Instant::now();
         // A decision made on an older copy of a watched document is not given again.
         let generation = self.shared.documents.generation();
@@ -343,7 +348,7 @@ impl InstancePool {
         }
         let (_permit, mut inst) = self.checkout().await?;
         arm(&mut inst.store, self.budget_ticks);
-        inst.store.data_mut().tenant = req.tenant.map(str::to_owned);
+        inst.store.data_mut().tenant = tenant.map(str::to_owned);
         let result = inst
             .plugin
             .call_on_request(&mut inst.store, req.clone())

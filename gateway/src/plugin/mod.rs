@@ -1,5 +1,5 @@
 //! The plugin host: runs policy plugins (WebAssembly components of the
-//! `sluice:plugin@0.5.2` world in `wit/`) with hard limits, and chains them.
+//! `sluice:plugin@0.6.0` world in `wit/`) with hard limits, and chains them.
 //!
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
@@ -29,9 +29,12 @@
 //!   deadline. The tick is a thread waking to advance the epoch: at 1 ms those wake-ups
 //!   (and the workers they preempt) cost 3 to 5 µs of CPU per upgrade on the bench's
 //!   2-core machine; at 5 ms a fifth of it (bench/README.md).
-//! - **Only what a plugin reads is lowered into it**: `init` names the request headers
-//!   and fields `on-request` reads (`interest`); the others arrive as `none`, because
-//!   every string lowered is a guest allocation and a copy, for every plugin of a chain.
+//! - **Only what a plugin reads is lowered into it, in one string**: `init` names the
+//!   request headers and fields `on-request` reads (`interest`), and the request crosses
+//!   as their text, NUL-ended parts of one string with a list of where each ends
+//!   (`bindings::View::request`). Every string or list lowered is a call from the host
+//!   into the plugin's allocator; a record of a string per field made four to six of
+//!   them per plugin and call.
 //! - **Decisions are reused when the plugin allows it**: a decision carries `reuse-ms`,
 //!   and for that long (at most 5 minutes) a request that shows the plugin the same
 //!   inputs gets the same decision without a call (`reuse.rs`: a bounded table per
@@ -128,8 +131,8 @@ pub enum PluginError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The component does not target the `sluice:plugin@0.5.2` `plugin` world.
-    #[error("plugin `{plugin}`: not a sluice:plugin@0.5.2 plugin: {reason}")]
+    /// The component does not target the `sluice:plugin@0.6.0` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.6.0 plugin: {reason}")]
     WrongWorld {
         /// Plugin name.
         plugin: String,
@@ -423,11 +426,11 @@ impl PluginHost {
 }
 
 /// The version of the WIT package `wit/` defines, as component import names spell it.
-const WIT_VERSION: &str = "0.5.2";
+const WIT_VERSION: &str = "0.6.0";
 
 /// The `sluice:plugin` version a component imports or exports, when it is not one this
-/// gateway links: [`WIT_VERSION`] or an earlier `0.5.x` (additions since keep them
-/// working, and wasmtime links `0.5.x` imports to the `0.5.2` host).
+/// gateway links: [`WIT_VERSION`] or an earlier `0.6.x` (additions within a series keep
+/// them working, and wasmtime links `0.6.x` imports to the newest `0.6` host).
 fn built_for(component: &Component, engine: &Engine) -> Option<String> {
     let ty = component.component_type();
     ty.imports(engine)

@@ -52,8 +52,11 @@ impl Reuse {
 
     /// The key of `req` as the plugin sees it; `None` when it is too long to keep.
     pub(super) fn key(&self, req: &Request<'_>) -> Option<Key> {
-        let mut bytes = Vec::with_capacity(256);
+        // Exactly the serialised length: the key becomes a boxed slice without a copy.
+        let head = 2 + 4 * req.fields.as_array().len() + 12;
+        let mut bytes = Vec::with_capacity(head + req.text.len());
         serialise(req, &mut bytes);
+        debug_assert_eq!(bytes.len(), bytes.capacity());
         if bytes.len() > MAX_KEY_BYTES {
             return None;
         }
@@ -104,62 +107,19 @@ pub(super) fn reuse_ms(decision: &Decision) -> u32 {
     }
 }
 
-/// Every input of `req`, each length-prefixed and each option tagged, so two
-/// requests serialise alike only when the plugin would see them alike.
+/// Every input of `req`: its text, and the kind and counts that say what the text's
+/// parts are, so two requests serialise alike only when the plugin would see them alike.
 fn serialise(req: &Request<'_>, out: &mut Vec<u8>) {
-    fn count(out: &mut Vec<u8>, n: usize) {
-        out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
-    }
-    fn text(out: &mut Vec<u8>, s: &str) {
-        count(out, s.len());
-        out.extend_from_slice(s.as_bytes());
-    }
-    fn opt(out: &mut Vec<u8>, s: Option<&str>) {
-        match s {
-            None => out.push(0),
-            Some(s) => {
-                out.push(1);
-                text(out, s);
-            }
-        }
-    }
     out.push(match req.kind {
         wit::RequestKind::Websocket => 0,
         wit::RequestKind::Http => 1,
     });
-    for field in [req.method, req.scheme, req.authority, req.path, req.query] {
-        opt(out, field);
+    out.push(u8::from(req.tls_on));
+    for n in req.fields.as_array() {
+        out.extend_from_slice(&n.to_le_bytes());
     }
-    count(out, req.headers.len());
-    for h in req.headers {
-        text(out, h.name);
-        text(out, h.value);
+    for n in [req.cert_names, req.subprotocols, req.headers] {
+        out.extend_from_slice(&n.to_le_bytes());
     }
-    opt(out, req.client_addr);
-    opt(out, req.client_ip);
-    match &req.tls {
-        None => out.push(0),
-        Some(tls) => {
-            out.push(1);
-            for field in [tls.sni, tls.alpn, tls.client_cert_subject] {
-                opt(out, field);
-            }
-            count(out, tls.client_cert_names.len());
-            for name in tls.client_cert_names {
-                text(out, name);
-            }
-        }
-    }
-    opt(out, req.route);
-    opt(out, req.tenant);
-    match req.subprotocols {
-        None => out.push(0),
-        Some(list) => {
-            out.push(1);
-            count(out, list.len());
-            for p in list {
-                text(out, p);
-            }
-        }
-    }
+    out.extend_from_slice(req.text.as_bytes());
 }

@@ -18,16 +18,25 @@ export async function resolve(specifier, context, next) {
   return next(specifier, context);
 }`),
 );
-const { plugin, allow } = await import('../sluice.js');
+const { plugin, allow, unpack } = await import('../sluice.js');
 
-/// A request record as componentize-js hands it to `onRequest`.
+/// The WIT request a plugin that declared nothing is handed (componentize-js's
+/// mapping): every field, no subprotocols, two headers.
 const raw = {
   kind: 'websocket',
-  path: undefined,
-  headers: [
-    { name: 'x-api-key', value: 'k1' },
-    { name: 'authorization', value: 'Bearer t' },
-  ],
+  fields: Object.fromEntries(
+    ['method', 'scheme', 'authority', 'path', 'query', 'clientAddr', 'clientIp', 'tls', 'route', 'tenant', 'subprotocols'].map(
+      (f) => [f, true],
+    ),
+  ),
+  tlsOn: false,
+  certNames: 0,
+  subprotocols: 0,
+  headers: 2,
+  text: ['GET', 'http', 'a.example', '/chat', 'room=1', '127.0.0.1:4000', '127.0.0.1', 'ws', '']
+    .concat(['x-api-key', 'k1', 'authorization', 'Bearer t'])
+    .map((part) => part + '\0')
+    .join(''),
 };
 
 /// The exports of a plugin declaring `headers` and `fields` whose onRequest runs `read`.
@@ -55,7 +64,27 @@ test('an undeclared field throws, naming the declaration to add', () => {
 
 test('a plugin that declares nothing reads everything', () => {
   const exports = exportsReading(undefined, undefined, (req) => `${req.header('authorization')} ${req.path()}`);
-  assert.doesNotThrow(() => exports.onRequest(raw));
+  const decision = JSON.stringify(exports.onRequest(raw));
+  assert.match(decision, /"Bearer t \/chat"/);
+});
+
+test('the request text is read back into its fields', () => {
+  const view = unpack(raw);
+  assert.equal(view.clientIp, '127.0.0.1');
+  assert.equal(view.tenant, undefined);
+  assert.deepEqual(view.subprotocols, []);
+  assert.deepEqual(view.headers[1], { name: 'authorization', value: 'Bearer t' });
+  const tls = unpack({
+    kind: 'http',
+    fields: { tls: true, path: true, subprotocols: true },
+    tlsOn: true,
+    certNames: 1,
+    subprotocols: 1,
+    headers: 0,
+    text: '/p\0a.example\0h2\0\0alice.example\0chat\0',
+  });
+  assert.deepEqual(tls.tls, { sni: 'a.example', alpn: 'h2', clientCertSubject: undefined, clientCertNames: ['alice.example'] });
+  assert.deepEqual([tls.path, tls.subprotocols, tls.method], ['/p', ['chat'], undefined]);
 });
 
 test('init reports the declarations and refuses an unknown field', () => {

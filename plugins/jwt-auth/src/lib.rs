@@ -341,12 +341,7 @@ impl JwtAuth {
             };
         }
         if let TokenFrom::Protocol(entry) = from {
-            let rest: Vec<&str> = req
-                .subprotocols()
-                .iter()
-                .map(String::as_str)
-                .filter(|p| *p != entry)
-                .collect();
+            let rest: Vec<&str> = req.subprotocols().filter(|p| *p != entry).collect();
             decision = match rest.is_empty() {
                 true => decision.remove_header("sec-websocket-protocol"),
                 false => decision.set_header("sec-websocket-protocol", &rest.join(", ")),

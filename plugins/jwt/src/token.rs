@@ -67,9 +67,9 @@ impl TokenSources {
             return Some((Cow::Borrowed(token), TokenFrom::Header));
         }
         if let Some(prefix) = &self.protocol_prefix {
-            let found = req.subprotocols().iter().find_map(|entry| {
+            let found = req.subprotocols().find_map(|entry| {
                 let token = entry.strip_prefix(prefix.as_str())?;
-                Some((Cow::Borrowed(token), TokenFrom::Protocol(entry.clone())))
+                Some((Cow::Borrowed(token), TokenFrom::Protocol(entry.to_owned())))
             });
             if found.is_some() {
                 return found;
