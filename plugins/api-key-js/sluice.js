@@ -58,12 +58,19 @@ export function unpack(raw) {
   return view;
 }
 
-/// A request as the plugin sees it: the fields and headers it declared.
+/// A request as the plugin sees it: the fields and headers it declared, read from
+/// the WIT request's text when asked for (a plugin reads a few of them).
 class Request {
   constructor(raw, headers, fields) {
-    this.raw = unpack(raw);
+    this.wit = raw;
     this.declaredHeaders = headers;
     this.declaredFields = fields;
+  }
+
+  /// Every field it carries, unpacked once.
+  get raw() {
+    this.unpacked ??= unpack(this.wit);
+    return this.unpacked;
   }
 
   field(name) {
@@ -86,7 +93,7 @@ class Request {
   /// `{ sni, alpn, clientCertSubject, clientCertNames }`, or undefined on plain text.
   tls() { return this.field('tls'); }
   subprotocols() { return this.field('subprotocols'); }
-  isWebSocket() { return this.raw.kind === 'websocket'; }
+  isWebSocket() { return this.wit.kind === 'websocket'; }
 
   /// The first value of a header (names match in any case); undefined when absent.
   header(name) {
@@ -94,7 +101,16 @@ class Request {
     if (this.declaredHeaders !== null && !this.declaredHeaders.includes(lower)) {
       throw `the plugin reads the request header \`${lower}\`, which its headers do not name: add '${lower}'`;
     }
-    return this.raw.headers.find((h) => h.name === lower)?.value;
+    // The header pairs come after the fields' parts.
+    const raw = this.wit;
+    this.parts ??= raw.text.split('\0');
+    let at = TEXT_FIELDS.filter((f) => raw.fields[f]).length;
+    if (raw.fields.tls && raw.tlsOn) at += 3 + raw.certNames;
+    if (raw.fields.subprotocols) at += raw.subprotocols;
+    for (let i = at; i < at + 2 * raw.headers; i += 2) {
+      if (this.parts[i] === lower) return this.parts[i + 1];
+    }
+    return undefined;
   }
 }
 

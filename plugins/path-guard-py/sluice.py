@@ -15,86 +15,87 @@ from wit_world.imports import host, types
 from wit_world.imports.types import Fields, Hooks
 
 
-# The text fields, in the order the WIT's `request.text` holds them.
-_TEXT_FIELDS = [
-    ("method", Fields.METHOD),
-    ("scheme", Fields.SCHEME),
-    ("authority", Fields.AUTHORITY),
-    ("path", Fields.PATH),
-    ("query", Fields.QUERY),
-    ("client_addr", Fields.CLIENT_ADDR),
-    ("client_ip", Fields.CLIENT_IP),
-    ("route", Fields.ROUTE),
-    ("tenant", Fields.TENANT),
-]
+# The request's flags as bits, and those of the text fields, whose parts come first in
+# the WIT's `request.text`, in flag order.
+_METHOD, _SCHEME, _AUTHORITY, _PATH, _QUERY = (
+    Fields.METHOD.value,
+    Fields.SCHEME.value,
+    Fields.AUTHORITY.value,
+    Fields.PATH.value,
+    Fields.QUERY.value,
+)
+_CLIENT_ADDR, _CLIENT_IP, _ROUTE, _TENANT = (
+    Fields.CLIENT_ADDR.value,
+    Fields.CLIENT_IP.value,
+    Fields.ROUTE.value,
+    Fields.TENANT.value,
+)
+_TLS, _SUBPROTOCOLS = Fields.TLS.value, Fields.SUBPROTOCOLS.value
+_TEXT = (
+    _METHOD | _SCHEME | _AUTHORITY | _PATH | _QUERY | _CLIENT_ADDR | _CLIENT_IP | _ROUTE | _TENANT
+)
 
 
 class Request:
     """A request as the plugin sees it: the fields and headers it declared,
-    read back from the one string of NUL-ended parts the WIT's `request` is."""
+    read back from the one string of NUL-ended parts the WIT's `request` is
+    (found when asked for: a plugin reads a few of them)."""
 
     def __init__(self, raw: types.Request, headers: Optional[List[str]]):
         self._raw = raw
         self._headers = headers
-        parts = raw.text.split("\0")
-        at = 0
-        self._fields = {}
-        for name, flag in _TEXT_FIELDS:
-            if flag in raw.fields:
-                self._fields[name] = parts[at]
-                at += 1
-        if Fields.TLS in raw.fields and raw.tls_on:
-            at += 3 + raw.cert_names
-        self._subprotocols = None
-        if Fields.SUBPROTOCOLS in raw.fields:
-            self._subprotocols = parts[at : at + raw.subprotocols]
-            at += raw.subprotocols
-        self._pairs = [(parts[at + 2 * i], parts[at + 2 * i + 1]) for i in range(raw.headers)]
+        self._bits = raw.fields.value
+        self._parts = raw.text.split("\0")
 
-    def _declared(self, key: str, name: str, flag: str) -> str:
-        value = self._fields.get(key)
-        if value is None:
+    def _declared(self, bit: int, name: str, flag: str) -> None:
+        if not self._bits & bit:
             raise LookupError(
                 f"the plugin reads the request's {name}, which its fields() leaves "
                 f"out: add Fields.{flag}"
             )
-        return value
+
+    def _text(self, bit: int, name: str, flag: str) -> str:
+        self._declared(bit, name, flag)
+        return self._parts[(self._bits & _TEXT & (bit - 1)).bit_count()]
+
+    def _subprotocols_at(self) -> int:
+        at = (self._bits & _TEXT).bit_count()
+        if self._bits & _TLS and self._raw.tls_on:
+            at += 3 + self._raw.cert_names
+        return at
 
     def method(self) -> str:
-        return self._declared("method", "method", "METHOD")
+        return self._text(_METHOD, "method", "METHOD")
 
     def scheme(self) -> str:
-        return self._declared("scheme", "scheme", "SCHEME")
+        return self._text(_SCHEME, "scheme", "SCHEME")
 
     def authority(self) -> str:
-        return self._declared("authority", "authority", "AUTHORITY")
+        return self._text(_AUTHORITY, "authority", "AUTHORITY")
 
     def path(self) -> str:
-        return self._declared("path", "path", "PATH")
+        return self._text(_PATH, "path", "PATH")
 
     def query_string(self) -> str:
-        return self._declared("query", "query", "QUERY")
+        return self._text(_QUERY, "query", "QUERY")
 
     def client_addr(self) -> str:
-        return self._declared("client_addr", "client address", "CLIENT_ADDR")
+        return self._text(_CLIENT_ADDR, "client address", "CLIENT_ADDR")
 
     def client_ip(self) -> str:
-        return self._declared("client_ip", "client IP", "CLIENT_IP")
+        return self._text(_CLIENT_IP, "client IP", "CLIENT_IP")
 
     def route(self) -> str:
-        return self._declared("route", "route", "ROUTE")
+        return self._text(_ROUTE, "route", "ROUTE")
 
     def tenant(self) -> Optional[str]:
         """The tenant assigned, or `None`."""
-        return self._declared("tenant", "tenant", "TENANT") or None
+        return self._text(_TENANT, "tenant", "TENANT") or None
 
     def subprotocols(self) -> List[str]:
-        if self._subprotocols is None:
-            raise LookupError(
-                "the plugin reads the request's subprotocols, which its fields() "
-                "leaves out: add Fields.SUBPROTOCOLS"
-            )
-        return self._subprotocols
+        self._declared(_SUBPROTOCOLS, "subprotocols", "SUBPROTOCOLS")
+        at = self._subprotocols_at()
+        return self._parts[at : at + self._raw.subprotocols]
 
     def is_websocket(self) -> bool:
         return self._raw.kind == types.RequestKind.WEBSOCKET
@@ -107,9 +108,13 @@ class Request:
                 f"the plugin reads the request header `{name}`, which its headers() "
                 f"does not name: add \"{name}\" to it"
             )
-        for n, value in self._pairs:
-            if n == name:
-                return value
+        at = self._subprotocols_at()
+        if self._bits & _SUBPROTOCOLS:
+            at += self._raw.subprotocols
+        parts = self._parts
+        for i in range(at, at + 2 * self._raw.headers, 2):
+            if parts[i] == name:
+                return parts[i + 1]
         return None
 
 
