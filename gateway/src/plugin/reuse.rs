@@ -52,11 +52,7 @@ impl Reuse {
 
     /// The key of `req` as the plugin sees it; `None` when it is too long to keep.
     pub(super) fn key(&self, req: &Request<'_>) -> Option<Key> {
-        // Exactly the serialised length: the key becomes a boxed slice without a copy.
-        let head = 2 + 4 * req.fields.as_array().len() + 12;
-        let mut bytes = Vec::with_capacity(head + req.text.len());
-        serialise(req, &mut bytes);
-        debug_assert_eq!(bytes.len(), bytes.capacity());
+        let bytes = serialise(req);
         if bytes.len() > MAX_KEY_BYTES {
             return None;
         }
@@ -109,17 +105,22 @@ pub(super) fn reuse_ms(decision: &Decision) -> u32 {
 
 /// Every input of `req`: its text, and the kind and counts that say what the text's
 /// parts are, so two requests serialise alike only when the plugin would see them alike.
-fn serialise(req: &Request<'_>, out: &mut Vec<u8>) {
+/// Allocated at exactly its length, so the key becomes a boxed slice without a copy.
+fn serialise(req: &Request<'_>) -> Vec<u8> {
+    let flags = req.fields.as_array();
+    let mut out = Vec::with_capacity(2 + 4 * flags.len() + 4 * 3 + req.text.len());
     out.push(match req.kind {
         wit::RequestKind::Websocket => 0,
         wit::RequestKind::Http => 1,
     });
     out.push(u8::from(req.tls_on));
-    for n in req.fields.as_array() {
+    for n in flags {
         out.extend_from_slice(&n.to_le_bytes());
     }
     for n in [req.cert_names, req.subprotocols, req.headers] {
         out.extend_from_slice(&n.to_le_bytes());
     }
     out.extend_from_slice(req.text.as_bytes());
+    debug_assert_eq!(out.len(), out.capacity());
+    out
 }
