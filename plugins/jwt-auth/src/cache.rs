@@ -96,7 +96,12 @@ fn slot(token: &str, len: usize) -> Option<usize> {
 /// one issuer share their first bytes (header and leading claims).
 fn same(a: &str, b: &str) -> bool {
     let tail = a.len().min(16);
-    a.len() == b.len() && a.as_bytes()[a.len() - tail..] == b.as_bytes()[b.len() - tail..] && a == b
+    a.len() == b.len()
+        && sluice_jwt::same(
+            &a.as_bytes()[a.len() - tail..],
+            &b.as_bytes()[b.len() - tail..],
+        )
+        && sluice_jwt::same(a, b)
 }
 
 #[cfg(test)]

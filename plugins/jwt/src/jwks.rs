@@ -9,8 +9,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use crate::{
-    Claims, Decoded, JwtError, Key, Picked, Validation, check_claims, check_signature, decode,
+    Claims, Decoded, Header, JwtError, Key, Picked, Validation, check_claims, check_signature,
+    decode_with, same,
 };
 
 /// Most keys read from one set; a token without `kid` is tried against each of its
@@ -30,6 +34,9 @@ pub struct NamedKey {
 #[derive(Debug, Clone, Default)]
 pub struct KeySet {
     keys: Vec<NamedKey>,
+    /// The last token header read, by its base64url part: one issuer's tokens share
+    /// one, so its base64 and JSON are read once, not per token.
+    last_header: RefCell<Option<(String, Rc<Header>)>>,
 }
 
 /// One member of `keys`, as far as it is read.
@@ -60,6 +67,7 @@ impl KeySet {
                 .into_iter()
                 .map(|key| NamedKey { kid: None, key })
                 .collect(),
+            last_header: RefCell::default(),
         }
     }
 
@@ -87,7 +95,13 @@ impl KeySet {
                 false => format!("the JWKS has no usable key ({})", skipped.join("; ")),
             });
         }
-        Ok((KeySet { keys }, skipped))
+        Ok((
+            KeySet {
+                keys,
+                last_header: RefCell::default(),
+            },
+            skipped,
+        ))
     }
 
     /// This set's keys followed by `other`'s.
@@ -142,12 +156,12 @@ impl KeySet {
 
     /// The token decoded, once its signature holds under the key its `kid` names.
     fn signed<'t>(&self, token: &'t str) -> Result<Decoded<'t>, JwtError> {
-        let decoded = decode(token)?;
-        let kid = decoded.kid.as_deref();
+        let decoded = decode_with(token, |part| self.header(part))?;
+        let kid = decoded.header.kid.as_deref();
         let mut candidates = self
             .keys
             .iter()
-            .filter(|k| k.key.alg() == decoded.alg)
+            .filter(|k| k.key.alg() == decoded.header.alg)
             .filter(|k| match (kid, &k.kid) {
                 (Some(wanted), Some(id)) => wanted == id,
                 _ => true,
@@ -162,6 +176,20 @@ impl KeySet {
         }
         check_signature(&decoded, candidates)?;
         Ok(decoded)
+    }
+
+    /// The header of a token's base64url `part`: the last one again when it is the
+    /// same part.
+    fn header(&self, part: &str) -> Result<Rc<Header>, JwtError> {
+        let mut last = self.last_header.borrow_mut();
+        if let Some((seen, header)) = &*last
+            && same(seen, part)
+        {
+            return Ok(header.clone());
+        }
+        let header = Rc::new(Header::parse(part)?);
+        *last = Some((part.to_owned(), header.clone()));
+        Ok(header)
     }
 }
 
@@ -297,6 +325,17 @@ mod tests {
         // The right id on the wrong key's signature fails.
         let lying = mint::rs256_kid(&claims(), RSA_PRIVATE, "ec-1").unwrap();
         assert!(keys.verify(&lying, &v, 1_000).is_err());
+        // The set keeps the last header it read: a token with the same one, then one
+        // with another, are each read by their own.
+        let es_again = mint::es256_kid(&json!({"sub": "bob"}), EC_PRIVATE, "ec-1").unwrap();
+        assert_eq!(es.split('.').next(), es_again.split('.').next());
+        assert_eq!(keys.verify(&es, &v, 1_000).unwrap()["sub"], "alice");
+        assert_eq!(keys.verify(&es_again, &v, 1_000).unwrap()["sub"], "bob");
+        assert_eq!(
+            keys.verify(&other, &v, 1_000),
+            Err(JwtError::UnknownKey("ec-2".into()))
+        );
+        assert_eq!(keys.verify(&rs, &v, 1_000).unwrap()["sub"], "alice");
     }
 
     #[test]

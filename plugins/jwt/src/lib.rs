@@ -68,13 +68,27 @@ impl std::fmt::Display for JwtError {
 
 impl std::error::Error for JwtError {}
 
-/// A token split into its parts, signature not yet checked.
-#[derive(Debug, Clone)]
-pub struct Decoded<'a> {
+/// What a verifier reads of a token's JOSE header; its other members are skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Header {
     /// The `alg` header field.
     pub alg: String,
     /// The `kid` header field: which key of a set signed it.
     pub kid: Option<String>,
+}
+
+impl Header {
+    /// The header of a token's first base64url part.
+    pub fn parse(part: &str) -> Result<Header, JwtError> {
+        serde_json::from_str(&base64_text(part)?).map_err(|_| JwtError::Malformed)
+    }
+}
+
+/// A token split into its parts, signature not yet checked.
+#[derive(Debug, Clone)]
+pub struct Decoded<'a> {
+    /// The header: `alg` and `kid`.
+    pub header: Rc<Header>,
     /// The payload: JSON, parsed only once the signature holds.
     payload: String,
     /// `header.payload`, the bytes the signature covers.
@@ -99,19 +113,19 @@ impl Decoded<'_> {
 /// Split and decode a token without checking its signature. Use only for
 /// tokens already verified (e.g. by `jwt-auth` earlier in the chain).
 pub fn decode(token: &str) -> Result<Decoded<'_>, JwtError> {
+    decode_with(token, |part| Header::parse(part).map(Rc::new))
+}
+
+/// [`decode`], with the header read by `header` from its base64url part (a verifier
+/// that sees one issuer's tokens may keep the last one: [`jwks::KeySet`] does).
+pub fn decode_with(
+    token: &str,
+    header: impl FnOnce(&str) -> Result<Rc<Header>, JwtError>,
+) -> Result<Decoded<'_>, JwtError> {
     let (signing_input, signature) = token.rsplit_once('.').ok_or(JwtError::Malformed)?;
-    let (header, payload) = signing_input.split_once('.').ok_or(JwtError::Malformed)?;
-    /// Only `alg` and `kid` of the header are read; the other members are skipped.
-    #[derive(Deserialize)]
-    struct Header {
-        alg: String,
-        kid: Option<String>,
-    }
-    let header: Header =
-        serde_json::from_str(&base64_text(header)?).map_err(|_| JwtError::Malformed)?;
+    let (head, payload) = signing_input.split_once('.').ok_or(JwtError::Malformed)?;
     Ok(Decoded {
-        alg: header.alg,
-        kid: header.kid,
+        header: header(head)?,
         payload: base64_text(payload)?,
         signing_input,
         signature: URL_SAFE_NO_PAD
@@ -188,7 +202,7 @@ fn pick<S: AsRef<str>>(payload: &str, wanted: &[S], registered: bool) -> Option<
     // A name asked twice gets the value of its first asking.
     for i in 0..wanted.len() {
         let name = wanted[i].as_ref();
-        if let Some(first) = wanted[..i].iter().position(|w| w.as_ref() == name) {
+        if let Some(first) = wanted[..i].iter().position(|w| same(w.as_ref(), name)) {
             picked.values[i] = picked.values[first].clone();
         }
     }
@@ -219,16 +233,29 @@ impl<'de, S: AsRef<str>> Visitor<'de> for Pick<'_, S> {
                 continue;
             }
             let value: Value = map.next_value()?;
-            if let Some(i) = wanted {
-                picked.values[i] = value_str(&value);
-            }
             let time = || value.as_f64().map(|t| t as u64);
-            match registered {
-                Some(Registered::Exp) => picked.exp = time(),
-                Some(Registered::Nbf) => picked.nbf = time(),
-                Some(Registered::Iss) => picked.iss = Some(value),
-                Some(Registered::Aud) => picked.aud = Some(value),
-                None => {}
+            let kept = match registered {
+                Some(Registered::Exp) => {
+                    picked.exp = time();
+                    None
+                }
+                Some(Registered::Nbf) => {
+                    picked.nbf = time();
+                    None
+                }
+                Some(Registered::Iss) => Some(&mut picked.iss),
+                Some(Registered::Aud) => Some(&mut picked.aud),
+                None => None,
+            };
+            // A wanted value that is not kept too is moved, not copied.
+            match (wanted, kept) {
+                (Some(i), Some(slot)) => {
+                    picked.values[i] = value_str(&value);
+                    *slot = Some(value);
+                }
+                (Some(i), None) => picked.values[i] = into_text(value),
+                (None, Some(slot)) => *slot = Some(value),
+                (None, None) => {}
             }
         }
         Ok(picked)
@@ -255,17 +282,18 @@ impl<'de, S: AsRef<str>> Visitor<'de> for Member<'_, '_, S> {
     }
 
     fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        let registered = match key {
+        // Byte patterns, not `str` ones: those compile to `memcmp` calls (see [`same`]).
+        let registered = match key.as_bytes() {
             _ if !self.0.registered => None,
-            "exp" => Some(Registered::Exp),
-            "nbf" => Some(Registered::Nbf),
-            "iss" => Some(Registered::Iss),
-            "aud" => Some(Registered::Aud),
+            [b'e', b'x', b'p'] => Some(Registered::Exp),
+            [b'n', b'b', b'f'] => Some(Registered::Nbf),
+            [b'i', b's', b's'] => Some(Registered::Iss),
+            [b'a', b'u', b'd'] => Some(Registered::Aud),
             _ => None,
         };
         Ok((
             registered,
-            self.0.wanted.iter().position(|w| w.as_ref() == key),
+            self.0.wanted.iter().position(|w| same(w.as_ref(), key)),
         ))
     }
 }
@@ -362,7 +390,10 @@ pub fn verify(
     now_secs: u64,
 ) -> Result<Claims, JwtError> {
     let decoded = decode(token)?;
-    check_signature(&decoded, keys.iter().filter(|k| k.alg() == decoded.alg))?;
+    check_signature(
+        &decoded,
+        keys.iter().filter(|k| k.alg() == decoded.header.alg),
+    )?;
     let claims = decoded.claims()?;
     check_claims(&claims, validation, now_secs)?;
     Ok(claims)
@@ -377,7 +408,7 @@ fn check_signature<'k>(
 ) -> Result<(), JwtError> {
     let mut candidates = candidates.peekable();
     if candidates.peek().is_none() {
-        return Err(JwtError::UnsupportedAlgorithm(decoded.alg.clone()));
+        return Err(JwtError::UnsupportedAlgorithm(decoded.header.alg.clone()));
     }
     if !candidates.any(|k| k.verifies(decoded.signing_input.as_bytes(), &decoded.signature)) {
         return Err(JwtError::BadSignature);
@@ -431,21 +462,40 @@ fn check_registered(
 ) -> Result<(), JwtError> {
     check_times(exp, nbf, v, now)?;
     if let Some(wanted) = &v.issuer
-        && iss.and_then(Value::as_str) != Some(wanted)
+        && !iss
+            .and_then(Value::as_str)
+            .is_some_and(|iss| same(iss, wanted))
     {
         return Err(JwtError::WrongIssuer);
     }
     if let Some(wanted) = &v.audience {
+        let is_wanted = |a: &Value| a.as_str().is_some_and(|a| same(a, wanted));
         let ok = match aud {
-            Some(Value::String(s)) => s == wanted,
-            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(wanted)),
-            _ => false,
+            Some(Value::Array(list)) => list.iter().any(is_wanted),
+            Some(one) => is_wanted(one),
+            None => false,
         };
         if !ok {
             return Err(JwtError::WrongAudience);
         }
     }
     Ok(())
+}
+
+/// Whether `a` and `b` are the same bytes, compared eight bytes at a time. `==` on
+/// strings calls `memcmp`, which WebAssembly's C library runs a byte per loop, some 20
+/// instructions a byte; a verifier compares names, claims and tokens many times per
+/// request.
+pub fn same(a: impl AsRef<[u8]>, b: impl AsRef<[u8]>) -> bool {
+    let (a, b) = (a.as_ref(), b.as_ref());
+    if a.len() != b.len() {
+        return false;
+    }
+    let ((a8, a1), (b8, b1)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
+    a8.iter()
+        .zip(b8)
+        .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y))
+        && a1.iter().zip(b1).all(|(x, y)| x == y)
 }
 
 /// A claim as text: strings as-is, numbers and booleans formatted, other
@@ -460,6 +510,14 @@ fn value_str(value: &Value) -> Option<String> {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
         other => Some(other.to_string()),
+    }
+}
+
+/// [`value_str`] of a value the caller gives up.
+fn into_text(value: Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s),
+        other => value_str(&other),
     }
 }
 
@@ -570,6 +628,21 @@ mod tests {
             verify(&tok(bad_aud), &key, &v, 0),
             Err(JwtError::WrongAudience)
         );
+    }
+
+    #[test]
+    fn same_is_byte_equality() {
+        let text = "https://auth.example/realms/one-two";
+        for len in 0..text.len() {
+            let a = &text[..len];
+            assert!(same(a, a), "{a:?}");
+            assert!(!same(a, &text[..len + 1]), "{a:?}");
+            for i in 0..len {
+                let mut b = a.as_bytes().to_vec();
+                b[i] ^= 1;
+                assert!(!same(a, &b), "{a:?} at {i}");
+            }
+        }
     }
 
     #[test]
