@@ -757,6 +757,35 @@ async fn hostile_plugins_fail_per_mode_while_good_traffic_flows() {
     assert_eq!(hostile_chains[1].0.plugins()[0].stats().memory_faults, 3);
 }
 
+/// A decision the gateway cannot act on (here a header name that is not a token) is the
+/// plugin's fault, whatever else it holds: a 503 naming the reason when the plugin fails
+/// closed, the plugin skipped when it fails open. Nothing of it reaches the request.
+#[tokio::test]
+async fn an_invalid_decision_is_a_fault_of_the_plugin() {
+    let host = PluginHost::new().unwrap();
+    let closed = Chain::new(vec![
+        load(&host, &hostile("bad-closed", "bad_header", false)).await,
+    ]);
+    let decision = closed.on_request(&request(&[])).await;
+    let (status, plugin, fault) = denied(&decision);
+    assert_eq!((status, plugin), (503, "bad-closed"));
+    match fault {
+        Some(Fault::InvalidDecision(why)) => {
+            assert!(why.contains("invalid header name \"x bad\""), "{why}")
+        }
+        other => panic!("expected an invalid decision, got {other:?}"),
+    }
+    let open = Chain::new(vec![
+        load(&host, &hostile("bad-open", "bad_header", true)).await,
+    ]);
+    assert_eq!(
+        continued(open.on_request(&request(&[])).await),
+        Mutations::default()
+    );
+    let stats = open.plugins()[0].stats();
+    assert_eq!((stats.faults, stats.calls), (1, 1), "{stats:?}");
+}
+
 /// Per-call costs quoted in `gateway/src/plugin/mod.rs`. Run with
 /// `cargo test --release -p sluice --test plugin_host -- --ignored --nocapture measure`.
 #[tokio::test(flavor = "current_thread")]

@@ -1,112 +1,165 @@
-//! Builders and readers on [`Decision`].
+//! [`Decision`]: what `on_request` returns, built by chained calls and read back by
+//! tests.
 //!
-//! Header builders act on the upstream request of a `continue` decision and on
-//! the response headers of a `deny` decision, so one chain of calls reads the
+//! Header builders act on the upstream request of a decision that lets the request
+//! through and on the response headers of a refusal, so one chain of calls reads the
 //! same either way: `Decision::deny(401, "…").set_header("www-authenticate", "Bearer")`.
+//!
+//! A decision crosses into the gateway as the WIT's `decision`: one string of items
+//! (header changes, choices, log fields, in the order they were made), then the body.
+//! The builders write the items as they go, so returning a decision hands over one
+//! string, not one per name and value.
 
 use std::time::Duration;
 
-use crate::{Decision, Denial, Header, HeaderOp, Mutations};
+use crate::bindings::sluice::plugin::types::Decision as Crossing;
 
-fn header(name: &str, value: &str) -> Header {
-    Header {
-        name: name.to_ascii_lowercase(),
-        value: value.to_owned(),
-    }
+/// A plugin's verdict on a request: [`Decision::allow`] or [`Decision::deny`], with
+/// header changes, choices and log fields added by chained calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// `0` lets the request through; otherwise the refusal's status.
+    status: u16,
+    reuse_ms: u32,
+    /// The items (the WIT's `decision`): a kind character, then NUL-ended parts. Names
+    /// are kept as given: the gateway lower-cases them, and the readers match them in
+    /// any case.
+    text: String,
+    items: u32,
+    /// A refusal's body, written after the items when the decision crosses.
+    body: String,
 }
 
-// wit-bindgen's derives apply to every generated type, and enums cannot derive
-// `Default`, so this record gets it by hand.
-#[allow(clippy::derivable_impls)]
-impl Default for Mutations {
-    fn default() -> Self {
-        Mutations {
-            headers: Vec::new(),
-            pool: None,
-            tenant: None,
-            sticky_key: None,
-            subprotocol: None,
-            log_fields: Vec::new(),
-            reuse_ms: 0,
-        }
+/// A change a decision makes to a header ([`Decision::header_ops`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderOp<'d> {
+    /// Replace every value of the header (name, value).
+    Set(&'d str, &'d str),
+    /// Add a value, keeping the others (name, value).
+    Append(&'d str, &'d str),
+    /// Remove the header (name).
+    Remove(&'d str),
+}
+
+/// The choices of a decision that lets the request through ([`Decision::choices`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Choices<'d> {
+    /// Upstream pool ([`Decision::pool`]).
+    pub pool: Option<&'d str>,
+    /// Tenant ([`Decision::tenant`]).
+    pub tenant: Option<&'d str>,
+    /// Consistent-hash key ([`Decision::sticky_key`]).
+    pub sticky_key: Option<&'d str>,
+    /// Subprotocol ([`Decision::subprotocol`]).
+    pub subprotocol: Option<&'d str>,
+}
+
+/// An item of a decision's text, read back.
+enum Item<'d> {
+    Header(HeaderOp<'d>),
+    Choice(u8, &'d str),
+    Log(&'d str, &'d str),
+}
+
+/// Appends `value` and its NUL; a NUL inside it is written as U+FFFD, so it cannot end
+/// the part early. (A byte loop: for parts this short, cheaper than `memchr`.)
+fn push_part(out: &mut String, value: &str) {
+    match value.as_bytes().contains(&0) {
+        false => out.push_str(value),
+        true => out.push_str(&value.replace('\0', "\u{FFFD}")),
     }
+    out.push('\0');
 }
 
 impl Decision {
+    fn new(status: u16, body: String) -> Self {
+        Decision {
+            status,
+            reuse_ms: 0,
+            text: String::new(),
+            items: 0,
+            body,
+        }
+    }
+
     /// Let the request through unchanged.
     pub fn allow() -> Self {
-        Decision::Continue(Mutations::default())
+        Decision::new(0, String::new())
     }
 
-    /// Refuse the request with `status` and a plain-text `body`.
+    /// Refuse the request with `status` (300 to 599; the gateway treats any other as
+    /// a fault of the plugin) and a plain-text `body`.
     pub fn deny(status: u16, body: impl Into<String>) -> Self {
-        Decision::Deny(Denial {
-            status,
-            headers: Vec::new(),
-            body: body.into(),
-            log_fields: Vec::new(),
-            reuse_ms: 0,
-        })
+        Decision::new(status, body.into())
     }
 
-    /// Replace a header: upstream on `continue`, in the response on `deny`.
-    pub fn set_header(mut self, name: &str, value: &str) -> Self {
-        match &mut self {
-            Decision::Continue(m) => m.headers.push(HeaderOp::Set(header(name, value))),
-            Decision::Deny(d) => {
-                d.headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
-                d.headers.push(header(name, value));
-            }
+    /// Starts an item of `kind`; its parts follow.
+    fn start(&mut self, kind: char) {
+        if self.text.is_empty() {
+            self.text.reserve(96);
+        }
+        self.text.push(kind);
+        self.items += 1;
+    }
+
+    /// Appends a header change or log field: `name` (the gateway lower-cases it), then
+    /// `value`.
+    fn named(mut self, kind: char, name: &str, value: Option<&str>) -> Self {
+        self.start(kind);
+        push_part(&mut self.text, name);
+        if let Some(value) = value {
+            push_part(&mut self.text, value);
         }
         self
+    }
+
+    /// Replace a header: upstream when letting through, in the response on a refusal.
+    pub fn set_header(self, name: &str, value: &str) -> Self {
+        self.named('=', name, Some(value))
     }
 
     /// Add a header value, keeping existing ones (upstream or response).
-    pub fn append_header(mut self, name: &str, value: &str) -> Self {
-        match &mut self {
-            Decision::Continue(m) => m.headers.push(HeaderOp::Append(header(name, value))),
-            Decision::Deny(d) => d.headers.push(header(name, value)),
-        }
-        self
+    pub fn append_header(self, name: &str, value: &str) -> Self {
+        self.named('+', name, Some(value))
     }
 
     /// Remove a header (upstream or response).
-    pub fn remove_header(mut self, name: &str) -> Self {
-        match &mut self {
-            Decision::Continue(m) => m.headers.push(HeaderOp::Remove(name.to_ascii_lowercase())),
-            Decision::Deny(d) => d.headers.retain(|h| !h.name.eq_ignore_ascii_case(name)),
+    pub fn remove_header(self, name: &str) -> Self {
+        self.named('-', name, None)
+    }
+
+    /// Appends a choice, unless this is a refusal.
+    fn choose(mut self, kind: char, value: &str) -> Self {
+        if !self.is_deny() {
+            self.start(kind);
+            push_part(&mut self.text, value);
         }
         self
     }
 
-    /// Choose the upstream pool (among those the route allows). No effect on `deny`.
-    pub fn pool(self, pool: impl Into<String>) -> Self {
-        self.with_mutations(|m| m.pool = Some(pool.into()))
+    /// Choose the upstream pool (among those the route allows). No effect on a refusal.
+    pub fn pool(self, pool: impl AsRef<str>) -> Self {
+        self.choose('p', pool.as_ref())
     }
 
-    /// Assign the tenant (later plugins see it in `req.tenant`). No effect on `deny`.
-    pub fn tenant(self, tenant: impl Into<String>) -> Self {
-        self.with_mutations(|m| m.tenant = Some(tenant.into()))
+    /// Assign the tenant (later plugins see it in `req.tenant`). No effect on a refusal.
+    pub fn tenant(self, tenant: impl AsRef<str>) -> Self {
+        self.choose('t', tenant.as_ref())
     }
 
-    /// Set the consistent-hash key. No effect on `deny`.
-    pub fn sticky_key(self, key: impl Into<String>) -> Self {
-        self.with_mutations(|m| m.sticky_key = Some(key.into()))
+    /// Set the consistent-hash key. No effect on a refusal.
+    pub fn sticky_key(self, key: impl AsRef<str>) -> Self {
+        self.choose('k', key.as_ref())
     }
 
-    /// Select one of the client's offered subprotocols. No effect on `deny`.
-    pub fn subprotocol(self, protocol: impl Into<String>) -> Self {
-        self.with_mutations(|m| m.subprotocol = Some(protocol.into()))
+    /// Select one of the client's offered subprotocols. No effect on a refusal.
+    pub fn subprotocol(self, protocol: impl AsRef<str>) -> Self {
+        self.choose('s', protocol.as_ref())
     }
 
-    /// Add a field to the access-log line (of an admitted or a refused
-    /// request).
-    pub fn log_field(mut self, name: &str, value: &str) -> Self {
-        match &mut self {
-            Decision::Continue(m) => m.log_fields.push(header(name, value)),
-            Decision::Deny(d) => d.log_fields.push(header(name, value)),
-        }
-        self
+    /// Add a field to the access-log line (of an admitted or a refused request).
+    pub fn log_field(self, name: &str, value: &str) -> Self {
+        self.named('l', name, Some(value))
     }
 
     /// Let the gateway give this same decision, without calling the plugin, to
@@ -120,64 +173,75 @@ impl Decision {
     /// must see or log for every request. [`Duration::ZERO`] (the default)
     /// asks to be called every time.
     pub fn reuse_for(mut self, ttl: Duration) -> Self {
-        let ms = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX);
-        match &mut self {
-            Decision::Continue(m) => m.reuse_ms = ms,
-            Decision::Deny(d) => d.reuse_ms = ms,
-        }
+        self.reuse_ms = u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX);
         self
     }
 
     /// How long the gateway may give this decision again ([`Decision::reuse_for`]).
     pub fn reuse(&self) -> Duration {
-        Duration::from_millis(
-            match self {
-                Decision::Continue(m) => m.reuse_ms,
-                Decision::Deny(d) => d.reuse_ms,
-            }
-            .into(),
-        )
-    }
-
-    fn with_mutations(mut self, f: impl FnOnce(&mut Mutations)) -> Self {
-        if let Decision::Continue(m) = &mut self {
-            f(m);
-        }
-        self
+        Duration::from_millis(self.reuse_ms.into())
     }
 
     /// Whether this decision refuses the request.
     pub fn is_deny(&self) -> bool {
-        matches!(self, Decision::Deny(_))
+        self.status != 0
     }
 
-    /// The denial status, or `None` for `continue`.
+    /// The refusal's status, or `None` when it lets the request through.
     pub fn status(&self) -> Option<u16> {
-        match self {
-            Decision::Deny(d) => Some(d.status),
-            Decision::Continue(_) => None,
-        }
+        self.is_deny().then_some(self.status)
     }
 
-    /// The mutations of a `continue` decision.
-    pub fn mutations(&self) -> Option<&Mutations> {
-        match self {
-            Decision::Continue(m) => Some(m),
-            Decision::Deny(_) => None,
-        }
+    /// Its items, read back in order.
+    fn read(&self) -> impl Iterator<Item = Item<'_>> + '_ {
+        let mut parts = self.text.split_terminator('\0');
+        std::iter::from_fn(move || {
+            let first = parts.next()?;
+            let (kind, first) = first.split_at(1);
+            Some(match kind {
+                "=" => Item::Header(HeaderOp::Set(first, parts.next()?)),
+                "+" => Item::Header(HeaderOp::Append(first, parts.next()?)),
+                "-" => Item::Header(HeaderOp::Remove(first)),
+                "l" => Item::Log(first, parts.next()?),
+                other => Item::Choice(other.as_bytes()[0], first),
+            })
+        })
     }
 
-    /// The value a header ends up with upstream after this decision's
-    /// operations, starting from no value (for tests and assertions).
-    pub fn upstream_header(&self, name: &str) -> Option<&str> {
+    /// The header changes, in order (upstream, or the response's on a refusal).
+    pub fn header_ops(&self) -> impl Iterator<Item = HeaderOp<'_>> + '_ {
+        self.read().filter_map(|item| match item {
+            Item::Header(op) => Some(op),
+            _ => None,
+        })
+    }
+
+    /// The choices made, the last of each kind (all `None` on a refusal).
+    pub fn choices(&self) -> Choices<'_> {
+        let mut chose = Choices::default();
+        for item in self.read() {
+            if let Item::Choice(kind, value) = item {
+                let slot = match kind {
+                    b'p' => &mut chose.pool,
+                    b't' => &mut chose.tenant,
+                    b'k' => &mut chose.sticky_key,
+                    _ => &mut chose.subprotocol,
+                };
+                *slot = Some(value);
+            }
+        }
+        chose
+    }
+
+    /// The value a header ends up with after the header changes, starting from no
+    /// value.
+    fn header_after(&self, name: &str) -> Option<&str> {
         let mut value = None;
-        for op in self.mutations()?.headers.iter() {
+        for op in self.header_ops() {
             match op {
-                HeaderOp::Set(h) if h.name.eq_ignore_ascii_case(name) => {
-                    value = Some(h.value.as_str());
-                }
-                HeaderOp::Append(h) if value.is_none() && h.name.eq_ignore_ascii_case(name) => {
-                    value = Some(h.value.as_str());
+                HeaderOp::Set(n, v) if n.eq_ignore_ascii_case(name) => value = Some(v),
+                HeaderOp::Append(n, v) if value.is_none() && n.eq_ignore_ascii_case(name) => {
+                    value = Some(v);
                 }
                 HeaderOp::Remove(n) if n.eq_ignore_ascii_case(name) => value = None,
                 _ => {}
@@ -186,36 +250,40 @@ impl Decision {
         value
     }
 
-    /// The body of a `deny` decision.
+    /// The value a header ends up with upstream after this decision's changes,
+    /// starting from no value (for tests and assertions); `None` on a refusal.
+    pub fn upstream_header(&self, name: &str) -> Option<&str> {
+        self.header_after(name).filter(|_| !self.is_deny())
+    }
+
+    /// A response header of a refusal (its first value).
+    pub fn response_header(&self, name: &str) -> Option<&str> {
+        self.header_after(name).filter(|_| self.is_deny())
+    }
+
+    /// The body of a refusal.
     pub fn body(&self) -> Option<&str> {
-        match self {
-            Decision::Deny(d) => Some(d.body.as_str()),
-            Decision::Continue(_) => None,
-        }
+        self.is_deny().then_some(self.body.as_str())
     }
 
     /// The value of an access-log field this decision adds ([`Decision::log_field`]
     /// writes them; this reads one back, for tests).
     pub fn logged(&self, name: &str) -> Option<&str> {
-        let fields = match self {
-            Decision::Continue(m) => &m.log_fields,
-            Decision::Deny(d) => &d.log_fields,
-        };
-        fields
-            .iter()
-            .find(|h| h.name == name)
-            .map(|h| h.value.as_str())
+        self.read().find_map(|item| match item {
+            Item::Log(n, v) if n.eq_ignore_ascii_case(name) => Some(v),
+            _ => None,
+        })
     }
 
-    /// A response header of a `deny` decision.
-    pub fn response_header(&self, name: &str) -> Option<&str> {
-        match self {
-            Decision::Deny(d) => d
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| h.value.as_str()),
-            Decision::Continue(_) => None,
+    /// The WIT's `decision`: the items, then the body, in one string.
+    pub(crate) fn crossing(self) -> Crossing {
+        let mut text = self.text;
+        text.push_str(&self.body);
+        Crossing {
+            status: self.status,
+            reuse_ms: self.reuse_ms,
+            items: self.items,
+            text,
         }
     }
 }
@@ -247,15 +315,25 @@ mod tests {
             .subprotocol("chat")
             .log_field("user", "alice")
             .reuse_for(Duration::from_secs(30));
-        let m = d.mutations().unwrap();
-        assert_eq!(m.reuse_ms, 30_000);
         assert_eq!(d.reuse(), Duration::from_secs(30));
         assert_eq!(Decision::allow().reuse(), Duration::ZERO);
-        assert_eq!(m.headers.len(), 3);
-        assert_eq!(m.pool.as_deref(), Some("blue"));
-        assert_eq!(m.sticky_key.as_deref(), Some("alice"));
-        assert_eq!(m.tenant.as_deref(), Some("acme"));
-        assert_eq!(m.subprotocol.as_deref(), Some("chat"));
+        assert_eq!(
+            d.header_ops().collect::<Vec<_>>(),
+            [
+                HeaderOp::Set("X-User", "alice"),
+                HeaderOp::Append("x-role", "a"),
+                HeaderOp::Remove("x-secret")
+            ]
+        );
+        assert_eq!(
+            d.choices(),
+            Choices {
+                pool: Some("blue"),
+                tenant: Some("acme"),
+                sticky_key: Some("alice"),
+                subprotocol: Some("chat"),
+            }
+        );
         assert_eq!(d.upstream_header("x-user"), Some("alice"));
         assert_eq!(d.upstream_header("x-secret"), None);
         assert!(!d.is_deny());
@@ -275,20 +353,33 @@ mod tests {
             .reuse_for(Duration::from_millis(1500));
         assert!(d.is_deny());
         assert_eq!(d.reuse(), Duration::from_millis(1500));
-        match &d {
-            Decision::Deny(denial) => assert_eq!(
-                denial.log_fields,
-                [Header {
-                    name: "denied_origin".into(),
-                    value: "https://evil.example".into()
-                }]
-            ),
-            Decision::Continue(_) => unreachable!(),
-        }
+        assert_eq!(d.logged("denied_origin"), Some("https://evil.example"));
         assert_eq!(d.status(), Some(401));
         assert_eq!(d.response_header("www-authenticate"), Some("Basic"));
         assert_eq!(d.response_header("x-a"), None);
-        assert_eq!(d.mutations(), None);
+        assert_eq!(d.choices(), Choices::default());
         assert_eq!(d.upstream_header("www-authenticate"), None);
+    }
+
+    #[test]
+    fn the_crossing_holds_the_items_in_the_order_made() {
+        let d = Decision::allow()
+            .log_field("User", "al\0ice")
+            .sticky_key("K")
+            .set_header("X-User", "alice")
+            .pool("blue")
+            .remove_header("x-secret")
+            .crossing();
+        assert_eq!((d.status, d.items), (0, 5));
+        assert_eq!(
+            d.text,
+            "lUser\0al\u{FFFD}ice\0kK\0=X-User\0alice\0pblue\0-x-secret\0"
+        );
+        let d = Decision::deny(429, "slow\0down")
+            .set_header("Retry-After", "1")
+            .pool("ignored")
+            .crossing();
+        assert_eq!((d.status, d.items), (429, 1));
+        assert_eq!(d.text, "=Retry-After\x001\0slow\0down");
     }
 }

@@ -1,7 +1,7 @@
 //! Write Sluice gateway policy plugins in Rust.
 //!
 //! A plugin is a WebAssembly component built for `wasm32-wasip2` against the
-//! `sluice:plugin@0.6.0` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
+//! `sluice:plugin@0.7.0` WIT package (`wit/plugin.wit`, shipped in this crate). This crate is the only
 //! one a plugin author depends on: it holds the bindings, a [`Plugin`] trait
 //! whose hooks have defaults, typed accessors on [`Request`], builders on
 //! [`Decision`], the host helpers in [`host`], one [`export!`] macro, and
@@ -152,9 +152,9 @@ use std::cell::RefCell;
 
 pub use bindings::sluice::plugin::host::Level;
 pub use bindings::sluice::plugin::types::{
-    CloseInfo, CloseReason, Decision, Denial, Fields, Header, HeaderOp, Hooks, Interest, Mutations,
-    RequestKind,
+    CloseInfo, CloseReason, Fields, Hooks, Interest, RequestKind,
 };
+pub use decision::{Choices, Decision, HeaderOp};
 pub use request::{Request, Tls};
 
 /// The configuration handed to [`Plugin::init`]: the JSON text of the
@@ -388,11 +388,14 @@ pub mod __private {
     }
 
     /// `on-request`.
-    pub fn on_request(req: crate::bindings::sluice::plugin::types::Request) -> Decision {
+    pub fn on_request(
+        req: crate::bindings::sluice::plugin::types::Request,
+    ) -> crate::bindings::sluice::plugin::types::Decision {
         match INSTANCE.with(|slot| slot.borrow().clone()) {
             Some(plugin) => plugin.on_request(&Request::from(req)),
             None => Decision::deny(500, "plugin used before init"),
         }
+        .crossing()
     }
 
     /// `on-close`.
@@ -420,7 +423,7 @@ macro_rules! export {
                 }
                 fn on_request(
                     req: $crate::bindings::sluice::plugin::types::Request,
-                ) -> $crate::Decision {
+                ) -> $crate::bindings::sluice::plugin::types::Decision {
                     $crate::__private::on_request(req)
                 }
                 fn on_close(info: $crate::CloseInfo) {

@@ -1,5 +1,5 @@
 // `api-key-js`: API-key auth with an optional per-client rate limit, written
-// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.6.0)
+// in JavaScript against the same WIT as the Rust plugins (sluice:plugin@0.7.0)
 // with the `sluice.js` helper module, and built into a component by
 // componentize-js (see build.mjs).
 //

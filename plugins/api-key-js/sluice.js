@@ -14,7 +14,7 @@
 // to add, for anything else (never a silent empty value). `allow()` and
 // `deny(status, body)` build decisions; `counterAdd`, `log` and `documents`
 // reach the host.
-import { counterAdd as hostCounterAdd, log as hostLog } from 'sluice:plugin/host@0.6.0';
+import { counterAdd as hostCounterAdd, log as hostLog } from 'sluice:plugin/host@0.7.0';
 
 // The WIT `fields` flags by the names a plugin declares them with.
 const FIELDS = {
@@ -114,46 +114,38 @@ class Request {
   }
 }
 
-/// A verdict under construction: `allow()` or `deny(status, body)`.
+/// A part of a decision's text: NUL-ended, a NUL inside written as U+FFFD.
+const part = (value) => `${String(value).replaceAll('\0', '\uFFFD')}\0`;
+
+/// A verdict under construction: `allow()` or `deny(status, body)`. It crosses as
+/// the WIT `decision`: one string of items (header changes, choices, log fields, in
+/// the order made, each a kind character then NUL-ended parts), then the body.
 class Decision {
   constructor(status, body) {
     this.status = status;
-    this.body = body ?? '';
-    this.ops = [];
-    this.response = [];
-    this.log = [];
+    this.body = String(body ?? '');
+    this.text = '';
+    this.items = 0;
     this.reuseMs = 0;
-    this.choices = {};
   }
 
-  /// Set an upstream request header (on a deny: a response header).
-  setHeader(name, value) {
-    const header = { name: name.toLowerCase(), value: String(value) };
-    if (this.status === undefined) {
-      this.ops.push({ tag: 'set', val: header });
-    } else {
-      this.response.push(header);
-    }
+  item(kind, ...parts) {
+    this.text += kind + parts.map(part).join('');
+    this.items += 1;
     return this;
   }
 
-  /// Add a value to an upstream request header, keeping the others.
-  appendHeader(name, value) {
-    this.ops.push({ tag: 'append', val: { name: name.toLowerCase(), value: String(value) } });
-    return this;
-  }
+  /// Replace an upstream request header (on a deny: a response header).
+  setHeader(name, value) { return this.item('=', String(name).toLowerCase(), value); }
 
-  /// Remove an upstream request header.
-  removeHeader(name) {
-    this.ops.push({ tag: 'remove', val: name.toLowerCase() });
-    return this;
-  }
+  /// Add a header value, keeping the others (upstream, or the response's on a deny).
+  appendHeader(name, value) { return this.item('+', String(name).toLowerCase(), value); }
+
+  /// Remove a header (upstream, or the response's on a deny).
+  removeHeader(name) { return this.item('-', String(name).toLowerCase()); }
 
   /// Add a field to the access-log line.
-  logField(name, value) {
-    this.log.push({ name, value: String(value) });
-    return this;
-  }
+  logField(name, value) { return this.item('l', String(name).toLowerCase(), value); }
 
   /// Let the gateway give this decision again, without a call, to requests that
   /// show the plugin the same inputs, for up to `seconds`.
@@ -162,48 +154,27 @@ class Decision {
     return this;
   }
 
-  /// The upstream pool to use (one the route allows).
-  pool(name) { this.choices.pool = name; return this; }
-  /// The tenant of this exchange.
-  tenant(name) { this.choices.tenant = name; return this; }
-  /// The consistent-hash key.
-  stickyKey(key) { this.choices.stickyKey = key; return this; }
-  /// The subprotocol to select (one the client offered).
-  subprotocol(name) { this.choices.subprotocol = name; return this; }
+  choose(kind, value) { return this.status === 0 ? this.item(kind, value) : this; }
+
+  /// The upstream pool to use (one the route allows). No effect on a deny.
+  pool(name) { return this.choose('p', name); }
+  /// The tenant of this exchange. No effect on a deny.
+  tenant(name) { return this.choose('t', name); }
+  /// The consistent-hash key. No effect on a deny.
+  stickyKey(key) { return this.choose('k', key); }
+  /// The subprotocol to select (one the client offered). No effect on a deny.
+  subprotocol(name) { return this.choose('s', name); }
 
   /// The WIT `decision` record.
   toWit() {
-    if (this.status === undefined) {
-      return {
-        tag: 'continue',
-        val: {
-          headers: this.ops,
-          pool: this.choices.pool,
-          tenant: this.choices.tenant,
-          stickyKey: this.choices.stickyKey,
-          subprotocol: this.choices.subprotocol,
-          logFields: this.log,
-          reuseMs: this.reuseMs,
-        },
-      };
-    }
-    return {
-      tag: 'deny',
-      val: {
-        status: this.status,
-        headers: this.response,
-        body: this.body,
-        logFields: this.log,
-        reuseMs: this.reuseMs,
-      },
-    };
+    return { status: this.status, reuseMs: this.reuseMs, items: this.items, text: this.text + this.body };
   }
 }
 
 /// Let the request through, unchanged until changed.
-export const allow = () => new Decision(undefined, '');
+export const allow = () => new Decision(0, '');
 
-/// Refuse the request with this status and body.
+/// Refuse the request with this status (300 to 599) and body.
 export const deny = (status, body) => new Decision(status, body);
 
 /// Add `delta` to the counter `key` in the current window of `windowMs` and

@@ -118,35 +118,63 @@ class Request:
         return None
 
 
-class Decision:
-    """A verdict under construction: `allow()` or `deny(status, body)`."""
+def _part(value: str) -> str:
+    """A part of a decision's text: NUL-ended, a NUL inside written as U+FFFD."""
+    return str(value).replace("\0", "\ufffd") + "\0"
 
-    def __init__(self, status: Optional[int] = None, body: str = ""):
+
+class Decision:
+    """A verdict under construction: `allow()` or `deny(status, body)`. It crosses
+    as the WIT's `decision`: one string of items (header changes, choices, log
+    fields, in the order made, each a kind character then NUL-ended parts), then
+    the body."""
+
+    def __init__(self, status: int = 0, body: str = ""):
         self._status = status
-        self._body = body
-        self._ops: List[types.HeaderOp] = []
-        self._response: List[types.Header] = []
-        self._log: List[types.Header] = []
+        self._body = str(body)
+        self._text = ""
+        self._items = 0
         self._reuse_ms = 0
 
-    def set_header(self, name: str, value: str) -> "Decision":
-        """Set an upstream request header (on a deny: a response header)."""
-        header = types.Header(name.lower(), value)
-        if self._status is None:
-            self._ops.append(types.HeaderOp_Set(header))
-        else:
-            self._response.append(header)
+    def _item(self, kind: str, *parts: str) -> "Decision":
+        self._text += kind + "".join(_part(p) for p in parts)
+        self._items += 1
         return self
 
+    def set_header(self, name: str, value: str) -> "Decision":
+        """Replace an upstream request header (on a deny: a response header)."""
+        return self._item("=", name.lower(), value)
+
+    def append_header(self, name: str, value: str) -> "Decision":
+        """Add a header value, keeping the others (upstream, or the response's)."""
+        return self._item("+", name.lower(), value)
+
     def remove_header(self, name: str) -> "Decision":
-        """Remove an upstream request header."""
-        self._ops.append(types.HeaderOp_Remove(name.lower()))
-        return self
+        """Remove a header (upstream, or the response's on a deny)."""
+        return self._item("-", name.lower())
 
     def log_field(self, name: str, value: str) -> "Decision":
         """Add a field to the access-log line."""
-        self._log.append(types.Header(name, value))
-        return self
+        return self._item("l", name.lower(), value)
+
+    def _choose(self, kind: str, value: str) -> "Decision":
+        return self._item(kind, value) if self._status == 0 else self
+
+    def pool(self, name: str) -> "Decision":
+        """The upstream pool to use (one the route allows). No effect on a deny."""
+        return self._choose("p", name)
+
+    def tenant(self, name: str) -> "Decision":
+        """The tenant of this exchange. No effect on a deny."""
+        return self._choose("t", name)
+
+    def sticky_key(self, key: str) -> "Decision":
+        """The consistent-hash key. No effect on a deny."""
+        return self._choose("k", key)
+
+    def subprotocol(self, name: str) -> "Decision":
+        """The subprotocol to select (one the client offered). No effect on a deny."""
+        return self._choose("s", name)
 
     def reuse_for(self, seconds: float) -> "Decision":
         """Let the gateway give this decision again, without a call, to requests
@@ -155,13 +183,7 @@ class Decision:
         return self
 
     def to_wit(self) -> types.Decision:
-        if self._status is None:
-            return types.Decision_Continue(
-                types.Mutations(self._ops, None, None, None, None, self._log, self._reuse_ms)
-            )
-        return types.Decision_Deny(
-            types.Denial(self._status, self._response, self._body, self._log, self._reuse_ms)
-        )
+        return types.Decision(self._status, self._reuse_ms, self._items, self._text + self._body)
 
 
 def allow() -> Decision:
@@ -170,7 +192,7 @@ def allow() -> Decision:
 
 
 def deny(status: int, body: str) -> Decision:
-    """Refuse the request with this status and body."""
+    """Refuse the request with this status (300 to 599) and body."""
     return Decision(status, body)
 
 

@@ -35,7 +35,7 @@ mod generated {
 
 pub(super) use generated::sluice::plugin::{crypto, documents, host, types as wit};
 pub(super) use generated::{Plugin, PluginPre};
-pub(super) use wit::{Decision, Request};
+pub(super) use wit::Request;
 
 impl From<RequestKind> for wit::RequestKind {
     fn from(kind: RequestKind) -> Self {
@@ -223,12 +223,132 @@ impl<'a> From<&'a CloseInfo> for wit::CloseInfo<'a> {
     }
 }
 
-/// What a header map would take, checked without making one (that copies every value).
-fn valid_header(h: &wit::Header) -> Result<(), String> {
-    valid_name(&h.name)?;
-    match is_field_value(h.value.as_bytes()) {
+/// A plugin's decision, its text checked item by item ([`Decision::check`]): what the
+/// chain acts on and what the reuse table keeps (one string, so a copy is cheap).
+#[derive(Debug, Clone)]
+pub(super) struct Decision(wit::Decision);
+
+/// A change a decision makes to a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Set,
+    Append,
+    Remove,
+}
+
+/// A choice a decision that lets a request through makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    Pool,
+    Tenant,
+    StickyKey,
+    Subprotocol,
+}
+
+/// An item of a decision's text (see the WIT's `decision`).
+#[derive(Debug, PartialEq, Eq)]
+enum Item<'d> {
+    /// A header change: the name (in the case the plugin wrote it), then the value
+    /// (empty for a removal).
+    Header(Change, &'d str, &'d str),
+    /// A choice.
+    Choice(Choice, &'d str),
+    /// An access-log field.
+    Log(&'d str, &'d str),
+}
+
+impl Decision {
+    /// `d` when the gateway can act on it: a status of 0 or 300-599, as many items as
+    /// it says, each of a known kind with all its parts, header names tokens and values
+    /// field values (what a header map would take, checked without making one), and no
+    /// choice or body on the wrong side. A bad decision from a plugin is a plugin fault,
+    /// never a gateway error.
+    pub(super) fn check(d: wit::Decision) -> Result<Decision, String> {
+        let refuses = match d.status {
+            0 => false,
+            300..=599 => true,
+            other => return Err(format!("status {other} is neither 0 nor 300-599")),
+        };
+        let body = read(&d, |item| match item {
+            Item::Header(Change::Remove, name, _) => valid_name(name),
+            Item::Header(_, name, value) | Item::Log(name, value) => valid_header(name, value),
+            Item::Choice(..) if refuses => Err("a refusal makes no choices".into()),
+            Item::Choice(..) => Ok(()),
+        })?;
+        if !refuses && !body.is_empty() {
+            return Err("a decision that lets the request through has no body".into());
+        }
+        Ok(Decision(d))
+    }
+
+    /// Whether it refuses the request.
+    pub(super) fn refuses(&self) -> bool {
+        self.0.status != 0
+    }
+
+    /// How long it may be given again without a call (`reuse-ms`).
+    pub(super) fn reuse_ms(&self) -> u32 {
+        self.0.reuse_ms
+    }
+
+    /// Hands its items to `each`, in order, and returns its body.
+    fn items(&self, mut each: impl FnMut(Item<'_>)) -> &str {
+        // Checked when it was made: reading it again finds no fault.
+        read(&self.0, |item| {
+            each(item);
+            Ok(())
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// Walks a decision's text, handing each item to `each`, and returns the body; the
+/// first item missing, unknown or short of a part, or `each`'s first error, ends the
+/// walk.
+fn read<'d>(
+    d: &'d wit::Decision,
+    mut each: impl FnMut(Item<'d>) -> Result<(), String>,
+) -> Result<&'d str, String> {
+    let text = d.text.as_str();
+    let mut nuls = memchr::memchr_iter(0, text.as_bytes());
+    let mut at = 0;
+    // A NUL is ASCII: the text's slices at and after one are strings.
+    let mut part = || {
+        let end = nuls
+            .next()
+            .ok_or_else(|| format!("its text ends inside one of the {} items it says", d.items))?;
+        let part = &text[at..end];
+        at = end + 1;
+        Ok::<_, String>(part)
+    };
+    for _ in 0..d.items {
+        // The kind is the part's first character, and ASCII: it ends at a char boundary.
+        let kind = part()?;
+        let (tag, first) = match kind.as_bytes().first() {
+            Some(tag) if tag.is_ascii() => (*tag, &kind[1..]),
+            _ => return Err(format!("item {kind:?} does not start with its kind")),
+        };
+        let item = match tag {
+            b'=' => Item::Header(Change::Set, first, part()?),
+            b'+' => Item::Header(Change::Append, first, part()?),
+            b'-' => Item::Header(Change::Remove, first, ""),
+            b'p' => Item::Choice(Choice::Pool, first),
+            b't' => Item::Choice(Choice::Tenant, first),
+            b'k' => Item::Choice(Choice::StickyKey, first),
+            b's' => Item::Choice(Choice::Subprotocol, first),
+            b'l' => Item::Log(first, part()?),
+            _ => return Err(format!("item {kind:?} is of no known kind")),
+        };
+        each(item)?;
+    }
+    Ok(&text[at..])
+}
+
+fn valid_header(name: &str, value: &str) -> Result<(), String> {
+    valid_name(name)?;
+    match is_field_value(value.as_bytes()) {
         true => Ok(()),
-        false => Err(format!("invalid value for header {:?}", h.name)),
+        false => Err(format!("invalid value for header {name:?}")),
     }
 }
 
@@ -239,83 +359,71 @@ fn valid_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Check a plugin's decision before the gateway acts on it: a bad header or
-/// status from a plugin is a plugin fault, never a gateway error.
-pub(super) fn validate(decision: &Decision) -> Result<(), String> {
-    match decision {
-        Decision::Continue(m) => {
-            for op in &m.headers {
-                match op {
-                    wit::HeaderOp::Set(h) | wit::HeaderOp::Append(h) => valid_header(h)?,
-                    wit::HeaderOp::Remove(name) => valid_name(name)?,
-                }
-            }
-            m.log_fields.iter().try_for_each(valid_header)
-        }
-        Decision::Deny(d) if !(300..=599).contains(&d.status) => {
-            Err(format!("deny status {} is not 300-599", d.status))
-        }
-        Decision::Deny(d) => d
-            .headers
-            .iter()
-            .chain(&d.log_fields)
-            .try_for_each(valid_header),
-    }
-}
-
-/// Apply a plugin's `continue` to what the next plugin sees (headers and tenant), and
-/// fold it into the chain's accumulated mutations. Names are lower-cased, as the
-/// request's own are, whatever case the plugin used.
-pub(super) fn accumulate(m: wit::Mutations, view: &mut View<'_>, acc: &mut Mutations) {
+/// Apply a plugin's decision to let the request through to what the next plugin sees
+/// (headers and tenant), and fold it into the chain's accumulated mutations. Header and
+/// log field names are lower-cased, as the request's own are, whatever case the plugin
+/// used.
+pub(super) fn accumulate(d: &Decision, view: &mut View<'_>, acc: &mut Mutations) {
     let headers = &mut view.headers;
-    for op in m.headers {
-        let op = match op {
-            wit::HeaderOp::Set(mut h) => {
-                h.name.make_ascii_lowercase();
-                headers.retain(|(n, _)| *n != h.name);
-                headers.push((h.name.clone().into(), h.value.clone().into()));
-                HeaderOp::Set(h.name, h.value)
-            }
-            wit::HeaderOp::Append(mut h) => {
-                h.name.make_ascii_lowercase();
-                headers.push((h.name.clone().into(), h.value.clone().into()));
-                HeaderOp::Append(h.name, h.value)
-            }
-            wit::HeaderOp::Remove(name) => {
-                let name = name.to_ascii_lowercase();
+    d.items(|item| match item {
+        Item::Header(change, name, value) => {
+            let name = name.to_ascii_lowercase();
+            if change != Change::Append {
                 headers.retain(|(n, _)| *n != name);
-                HeaderOp::Remove(name)
             }
-        };
-        acc.headers.push(op);
-    }
-    if m.tenant.is_some() {
-        view.tenant.clone_from(&m.tenant);
-    }
-    let later = [
-        (&mut acc.pool, m.pool),
-        (&mut acc.tenant, m.tenant),
-        (&mut acc.sticky_key, m.sticky_key),
-        (&mut acc.subprotocol, m.subprotocol),
-    ];
-    for (slot, value) in later {
-        if value.is_some() {
-            *slot = value;
+            let op = match change {
+                Change::Remove => HeaderOp::Remove(name),
+                _ => {
+                    headers.push((name.clone().into(), value.to_owned().into()));
+                    match change {
+                        Change::Set => HeaderOp::Set(name, value.to_owned()),
+                        _ => HeaderOp::Append(name, value.to_owned()),
+                    }
+                }
+            };
+            acc.headers.push(op);
         }
-    }
-    acc.log_fields
-        .extend(m.log_fields.into_iter().map(|h| (h.name, h.value)));
+        Item::Choice(choice, value) => {
+            let slot = match choice {
+                Choice::Pool => &mut acc.pool,
+                Choice::Tenant => {
+                    view.tenant = Some(value.to_owned());
+                    &mut acc.tenant
+                }
+                Choice::StickyKey => &mut acc.sticky_key,
+                Choice::Subprotocol => &mut acc.subprotocol,
+            };
+            *slot = Some(value.to_owned());
+        }
+        Item::Log(name, value) => {
+            acc.log_fields
+                .push((name.to_ascii_lowercase(), value.to_owned()));
+        }
+    });
 }
 
-/// A plugin's `deny`, as the gateway's type, keeping the log fields the plugins
+/// A plugin's refusal, as the gateway's type, keeping the log fields the plugins
 /// before it added (`earlier`).
-pub(super) fn denial(d: wit::Denial, plugin: &str, earlier: Mutations) -> ChainDecision {
+pub(super) fn denial(d: &Decision, plugin: &str, earlier: Mutations) -> ChainDecision {
+    let mut headers: Vec<(String, String)> = Vec::new();
     let mut log_fields = earlier.log_fields;
-    log_fields.extend(d.log_fields.into_iter().map(|h| (h.name, h.value)));
+    let body = d.items(|item| match item {
+        Item::Header(change, name, value) => {
+            let name = name.to_ascii_lowercase();
+            if change != Change::Append {
+                headers.retain(|(n, _)| *n != name);
+            }
+            if change != Change::Remove {
+                headers.push((name, value.to_owned()));
+            }
+        }
+        Item::Choice(..) => {}
+        Item::Log(name, value) => log_fields.push((name.to_ascii_lowercase(), value.to_owned())),
+    });
     ChainDecision::Deny(Denial {
-        status: d.status,
-        headers: d.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-        body: d.body,
+        status: d.0.status,
+        headers,
+        body: body.to_owned(),
         log_fields,
         plugin: plugin.to_owned(),
         fault: None,
@@ -326,13 +434,6 @@ pub(super) fn denial(d: wit::Denial, plugin: &str, earlier: Mutations) -> ChainD
 mod tests {
     use super::*;
     use crate::plugin::types::TlsInfo;
-
-    fn header(name: &str, value: &str) -> wit::Header {
-        wit::Header {
-            name: name.into(),
-            value: value.into(),
-        }
-    }
 
     fn info() -> RequestInfo {
         RequestInfo {
@@ -354,16 +455,29 @@ mod tests {
         }
     }
 
-    fn continuing(headers: Vec<wit::HeaderOp>, tenant: Option<&str>) -> wit::Mutations {
-        wit::Mutations {
-            headers,
-            pool: None,
-            tenant: tenant.map(Into::into),
-            sticky_key: None,
-            subprotocol: None,
-            log_fields: Vec::new(),
+    /// A decision as a plugin would send it: `status`, its items (each its parts, the
+    /// first led by the item's kind), then the body.
+    fn crossing(status: u16, items: &[&[&str]], body: &str) -> wit::Decision {
+        let parts: String = items
+            .iter()
+            .flat_map(|item| item.iter())
+            .map(|p| format!("{p}\0"))
+            .collect();
+        raw(status, items.len(), &(parts + body))
+    }
+
+    /// A decision of `items` items whose text is `text`, as written.
+    fn raw(status: u16, items: usize, text: &str) -> wit::Decision {
+        wit::Decision {
+            status,
             reuse_ms: 0,
+            items: items as u32,
+            text: text.into(),
         }
+    }
+
+    fn checked(d: wit::Decision) -> Decision {
+        Decision::check(d).expect("a good decision")
     }
 
     /// The parts of a request's text, split at its NULs, which `ends` must agree with.
@@ -385,15 +499,9 @@ mod tests {
     fn accumulated_header_names_are_lower_case() {
         let info = info();
         let mut view = View::new(&info, None);
-        let m = continuing(
-            vec![
-                wit::HeaderOp::Set(header("X-User", "alice")),
-                wit::HeaderOp::Append(header("X-Tag", "a")),
-            ],
-            None,
-        );
+        let d = checked(crossing(0, &[&["=X-User", "alice"], &["+X-Tag", "a"]], ""));
         let mut acc = Mutations::default();
-        accumulate(m, &mut view, &mut acc);
+        accumulate(&d, &mut view, &mut acc);
         // The client's `X-User` is replaced, not kept beside the plugin's.
         let mut text = Parts::default();
         let req = view.request(None, Some(wit::Fields::empty()), &mut text);
@@ -416,6 +524,122 @@ mod tests {
                 HeaderOp::Append("x-tag".into(), "a".into())
             ]
         );
+    }
+
+    #[test]
+    fn a_decision_is_read_in_the_wits_order() {
+        let info = info();
+        let mut view = View::new(&info, None);
+        let d = checked(crossing(
+            0,
+            &[
+                &["-origin"],
+                &["pred"],
+                &["=x-a", "1"],
+                &["kk"],
+                &["luser", "alice"],
+                &["schat"],
+                &["pblue"],
+            ],
+            "",
+        ));
+        assert!(!d.refuses());
+        let mut acc = Mutations {
+            pool: Some("green".into()),
+            tenant: Some("t0".into()),
+            ..Mutations::default()
+        };
+        accumulate(&d, &mut view, &mut acc);
+        assert_eq!(
+            acc,
+            Mutations {
+                headers: vec![
+                    HeaderOp::Remove("origin".into()),
+                    HeaderOp::Set("x-a".into(), "1".into())
+                ],
+                pool: Some("blue".into()),
+                tenant: Some("t0".into()),
+                sticky_key: Some("k".into()),
+                subprotocol: Some("chat".into()),
+                log_fields: vec![("user".into(), "alice".into())],
+            }
+        );
+        // A refusal's header changes make its response headers; its body may hold NULs.
+        let d = checked(crossing(
+            429,
+            &[
+                &["=Retry-After", "1"],
+                &["+x-b", "1"],
+                &["lWhy", "slow"],
+                &["+x-b", "2"],
+                &["=retry-after", "60"],
+            ],
+            "slow\0down",
+        ));
+        let earlier = Mutations {
+            log_fields: vec![("user".into(), "alice".into())],
+            ..Mutations::default()
+        };
+        let ChainDecision::Deny(denial) = denial(&d, "p", earlier) else {
+            panic!("a refusal")
+        };
+        assert_eq!(denial.status, 429);
+        assert_eq!(
+            denial.headers,
+            [
+                ("x-b".to_owned(), "1".to_owned()),
+                ("x-b".into(), "2".into()),
+                ("retry-after".into(), "60".into())
+            ]
+        );
+        assert_eq!(denial.body, "slow\0down");
+        assert_eq!(
+            denial.log_fields,
+            [
+                ("user".to_owned(), "alice".to_owned()),
+                ("why".into(), "slow".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_malformed_decision_is_refused_with_the_reason() {
+        let refused = |d: wit::Decision| Decision::check(d).expect_err("refused");
+        let ok = crossing(0, &[&["=x-a", "1"], &["ll", "v"]], "");
+        assert!(Decision::check(ok.clone()).is_ok());
+        let cases = [
+            (crossing(200, &[], ""), "status 200"),
+            (crossing(600, &[], ""), "status 600"),
+            (
+                wit::Decision {
+                    items: 3,
+                    ..ok.clone()
+                },
+                "ends inside",
+            ),
+            (raw(0, 1, "=x-a\0"), "ends inside"),
+            (raw(0, 1, "=x-a"), "ends inside"),
+            (crossing(0, &[&["*x-a", "1"]], ""), "no known kind"),
+            (crossing(0, &[&[""]], ""), "does not start with its kind"),
+            (
+                crossing(0, &[&["\u{e9}x"]], ""),
+                "does not start with its kind",
+            ),
+            (crossing(0, &[&["=", "1"]], ""), "invalid header name"),
+            (crossing(0, &[&["=x a", "1"]], ""), "invalid header name"),
+            (crossing(0, &[&["-x a"]], ""), "invalid header name"),
+            (crossing(0, &[&["=x-a", "1\r\n"]], ""), "invalid value"),
+            (
+                crossing(0, &[&["lbad name", "v"]], ""),
+                "invalid header name",
+            ),
+            (crossing(0, &[], "a body"), "has no body"),
+            (crossing(403, &[&["pblue"]], ""), "no choices"),
+        ];
+        for (d, why) in cases {
+            let reason = refused(d.clone());
+            assert!(reason.contains(why), "{d:?}: {reason}");
+        }
     }
 
     #[test]
@@ -453,8 +677,8 @@ mod tests {
             ]
         );
         // A later plugin sees an earlier one's tenant and header changes.
-        let m = continuing(vec![wit::HeaderOp::Remove("Origin".into())], Some("t1"));
-        accumulate(m, &mut view, &mut Mutations::default());
+        let d = checked(crossing(0, &[&["-Origin"], &["tt1"]], ""));
+        accumulate(&d, &mut view, &mut Mutations::default());
         let req = view.request(Some(&origin), Some(wit::Fields::TENANT), &mut text);
         assert_eq!((req.headers, parts(&req)), (0, vec!["t1"]));
         let req = view.request(Some(&origin), Some(wit::Fields::empty()), &mut text);

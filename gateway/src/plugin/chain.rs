@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use super::Plugin;
+use super::bindings;
 use super::bindings::wit::{self, Fields};
-use super::bindings::{self, Decision};
 use super::types::{ChainDecision, CloseInfo, Denial, Fault, Mutations, RequestInfo};
 
 /// Status answered when a fail-closed plugin faults.
@@ -94,8 +94,8 @@ impl Chain {
             let shown = view.request(plugin.headers(), plugin.fields(), &mut parts);
             let decision = plugin.pool.on_request(shown, view.tenant()).await;
             match decision {
-                Ok(Decision::Continue(m)) => bindings::accumulate(m, &mut view, &mut acc),
-                Ok(Decision::Deny(d)) => return bindings::denial(d, plugin.name(), acc),
+                Ok(d) if d.refuses() => return bindings::denial(&d, plugin.name(), acc),
+                Ok(d) => bindings::accumulate(&d, &mut view, &mut acc),
                 Err(fault) => {
                     report(plugin, "on-request", &fault);
                     if !plugin.fail_open() {

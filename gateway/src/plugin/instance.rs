@@ -13,7 +13,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{self, Decision, Request, documents, host, wit};
 use super::documents::Documents;
-use super::reuse::{Reuse, reuse_ms};
+use super::reuse::Reuse;
 use super::types::{Fault, PluginStats};
 use crate::config::PluginLimits;
 use crate::limit::Cluster;
@@ -354,12 +354,12 @@ impl InstancePool {
             .call_on_request(&mut inst.store, req.clone())
             .await;
         self.latency.observe(now.elapsed());
-        let decision = self.settle(inst, result)?;
-        if let Err(reason) = bindings::validate(&decision) {
-            return Err(self.fault(Fault::InvalidDecision(reason)));
-        }
+        let decision = match Decision::check(self.settle(inst, result)?) {
+            Ok(decision) => decision,
+            Err(reason) => return Err(self.fault(Fault::InvalidDecision(reason))),
+        };
         self.count_deny(&decision);
-        let ms = reuse_ms(&decision);
+        let ms = decision.reuse_ms();
         if ms > 0 && self.limits.max_reused > 0 {
             let reuse = self
                 .reuse
@@ -372,7 +372,7 @@ impl InstancePool {
     }
 
     fn count_deny(&self, decision: &Decision) {
-        if matches!(decision, Decision::Deny(_)) {
+        if decision.refuses() {
             self.stats.denies.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -1,5 +1,5 @@
 //! The plugin host: runs policy plugins (WebAssembly components of the
-//! `sluice:plugin@0.6.0` world in `wit/`) with hard limits, and chains them.
+//! `sluice:plugin@0.7.0` world in `wit/`) with hard limits, and chains them.
 //!
 //! ```text
 //! PluginHost::new()            one engine: epoch interruption, pooling allocator,
@@ -35,6 +35,9 @@
 //!   (`bindings::View::request`). Every string or list lowered is a call from the host
 //!   into the plugin's allocator; a record of a string per field made four to six of
 //!   them per plugin and call.
+//! - **The decision crosses back as one string** of items (header changes, choices,
+//!   log fields) and a refusal's body: one string to lift and copy, checked item by
+//!   item before the gateway acts on it or keeps it for reuse (`bindings::Decision`).
 //! - **Decisions are reused when the plugin allows it**: a decision carries `reuse-ms`,
 //!   and for that long (at most 5 minutes) a request that shows the plugin the same
 //!   inputs gets the same decision without a call (`reuse.rs`: a bounded table per
@@ -131,8 +134,8 @@ pub enum PluginError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The component does not target the `sluice:plugin@0.6.0` `plugin` world.
-    #[error("plugin `{plugin}`: not a sluice:plugin@0.6.0 plugin: {reason}")]
+    /// The component does not target the `sluice:plugin@0.7.0` `plugin` world.
+    #[error("plugin `{plugin}`: not a sluice:plugin@0.7.0 plugin: {reason}")]
     WrongWorld {
         /// Plugin name.
         plugin: String,
@@ -426,11 +429,11 @@ impl PluginHost {
 }
 
 /// The version of the WIT package `wit/` defines, as component import names spell it.
-const WIT_VERSION: &str = "0.6.0";
+const WIT_VERSION: &str = "0.7.0";
 
 /// The `sluice:plugin` version a component imports or exports, when it is not one this
-/// gateway links: [`WIT_VERSION`] or an earlier `0.6.x` (additions within a series keep
-/// them working, and wasmtime links `0.6.x` imports to the newest `0.6` host).
+/// gateway links: [`WIT_VERSION`] or an earlier `0.7.x` (additions within a series keep
+/// them working, and wasmtime links `0.7.x` imports to the newest `0.7` host).
 fn built_for(component: &Component, engine: &Engine) -> Option<String> {
     let ty = component.component_type();
     ty.imports(engine)

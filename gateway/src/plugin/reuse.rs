@@ -95,14 +95,6 @@ impl Reuse {
     }
 }
 
-/// How long the plugin allowed `decision` to be given again, in ms (0: not at all).
-pub(super) fn reuse_ms(decision: &Decision) -> u32 {
-    match decision {
-        Decision::Continue(m) => m.reuse_ms,
-        Decision::Deny(d) => d.reuse_ms,
-    }
-}
-
 /// Every input of `req`: its text, and the kind and counts that say what the text's
 /// parts are, so two requests serialise alike only when the plugin would see them alike.
 /// Allocated at exactly its length, so the key becomes a boxed slice without a copy.

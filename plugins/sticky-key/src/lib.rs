@@ -143,7 +143,9 @@ mod tests {
     use super::*;
 
     fn key_of(p: &StickyKey, req: Request) -> Option<String> {
-        on_request(p, &req).mutations().unwrap().sticky_key.clone()
+        let d = on_request(p, &req);
+        assert!(!d.is_deny(), "{d:?}");
+        d.choices().sticky_key.map(str::to_owned)
     }
 
     #[test]

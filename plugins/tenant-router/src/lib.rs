@@ -166,9 +166,13 @@ mod tests {
 
     fn route(p: &TenantRouter, req: Request) -> (Option<String>, Option<String>) {
         let d = on_request(p, &req);
-        let m = d.mutations().expect("allowed");
-        assert_eq!(d.upstream_header("x-sluice-tenant"), m.tenant.as_deref());
-        (m.tenant.clone(), m.pool.clone())
+        assert!(!d.is_deny(), "{d:?}");
+        let chose = d.choices();
+        assert_eq!(d.upstream_header("x-sluice-tenant"), chose.tenant);
+        (
+            chose.tenant.map(str::to_owned),
+            chose.pool.map(str::to_owned),
+        )
     }
 
     #[test]
