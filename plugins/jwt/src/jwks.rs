@@ -122,7 +122,9 @@ impl KeySet {
 
     /// Whether a key of the set has this id.
     pub fn has_kid(&self, kid: &str) -> bool {
-        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+        self.keys
+            .iter()
+            .any(|k| k.kid.as_deref().is_some_and(|id| same(id, kid)))
     }
 
     /// Verify a token as [`crate::verify`] does, with the key its `kid` names (each key
@@ -163,7 +165,7 @@ impl KeySet {
             .iter()
             .filter(|k| k.key.alg() == decoded.header.alg)
             .filter(|k| match (kid, &k.kid) {
-                (Some(wanted), Some(id)) => wanted == id,
+                (Some(wanted), Some(id)) => same(wanted, id),
                 _ => true,
             })
             .map(|k| &k.key)
