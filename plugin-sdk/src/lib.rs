@@ -290,7 +290,7 @@ pub(crate) fn declare_headers(declared: Option<Vec<String>>) {
 pub(crate) fn check_header(name: &str) {
     DECLARED_HEADERS.with(|d| {
         if let Some(declared) = &*d.borrow()
-            && !declared.iter().any(|h| h.eq_ignore_ascii_case(name))
+            && !declared.iter().any(|h| matching::eq_ignore_case(h, name))
         {
             panic!(
                 "the plugin reads the request header `{name}`, which its request_headers() \

@@ -9,10 +9,26 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
         Some(suffix) => {
             host.len() > suffix.len() + 1
                 && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                && eq_ignore_case(&host[host.len() - suffix.len()..], suffix)
         }
-        None => pattern.eq_ignore_ascii_case(host),
+        None => eq_ignore_case(pattern, host),
     }
+}
+
+/// Whether `a` and `b` are equal, ASCII case-insensitively: eight bytes at a time
+/// while they are equal as written (the usual case), byte by byte only in a word where
+/// they differ. `str::eq_ignore_ascii_case` lowers every byte, some 8 instructions a
+/// byte in a plugin.
+pub(crate) fn eq_ignore_case(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let ((a8, a1), (b8, b1)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
+    a8.iter()
+        .zip(b8)
+        .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y) || x.eq_ignore_ascii_case(y))
+        && a1.eq_ignore_ascii_case(b1)
 }
 
 /// Whether a browser `Origin` (`scheme://host[:port]`) matches an allowed
@@ -74,7 +90,7 @@ impl OriginPattern {
     /// Whether `origin` matches: the same scheme (ASCII case-insensitively) and port,
     /// and a host [`host_matches`] accepts.
     pub fn matches(&self, origin: &Origin<'_>) -> bool {
-        self.scheme.eq_ignore_ascii_case(origin.scheme)
+        eq_ignore_case(&self.scheme, origin.scheme)
             && self.port == origin.port
             && host_matches(&self.host, origin.host)
     }
@@ -83,6 +99,26 @@ impl OriginPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_ignoring_case_at_every_length() {
+        for len in 0..20 {
+            let lower: String = (0..len).map(|i| (b'a' + i as u8) as char).collect();
+            assert!(eq_ignore_case(&lower, &lower));
+            for at in 0..len {
+                let mut upper = lower.clone().into_bytes();
+                upper[at] = upper[at].to_ascii_uppercase();
+                let upper = String::from_utf8(upper).unwrap();
+                assert!(eq_ignore_case(&lower, &upper), "{upper}");
+                let mut other = lower.clone().into_bytes();
+                other[at] = b'-';
+                let other = String::from_utf8(other).unwrap();
+                assert!(!eq_ignore_case(&lower, &other), "{other}");
+                assert!(!eq_ignore_case(&upper, &other), "{other}");
+            }
+            assert!(!eq_ignore_case(&lower, &format!("{lower}a")));
+        }
+    }
 
     #[test]
     fn wildcard_hosts() {

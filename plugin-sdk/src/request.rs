@@ -284,10 +284,7 @@ impl Request {
 
 /// Whether a header name as the gateway gives it (lower-case) is `name`, in any case.
 fn is_named(given: &str, name: &str) -> bool {
-    given.len() == name.len()
-        && (given.bytes())
-            .zip(name.bytes())
-            .all(|(g, n)| g == n.to_ascii_lowercase())
+    crate::matching::eq_ignore_case(given, name)
 }
 
 /// Decode `%XX` escapes and `+`; invalid escapes are kept as written.
