@@ -46,17 +46,19 @@ impl From<RequestKind> for wit::RequestKind {
     }
 }
 
-/// What a chain's plugins are shown of one request, borrowed from it: its headers as
-/// the plugins before changed them, and the fields that are not text in the request
-/// (addresses), each written once for the whole chain.
+/// What a chain's plugins are shown of one request, borrowed from it, and the changes
+/// the plugins so far asked for: each plugin sees the client's headers with those
+/// changes made (read from the changes, not copied into the view), the tenant one of
+/// them set, and the fields that are not text in the request (addresses), each written
+/// once for the whole chain.
 pub(super) struct View<'r> {
     req: &'r RequestInfo,
-    /// Lower-case names, in arrival order; a plugin's `set` moves its name to the end.
-    headers: Vec<(Cow<'r, str>, Cow<'r, str>)>,
+    /// The client's headers, names lower-case, in arrival order.
+    headers: Vec<(Cow<'r, str>, &'r str)>,
     client_addr: Option<String>,
     client_ip: Option<String>,
-    /// The tenant a plugin set, which later plugins see.
-    tenant: Option<String>,
+    /// What the plugins so far asked for ([`accumulate`]).
+    changes: Mutations,
 }
 
 impl<'r> View<'r> {
@@ -70,20 +72,25 @@ impl<'r> View<'r> {
             false => Cow::Borrowed(n.as_str()),
         };
         let headers = (req.headers.iter())
-            .map(|(n, v)| (name(n), Cow::Borrowed(v.as_str())))
+            .map(|(n, v)| (name(n), v.as_str()))
             .collect();
         View {
             req,
             headers,
             client_addr: read(wit::Fields::CLIENT_ADDR).then(|| req.client_addr.to_string()),
             client_ip: read(wit::Fields::CLIENT_IP).then(|| ip_text(req.client_addr.ip())),
-            tenant: None,
+            changes: Mutations::default(),
         }
     }
 
     /// The tenant the route or an earlier plugin assigned.
     pub(super) fn tenant(&self) -> Option<&str> {
-        (self.tenant.as_deref()).or(self.req.tenant.as_deref())
+        (self.changes.tenant.as_deref()).or(self.req.tenant.as_deref())
+    }
+
+    /// What the plugins so far asked for.
+    pub(super) fn into_changes(self) -> Mutations {
+        self.changes
     }
 
     /// The request a plugin that reads `fields` (`None`: all) and the headers named in
@@ -139,9 +146,23 @@ impl<'r> View<'r> {
             false => &[],
         };
         subprotocols.iter().for_each(|p| part(p));
+        // The client's headers that no plugin set or removed, then the values plugins
+        // set or appended that no later plugin set or removed, in the order made.
+        let shown = |name: &str| wanted.is_none_or(|wanted| wanted.iter().any(|w| w == name));
+        let ops = self.changes.headers.as_slice();
         let mut headers = 0;
         for (name, value) in &self.headers {
-            if wanted.is_none_or(|wanted| wanted.iter().any(|w| w == name)) {
+            if shown(name) && !replaced(name, ops) {
+                part(name);
+                part(value);
+                headers += 1;
+            }
+        }
+        for (i, op) in ops.iter().enumerate() {
+            if let HeaderOp::Set(name, value) | HeaderOp::Append(name, value) = op
+                && shown(name)
+                && !replaced(name, &ops[i + 1..])
+            {
                 part(name);
                 part(value);
                 headers += 1;
@@ -158,6 +179,14 @@ impl<'r> View<'r> {
             ends: &parts.ends,
         }
     }
+}
+
+/// Whether one of `ops` sets or removes the header `name`, replacing its values before.
+fn replaced(name: &str, ops: &[HeaderOp]) -> bool {
+    ops.iter().any(|op| match op {
+        HeaderOp::Set(n, _) | HeaderOp::Remove(n) => n == name,
+        HeaderOp::Append(..) => false,
+    })
 }
 
 /// A request's `text` and `ends` (see the WIT's `request`), kept by a chain for its
@@ -359,37 +388,24 @@ fn valid_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Apply a plugin's decision to let the request through to what the next plugin sees
-/// (headers and tenant), and fold it into the chain's accumulated mutations. Header and
-/// log field names are lower-cased, as the request's own are, whatever case the plugin
-/// used.
-pub(super) fn accumulate(d: &Decision, view: &mut View<'_>, acc: &mut Mutations) {
-    let headers = &mut view.headers;
+/// Fold a plugin's decision to let the request through into the chain's changes, which
+/// the next plugins see (headers and tenant). Header and log field names are
+/// lower-cased, as the request's own are, whatever case the plugin used.
+pub(super) fn accumulate(d: &Decision, view: &mut View<'_>) {
+    let acc = &mut view.changes;
     d.items(|item| match item {
         Item::Header(change, name, value) => {
             let name = name.to_ascii_lowercase();
-            if change != Change::Append {
-                headers.retain(|(n, _)| *n != name);
-            }
-            let op = match change {
+            acc.headers.push(match change {
+                Change::Set => HeaderOp::Set(name, value.to_owned()),
+                Change::Append => HeaderOp::Append(name, value.to_owned()),
                 Change::Remove => HeaderOp::Remove(name),
-                _ => {
-                    headers.push((name.clone().into(), value.to_owned().into()));
-                    match change {
-                        Change::Set => HeaderOp::Set(name, value.to_owned()),
-                        _ => HeaderOp::Append(name, value.to_owned()),
-                    }
-                }
-            };
-            acc.headers.push(op);
+            });
         }
         Item::Choice(choice, value) => {
             let slot = match choice {
                 Choice::Pool => &mut acc.pool,
-                Choice::Tenant => {
-                    view.tenant = Some(value.to_owned());
-                    &mut acc.tenant
-                }
+                Choice::Tenant => &mut acc.tenant,
                 Choice::StickyKey => &mut acc.sticky_key,
                 Choice::Subprotocol => &mut acc.subprotocol,
             };
@@ -500,8 +516,7 @@ mod tests {
         let info = info();
         let mut view = View::new(&info, None);
         let d = checked(crossing(0, &[&["=X-User", "alice"], &["+X-Tag", "a"]], ""));
-        let mut acc = Mutations::default();
-        accumulate(&d, &mut view, &mut acc);
+        accumulate(&d, &mut view);
         // The client's `X-User` is replaced, not kept beside the plugin's.
         let mut text = Parts::default();
         let req = view.request(None, Some(wit::Fields::empty()), &mut text);
@@ -518,12 +533,90 @@ mod tests {
             ]
         );
         assert_eq!(
-            acc.headers,
+            view.into_changes().headers,
             [
                 HeaderOp::Set("x-user".into(), "alice".into()),
                 HeaderOp::Append("x-tag".into(), "a".into())
             ]
         );
+    }
+
+    #[test]
+    fn later_plugins_see_headers_as_the_changes_before_them_left_them() {
+        let info = info();
+        let mut view = View::new(&info, None);
+        let steps: [&[&[&str]]; 4] = [
+            // Appended to the client's value, then a set that replaces both.
+            &[&["+origin", "https://b.example"], &["+x-tag", "1"]],
+            &[&["=x-tag", "2"], &["+x-tag", "3"], &["=x-gone", "1"]],
+            &[&["-x-gone"], &["+origin", "https://c.example"]],
+            &[&["=x-user", "alice"]],
+        ];
+        let shown: [&[&str]; 4] = [
+            &[
+                "x-user",
+                "spoofed",
+                "origin",
+                "https://a.example",
+                "origin",
+                "https://b.example",
+                "x-tag",
+                "1",
+            ],
+            &[
+                "x-user",
+                "spoofed",
+                "origin",
+                "https://a.example",
+                "origin",
+                "https://b.example",
+                "x-tag",
+                "2",
+                "x-tag",
+                "3",
+                "x-gone",
+                "1",
+            ],
+            &[
+                "x-user",
+                "spoofed",
+                "origin",
+                "https://a.example",
+                "origin",
+                "https://b.example",
+                "x-tag",
+                "2",
+                "x-tag",
+                "3",
+                "origin",
+                "https://c.example",
+            ],
+            &[
+                "origin",
+                "https://a.example",
+                "origin",
+                "https://b.example",
+                "x-tag",
+                "2",
+                "x-tag",
+                "3",
+                "origin",
+                "https://c.example",
+                "x-user",
+                "alice",
+            ],
+        ];
+        let mut text = Parts::default();
+        for (items, expected) in steps.iter().zip(shown) {
+            accumulate(&checked(crossing(0, items, "")), &mut view);
+            let req = view.request(None, Some(wit::Fields::empty()), &mut text);
+            assert_eq!(parts(&req), expected, "after {items:?}");
+            assert_eq!(req.headers as usize, expected.len() / 2);
+        }
+        // Only the headers a plugin reads are shown, with the same changes made.
+        let wanted = ["x-tag".to_owned()];
+        let req = view.request(Some(&wanted), Some(wit::Fields::empty()), &mut text);
+        assert_eq!(parts(&req), ["x-tag", "2", "x-tag", "3"]);
     }
 
     #[test]
@@ -544,14 +637,14 @@ mod tests {
             "",
         ));
         assert!(!d.refuses());
-        let mut acc = Mutations {
+        view.changes = Mutations {
             pool: Some("green".into()),
             tenant: Some("t0".into()),
             ..Mutations::default()
         };
-        accumulate(&d, &mut view, &mut acc);
+        accumulate(&d, &mut view);
         assert_eq!(
-            acc,
+            view.into_changes(),
             Mutations {
                 headers: vec![
                     HeaderOp::Remove("origin".into()),
@@ -678,7 +771,7 @@ mod tests {
         );
         // A later plugin sees an earlier one's tenant and header changes.
         let d = checked(crossing(0, &[&["-Origin"], &["tt1"]], ""));
-        accumulate(&d, &mut view, &mut Mutations::default());
+        accumulate(&d, &mut view);
         let req = view.request(Some(&origin), Some(wit::Fields::TENANT), &mut text);
         assert_eq!((req.headers, parts(&req)), (0, vec!["t1"]));
         let req = view.request(Some(&origin), Some(wit::Fields::empty()), &mut text);

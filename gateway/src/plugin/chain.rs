@@ -83,9 +83,8 @@ impl Chain {
 
     /// Run `on-request` through the chain.
     pub async fn on_request(&self, req: &RequestInfo) -> ChainDecision {
-        let mut acc = Mutations::default();
         if self.plugins.is_empty() {
-            return ChainDecision::Continue(acc);
+            return ChainDecision::Continue(Mutations::default());
         }
         let mut view = bindings::View::new(req, self.fields);
         // Each plugin's request parts, written in turn into the same buffers.
@@ -94,17 +93,19 @@ impl Chain {
             let shown = view.request(plugin.headers(), plugin.fields(), &mut parts);
             let decision = plugin.pool.on_request(shown, view.tenant()).await;
             match decision {
-                Ok(d) if d.refuses() => return bindings::denial(&d, plugin.name(), acc),
-                Ok(d) => bindings::accumulate(&d, &mut view, &mut acc),
+                Ok(d) if d.refuses() => {
+                    return bindings::denial(&d, plugin.name(), view.into_changes());
+                }
+                Ok(d) => bindings::accumulate(&d, &mut view),
                 Err(fault) => {
                     report(plugin, "on-request", &fault);
                     if !plugin.fail_open() {
-                        return fail_closed(plugin, fault, acc);
+                        return fail_closed(plugin, fault, view.into_changes());
                     }
                 }
             }
         }
-        ChainDecision::Continue(acc)
+        ChainDecision::Continue(view.into_changes())
     }
 
     /// Run `on-close` on every plugin that asked for it in `init`; faults
