@@ -49,17 +49,17 @@ async fn load(host: &PluginHost, spec: &PluginConfig) -> Plugin {
     }
 }
 
-fn request(headers: &[(&str, &str)]) -> RequestInfo {
+fn request(headers: &[(&str, &str)]) -> RequestInfo<'static> {
     RequestInfo {
         kind: RequestKind::WebSocket,
         method: "GET".into(),
         scheme: "http".into(),
         authority: "chat.acme.example".into(),
         path: "/ws".into(),
-        query: String::new(),
+        query: "".into(),
         headers: headers
             .iter()
-            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .map(|(n, v)| ((*n).to_owned().into(), (*v).to_owned().into()))
             .collect(),
         client_addr: "127.0.0.1:40000".parse().unwrap(),
         tls: None,
@@ -326,7 +326,7 @@ async fn plugins_get_only_the_fields_they_read_and_later_plugins_get_them_all_ba
 
 /// The `x-hostile-call` a chain of one `hostile` plugin answered `req` with:
 /// the plugin's call count when it decided, so a reused decision repeats it.
-async fn call_number(chain: &Chain, req: &RequestInfo) -> String {
+async fn call_number(chain: &Chain, req: &RequestInfo<'_>) -> String {
     let m = continued(chain.on_request(req).await);
     values_set(m, "x-hostile-call").concat()
 }
@@ -506,7 +506,7 @@ async fn python_plugin_runs_against_the_same_wit() {
     assert_eq!(guard.headers(), Some(&[][..]));
     let chain = Chain::new(vec![guard]);
     let at = |path: &str| RequestInfo {
-        path: path.into(),
+        path: path.to_owned().into(),
         ..request(&[("origin", "https://a.example")])
     };
     let refused = chain.on_request(&at("/admin/users")).await;
@@ -806,7 +806,7 @@ async fn measure() {
             write!(f, "{:?} (fastest run {:?})", self.median, self.min)
         }
     }
-    async fn per_call(chain: &Chain, req: &RequestInfo, n: u32) -> Cost {
+    async fn per_call(chain: &Chain, req: &RequestInfo<'_>, n: u32) -> Cost {
         let mut runs = Vec::new();
         for _ in 0..15 {
             let t = Instant::now();
@@ -821,7 +821,7 @@ async fn measure() {
         }
     }
     /// Each plugin of `chain` alone, on `req`.
-    async fn each_alone(chain: &Chain, req: &RequestInfo, label: &str) {
+    async fn each_alone(chain: &Chain, req: &RequestInfo<'_>, label: &str) {
         for plugin in chain.plugins() {
             let alone = Chain::new(vec![plugin.clone()]);
             let cost = per_call(&alone, req, 3_000).await;
@@ -983,7 +983,7 @@ async fn a_plugins_counters_are_kept_apart_by_tenant() {
     let host = PluginHost::new().unwrap();
     let chain = Chain::new(vec![load(&host, &spec("hostile", json!({}))).await]);
     let of = |tenant: Option<&str>| RequestInfo {
-        tenant: tenant.map(str::to_owned),
+        tenant: tenant.map(|t| t.to_owned().into()),
         ..request(&[])
     };
     assert_eq!(call_number(&chain, &of(Some("acme"))).await, "1");

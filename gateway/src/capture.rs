@@ -9,6 +9,7 @@
 //! appends, one `write` per batch; past `max_size` it stops writing and logs once.
 //! Every line says which header names it redacted, and the replay keeps them redacted.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -291,8 +292,10 @@ fn redact_value(names: &[String], name: &str, value: &mut String) {
 impl Request {
     /// The request as captured: `info` with the values of the headers named in `redact`
     /// replaced.
-    pub fn redacted(info: RequestInfo, redact: &[String]) -> Request {
-        let mut headers = info.headers;
+    pub fn redacted(info: RequestInfo<'_>, redact: &[String]) -> Request {
+        let mut headers: Vec<(String, String)> = (info.headers.into_iter())
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect();
         for (name, value) in &mut headers {
             redact_value(redact, name, value);
         }
@@ -301,11 +304,11 @@ impl Request {
                 RequestKind::WebSocket => Kind::WebSocket,
                 RequestKind::Http => Kind::Http,
             },
-            method: info.method,
-            scheme: info.scheme,
-            authority: info.authority,
-            path: info.path,
-            query: info.query,
+            method: info.method.into_owned(),
+            scheme: info.scheme.into_owned(),
+            authority: info.authority.into_owned(),
+            path: info.path.into_owned(),
+            query: info.query.into_owned(),
             headers,
             client: info.client_addr,
             tls: info.tls.map(|t| Tls {
@@ -314,24 +317,26 @@ impl Request {
                 client_cert_subject: t.client_cert_subject,
                 client_cert_names: t.client_cert_names,
             }),
-            subprotocols: info.subprotocols,
+            subprotocols: info.subprotocols.into_iter().map(Cow::into_owned).collect(),
         }
     }
 
     /// What the chain of `route` (whose tenant is `tenant`) would be shown for this
     /// request.
-    pub fn to_info(&self, route: &str, tenant: Option<&str>) -> RequestInfo {
+    pub fn to_info<'a>(&'a self, route: &'a str, tenant: Option<&'a str>) -> RequestInfo<'a> {
         RequestInfo {
             kind: match self.kind {
                 Kind::WebSocket => RequestKind::WebSocket,
                 Kind::Http => RequestKind::Http,
             },
-            method: self.method.clone(),
-            scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
-            path: self.path.clone(),
-            query: self.query.clone(),
-            headers: self.headers.clone(),
+            method: self.method.as_str().into(),
+            scheme: self.scheme.as_str().into(),
+            authority: self.authority.as_str().into(),
+            path: self.path.as_str().into(),
+            query: self.query.as_str().into(),
+            headers: (self.headers.iter())
+                .map(|(n, v)| (n.as_str().into(), v.as_str().into()))
+                .collect(),
             client_addr: self.client,
             tls: self.tls.as_ref().map(|t| TlsInfo {
                 sni: t.sni.clone(),
@@ -339,9 +344,13 @@ impl Request {
                 client_cert_subject: t.client_cert_subject.clone(),
                 client_cert_names: t.client_cert_names.clone(),
             }),
-            route: route.to_owned(),
-            tenant: tenant.map(str::to_owned),
-            subprotocols: self.subprotocols.clone(),
+            route: route.into(),
+            tenant: tenant.map(Cow::Borrowed),
+            subprotocols: self
+                .subprotocols
+                .iter()
+                .map(|p| p.as_str().into())
+                .collect(),
         }
     }
 }
@@ -371,7 +380,7 @@ pub enum CaptureError {
 /// What the request path hands the writer.
 struct Entry {
     ts_ms: u64,
-    info: RequestInfo,
+    info: RequestInfo<'static>,
     decision: Decision,
 }
 
@@ -518,14 +527,14 @@ impl Capture {
 
     /// Queues one request's line, never waiting: when the queue is full or the
     /// capture has stopped, the line is dropped and counted.
-    pub fn record(&self, info: RequestInfo, decision: Decision) {
+    pub fn record(&self, info: RequestInfo<'_>, decision: Decision) {
         if self.stopped() {
             self.stats.capture_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let entry = Entry {
             ts_ms: now_ms(),
-            info,
+            info: info.into_owned(),
             decision,
         };
         match self.queue.try_send(entry) {
@@ -591,7 +600,7 @@ impl Writer {
             self.stats.capture_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let route = entry.info.route.clone();
+        let route = entry.info.route.to_string();
         let mut line = Line {
             v: VERSION,
             ts_ms: entry.ts_ms,
@@ -655,7 +664,7 @@ impl Writer {
 mod tests {
     use super::*;
 
-    fn info() -> RequestInfo {
+    fn info() -> RequestInfo<'static> {
         RequestInfo {
             kind: RequestKind::WebSocket,
             method: "GET".into(),

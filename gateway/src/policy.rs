@@ -2,6 +2,7 @@
 //! server is chosen, and turns its decision into what the later stages use — the pool,
 //! the sticky key, upstream header changes, the subprotocol — or a denial.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -129,7 +130,7 @@ pub struct Choice {
 pub async fn judge(
     route: &RouteConfig,
     chain: &Chain,
-    info: &RequestInfo,
+    info: &RequestInfo<'_>,
 ) -> Result<Choice, Denial> {
     let m: Mutations = match chain.on_request(info).await {
         ChainDecision::Continue(m) => m,
@@ -146,7 +147,7 @@ pub async fn judge(
         pool: m.pool,
         sticky_key: m.sticky_key,
         headers: m.headers,
-        subprotocol: m.subprotocol.filter(|p| info.subprotocols.contains(p)),
+        subprotocol: (m.subprotocol).filter(|p| info.subprotocols.iter().any(|o| o == p)),
         tenant: m.tenant.or_else(|| route.tenant.clone()),
         log_fields: m.log_fields,
     })
@@ -228,14 +229,14 @@ pub fn edits(verdict: &Verdict) -> Vec<FieldEdit<'_>> {
 
 /// What plugins see of a request: of its headers, those named in `wanted` (lower-case;
 /// `None`: all).
-fn request_info(
-    route: &Route,
-    req: &impl RequestHead,
-    path: &str,
+fn request_info<'a>(
+    route: &'a Route,
+    req: &'a impl RequestHead,
+    path: &'a str,
     kind: RequestKind,
     client: Client<'_>,
     wanted: Option<&[String]>,
-) -> RequestInfo {
+) -> RequestInfo<'a> {
     let fields = req.fields();
     // Names lower-case, as a header map has them, whichever form the head is in.
     let headers = fields
@@ -244,21 +245,24 @@ fn request_info(
             wanted.is_none_or(|names| names.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(k)))
         })
         .filter_map(|(k, v)| {
-            let name = std::str::from_utf8(k).ok()?.to_ascii_lowercase();
-            Some((name, value_text(v)?.to_string()))
+            let name = std::str::from_utf8(k).ok()?;
+            let name = match name.bytes().any(|b| b.is_ascii_uppercase()) {
+                true => Cow::Owned(name.to_ascii_lowercase()),
+                false => Cow::Borrowed(name),
+            };
+            Some((name, Cow::Borrowed(value_text(v)?)))
         })
         .collect();
-    let authority = authority(req).unwrap_or_default().to_owned();
     let subprotocols = tokens(fields, header::SEC_WEBSOCKET_PROTOCOL.as_str())
-        .map(str::to_string)
+        .map(Cow::Borrowed)
         .collect();
     RequestInfo {
         kind,
-        method: req.method().as_str().to_string(),
+        method: req.method().as_str().into(),
         scheme: tls::scheme(client.tls).into(),
-        authority,
-        path: path.to_owned(),
-        query: req.uri().query().unwrap_or_default().to_string(),
+        authority: authority(req).unwrap_or_default().into(),
+        path: path.into(),
+        query: req.uri().query().unwrap_or_default().into(),
         headers,
         client_addr: client.addr,
         tls: client.tls.map(|t| TlsInfo {
@@ -267,8 +271,8 @@ fn request_info(
             client_cert_subject: t.client_subject.clone(),
             client_cert_names: t.client_names.clone(),
         }),
-        route: route.config.name.clone(),
-        tenant: route.config.tenant.clone(),
+        route: route.config.name.as_str().into(),
+        tenant: route.config.tenant.as_deref().map(Cow::Borrowed),
         subprotocols,
     }
 }

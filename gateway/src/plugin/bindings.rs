@@ -52,7 +52,7 @@ impl From<RequestKind> for wit::RequestKind {
 /// them set, and the fields that are not text in the request (addresses), each written
 /// once for the whole chain.
 pub(super) struct View<'r> {
-    req: &'r RequestInfo,
+    req: &'r RequestInfo<'r>,
     /// The client's headers, names lower-case, in arrival order.
     headers: Vec<(Cow<'r, str>, &'r str)>,
     client_addr: Option<String>,
@@ -63,16 +63,16 @@ pub(super) struct View<'r> {
 
 impl<'r> View<'r> {
     /// The view of `req` for a chain whose plugins read `fields` (`None`: all).
-    pub(super) fn new(req: &'r RequestInfo, fields: Option<wit::Fields>) -> Self {
+    pub(super) fn new(req: &'r RequestInfo<'r>, fields: Option<wit::Fields>) -> Self {
         let read = |f| reads(fields, f);
         // Lower-case already when the policy stage made `req`; a replayed capture may say
         // otherwise.
-        let name = |n: &'r String| match n.bytes().any(|b| b.is_ascii_uppercase()) {
+        let name = |n: &'r str| match n.bytes().any(|b| b.is_ascii_uppercase()) {
             true => Cow::Owned(n.to_ascii_lowercase()),
-            false => Cow::Borrowed(n.as_str()),
+            false => Cow::Borrowed(n),
         };
         let headers = (req.headers.iter())
-            .map(|(n, v)| (name(n), v.as_str()))
+            .map(|(n, v)| (name(n), v.as_ref()))
             .collect();
         View {
             req,
@@ -110,7 +110,7 @@ impl<'r> View<'r> {
         let mut part = |value: &str| parts.push(value);
         let tenant = self.tenant();
         let texts = [
-            (wit::Fields::METHOD, req.method.as_str()),
+            (wit::Fields::METHOD, &*req.method),
             (wit::Fields::SCHEME, &req.scheme),
             (wit::Fields::AUTHORITY, &req.authority),
             (wit::Fields::PATH, &req.path),
@@ -451,14 +451,14 @@ mod tests {
     use super::*;
     use crate::plugin::types::TlsInfo;
 
-    fn info() -> RequestInfo {
+    fn info() -> RequestInfo<'static> {
         RequestInfo {
             kind: RequestKind::WebSocket,
             method: "GET".into(),
             scheme: "http".into(),
             authority: "a.example".into(),
             path: "/p".into(),
-            query: String::new(),
+            query: "".into(),
             headers: vec![
                 ("X-User".into(), "spoofed".into()),
                 ("origin".into(), "https://a.example".into()),

@@ -82,7 +82,7 @@ impl Chain {
     }
 
     /// Run `on-request` through the chain.
-    pub async fn on_request(&self, req: &RequestInfo) -> ChainDecision {
+    pub async fn on_request(&self, req: &RequestInfo<'_>) -> ChainDecision {
         if self.plugins.is_empty() {
             return ChainDecision::Continue(Mutations::default());
         }

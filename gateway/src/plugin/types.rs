@@ -1,6 +1,7 @@
 //! The gateway-side plain types of the plugin API: what the request path
 //! hands the chain and what it gets back. No wasmtime type appears here.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -26,33 +27,57 @@ pub struct TlsInfo {
     pub client_cert_names: Vec<String>,
 }
 
-/// A request as the policy stage sees it.
+/// A request as the policy stage sees it, its text borrowed from the request where it
+/// can be (a chain copies only what each plugin reads, into the plugin).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestInfo {
+pub struct RequestInfo<'a> {
     /// Upgrade or plain request.
     pub kind: RequestKind,
     /// Method, upper-case.
-    pub method: String,
+    pub method: Cow<'a, str>,
     /// `http` or `https`.
-    pub scheme: String,
+    pub scheme: Cow<'a, str>,
     /// `host[:port]`.
-    pub authority: String,
+    pub authority: Cow<'a, str>,
     /// Path without query, normalised as routing matched it.
-    pub path: String,
+    pub path: Cow<'a, str>,
     /// Raw query without `?` (empty when absent).
-    pub query: String,
+    pub query: Cow<'a, str>,
     /// Headers in arrival order (names are lower-cased for plugins).
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// Client socket address.
     pub client_addr: SocketAddr,
     /// TLS facts, `None` on plain-text listeners.
     pub tls: Option<TlsInfo>,
     /// Matched route name.
-    pub route: String,
+    pub route: Cow<'a, str>,
     /// Tenant, if the route assigns one.
-    pub tenant: Option<String>,
+    pub tenant: Option<Cow<'a, str>>,
     /// Offered `Sec-WebSocket-Protocol` entries.
-    pub subprotocols: Vec<String>,
+    pub subprotocols: Vec<Cow<'a, str>>,
+}
+
+impl RequestInfo<'_> {
+    /// The same request owning all its text (a capture keeps it past the request).
+    pub fn into_owned(self) -> RequestInfo<'static> {
+        let owned = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        RequestInfo {
+            kind: self.kind,
+            method: owned(self.method),
+            scheme: owned(self.scheme),
+            authority: owned(self.authority),
+            path: owned(self.path),
+            query: owned(self.query),
+            headers: (self.headers.into_iter())
+                .map(|(n, v)| (owned(n), owned(v)))
+                .collect(),
+            client_addr: self.client_addr,
+            tls: self.tls,
+            route: owned(self.route),
+            tenant: self.tenant.map(owned),
+            subprotocols: self.subprotocols.into_iter().map(owned).collect(),
+        }
+    }
 }
 
 /// Why an exchange ended.
