@@ -20,6 +20,8 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use sluice_plugin_sdk::crypto::{self, Algorithm};
+/// Compares names, claims and tokens, eight bytes at a time (see its doc).
+pub use sluice_plugin_sdk::matching::same;
 use std::rc::Rc;
 
 pub mod jwks;
@@ -482,22 +484,6 @@ fn check_registered(
     Ok(())
 }
 
-/// Whether `a` and `b` are the same bytes, compared eight bytes at a time. `==` on
-/// strings calls `memcmp`, which WebAssembly's C library runs a byte per loop, some 20
-/// instructions a byte; a verifier compares names, claims and tokens many times per
-/// request.
-pub fn same(a: impl AsRef<[u8]>, b: impl AsRef<[u8]>) -> bool {
-    let (a, b) = (a.as_ref(), b.as_ref());
-    if a.len() != b.len() {
-        return false;
-    }
-    let ((a8, a1), (b8, b1)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
-    a8.iter()
-        .zip(b8)
-        .all(|(x, y)| u64::from_ne_bytes(*x) == u64::from_ne_bytes(*y))
-        && a1.iter().zip(b1).all(|(x, y)| x == y)
-}
-
 /// A claim as text: strings as-is, numbers and booleans formatted, other
 /// JSON compactly serialised. `None` when absent or null.
 pub fn claim_str(claims: &Claims, name: &str) -> Option<String> {
@@ -628,21 +614,6 @@ mod tests {
             verify(&tok(bad_aud), &key, &v, 0),
             Err(JwtError::WrongAudience)
         );
-    }
-
-    #[test]
-    fn same_is_byte_equality() {
-        let text = "https://auth.example/realms/one-two";
-        for len in 0..text.len() {
-            let a = &text[..len];
-            assert!(same(a, a), "{a:?}");
-            assert!(!same(a, &text[..len + 1]), "{a:?}");
-            for i in 0..len {
-                let mut b = a.as_bytes().to_vec();
-                b[i] ^= 1;
-                assert!(!same(a, &b), "{a:?} at {i}");
-            }
-        }
     }
 
     #[test]
