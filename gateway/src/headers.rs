@@ -2,6 +2,7 @@
 //! the `X-Forwarded-*` headers. Each rule has one definition, over [`HeaderFields`], which
 //! both the raw form (spans of the bytes read) and a header map implement.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
@@ -115,6 +116,14 @@ fn tokenizable(value: &[u8]) -> bool {
     value.iter().fold(true, |ok, &b| {
         ok & ((b == b'\t') | (b.wrapping_sub(b' ') <= b'~' - b' '))
     })
+}
+
+/// A header name lower-case, as a header map has it: borrowed when it already is.
+pub fn lower_case(name: &str) -> Cow<'_, str> {
+    match name.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(name.to_ascii_lowercase()),
+        false => Cow::Borrowed(name),
+    }
 }
 
 /// A field value as text when it is [`tokenizable`] (what `HeaderValue::to_str` gives).

@@ -13,7 +13,7 @@ use crate::balance::Pool;
 use crate::capture::{Decision, HeaderEdit};
 use crate::config::RouteConfig;
 use crate::head::{HeaderFields, RequestHead};
-use crate::headers::{FieldEdit, edit_map, tokens, value_text};
+use crate::headers::{FieldEdit, edit_map, lower_case, tokens, value_text};
 use crate::plugin::{
     Chain, ChainDecision, Denial, HeaderOp, Mutations, RequestInfo, RequestKind, TlsInfo,
 };
@@ -245,12 +245,11 @@ fn request_info<'a>(
             wanted.is_none_or(|names| names.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(k)))
         })
         .filter_map(|(k, v)| {
-            let name = std::str::from_utf8(k).ok()?;
-            let name = match name.bytes().any(|b| b.is_ascii_uppercase()) {
-                true => Cow::Owned(name.to_ascii_lowercase()),
-                false => Cow::Borrowed(name),
-            };
-            Some((name, Cow::Borrowed(value_text(v)?)))
+            let value = value_text(v)?;
+            Some((
+                lower_case(std::str::from_utf8(k).ok()?),
+                Cow::Borrowed(value),
+            ))
         })
         .collect();
     let subprotocols = tokens(fields, header::SEC_WEBSOCKET_PROTOCOL.as_str())

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use crate::headers::{ip_text, is_field_value, is_token};
+use crate::headers::{ip_text, is_field_value, is_token, lower_case};
 
 use super::types::{
     ChainDecision, CloseInfo, CloseReason, Denial, HeaderOp, Mutations, RequestInfo, RequestKind,
@@ -67,12 +67,8 @@ impl<'r> View<'r> {
         let read = |f| reads(fields, f);
         // Lower-case already when the policy stage made `req`; a replayed capture may say
         // otherwise.
-        let name = |n: &'r str| match n.bytes().any(|b| b.is_ascii_uppercase()) {
-            true => Cow::Owned(n.to_ascii_lowercase()),
-            false => Cow::Borrowed(n),
-        };
         let headers = (req.headers.iter())
-            .map(|(n, v)| (name(n), v.as_ref()))
+            .map(|(n, v)| (lower_case(n), v.as_ref()))
             .collect();
         View {
             req,
