@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::CaptureConfig;
 use crate::metrics::RouteStats;
 use crate::plugin::{HeaderOp, RequestInfo, RequestKind, TlsInfo};
+use crate::sync::Hold;
 
 /// What a redacted header value is replaced with.
 pub const REDACTED: &str = "<redacted>";
@@ -495,8 +496,8 @@ impl Capture {
     /// it was.
     pub fn reopen(&self) -> Result<(), CaptureError> {
         let (file, size, identity) = open_file(&self.config)?;
-        *lock(&self.reopened) = Some((file, size));
-        *lock(&self.identity) = identity;
+        *self.reopened.hold() = Some((file, size));
+        *self.identity.hold() = identity;
         self.stopped.store(false, Ordering::Relaxed);
         Ok(())
     }
@@ -521,7 +522,7 @@ impl Capture {
     /// was opened); a reload opens a capture whose file is not.
     pub fn still_at_path(&self) -> bool {
         let now = std::fs::metadata(&self.config.file).ok();
-        let identity = *lock(&self.identity);
+        let identity = *self.identity.hold();
         identity.is_some() && now.map(|m| (m.dev(), m.ino())) == identity
     }
 
@@ -544,12 +545,6 @@ impl Capture {
             }
         }
     }
-}
-
-/// The value behind a mutex, also after a panic elsewhere (the values here are
-/// replaced whole).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
@@ -577,7 +572,7 @@ impl Writer {
         let mut batch = Vec::with_capacity(BATCH);
         let mut lines = 0u64;
         while let Ok(entry) = rx.recv() {
-            if let Some((file, size)) = lock(&self.reopened).take() {
+            if let Some((file, size)) = self.reopened.hold().take() {
                 self.file = file;
                 self.size = size;
             }

@@ -42,6 +42,7 @@ pub mod headers;
 pub mod health;
 pub mod metrics;
 pub mod plugin;
+pub mod sync;
 
 #[cfg(test)]
 mod module_graph;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::sync::Hold;
 use crate::tunnel::Ended;
 
 /// Upper bounds (seconds) of the tunnel-duration buckets: a second to a day.
@@ -213,7 +214,7 @@ impl Metrics {
     /// The stats of the route named `name`, made the first time it is asked for (at
     /// snapshot load, never on the request path).
     pub fn route(&self, name: &str) -> Arc<RouteStats> {
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut routes = self.routes.hold();
         if let Some(r) = routes.iter().find(|r| r.name == name) {
             return r.clone();
         }
@@ -224,10 +225,7 @@ impl Metrics {
 
     /// Every route's stats, in the order they were first made.
     pub fn routes(&self) -> Vec<Arc<RouteStats>> {
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.routes.hold().clone()
     }
 }
 

@@ -20,6 +20,7 @@ use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::plugin::PluginHost;
 use crate::snapshot::{LoadError, Shared, Snapshot};
+use crate::sync::Hold;
 
 /// State shared by every connection of the process.
 pub struct Gateway {
@@ -219,7 +220,7 @@ impl Gateway {
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        let mut r = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.reloads.hold();
         if r.len() == RELOAD_HISTORY {
             r.pop_back();
         }
@@ -228,7 +229,7 @@ impl Gateway {
 
     /// Recent reloads, newest first.
     pub fn reloads(&self) -> Vec<ReloadEvent> {
-        let r = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.reloads.hold();
         r.iter().cloned().collect()
     }
 }

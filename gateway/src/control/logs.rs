@@ -16,6 +16,7 @@ use tracing_subscriber::{Layer, Registry, reload};
 use crate::access;
 use crate::capture::appendable;
 use crate::config::{Config, LogFormat};
+use crate::sync::Hold;
 
 /// The access-log file, when one is configured; reopened in place.
 #[derive(Debug, Default)]
@@ -26,7 +27,7 @@ struct AccessFile {
 /// Writes one formatted event to the access file (the formatter hands over whole lines).
 impl Write for &AccessFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = self.file.hold();
         if let Some((_, f)) = file.as_mut() {
             f.write_all(buf)?;
         }
@@ -117,7 +118,7 @@ pub fn init(config: &Config) -> Result<Logs, LogError> {
     let to_file = match &config.log.access_file {
         Some(path) => {
             let file = open(path)?;
-            *access.file.lock().unwrap_or_else(|e| e.into_inner()) = Some((path.clone(), file));
+            *access.file.hold() = Some((path.clone(), file));
             true
         }
         None => false,
@@ -173,7 +174,7 @@ impl Logs {
     /// The access file `config` names, opened if it differs from the current one (a
     /// reload's first step, so that a bad path refuses the reload).
     pub fn stage(&self, config: &Config) -> Result<Option<(PathBuf, File)>, LogError> {
-        let current = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.access.file.hold();
         let current = current.as_ref().map(|(p, _)| p.as_path());
         match &config.log.access_file {
             Some(p) if Some(p.as_path()) != current => Ok(Some((p.clone(), open(p)?))),
@@ -184,7 +185,7 @@ impl Logs {
     /// Applies `config`'s level and access file (`staged` from [`Logs::stage`]).
     pub fn apply(&self, config: &Config, staged: Option<(PathBuf, File)>) {
         {
-            let mut file = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
+            let mut file = self.access.file.hold();
             match (staged, &config.log.access_file) {
                 (Some(f), _) => *file = Some(f),
                 (None, None) => *file = None,
@@ -201,7 +202,7 @@ impl Logs {
     /// Reopens the access file at its path (SIGUSR1): after logrotate renamed it, new
     /// events go to a new file at the configured path.
     pub fn reopen(&self) {
-        let mut file = self.access.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = self.access.file.hold();
         if let Some((path, f)) = file.as_mut() {
             match open(path) {
                 Ok(new) => {

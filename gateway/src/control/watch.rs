@@ -15,6 +15,7 @@ use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::state::{Command, Trigger};
+use crate::sync::Hold;
 
 /// A running watch; dropping it stops it.
 pub struct Watch {
@@ -63,7 +64,7 @@ impl Watch {
             if !changes(&event.kind) {
                 return;
             }
-            let files = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let files = seen.hold();
             if let Some(path) = event.paths.iter().find(|p| files.contains(*p)) {
                 // A full queue already holds a change to act on.
                 let _ = changed.try_send(path.clone());
@@ -115,6 +116,6 @@ impl Watch {
             }
         }
         self.dirs = dirs;
-        *self.files.lock().unwrap_or_else(|e| e.into_inner()) = files;
+        *self.files.hold() = files;
     }
 }

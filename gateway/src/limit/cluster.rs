@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Limiter, Tenant};
 use crate::config::{ClusterConfig, OnFailure, Rate};
+use crate::sync::Hold;
 
 /// How long locally held handshake tokens stay spendable.
 const TOKEN_LEASE: Duration = Duration::from_secs(1);
@@ -263,7 +264,7 @@ impl Cluster {
         if got == 0 {
             return Some(Err(Duration::from_millis(wait_ms)));
         }
-        let mut s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = tenant.shared.hold();
         s.tokens = got - 1;
         s.until = Some(Instant::now() + TOKEN_LEASE);
         Some(Ok(()))
@@ -319,17 +320,13 @@ impl Cluster {
         let in_flight = InFlight::new(tenant);
         let got: Option<u32> = self.call(&inv).await;
         drop(in_flight);
-        tenant
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .claimed += got?;
+        tenant.shared.hold().claimed += got?;
         Some(self.slot_at_hand(tenant))
     }
 
     /// Counts a tunnel when this gateway holds a slot no open tunnel uses.
     fn slot_at_hand(&self, tenant: &Tenant) -> bool {
-        let s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let s = tenant.shared.hold();
         if i64::from(s.claimed) > tenant.tunnels.load(Ordering::Relaxed) {
             tenant.tunnels.fetch_add(1, Ordering::Relaxed);
             return true;
@@ -354,12 +351,12 @@ impl Cluster {
             tracing::info!(redis = %self.config.redis, "cluster: Redis answers again; limits are shared");
             self.stats.up.store(true, Ordering::Relaxed);
             for t in limiter.tenants() {
-                t.shared.lock().unwrap_or_else(|e| e.into_inner()).renewed = None;
+                t.shared.hold().renewed = None;
             }
         }
         for tenant in limiter.tenants() {
             let n = {
-                let mut s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = tenant.shared.hold();
                 let open = u32::try_from(tenant.tunnels.load(Ordering::Relaxed)).unwrap_or(0)
                     * u32::from(keep);
                 s.claimed = open;
@@ -379,11 +376,7 @@ impl Cluster {
             let Some(written) = self.call::<u32>(&inv).await else {
                 return;
             };
-            tenant
-                .shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .renewed = Some(written);
+            tenant.shared.hold().renewed = Some(written);
         }
     }
 }
@@ -394,29 +387,21 @@ struct InFlight<'t>(&'t Tenant);
 
 impl<'t> InFlight<'t> {
     fn new(tenant: &'t Tenant) -> Self {
-        tenant
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending += 1;
+        tenant.shared.hold().pending += 1;
         InFlight(tenant)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending -= 1;
+        self.0.shared.hold().pending -= 1;
     }
 }
 
 /// Spends one of the tenant's handshake tokens held here, if any are left and still
 /// spendable.
 fn spend(tenant: &Tenant) -> bool {
-    let mut s = tenant.shared.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = tenant.shared.hold();
     if s.tokens > 0 && s.until.is_some_and(|u| Instant::now() < u) {
         s.tokens -= 1;
         return true;

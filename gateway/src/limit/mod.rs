@@ -25,6 +25,7 @@ pub use cluster::{Cluster, ClusterStats};
 
 use crate::config::{Config, Limits, OnFailure, Rate, TenantConfig};
 use crate::metrics::RouteStats;
+use crate::sync::Hold;
 
 /// The tenant name under which traffic of tenants not in the config is counted, so a
 /// plugin cannot grow the metrics' label set.
@@ -231,7 +232,7 @@ impl Tenant {
             &self.requests
         };
         let now = Instant::now();
-        let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = bucket.hold();
         b.get_or_insert_with(|| Bucket::full(rate, now))
             .take(rate, now)
     }
@@ -305,7 +306,7 @@ impl Clients {
         }
         let now = Instant::now();
         {
-            let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+            let mut swept = self.swept.hold();
             if swept.is_some_and(|at| now.duration_since(at) < SWEEP_EVERY) {
                 return false;
             }
@@ -399,7 +400,7 @@ impl Limiter {
     /// The state of the tenant named `name`, made the first time it is asked for (at
     /// snapshot load, never on the request path).
     pub fn tenant(&self, name: &str) -> Arc<Tenant> {
-        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tenants = self.tenants.hold();
         tenants
             .entry(name.to_owned())
             .or_insert_with(|| Arc::new(Tenant::new(name)))
@@ -408,13 +409,7 @@ impl Limiter {
 
     /// Every tenant's state, by name.
     pub fn tenants(&self) -> Vec<Arc<Tenant>> {
-        let mut all: Vec<_> = self
-            .tenants
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut all: Vec<_> = self.tenants.hold().values().cloned().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
@@ -427,7 +422,7 @@ impl Limiter {
     /// The shared store for `config`'s `[cluster]`: the running one when its settings
     /// are unchanged, else a new one (connecting in the background).
     fn cluster(self: &Arc<Self>, config: &Config) -> Option<Arc<Cluster>> {
-        let mut current = self.cluster.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.cluster.hold();
         let Some(wanted) = &config.cluster else {
             *current = None;
             return None;
@@ -443,18 +438,14 @@ impl Limiter {
     /// Whether `cluster` is the shared store in use (a reload may have replaced it).
     fn uses(&self, cluster: &Cluster) -> bool {
         self.cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .hold()
             .as_ref()
             .is_some_and(|c| std::ptr::eq(&**c, cluster))
     }
 
     /// The shared store in use, if any.
     pub fn cluster_in_use(&self) -> Option<Arc<Cluster>> {
-        self.cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.cluster.hold().clone()
     }
 }
 

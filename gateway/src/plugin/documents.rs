@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UpstreamTls;
+use crate::sync::Hold;
 use crate::tls::Connector;
 
 /// Largest document kept; a bigger one is a failed fetch (a JWKS is a few KiB).
@@ -131,11 +132,7 @@ impl Documents {
     }
 
     fn get(&self, url: &str) -> Option<Arc<Watched>> {
-        self.watched
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(url)
-            .cloned()
+        self.watched.hold().get(url).cloned()
     }
 
     /// `watch`: the first call for a granted URL fetches it and starts its task.
@@ -154,7 +151,7 @@ impl Documents {
         let min = Duration::from_millis(min_ms.into()).max(MIN_INTERVAL);
         let max = Duration::from_millis(max_ms.into()).max(min);
         let watched = {
-            let mut map = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut map = self.watched.hold();
             if map.contains_key(&url) {
                 return Ok(());
             }

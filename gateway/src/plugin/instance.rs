@@ -18,6 +18,7 @@ use super::types::{Fault, PluginStats};
 use crate::config::PluginLimits;
 use crate::limit::Cluster;
 use crate::metrics::{Histogram, PLUGIN_BUCKETS};
+use crate::sync::Hold;
 
 /// Longest a call waits for a free instance before it is an `Overloaded` fault.
 /// Each busy instance frees itself within its CPU deadline, so this only
@@ -65,11 +66,7 @@ impl Counters {
         window_ms: u64,
     ) -> u64 {
         truncate(&mut key, MAX_COUNTER_KEY_BYTES);
-        let cluster = self
-            .cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let cluster = self.cluster.hold().clone();
         if let Some(c) = cluster {
             let scope = (&**plugin, tenant.as_deref(), key.as_str());
             if let Some(n) = c.counter_add(scope, delta, window_ms.max(1)).await {
@@ -414,7 +411,7 @@ impl InstancePool {
                 return Err(self.fault(Fault::Overloaded(Duration::ZERO)));
             }
         };
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = self.idle.hold().pop();
         let instance = match idle {
             Some(instance) => instance,
             None => self.instantiate().await.map_err(|f| self.fault(f))?.0,
@@ -433,10 +430,7 @@ impl InstancePool {
     }
 
     fn checkin(&self, instance: Instance) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(instance);
+        self.idle.hold().push(instance);
     }
 
     /// Return a healthy instance to the pool; drop one that failed (a trapped

@@ -81,6 +81,7 @@ pub use types::{
 };
 
 use crate::config::PluginConfig;
+use crate::sync::Hold;
 use documents::Documents;
 use instance::{Counters, InstancePool, Shared, State};
 
@@ -233,11 +234,7 @@ impl PluginHost {
     /// Keeps the plugins' counters in the fleet's store from now on (`None`: in this
     /// process).
     pub fn share_counters(&self, cluster: Option<Arc<crate::limit::Cluster>>) {
-        *self
-            .counters
-            .cluster
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = cluster;
+        *self.counters.cluster.hold() = cluster;
     }
 
     /// A host with default [`HostOptions`].

@@ -8,10 +8,11 @@
 //! comparison of the whole key. It belongs to one loaded plugin: a reload
 //! starts with an empty table.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::bindings::{Decision, Request, wit};
+use crate::sync::Hold;
 
 /// Longest the host gives a decision again, whatever the plugin asked.
 pub(super) const MAX_REUSE: Duration = Duration::from_secs(300);
@@ -65,9 +66,7 @@ impl Reuse {
     /// The decision kept for exactly this key, if it has not expired and was made on
     /// the plugin's current documents (`generation`).
     pub(super) fn get(&self, key: &Key, now: Instant, generation: u64) -> Option<Decision> {
-        let slot = self.slots[key.slot]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let slot = self.slots[key.slot].hold();
         let entry = slot.as_ref()?;
         (entry.until > now && entry.generation == generation && *entry.key == *key.bytes)
             .then(|| entry.decision.clone())
@@ -89,9 +88,7 @@ impl Reuse {
             decision: decision.clone(),
             until: now + Duration::from_millis(ms.into()).min(MAX_REUSE),
         };
-        *self.slots[key.slot]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(entry));
+        *self.slots[key.slot].hold() = Some(Box::new(entry));
     }
 }
 

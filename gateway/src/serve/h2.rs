@@ -53,6 +53,7 @@ use crate::limit::Bucket;
 use crate::open::Opened;
 use crate::respond::ResponseBody;
 use crate::snapshot::Snapshot;
+use crate::sync::Hold;
 
 /// The client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -262,24 +263,18 @@ impl Streams {
         if self.open.load(Ordering::Acquire) > 0 {
             return Instant::now() + idle;
         }
-        *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) + idle
+        *self.idle_since.hold() + idle
     }
 
     /// Whether no stream has been open for `idle`.
     fn idle_for(&self, idle: Duration) -> bool {
-        self.open.load(Ordering::Acquire) == 0
-            && self
-                .idle_since
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .elapsed()
-                >= idle
+        self.open.load(Ordering::Acquire) == 0 && self.idle_since.hold().elapsed() >= idle
     }
 
     /// A request the client cancelled before its answer; past the budget, the connection
     /// is marked for GOAWAY.
     fn cancelled(&self) {
-        let mut b = self.resets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.resets.hold();
         if b.take(self.reset_rate, Instant::now().into_std()).is_err() {
             self.abuse.cancel();
         }
@@ -305,7 +300,7 @@ impl Clone for Open {
 impl Drop for Open {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            *self.0.idle_since.hold() = Instant::now();
         }
     }
 }
