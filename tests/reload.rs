@@ -78,17 +78,38 @@ async fn a_wasm_rebuilt_in_place_is_loaded_on_reload() {
     assert_eq!(refused.text(), "hostile: the deny build\n");
     assert_eq!(whoami(&mut old).await, "a", "the old tunnel runs on");
 
-    // An unchanged file keeps the loaded plugin: its counters (since load) go on.
+    // An unchanged file keeps the loaded plugin: its counters go on.
     let calls = |m: &Metrics| m.value("sluice_plugin_calls_total", &[("plugin", "policy")]);
-    let before = calls(&Metrics::scrape(admin).await);
-    assert!(before > 0.0, "the deny build was called");
+    let latency = |m: &Metrics| {
+        m.value(
+            "sluice_plugin_call_duration_seconds_count",
+            &[("plugin", "policy")],
+        )
+    };
+    let before = Metrics::scrape(admin).await;
+    let (calls_before, timed_before) = (calls(&before), latency(&before));
+    assert!(calls_before > 0.0, "the deny build was called");
+    assert!(timed_before > 0.0, "the deny build's call was timed");
     assert_eq!(admin_post(admin, "/reload", None).await.status, 200);
-    assert_eq!(calls(&Metrics::scrape(admin).await), before);
+    assert_eq!(calls(&Metrics::scrape(admin).await), calls_before);
 
+    // A rebuilt file is loaded anew, and its counters count on from the old build's: a
+    // counter that fell back to zero at every deploy would read as a restart.
     install(&plugin_wasm("hostile"), &policy);
     assert_eq!(admin_post(admin, "/reload", None).await.status, 200);
     let (_ws, name) = ws_whoami(gateway.addr(), "/ws", &[]).await;
     assert_eq!(name, "a", "the allowing build is back");
+    let after = Metrics::scrape(admin).await;
+    assert!(
+        calls(&after) >= calls_before + 1.0,
+        "calls went from {calls_before} to {}",
+        calls(&after)
+    );
+    assert!(
+        latency(&after) >= timed_before + 1.0,
+        "timed calls went from {timed_before} to {}",
+        latency(&after)
+    );
 }
 
 /// The config of [`listeners_follow_the_config_on_reload`]: `listeners` as TOML.

@@ -391,7 +391,7 @@ impl Collector for GatewayCollector {
             &[
                 (
                     "sluice_plugin_calls",
-                    "Plugin hook calls, by plugin (since it was loaded).",
+                    "Plugin hook calls, by plugin (kept across reloads that load it anew).",
                     Read::Counter(|s| s.calls),
                 ),
                 (

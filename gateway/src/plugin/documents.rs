@@ -98,7 +98,7 @@ pub(super) struct Documents {
     /// Grows whenever any watched document changes: a decision made before rests on
     /// an old copy, so the reuse table compares it.
     generation: AtomicU64,
-    pub(super) stats: FetchStats,
+    stats: Arc<FetchStats>,
     /// Ends the fetch tasks when the plugin goes.
     cancel: CancellationToken,
 }
@@ -110,13 +110,13 @@ impl Drop for Documents {
 }
 
 impl Documents {
-    pub(super) fn new(plugin: Arc<str>, grants: &[String]) -> Documents {
+    pub(super) fn new(plugin: Arc<str>, grants: &[String], stats: Arc<FetchStats>) -> Documents {
         Documents {
             plugin,
             grants: grants.into(),
             watched: Mutex::default(),
             generation: AtomicU64::new(0),
-            stats: FetchStats::default(),
+            stats,
             cancel: CancellationToken::new(),
         }
     }

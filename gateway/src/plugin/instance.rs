@@ -12,7 +12,7 @@ use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{self, Decision, Request, documents, host, wit};
-use super::documents::Documents;
+use super::documents::{Documents, FetchStats};
 use super::reuse::Reuse;
 use super::types::{Fault, PluginStats};
 use crate::config::PluginLimits;
@@ -123,6 +123,8 @@ pub(super) struct Shared {
     pub(super) origin: Instant,
     /// The documents fetched for it from its `grants.http`.
     pub(super) documents: Arc<Documents>,
+    /// Its counters, kept by name across reloads.
+    pub(super) stats: Arc<Stats>,
 }
 
 /// Memory cap of one instance; remembers whether it was hit.
@@ -240,8 +242,12 @@ struct Instance {
     plugin: bindings::Plugin,
 }
 
-#[derive(Debug, Default)]
-struct Stats {
+/// One plugin's counters. The host keeps them by the plugin's name across reloads (as
+/// the routes' are kept), so loading a rebuilt `.wasm` or a changed config does not set
+/// `/metrics` back to zero, and the old and new loads count into the same ones while
+/// both serve.
+#[derive(Debug)]
+pub(super) struct Stats {
     calls: AtomicU64,
     reused: AtomicU64,
     denies: AtomicU64,
@@ -249,6 +255,27 @@ struct Stats {
     timeouts: AtomicU64,
     memory_faults: AtomicU64,
     instances_created: AtomicU64,
+    /// Fetches of the documents its `grants.http` allows.
+    pub(super) fetches: Arc<FetchStats>,
+    /// How long `on-request` calls took (decisions reused are not calls).
+    pub(super) latency: Histogram,
+}
+
+impl Stats {
+    pub(super) fn new() -> Stats {
+        let zero = || AtomicU64::new(0);
+        Stats {
+            calls: zero(),
+            reused: zero(),
+            denies: zero(),
+            faults: zero(),
+            timeouts: zero(),
+            memory_faults: zero(),
+            instances_created: zero(),
+            fetches: Arc::default(),
+            latency: Histogram::new(PLUGIN_BUCKETS),
+        }
+    }
 }
 
 /// A loaded plugin: its pre-linked component and a bounded pool of
@@ -268,9 +295,7 @@ pub(super) struct InstancePool {
     /// one with a `reuse-ms` (and reuse is on), so a plugin that never does costs
     /// neither the table's memory nor a lookup per request.
     reuse: OnceLock<Reuse>,
-    stats: Stats,
-    /// How long `on-request` calls took (decisions reused are not calls).
-    pub(super) latency: Histogram,
+    pub(super) stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for InstancePool {
@@ -298,7 +323,6 @@ impl InstancePool {
             .as_nanos()
             .div_ceil(tick.as_nanos().max(1));
         Self {
-            shared,
             limits,
             fail_open,
             engine,
@@ -308,8 +332,8 @@ impl InstancePool {
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(limits.max_instances)),
             reuse: OnceLock::new(),
-            stats: Stats::default(),
-            latency: Histogram::new(PLUGIN_BUCKETS),
+            stats: shared.stats.clone(),
+            shared,
         }
     }
 
@@ -350,7 +374,7 @@ impl InstancePool {
             .plugin
             .call_on_request(&mut inst.store, req.clone())
             .await;
-        self.latency.observe(now.elapsed());
+        self.stats.latency.observe(now.elapsed());
         let decision = match Decision::check(self.settle(inst, result)?) {
             Ok(decision) => decision,
             Err(reason) => return Err(self.fault(Fault::InvalidDecision(reason))),
@@ -393,9 +417,9 @@ impl InstancePool {
             timeouts: get(&self.stats.timeouts),
             memory_faults: get(&self.stats.memory_faults),
             instances_created: get(&self.stats.instances_created),
-            fetches_changed: get(&self.shared.documents.stats.changed),
-            fetches_unchanged: get(&self.shared.documents.stats.unchanged),
-            fetches_failed: get(&self.shared.documents.stats.failed),
+            fetches_changed: get(&self.stats.fetches.changed),
+            fetches_unchanged: get(&self.stats.fetches.unchanged),
+            fetches_failed: get(&self.stats.fetches.failed),
         }
     }
 

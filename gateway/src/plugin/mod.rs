@@ -83,7 +83,7 @@ pub use types::{
 use crate::config::PluginConfig;
 use crate::sync::Hold;
 use documents::Documents;
-use instance::{Counters, InstancePool, Shared, State};
+use instance::{Counters, InstancePool, Shared, State, Stats};
 
 /// ` at PLACE`, or nothing for a config that was not read from a file.
 fn at_place(at: &str) -> String {
@@ -220,6 +220,8 @@ pub struct PluginHost {
     counters: Arc<Counters>,
     /// Components compiled by this host, by content hash.
     compiled: Arc<DashMap<u128, Component>>,
+    /// Each plugin's counters, by name: a reload that loads it anew counts on.
+    stats: Arc<DashMap<Arc<str>, Arc<Stats>>>,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -294,6 +296,7 @@ impl PluginHost {
             options,
             counters: Arc::default(),
             compiled: Arc::default(),
+            stats: Arc::default(),
         })
     }
 
@@ -328,11 +331,22 @@ impl PluginHost {
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
         let pre = bindings::PluginPre::new(pre).map_err(wrong_world)?;
+        let name: Arc<str> = Arc::from(spec.name.as_str());
+        let stats = self
+            .stats
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(Stats::new()))
+            .clone();
         let shared = Arc::new(Shared {
-            name: Arc::from(spec.name.as_str()),
+            documents: Arc::new(Documents::new(
+                name.clone(),
+                &spec.grants,
+                stats.fetches.clone(),
+            )),
+            name,
             counters: self.counters.clone(),
             origin: Instant::now(),
-            documents: Arc::new(Documents::new(Arc::from(spec.name.as_str()), &spec.grants)),
+            stats,
         });
         let pool = InstancePool::new(
             self.engine.clone(),
@@ -521,7 +535,7 @@ impl Plugin {
         self.fields
     }
 
-    /// Counters since load.
+    /// Its counters since the gateway started (kept across reloads by name).
     pub fn stats(&self) -> PluginStats {
         self.pool.stats()
     }
@@ -531,8 +545,8 @@ impl Plugin {
         self.pool.shared.documents.granted()
     }
 
-    /// How long its `on-request` calls took, since load.
+    /// How long its `on-request` calls took, since the gateway started.
     pub fn latency(&self) -> &crate::metrics::Histogram {
-        &self.pool.latency
+        &self.pool.stats.latency
     }
 }

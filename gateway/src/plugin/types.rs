@@ -202,7 +202,8 @@ pub enum Fault {
     Start(String),
 }
 
-/// Counters of one plugin since it was loaded.
+/// Counters of one plugin since the gateway started: a reload that loads it anew (a
+/// rebuilt `.wasm`, a changed config) counts on from where it was.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PluginStats {
     /// Hook calls attempted.
