@@ -208,7 +208,7 @@ fn key_of(jwk: &Jwk) -> Result<Key, String> {
     };
     match (jwk.kty.as_deref(), jwk.alg.as_deref()) {
         (Some("RSA"), None | Some("RS256")) => {
-            let der = rsa_public_key_der(&field(&jwk.n, "n")?, &field(&jwk.e, "e")?);
+            let der = rsa_public_key_der(&field(&jwk.n, "n")?, &field(&jwk.e, "e")?)?;
             Key::rs256_der(&der)
         }
         (Some("EC"), None | Some("ES256")) if jwk.crv.as_deref() == Some("P-256") => {
@@ -233,37 +233,14 @@ fn key_of(jwk: &Jwk) -> Result<Key, String> {
 
 /// PKCS#1 `RSAPublicKey` DER (`SEQUENCE { INTEGER n, INTEGER e }`) from a JWK's `n`
 /// and `e`, big-endian unsigned.
-fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Vec<u8> {
-    fn length(out: &mut Vec<u8>, len: usize) {
-        match u8::try_from(len) {
-            Ok(short) if short < 0x80 => out.push(short),
-            _ => {
-                let be = len.to_be_bytes();
-                let skip = be.iter().take_while(|&&b| b == 0).count();
-                out.push(0x80 | (be.len() - skip) as u8);
-                out.extend_from_slice(&be[skip..]);
-            }
-        }
-    }
-    fn integer(out: &mut Vec<u8>, bytes: &[u8]) {
-        let skip = bytes.iter().take_while(|&&b| b == 0).count();
-        let bytes = &bytes[skip..];
-        // A positive INTEGER: a zero byte first when the top bit is set, and `0` as one byte.
-        let pad = bytes.first().is_none_or(|&b| b & 0x80 != 0);
-        out.push(0x02);
-        length(out, bytes.len() + usize::from(pad));
-        if pad {
-            out.push(0);
-        }
-        out.extend_from_slice(bytes);
-    }
-    let mut body = Vec::with_capacity(n.len() + e.len() + 12);
-    integer(&mut body, n);
-    integer(&mut body, e);
-    let mut der = vec![0x30];
-    length(&mut der, body.len());
-    der.extend_from_slice(&body);
-    der
+fn rsa_public_key_der(n: &[u8], e: &[u8]) -> Result<Vec<u8>, String> {
+    use pkcs1::der::{Encode as _, asn1::UintRef};
+    let key = pkcs1::RsaPublicKey {
+        modulus: UintRef::new(n).map_err(|e| format!("`n`: {e}"))?,
+        public_exponent: UintRef::new(e).map_err(|e| format!("`e`: {e}"))?,
+    };
+    key.to_der()
+        .map_err(|e| format!("not an RSA public key: {e}"))
 }
 
 #[cfg(test)]
@@ -294,12 +271,14 @@ mod tests {
         use rsa::pkcs8::DecodePublicKey as _;
         use rsa::traits::PublicKeyParts as _;
         let key = rsa::RsaPublicKey::from_public_key_pem(RSA_PUBLIC).unwrap();
-        let der = rsa_public_key_der(&key.n().to_bytes_be(), &key.e().to_bytes_be());
+        let der = rsa_public_key_der(&key.n().to_bytes_be(), &key.e().to_bytes_be()).unwrap();
         assert_eq!(der, key.to_pkcs1_der().unwrap().as_bytes());
-        // Leading zeros dropped, a zero byte added before a set top bit, zero as one byte.
+        // Leading zeros dropped, a zero byte added before a set top bit.
         assert_eq!(
-            rsa_public_key_der(&[0, 0x80], &[]),
-            [0x30, 0x07, 0x02, 0x02, 0x00, 0x80, 0x02, 0x01, 0x00]
+            rsa_public_key_der(&[0, 0x80], &[1, 0, 1]).unwrap(),
+            [
+                0x30, 0x09, 0x02, 0x02, 0x00, 0x80, 0x02, 0x03, 0x01, 0x00, 0x01
+            ]
         );
     }
 

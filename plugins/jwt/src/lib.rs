@@ -14,7 +14,6 @@
 //! ```
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -357,17 +356,15 @@ impl Key {
     }
 }
 
-/// The DER inside a PEM `PUBLIC KEY` block.
+/// The DER inside a PEM `PUBLIC KEY` block (RFC 7468). Lines may be indented, as a key
+/// pasted into an indented TOML string is.
 fn pem_der(pem: &str) -> Result<Vec<u8>, &'static str> {
-    let body = pem
-        .trim()
-        .strip_prefix("-----BEGIN PUBLIC KEY-----")
-        .and_then(|rest| rest.strip_suffix("-----END PUBLIC KEY-----"))
-        .ok_or("not a PEM PUBLIC KEY block")?;
-    let base64: String = body.split_whitespace().collect();
-    STANDARD
-        .decode(base64)
-        .map_err(|_| "the PEM block is not base64")
+    let lines: Vec<&str> = pem.trim().lines().map(str::trim).collect();
+    match pem_rfc7468::decode_vec(lines.join("\n").as_bytes()) {
+        Ok(("PUBLIC KEY", der)) => Ok(der),
+        Ok(_) => Err("not a PEM PUBLIC KEY block"),
+        Err(_) => Err("not a PEM block with base64 inside"),
+    }
 }
 
 /// Claim checks applied after the signature.
@@ -696,5 +693,18 @@ mod tests {
     fn bad_pem_is_a_clear_error() {
         assert!(Key::rs256_pem("nope").unwrap_err().contains("RS256"));
         assert!(Key::es256_pem(RSA_PUBLIC).unwrap_err().contains("ES256"));
+        let err = Key::es256_pem(EC_PRIVATE).unwrap_err();
+        assert!(err.contains("not a PEM PUBLIC KEY block"), "{err}");
+        let broken = EC_PUBLIC.replace('A', "!");
+        let err = Key::es256_pem(&broken).unwrap_err();
+        assert!(err.contains("base64"), "{err}");
+    }
+
+    #[test]
+    fn a_pem_key_may_be_indented_as_in_a_toml_string() {
+        let indented: String = EC_PUBLIC.lines().map(|l| format!("    {l}\n")).collect();
+        let token = mint::es256(&json!({"sub": "alice"}), EC_PRIVATE).unwrap();
+        let key = Key::es256_pem(&indented).unwrap();
+        assert!(verify(&token, &[key], &Validation::default(), 0).is_ok());
     }
 }
