@@ -2,7 +2,8 @@
 //! background from a URL granted in config (a real HTTP server here, whose keys rotate
 //! mid-test), honours its cache headers, fetches early on an unknown `kid`, keeps the
 //! last good keys when the server is down or serves something bad, and refuses to load
-//! a plugin that asks for a URL it was not granted.
+//! a plugin that asks for a URL it was not granted; or finds the key set through an
+//! OpenID provider's discovery document.
 
 mod common;
 
@@ -68,7 +69,12 @@ impl Provider {
     }
 
     fn url(&self) -> String {
-        format!("http://{}/.well-known/jwks.json", self.addr)
+        self.at("/.well-known/jwks.json")
+    }
+
+    /// A URL of this server (it serves the same body at every path).
+    fn at(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 
     fn serve(&mut self, listener: TcpListener) {
@@ -417,4 +423,68 @@ async fn a_url_not_granted_is_refused_at_load() {
         "{stderr}"
     );
     assert_eq!(idp.fetches(), 0, "nothing fetched from a URL not granted");
+}
+
+/// An OpenID provider named by its discovery document: the gateway fetches it at load
+/// (granted), then the key set its `jwks_uri` names (granted too), and the provider's
+/// `issuer` is the `iss` tokens must carry. A `jwks_uri` not granted fails the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_is_found_by_its_discovery_document() {
+    let keys = Provider::start(jwks(&[(EC_PUBLIC, "a")])).await;
+    let idp = Provider::start(Vec::new()).await;
+    let (issuer, discovery) = (idp.at(""), idp.at("/.well-known/openid-configuration"));
+    let document = json!({"issuer": issuer, "jwks_uri": keys.url(), "id_token_signing_alg_values_supported": ["ES256"]});
+    idp.set(|s| s.body = document.to_string().into_bytes());
+    let config = |grants: &[String]| {
+        format!(
+            r#"{ADMIN}
+[plugins.auth]
+path = {path:?}
+grants = {{ http = {grants:?} }}
+
+[plugins.auth.config]
+jwks = {{ discovery = {discovery:?} }}
+"#,
+            path = plugin_wasm("jwt-auth"),
+        )
+    };
+    let backend = Backend::start("a").await;
+    let gw = ConfigBuilder::new(&[backend.addr])
+        .route_toml("plugins = [\"auth\"]")
+        .extra(&config(&[discovery.clone(), keys.url()]))
+        .start()
+        .await;
+    let signed = |iss: &str| {
+        let claims = json!({"sub": "a", "iss": iss, "exp": 4_000_000_000u64});
+        mint::es256_kid(&claims, EC_PRIVATE, "a").unwrap()
+    };
+    assert_eq!(upgrade_status(&gw, &signed(&issuer)).await, 101);
+    assert_eq!(
+        upgrade_status(&gw, &signed("https://elsewhere.example")).await,
+        401
+    );
+    assert_eq!(
+        upgrade_status(&gw, &token(EC_PRIVATE, "a")).await,
+        401,
+        "no `iss`"
+    );
+
+    // The discovery document granted, the key set it names not.
+    let dir = TempDir::new();
+    let ungranted = ConfigBuilder::new(&[backend.addr])
+        .route_toml("plugins = [\"auth\"]")
+        .extra(&config(std::slice::from_ref(&discovery)))
+        .build();
+    let out = sluice_command("check", &dir.write("sluice.toml", &ungranted))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("jwks.discovery")
+            && stderr.contains("jwks_uri")
+            && stderr.contains(&keys.url())
+            && stderr.contains("grants.http"),
+        "{stderr}"
+    );
 }

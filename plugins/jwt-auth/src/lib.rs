@@ -37,7 +37,19 @@
 //! `Cache-Control: max-age` runs out (kept between the two bounds, defaults 60 s and
 //! an hour), and early, at most once per `min_refresh_secs`, when a token names a
 //! `kid` the set lacks (that token is refused; a retry after the fetch is admitted).
-//! RSA (RS256) and P-256 (ES256) keys are read, by `kid`. A copy that is not a usable
+//! RSA (RS256) and P-256 (ES256) keys are read, by `kid`.
+//!
+//! Or the set is found through an OpenID provider's discovery document:
+//!
+//! ```json
+//! {"jwks": {"discovery": "https://idp.example/.well-known/openid-configuration"}}
+//! ```
+//!
+//! read once, at load, for its `jwks_uri` (both URLs must be granted) and its `issuer`,
+//! which tokens must then name in `iss` (a config `issuer` that differs is refused). A
+//! `jwks_uri` the provider changes later is followed at the next reload.
+//!
+//! A copy that is not a usable
 //! JWKS is logged and the previous keys kept; a server that is down keeps them too.
 //! When the keys change, the instance forgets the tokens it verified, and the gateway
 //! the admissions it would have given again, so a removed key's tokens are refused
@@ -91,7 +103,11 @@ enum KeyConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JwksConfig {
-    url: String,
+    /// The key set's own URL.
+    url: Option<String>,
+    /// An OpenID provider's discovery document (`/.well-known/openid-configuration`),
+    /// read at load for the key set's URL (`jwks_uri`) and the provider's `issuer`.
+    discovery: Option<String>,
     #[serde(default = "default_min_refresh")]
     min_refresh_secs: u64,
     #[serde(default = "default_max_refresh")]
@@ -188,16 +204,16 @@ impl Plugin for JwtAuth {
                 KeyConfig::Es256 { public_key_pem } => Key::es256_pem(&public_key_pem),
             })
             .collect::<Result<_, _>>()?;
-        let jwks = match raw.jwks {
-            Some(j) => Some(watch(j)?),
-            None => None,
+        let (jwks, issuer) = match raw.jwks {
+            Some(j) => watch(j, raw.issuer)?,
+            None => (None, raw.issuer),
         };
         let plugin = JwtAuth {
             keys: RefCell::new(KeySet::from_keys(fixed.clone())),
             fixed,
             jwks,
             validation: Validation {
-                issuer: raw.issuer,
+                issuer,
                 audience: raw.audience,
                 leeway_secs: raw.leeway_secs,
                 require_exp: raw.require_exp,
@@ -272,20 +288,66 @@ impl Plugin for JwtAuth {
 /// Longest the gateway may admit a token again without a call.
 const MAX_REUSE: Duration = Duration::from_secs(60);
 
-/// Starts the host's fetches of a JWKS (refused unless the URL is granted).
-fn watch(j: JwksConfig) -> Result<Jwks, String> {
+/// Starts the host's fetches of a JWKS (refused unless its URL is granted), found
+/// through the provider's discovery document when the config names that. Returns it
+/// and the `iss` tokens must carry: the config's `issuer`, or else the provider's.
+fn watch(j: JwksConfig, issuer: Option<String>) -> Result<(Option<Jwks>, Option<String>), String> {
     if j.min_refresh_secs == 0 || j.max_refresh_secs < j.min_refresh_secs {
         return Err("`jwks`: need 1 <= `min_refresh_secs` <= `max_refresh_secs`".into());
     }
-    documents::watch(
-        &j.url,
+    let (min, max) = (
         Duration::from_secs(j.min_refresh_secs),
         Duration::from_secs(j.max_refresh_secs),
-    )
-    .map_err(|e| format!("`jwks.url`: {e}"))?;
-    Ok(Jwks {
-        url: j.url,
+    );
+    let discovered = j.discovery.is_some();
+    let (url, issuer) = match (j.url, j.discovery) {
+        (Some(url), None) => (url, issuer),
+        (None, Some(discovery)) => {
+            let provider = discover(&discovery, min, max)?;
+            match issuer {
+                Some(configured) if configured != provider.issuer => {
+                    return Err(format!(
+                        "`jwks.discovery`: the provider's issuer is {:?}, not the `issuer` \
+                         {configured:?} the config requires",
+                        provider.issuer
+                    ));
+                }
+                _ => (provider.jwks_uri, Some(provider.issuer)),
+            }
+        }
+        _ => {
+            return Err("`jwks`: name the key set by `url` or by `discovery` (one of them)".into());
+        }
+    };
+    documents::watch(&url, min, max).map_err(|e| match discovered {
+        true => format!("`jwks.discovery`: the provider's `jwks_uri`: {e}"),
+        false => format!("`jwks.url`: {e}"),
+    })?;
+    let jwks = Jwks {
+        url,
         seen: Cell::new(0),
+    };
+    Ok((Some(jwks), issuer))
+}
+
+/// What jwt-auth reads of an OpenID provider's discovery document.
+#[derive(Debug, Deserialize)]
+struct Provider {
+    issuer: String,
+    jwks_uri: String,
+}
+
+/// The provider the discovery document at `url` describes (fetched by the host once, at
+/// load; a `jwks_uri` it changes later is followed at the next reload).
+fn discover(url: &str, min: Duration, max: Duration) -> Result<Provider, String> {
+    let at = |e: String| format!("`jwks.discovery`: {e}");
+    documents::watch(url, min, max).map_err(at)?;
+    let copy = documents::latest(url, 0)
+        .ok_or_else(|| at(format!("no good copy of {url} could be fetched")))?;
+    serde_json::from_slice(&copy.body).map_err(|e| {
+        at(format!(
+            "{url} is not an OpenID provider's discovery document: {e}"
+        ))
     })
 }
 
@@ -597,6 +659,48 @@ mod tests {
                 .any(|l| l.message.contains("keeping the previous keys")),
             "the bad copy is logged"
         );
+    }
+
+    const DISCOVERY: &str = "https://idp.test/.well-known/openid-configuration";
+
+    #[test]
+    fn a_provider_is_found_by_its_discovery_document() {
+        reset();
+        set_now_ms(1_000_000);
+        let provider =
+            json!({"issuer": "https://idp.test", "jwks_uri": JWKS, "scopes_supported": []});
+        set_document(DISCOVERY, provider.to_string().as_bytes());
+        set_document(JWKS, &jwks_of(&[(EC_PUBLIC, "a")]));
+        let p: JwtAuth = init(&json!({"jwks": {"discovery": DISCOVERY}}).to_string()).unwrap();
+        assert_eq!(watched(), [DISCOVERY, JWKS]);
+        // The provider's issuer is the one its tokens must name.
+        let status = |iss: &str| {
+            let claims = json!({"sub": "alice", "iss": iss, "exp": 1_100});
+            let token = mint::es256_kid(&claims, EC_PRIVATE, "a").unwrap();
+            let auth = format!("Bearer {token}");
+            on_request(&p, &request().header("authorization", &auth).build()).status()
+        };
+        assert_eq!(status("https://idp.test"), None, "admitted");
+        assert_eq!(status("https://elsewhere.test"), Some(401));
+
+        let err = |c: serde_json::Value| init::<JwtAuth>(&c.to_string()).err().unwrap();
+        // A config `issuer` the provider does not call itself.
+        let other = json!({"jwks": {"discovery": DISCOVERY}, "issuer": "https://other.test"});
+        assert!(err(other).contains("not the `issuer`"));
+        // Both ways of naming the set, or neither.
+        let both = json!({"jwks": {"url": JWKS, "discovery": DISCOVERY}});
+        assert!(err(both).contains("by `url` or by `discovery`"));
+        assert!(err(json!({"jwks": {}})).contains("by `url` or by `discovery`"));
+        // A document that is not a provider's, and one the host could not fetch.
+        set_document(DISCOVERY, b"{\"keys\": []}");
+        let e = err(json!({"jwks": {"discovery": DISCOVERY}}));
+        assert!(
+            e.contains("not an OpenID provider's discovery document"),
+            "{e}"
+        );
+        let missing = "https://idp.test/missing/.well-known/openid-configuration";
+        let e = err(json!({"jwks": {"discovery": missing}}));
+        assert!(e.contains("no good copy"), "{e}");
     }
 
     #[test]
