@@ -394,3 +394,92 @@ async fn the_access_log_file_is_reopened_on_sigusr1() {
         "access events went to stderr too"
     );
 }
+
+/// One HTTP/1.1 request over an admin connection (`Connection: close`), carrying the
+/// bearer `token`; the whole answer as text.
+async fn over<S>(mut stream: S, method: &str, path: &str, token: &str) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = within(STEP, "the admin's answer", stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `[admin.tls]`: the admin answers over HTTPS with the configured certificate (the
+/// token still required), a plain HTTP request gets no HTTP answer, and a reload that
+/// replaced the certificate's files serves the new certificate to the next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_https_with_admin_tls() {
+    let dir = TempDir::new();
+    let token = "s3cret-admin-token-0123456789";
+    let token_file = dir.write("admin.token", &format!("{token}\n"));
+    let ca = TestCa::new("Sluice admin CA");
+    let first = ca.issue("localhost", &["localhost"]);
+    let (cert, key) = first.write(&dir, "admin");
+    let backend = Backend::start("a").await;
+    let gw = ConfigBuilder::new(&[backend.addr])
+        .extra(&format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\ntoken_file = {token_file:?}\n\
+             [admin.tls]\ncertificates = [{{ cert = {cert:?}, key = {key:?} }}]\n"
+        ))
+        .start()
+        .await;
+    let admin = gw.admin().await;
+    let https = || async {
+        within(
+            STEP,
+            "a TLS handshake",
+            tls_connect(admin, "localhost", ca.client()),
+        )
+        .await
+        .expect("the admin's TLS handshake")
+    };
+
+    let status = over(https().await, "GET", "/status", token).await;
+    assert!(status.starts_with("HTTP/1.1 200 "), "{status}");
+    assert!(status.contains("\"generation\""), "{status}");
+    let refused = over(https().await, "GET", "/status", "wrong-token-0123456789").await;
+    assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
+    let tls = https().await;
+    let served = tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone();
+    assert_eq!(served, first.chain()[0]);
+
+    // Plain HTTP on the HTTPS port: no HTTP answer (rustls answers a TLS alert, if anything).
+    let tcp = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let plain = over(tcp, "GET", "/status", token).await;
+    assert!(!plain.starts_with("HTTP/"), "{plain}");
+
+    // New files at the same paths, then a reload: the next connection gets the new one.
+    let second = ca.issue("localhost", &["localhost"]);
+    second.write(&dir, "admin");
+    let reloaded = over(https().await, "POST", "/reload", token).await;
+    assert!(reloaded.starts_with("HTTP/1.1 200 "), "{reloaded}");
+    let tls = https().await;
+    let served = tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone();
+    assert_eq!(served, second.chain()[0], "the rotated certificate");
+
+    // A certificate file that is not there: `sluice check` names the field and the file.
+    let stderr = check_refuses(
+        &dir,
+        "missing.toml",
+        &ConfigBuilder::new(&[backend.addr])
+            .extra(&format!(
+                "[admin]\nbind = \"127.0.0.1:0\"\n[admin.tls]\n\
+                 certificates = [{{ cert = \"nowhere.pem\", key = {key:?} }}]\n"
+            ))
+            .build(),
+    );
+    assert!(
+        stderr.contains("admin.tls.certificates") && stderr.contains("nowhere.pem"),
+        "{stderr}"
+    );
+}

@@ -67,6 +67,9 @@ pub enum LoadError {
         /// Why.
         source: CaptureError,
     },
+    /// The admin listener's TLS settings were refused.
+    #[error("admin: TLS: {0}")]
+    AdminTls(tls::TlsError),
     /// A pool's TLS settings were refused.
     #[error("upstream `{pool}`: TLS: {source}")]
     UpstreamTls {
@@ -81,6 +84,7 @@ pub enum LoadError {
 /// pool with TLS servers.
 struct Tls {
     acceptors: HashMap<String, Acceptor>,
+    admin: Option<Acceptor>,
     connectors: HashMap<String, Arc<Connector>>,
 }
 
@@ -98,6 +102,10 @@ impl Tls {
                 acceptors.insert(l.name.clone(), acceptor);
             }
         }
+        let admin = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+            Some(t) => Some(Acceptor::new(t, false).map_err(LoadError::AdminTls)?),
+            None => None,
+        };
         let mut connectors = HashMap::new();
         for u in &config.upstreams {
             if let Some(t) = &u.tls {
@@ -110,6 +118,7 @@ impl Tls {
         }
         Ok(Tls {
             acceptors,
+            admin,
             connectors,
         })
     }
@@ -152,6 +161,9 @@ pub struct Snapshot {
     /// TLS handshakes of the TLS listeners, by listener name: the certificates this
     /// snapshot's config read, so a reload rotates them.
     pub acceptors: HashMap<String, Acceptor>,
+    /// The admin listener's TLS handshakes (`[admin.tls]`), rotated by a reload as the
+    /// listeners' are.
+    pub admin_tls: Option<Acceptor>,
     /// Loaded plugins by name, with the spec they were loaded from.
     plugins: HashMap<String, (PluginConfig, Plugin)>,
     health: CancellationToken,
@@ -172,12 +184,16 @@ impl Snapshot {
     ) -> Result<Snapshot, LoadError> {
         let Tls {
             acceptors,
+            admin: admin_tls,
             mut connectors,
         } = Tls::build(&config)?;
         for l in &config.listeners {
             if let Some(t) = &l.tls {
                 warn_expiring(&l.name, t);
             }
+        }
+        if let Some(t) = config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+            warn_expiring("(admin)", t);
         }
         let mut plugins = HashMap::new();
         for spec in &config.plugins {
@@ -235,6 +251,7 @@ impl Snapshot {
             pools,
             limits,
             acceptors,
+            admin_tls,
             plugins,
             health,
         })

@@ -2,7 +2,7 @@
 //! `/upstreams` (JSON), the status page at `/`, `POST /reload` and `POST /drain`. It runs
 //! on the control runtime, never on a worker, so scrapes and page refreshes cost tunnels
 //! nothing. Bound to loopback unless a bearer token guards it (config validation refuses
-//! a public address without one).
+//! a public address without one); HTTPS with `[admin.tls]`.
 
 mod exposition;
 
@@ -55,7 +55,15 @@ impl Admin {
     pub fn start(gw: Arc<Gateway>, listener: TcpListener) -> Admin {
         let stop = CancellationToken::new();
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "admin listening");
+            let tls = gw.snapshot().admin_tls.is_some();
+            tracing::info!(%addr, tls, "admin listening");
+            if !tls && !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "the admin listener takes its token over plain HTTP from other hosts; \
+                     [admin.tls] keeps it off the wire"
+                );
+            }
             println!("admin {addr}");
         }
         tokio::spawn(serve(gw, listener, stop.clone()));
@@ -86,23 +94,44 @@ async fn serve(gw: Arc<Gateway>, listener: TcpListener, stop: CancellationToken)
             },
             () = stop.cancelled() => return,
         };
+        // The current snapshot's certificates: a reload rotates them for new connections.
+        let tls = gw.snapshot().admin_tls.clone();
         let (gw, exposition, stop) = (gw.clone(), exposition.clone(), stop.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let (gw, exposition) = (gw.clone(), exposition.clone());
-                async move { Ok::<_, Infallible>(handle(req, &gw, &exposition).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
+            let served = async {
+                match tls {
+                    None => connection(stream, gw, exposition).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok((stream, _)) => connection(stream, gw, exposition).await,
+                        Err(e) => tracing::debug!(error = %e, "admin TLS handshake failed"),
+                    },
+                }
+            };
             tokio::select! {
-                _ = conn.as_mut() => {}
+                () = served => {}
                 () = stop.cancelled() => {}
             }
             drop(permit);
         });
+    }
+}
+
+/// Serves one admin connection (plain or TLS) until it ends.
+async fn connection<S>(stream: S, gw: Arc<Gateway>, exposition: Arc<exposition::Exposition>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let (gw, exposition) = (gw.clone(), exposition.clone());
+        async move { Ok::<_, Infallible>(handle(req, &gw, &exposition).await) }
+    });
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "admin connection ended with an error");
     }
 }
 

@@ -55,14 +55,18 @@ pub struct Config {
 
 impl Config {
     /// The files whose change should trigger a reload: the plugins' components and the
-    /// listeners' and pools' certificate, key and CA files (the config file itself is
-    /// the caller's).
+    /// listeners', the admin's and pools' certificate, key and CA files (the config file
+    /// itself is the caller's).
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.plugins.iter().map(|p| p.wasm.clone()).collect();
-        for l in &self.listeners {
-            if let Some(t) = &l.tls {
-                files.extend(t.files.iter().cloned());
-            }
+        let admin = self.admin.as_ref().and_then(|a| a.tls.as_ref());
+        for t in self
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .chain(admin)
+        {
+            files.extend(t.files.iter().cloned());
         }
         for u in &self.upstreams {
             if let Some(t) = &u.tls {
@@ -77,12 +81,15 @@ impl Config {
 
 /// The admin listener (`[admin]`): metrics, status, reload and drain, off the request
 /// path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct AdminConfig {
     /// Address to bind; loopback unless a token guards it.
     pub bind: SocketAddr,
     /// The bearer token every request must carry, read from `token_file`.
     pub token: Option<String>,
+    /// HTTPS instead of HTTP (`[admin.tls]`, as a listener's), so the token and the
+    /// status do not cross the network in the clear.
+    pub tls: Option<ListenerTls>,
 }
 
 /// Reload triggers (`[reload]`).

@@ -121,6 +121,7 @@ impl Default for RawLog {
 pub(super) struct RawAdmin {
     pub(super) bind: Spanned<String>,
     pub(super) token_file: Option<Spanned<String>>,
+    pub(super) tls: Option<Spanned<RawListenerTls>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -237,6 +237,10 @@ impl RawAdmin {
                 Some(read_token(&path).map_err(at)?)
             }
         };
+        let tls = match self.tls {
+            Some(t) => Some(t.into_inner().validate(base_dir, err)?),
+            None => None,
+        };
         if token.is_none() && !bind.ip().is_loopback() {
             return Err(err.at(
                 self.bind.span(),
@@ -246,7 +250,7 @@ impl RawAdmin {
                 ),
             ));
         }
-        Ok(AdminConfig { bind, token })
+        Ok(AdminConfig { bind, token, tls })
     }
 }
 
