@@ -134,9 +134,12 @@ impl<'a> UpgradeAttempt<'a> {
     /// The client's raw fields are written upstream without a header map, with the
     /// plugins' changes made as they are written; fields hyper read are in a map already.
     fn new(client: ClientHead<'a>, plan: &'a Plan) -> Self {
-        let edits = policy::edits(&plan.verdict);
+        // The raw path writes the changes as it writes the fields; a map has them made
+        // by `Plan::upstream_head`.
+        let mut edits = Vec::new();
         let head = match client {
             ClientHead::Raw(req) => {
+                edits = policy::edits(&plan.verdict);
                 // Made at once with the client's `Host`, and kept if it had one.
                 let fixed = plan.route.config.preserve_host.then(|| {
                     let target = plan.target(req.uri());
