@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::SinkExt;
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Copies `from` over `to` the way a deploy does: a new file renamed into place.
@@ -450,4 +451,48 @@ async fn eventually_async<T, F: Future<Output = Option<T>>>(mut probe: impl FnMu
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A reload that names a plugin whose `.wasm` is not there yet fails, and the old config
+/// serves on; the watch follows the files the new config names from when it read them,
+/// so the component arriving later (in a directory no config named before) is a reload
+/// of its own, which loads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_named_before_its_wasm_exists_loads_when_the_wasm_arrives() {
+    let backend = Backend::start("a").await;
+    let dir = TempDir::new();
+    let config = |plugin: &str| {
+        ConfigBuilder::new(&[backend.addr])
+            .route_toml(plugin)
+            .extra(&format!("{ADMIN}[reload]\ndebounce = \"50ms\"\n"))
+            .build()
+    };
+    let gateway = Gateway::start(&config("")).await;
+    let admin = gateway.admin().await;
+    let (_ws, name) = ws_whoami(gateway.addr(), "/ws", &[]).await;
+    assert_eq!(name, "a");
+
+    let later = dir.path().join("later");
+    std::fs::create_dir(&later).expect("mkdir");
+    let policy = later.join("policy.wasm");
+    let with_policy = format!(
+        "{}[plugins.policy]\npath = {:?}\n",
+        config("plugins = [\"policy\"]"),
+        policy.display().to_string()
+    );
+    let failed = |status: &Value| status["last_reload"]["error"].as_str().map(str::to_owned);
+    // Written without a signal: the watch's own reload (one), which fails.
+    std::fs::write(gateway.config_path(), &with_policy).expect("rewrite config");
+    let error = eventually_async(|| async { failed(&admin_json(admin, "/status").await) }).await;
+    assert!(error.contains("policy.wasm"), "{error}");
+    let (_ws, name) = ws_whoami(gateway.addr(), "/ws", &[]).await;
+    assert_eq!(name, "a", "the old config serves on");
+
+    let generation = admin_json(admin, "/status").await["generation"]
+        .as_u64()
+        .unwrap();
+    install(&plugin_wasm("hostile-deny"), &policy);
+    reloaded_past(admin, generation).await;
+    let refused = request_once(gateway.addr(), &Head::websocket("/ws")).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
 }

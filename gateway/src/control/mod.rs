@@ -96,7 +96,17 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        let event = control.reload(trigger, &mut admin).await;
+        let event = {
+            let path = control.path.clone();
+            // The files the config names are watched from when it is read: a file written
+            // while the reload loads, or fixed after a reload that failed on it, reloads.
+            let mut learn = |config: &Config| {
+                if let Some(w) = &mut watch {
+                    w.add(&watched_files(&path, config));
+                }
+            };
+            control.reload(trigger, &mut admin, &mut learn).await
+        };
         if event.error.is_none() {
             let config = &gw.snapshot().config;
             let files = watched_files(&control.path, config);
@@ -197,9 +207,14 @@ impl Control<'_> {
     /// can fail (reading and checking the file, binding new listeners and the admin
     /// address, opening the access log, compiling and initialising changed plugins) is
     /// done before the new snapshot is published; on any error the old one keeps serving.
-    async fn reload(&mut self, trigger: Trigger, admin: &mut Option<Admin>) -> ReloadEvent {
+    async fn reload(
+        &mut self,
+        trigger: Trigger,
+        admin: &mut Option<Admin>,
+        learn: &mut dyn FnMut(&Config),
+    ) -> ReloadEvent {
         let began = Instant::now();
-        let result = self.try_reload(admin).await;
+        let result = self.try_reload(admin, learn).await;
         let generation = self.gw.snapshot().generation;
         let event = ReloadEvent {
             at: SystemTime::now(),
@@ -220,8 +235,13 @@ impl Control<'_> {
         event
     }
 
-    async fn try_reload(&mut self, admin: &mut Option<Admin>) -> anyhow::Result<()> {
+    async fn try_reload(
+        &mut self,
+        admin: &mut Option<Admin>,
+        learn: &mut dyn FnMut(&Config),
+    ) -> anyhow::Result<()> {
         let config = Config::load(&self.path)?;
+        learn(&config);
         let current = self.gw.snapshot();
         if config.workers != current.config.workers {
             anyhow::bail!(

@@ -100,6 +100,15 @@ impl Watch {
         self.debounce
     }
 
+    /// Watches `files` too, from now on: a reload's config names them before it is
+    /// loaded, so a file written while it loads, or fixed after a load it failed, still
+    /// brings a reload.
+    pub fn add(&mut self, files: &[PathBuf]) {
+        let mut all: Vec<PathBuf> = self.files.hold().iter().cloned().collect();
+        all.extend(files.iter().filter_map(|f| canonical(f)));
+        self.set(&all);
+    }
+
     /// Watches exactly `files` from now on (a reload may have changed the set).
     pub fn set(&mut self, files: &[PathBuf]) {
         let files: BTreeSet<PathBuf> = files.iter().filter_map(|f| canonical(f)).collect();
