@@ -205,7 +205,7 @@ impl Plugin for JwtAuth {
             })
             .collect::<Result<_, _>>()?;
         let (jwks, issuer) = match raw.jwks {
-            Some(j) => watch(j, raw.issuer)?,
+            Some(j) => watch(j, raw.issuer).map(|(jwks, issuer)| (Some(jwks), issuer))?,
             None => (None, raw.issuer),
         };
         let plugin = JwtAuth {
@@ -291,7 +291,7 @@ const MAX_REUSE: Duration = Duration::from_secs(60);
 /// Starts the host's fetches of a JWKS (refused unless its URL is granted), found
 /// through the provider's discovery document when the config names that. Returns it
 /// and the `iss` tokens must carry: the config's `issuer`, or else the provider's.
-fn watch(j: JwksConfig, issuer: Option<String>) -> Result<(Option<Jwks>, Option<String>), String> {
+fn watch(j: JwksConfig, issuer: Option<String>) -> Result<(Jwks, Option<String>), String> {
     if j.min_refresh_secs == 0 || j.max_refresh_secs < j.min_refresh_secs {
         return Err("`jwks`: need 1 <= `min_refresh_secs` <= `max_refresh_secs`".into());
     }
@@ -327,7 +327,7 @@ fn watch(j: JwksConfig, issuer: Option<String>) -> Result<(Option<Jwks>, Option<
         url,
         seen: Cell::new(0),
     };
-    Ok((Some(jwks), issuer))
+    Ok((jwks, issuer))
 }
 
 /// What jwt-auth reads of an OpenID provider's discovery document.
