@@ -87,10 +87,21 @@ async fn a_wasm_rebuilt_in_place_is_loaded_on_reload() {
             &[("plugin", "policy")],
         )
     };
+    // The old build's on-request for the open tunnel, the deny build's on-request and
+    // its on-close for the refusal (heard after the 403 is sent).
+    wait_metric(
+        admin,
+        "sluice_plugin_calls_total",
+        &[("plugin", "policy")],
+        3.0,
+    )
+    .await;
     let before = Metrics::scrape(admin).await;
     let (calls_before, timed_before) = (calls(&before), latency(&before));
-    assert!(calls_before > 0.0, "the deny build was called");
-    assert!(timed_before > 0.0, "the deny build's call was timed");
+    assert_eq!(
+        timed_before, 2.0,
+        "both builds' on-request calls were timed"
+    );
     assert_eq!(admin_post(admin, "/reload", None).await.status, 200);
     assert_eq!(calls(&Metrics::scrape(admin).await), calls_before);
 
