@@ -25,7 +25,7 @@ pub fn run_quickstart(path: PathBuf, banner: &str) -> anyhow::Result<()> {
             bind_echo(server.addr, &server.authority).await?;
         }
         println!("{banner}");
-        sluice::control::run(path, config, logs).await
+        Ok(sluice::control::run(path, config, logs).await?)
     })
 }
 

@@ -37,12 +37,11 @@ const MAX_CONNECTIONS: usize = 32;
 /// Time a client has to send a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds the admin address (before a reload is published, so a failure refuses it).
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let l = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| anyhow::anyhow!("admin: cannot bind {addr}: {e}"))?;
-    Ok(TcpListener::from_std(l)?)
+/// Binds the admin address.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }
 
 /// A running admin listener.

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::ControlError;
 use crate::accept;
 use crate::config::Config;
 use crate::listener::Listener;
@@ -141,7 +142,7 @@ impl Listeners {
     /// are unchanged, or when only its name changed; any other is new and bound here
     /// (an error names the listener). Nothing is served differently until
     /// [`Listeners::commit`].
-    pub fn stage(&self, config: &Config, workers: usize) -> anyhow::Result<Staged> {
+    pub fn stage(&self, config: &Config, workers: usize) -> Result<Staged, ControlError> {
         let mut taken = vec![false; self.live.len()];
         // The configured address, or the one it resolved to (port 0 made concrete).
         let at = |l: &Live, bind: SocketAddr| l.bind == bind || l.listener.addr == bind;
@@ -178,10 +179,13 @@ impl Listeners {
                     listener
                 }
                 None => {
-                    let sockets = accept::bind(l.bind, workers).map_err(|e| {
-                        anyhow::anyhow!("listener `{}`: cannot bind {}: {e}", l.name, l.bind)
-                    })?;
-                    let addr = sockets[0].local_addr()?;
+                    let bind_err = |source| ControlError::BindListener {
+                        listener: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    };
+                    let sockets = accept::bind(l.bind, workers).map_err(bind_err)?;
+                    let addr = sockets[0].local_addr().map_err(bind_err)?;
                     let listener = Arc::new(Listener::new(addr, l.max_connections));
                     staged.fresh.push((listener.clone(), sockets));
                     listener
@@ -199,7 +203,7 @@ impl Listeners {
     /// Serves `staged` (whose snapshot has just been published): new listeners start
     /// accepting on every worker, kept ones take their new limit, and removed ones stop
     /// accepting while their connections and tunnels run on.
-    pub async fn commit(&mut self, staged: Staged, workers: &Workers) -> anyhow::Result<()> {
+    pub async fn commit(&mut self, staged: Staged, workers: &Workers) -> Result<(), ControlError> {
         for (listener, limit) in &staged.limits {
             listener.set_max(*limit);
         }
@@ -213,7 +217,7 @@ impl Listeners {
                     done,
                 };
                 if jobs.send(job).is_err() {
-                    anyhow::bail!("a worker thread has stopped");
+                    return Err(ControlError::WorkerStopped);
                 }
                 started.push((listener.clone(), ack));
             }
@@ -221,8 +225,13 @@ impl Listeners {
         for (listener, ack) in started {
             match ack.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => anyhow::bail!("cannot listen on {}: {e}", listener.addr),
-                Err(_) => anyhow::bail!("a worker thread has stopped"),
+                Ok(Err(source)) => {
+                    return Err(ControlError::Listen {
+                        addr: listener.addr,
+                        source,
+                    });
+                }
+                Err(_) => return Err(ControlError::WorkerStopped),
             }
         }
         for old in &self.live {

@@ -8,6 +8,7 @@ mod listeners;
 mod logs;
 mod watch;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -17,11 +18,65 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::snapshot::LoadError;
 use crate::state::{Command, Gateway, ReloadEvent, Trigger};
 use listeners::{Listeners, Workers};
 pub use logs::{LogError, Logs, check_files as check_log_files, init as init_logging};
 use watch::Watch;
+
+/// Why the gateway could not start, or why a reload was refused (the running config
+/// serves on). Each message names what failed: the file, listener or address.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The config file could not be read or is not valid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The snapshot could not be built (TLS, a plugin, a capture file).
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The logs could not follow the config.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The config asks for another number of workers.
+    #[error("{}: runtime.workers: changing the number of workers needs a restart", path.display())]
+    Workers {
+        /// The config file.
+        path: PathBuf,
+    },
+    /// A listener's address could not be bound.
+    #[error("listener `{listener}`: cannot bind {addr}: {source}")]
+    BindListener {
+        /// The listener.
+        listener: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The admin address could not be bound.
+    #[error("admin: cannot bind {addr}: {source}")]
+    BindAdmin {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A worker could not start accepting on a bound listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The listener's address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A worker thread is gone.
+    #[error("a worker thread has stopped")]
+    WorkerStopped,
+    /// The process could not set itself up (signal handlers, threads).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
 
 /// Runs the gateway until SIGTERM/SIGINT or `POST /drain`, then drains tunnels for the
 /// configured grace.
@@ -31,7 +86,7 @@ use watch::Watch;
 /// its own single-threaded event loop with its own socket per listener (`SO_REUSEPORT`):
 /// a connection, its upstream and its tunnel stay on the thread that accepted it, so no
 /// wake-up crosses threads, as in nginx and HAProxy.
-pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()> {
+pub async fn run(path: PathBuf, config: Config, logs: Logs) -> Result<(), ControlError> {
     // Handlers first: a signal that arrives once `listening` is printed must be handled,
     // not take its default action and kill the process.
     let mut hup = signal(SignalKind::hangup())?;
@@ -44,7 +99,7 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
     let mut listeners = Listeners::default();
     let staged = listeners.stage(&config, config.workers)?;
     let admin_listener = match &config.admin {
-        Some(a) => Some(admin::bind(a.bind)?),
+        Some(a) => Some(bind_admin(a.bind)?),
         None => None,
     };
     // The watch starts before the listeners announce `listening`: a file replaced once
@@ -148,6 +203,11 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> anyhow::Result<()
     Ok(())
 }
 
+/// Binds the admin address (before a reload is published, so a failure refuses it).
+fn bind_admin(addr: SocketAddr) -> Result<tokio::net::TcpListener, ControlError> {
+    admin::bind(addr).map_err(|source| ControlError::BindAdmin { addr, source })
+}
+
 /// The files whose change reloads `config`: the config file itself and what it reads.
 fn watched_files(path: &Path, config: &Config) -> Vec<PathBuf> {
     let mut files = config.watched_files();
@@ -220,7 +280,7 @@ impl Control<'_> {
             at: SystemTime::now(),
             trigger,
             generation,
-            error: result.as_ref().err().map(|e| format!("{e:#}")),
+            error: result.as_ref().err().map(ToString::to_string),
             duration: began.elapsed(),
         };
         match &event.error {
@@ -239,22 +299,21 @@ impl Control<'_> {
         &mut self,
         admin: &mut Option<Admin>,
         learn: &mut dyn FnMut(&Config),
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ControlError> {
         let config = Config::load(&self.path)?;
         learn(&config);
         let current = self.gw.snapshot();
         if config.workers != current.config.workers {
-            anyhow::bail!(
-                "{}: runtime.workers: changing the number of workers needs a restart",
-                self.path.display()
-            );
+            return Err(ControlError::Workers {
+                path: self.path.clone(),
+            });
         }
         self.logs.check(&config)?;
         let access = self.logs.stage(&config)?;
         let staged = self.listeners.stage(&config, self.workers.len())?;
         let new_admin = match (&config.admin, &current.config.admin) {
             (Some(a), Some(old)) if a.bind == old.bind => None,
-            (Some(a), _) => Some(admin::bind(a.bind)?),
+            (Some(a), _) => Some(bind_admin(a.bind)?),
             (None, _) => None,
         };
         let admin_off = config.admin.is_none();
