@@ -252,11 +252,12 @@ impl Listeners {
                 .find(|o| Arc::ptr_eq(&o.listener, &l.listener));
             if known.is_none_or(|o| o.name != l.name) {
                 // Tests and scripts read the bound address (port 0) from stdout.
-                writeln!(out, "listening {} {}", l.name, l.listener.addr)?;
+                writeln!(out, "listening {} {}", l.name, l.listener.addr)
+                    .map_err(ControlError::Announce)?;
                 tracing::info!(listener = %l.name, addr = %l.listener.addr, workers = workers.len(), "listening");
             }
         }
-        out.flush()?;
+        out.flush().map_err(ControlError::Announce)?;
         self.live = staged.live;
         Ok(())
     }

@@ -73,9 +73,15 @@ pub enum ControlError {
     /// A worker thread is gone.
     #[error("a worker thread has stopped")]
     WorkerStopped,
-    /// The process could not set itself up (signal handlers, threads).
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    /// The signal handlers could not be installed.
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
+    /// The `listening NAME ADDR` line could not be written to stdout.
+    #[error("cannot write `listening` to stdout: {0}")]
+    Announce(std::io::Error),
+    /// The worker threads could not be started.
+    #[error("cannot start the worker threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Runs the gateway until SIGTERM/SIGINT or `POST /drain`, then drains tunnels for the
@@ -89,10 +95,11 @@ pub enum ControlError {
 pub async fn run(path: PathBuf, config: Config, logs: Logs) -> Result<(), ControlError> {
     // Handlers first: a signal that arrives once `listening` is printed must be handled,
     // not take its default action and kill the process.
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let handler = |kind| signal(kind).map_err(ControlError::Signals);
+    let mut hup = handler(SignalKind::hangup())?;
+    let mut term = handler(SignalKind::terminate())?;
+    let mut int = handler(SignalKind::interrupt())?;
+    let mut usr1 = handler(SignalKind::user_defined1())?;
     raise_open_files_limit();
 
     let (commands, mut requests) = mpsc::channel(8);
@@ -115,7 +122,8 @@ pub async fn run(path: PathBuf, config: Config, logs: Logs) -> Result<(), Contro
         .await?,
     );
     let done = CancellationToken::new();
-    let workers = Workers::start(gw.snapshot().config.workers, &gw, &done)?;
+    let workers =
+        Workers::start(gw.snapshot().config.workers, &gw, &done).map_err(ControlError::Threads)?;
     if let Err(e) = listeners.commit(staged, &workers).await {
         done.cancel();
         return Err(e);
