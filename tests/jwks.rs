@@ -217,6 +217,17 @@ async fn wait_copies(gw: &Gateway, n: f64) {
     .await;
 }
 
+/// What `/status` says of the plugin's one watched document.
+async fn document_status(gw: &Gateway) -> serde_json::Value {
+    let status = admin_json(gw.admin().await, "/status").await;
+    let auth = status["plugins"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "auth"))
+        .expect("plugin auth in /status")
+        .clone();
+    auth["documents"][0].clone()
+}
+
 async fn failed_fetches(gw: &Gateway) -> f64 {
     Metrics::scrape(gw.admin().await).await.value(
         "sluice_plugin_document_fetches_total",
@@ -357,7 +368,21 @@ async fn bad_documents_keep_the_last_good_keys() {
         );
         assert_eq!(upgrade_status(&gw, &b).await, 401, "{what}: b let in");
         assert_eq!(upgrade_status(&gw, &a).await, 101, "{what}: a refused");
+        // `/status` names the document, keeps its first copy, and says why it failed.
+        let doc = document_status(&gw).await;
+        assert_eq!(doc["url"], url.as_str(), "{what}: {doc}");
+        assert_eq!(doc["version"], 1, "{what}: {doc}");
+        assert!(
+            doc["failures_in_a_row"].as_u64() >= Some(1),
+            "{what}: {doc}"
+        );
+        assert!(doc["error"].is_string(), "{what}: {doc}");
     }
+    let doc = document_status(&gw).await;
+    assert!(
+        doc["error"].as_str().is_some_and(|e| e.contains("500")),
+        "{doc}"
+    );
 
     // JSON, but no key set: the host takes it, the plugin keeps its keys and says so.
     let not_jwks = br#"{"keys": "none"}"#.to_vec();
@@ -386,6 +411,17 @@ async fn bad_documents_keep_the_last_good_keys() {
     // The copies taken: the first, the JSON that was no key set, and this one.
     wait_copies(&gw, 3.0).await;
     assert_eq!(upgrade_status(&gw, &b).await, 101, "b after a good set");
+    let doc = document_status(&gw).await;
+    assert_eq!(
+        (&doc["version"], &doc["error"], &doc["failures_in_a_row"]),
+        (
+            &serde_json::json!(3),
+            &serde_json::Value::Null,
+            &serde_json::json!(0)
+        ),
+        "{doc}"
+    );
+    assert!(doc["fetched_at_unix_ms"].as_u64() > Some(0), "{doc}");
 }
 
 /// What the provider serves when all is well (its body aside).

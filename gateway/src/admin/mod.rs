@@ -349,6 +349,20 @@ fn status(gw: &Gateway, s: &Snapshot) -> Value {
         .into_iter()
         .map(|(name, p)| {
             let st = p.stats();
+            let documents: Vec<Value> = p
+                .documents()
+                .into_iter()
+                .map(|d| {
+                    json!({
+                        "url": d.url,
+                        "version": d.version,
+                        "bytes": d.bytes,
+                        "fetched_at_unix_ms": d.fetched_at.map(unix_ms),
+                        "failures_in_a_row": d.failures_in_a_row,
+                        "error": d.error,
+                    })
+                })
+                .collect();
             json!({
                 "name": name,
                 "calls": st.calls,
@@ -357,6 +371,7 @@ fn status(gw: &Gateway, s: &Snapshot) -> Value {
                 "faults": st.faults,
                 "timeouts": st.timeouts,
                 "memory_faults": st.memory_faults,
+                "documents": documents,
             })
         })
         .collect();

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::types::DocumentState;
 use crate::config::UpstreamTls;
 use crate::sync::Hold;
 use crate::tls::Connector;
@@ -86,6 +87,16 @@ struct Watched {
     max: Duration,
     current: ArcSwapOption<Copy>,
     soon: Notify,
+    /// How its last fetch went, for `/status`.
+    last: Mutex<LastFetch>,
+}
+
+/// When a URL was last fetched, and why that fetch failed, if it did.
+#[derive(Debug, Default, Clone)]
+struct LastFetch {
+    at: Option<SystemTime>,
+    error: Option<String>,
+    failures: u32,
 }
 
 /// The documents of one loaded plugin.
@@ -168,6 +179,7 @@ impl Documents {
                 max,
                 current: ArcSwapOption::empty(),
                 soon: Notify::new(),
+                last: Mutex::default(),
             });
             map.insert(url, watched.clone());
             watched
@@ -190,6 +202,29 @@ impl Documents {
         (copy.version > seen).then_some(copy)
     }
 
+    /// Each watched URL's copy and last fetch, by URL.
+    pub(super) fn states(&self) -> Vec<DocumentState> {
+        let mut states: Vec<DocumentState> = self
+            .watched
+            .hold()
+            .iter()
+            .map(|(url, w)| {
+                let copy = w.current.load();
+                let last = w.last.hold().clone();
+                DocumentState {
+                    url: url.clone(),
+                    version: copy.as_ref().map_or(0, |c| c.version),
+                    bytes: copy.as_ref().map_or(0, |c| c.body.len()),
+                    fetched_at: last.at,
+                    failures_in_a_row: last.failures,
+                    error: last.error,
+                }
+            })
+            .collect();
+        states.sort_by(|a, b| a.url.cmp(&b.url));
+        states
+    }
+
     /// `refresh-soon`: wake the URL's task (it keeps to `min` between fetches).
     pub(super) fn refresh_soon(&self, url: &str) {
         if let Some(w) = self.get(url) {
@@ -210,6 +245,14 @@ impl Documents {
             Err(_) => Err(FetchError::Timeout),
         };
         schedule.last = Some(Instant::now());
+        *w.last.hold() = LastFetch {
+            at: Some(SystemTime::now()),
+            error: result.as_ref().err().map(ToString::to_string),
+            failures: match &result {
+                Ok(_) => 0,
+                Err(_) => schedule.failures.saturating_add(1),
+            },
+        };
         match result {
             Ok(fetched) => {
                 if schedule.failures > 0 {

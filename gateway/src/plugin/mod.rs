@@ -76,8 +76,8 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use chain::Chain;
 pub use types::{
-    ChainDecision, CloseInfo, CloseReason, Denial, Fault, HeaderOp, Mutations, PluginStats,
-    RequestInfo, RequestKind, TlsInfo,
+    ChainDecision, CloseInfo, CloseReason, Denial, DocumentState, Fault, HeaderOp, Mutations,
+    PluginStats, RequestInfo, RequestKind, TlsInfo,
 };
 
 use crate::config::PluginConfig;
@@ -538,6 +538,11 @@ impl Plugin {
     /// Its counters since the gateway started (kept across reloads by name).
     pub fn stats(&self) -> PluginStats {
         self.pool.stats()
+    }
+
+    /// The documents it watches (`grants.http`): each one's copy and last fetch.
+    pub fn documents(&self) -> Vec<DocumentState> {
+        self.pool.shared.documents.states()
     }
 
     /// Whether the plugin was granted documents to fetch (`grants.http`).

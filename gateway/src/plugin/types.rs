@@ -202,6 +202,23 @@ pub enum Fault {
     Start(String),
 }
 
+/// Where one document a plugin watches (`grants.http`) stands, for `/status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentState {
+    /// The URL, as granted.
+    pub url: String,
+    /// The good copy's version (1 for the first; 0: none yet).
+    pub version: u64,
+    /// The good copy's size.
+    pub bytes: usize,
+    /// When the last fetch ended, good or not.
+    pub fetched_at: Option<std::time::SystemTime>,
+    /// Fetches that failed since the last good one.
+    pub failures_in_a_row: u32,
+    /// Why the last fetch failed (`None`: it did not).
+    pub error: Option<String>,
+}
+
 /// Counters of one plugin since the gateway started: a reload that loads it anew (a
 /// rebuilt `.wasm`, a changed config) counts on from where it was.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
