@@ -34,7 +34,7 @@ use std::time::Duration;
 use base64::Engine;
 use common::{
     ADMIN, AccessLog, Backend, ConfigBuilder, Gateway, Metrics, TempDir, admin_json, closed_port,
-    eventually, within, ws_connect,
+    eventually, plugin_wasm, within, ws_connect,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -683,14 +683,20 @@ fn tag_with<'a>(dom: &'a str, attr: &str) -> Option<&'a str> {
 
 /// The admin status page, loaded in Chromium while three tunnels are open and one server
 /// of the pool is down: its script has fetched `/status` and `/upstreams` and shows the
-/// tunnel count and the unhealthy server.
+/// tunnel count and the unhealthy server; and a plugin whose key set cannot be fetched,
+/// with why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_live_tunnels_and_an_unhealthy_server() {
     let backend = Backend::start("a").await;
     let dead = closed_port();
+    let jwks = format!("http://{}/jwks.json", closed_port());
     let gateway = ConfigBuilder::new(&[backend.addr, dead])
         .upstream_toml("[upstreams.echo.health]\ncheck = \"tcp\"\ninterval = \"100ms\"\nfall = 1")
-        .extra(ADMIN)
+        .extra(&format!(
+            "{ADMIN}[plugins.auth]\npath = {:?}\ngrants = {{ http = [{jwks:?}] }}\n\
+             [plugins.auth.config]\njwks = {{ url = {jwks:?} }}\n",
+            plugin_wasm("jwt-auth")
+        ))
         .start()
         .await;
     let admin = gateway.admin().await;
@@ -732,6 +738,15 @@ async fn the_status_page_shows_live_tunnels_and_an_unhealthy_server() {
     assert!(
         tag_with(&dom, r#"data-listener="public""#).is_some(),
         "{dom}"
+    );
+    let plugin = dom
+        .find(r#"data-plugin="auth""#)
+        .map(|at| &dom[at..at + dom[at..].find("</tr>").unwrap_or(0)])
+        .unwrap_or_else(|| panic!("no row for plugin auth:\n{dom}"));
+    assert!(
+        plugin.contains(r#"class="documents mono bad""#)
+            && plugin.contains(&format!("{jwks} v0 failing (1): connect:")),
+        "{plugin}"
     );
     drop(tunnels);
 }
