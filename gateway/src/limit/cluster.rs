@@ -95,10 +95,6 @@ pub(super) struct Shared {
     until: Option<Instant>,
     /// Tunnel slots this gateway holds in Redis (at least the tunnels open).
     claimed: u32,
-    /// Claims sent to Redis and not yet answered. A renewal counts them in what it
-    /// writes: written without them, a renewal that lands after a claim's grant would
-    /// erase the granted slot from the fleet's count.
-    pending: u32,
     /// What the last renewal wrote, so an unchanged zero is not written again.
     renewed: Option<u32>,
 }
@@ -317,21 +313,17 @@ impl Cluster {
             .arg(1)
             .arg(max)
             .arg(self.config.lease.as_millis() as u64);
-        let in_flight = InFlight::new(tenant);
+        // Shared with other claims; a renewal holds it alone (see `renew_all`).
+        let _claiming = tenant.claims.read().await;
         let got: Option<u32> = self.call(&inv).await;
-        drop(in_flight);
-        tenant.shared.hold().claimed += got?;
-        Some(self.slot_at_hand(tenant))
+        let mut s = tenant.shared.hold();
+        s.claimed += got?;
+        Some(count_tunnel(&s, tenant))
     }
 
     /// Counts a tunnel when this gateway holds a slot no open tunnel uses.
     fn slot_at_hand(&self, tenant: &Tenant) -> bool {
-        let s = tenant.shared.hold();
-        if i64::from(s.claimed) > tenant.tunnels.load(Ordering::Relaxed) {
-            tenant.tunnels.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        false
+        count_tunnel(&tenant.shared.hold(), tenant)
     }
 
     /// Writes this gateway's claims for every tenant (just what its open tunnels need,
@@ -355,18 +347,20 @@ impl Cluster {
             }
         }
         for tenant in limiter.tenants() {
+            // No claim runs from reading the count to the write landing: the absolute
+            // write would erase a slot granted in between, and the fleet would lend it
+            // to another gateway. (A claim whose client left after Redis granted it is
+            // not counted here: its slot goes back.)
+            let _renewing = tenant.claims.write().await;
             let n = {
                 let mut s = tenant.shared.hold();
                 let open = u32::try_from(tenant.tunnels.load(Ordering::Relaxed)).unwrap_or(0)
                     * u32::from(keep);
                 s.claimed = open;
-                // A claim in flight may be granted before or after this write lands: the
-                // slot is counted either way (a refused one is written off next tick).
-                let n = open + s.pending * u32::from(keep);
-                if n == 0 && s.renewed == Some(0) {
+                if open == 0 && s.renewed == Some(0) {
                     continue;
                 }
-                n
+                open
             };
             let mut inv = self.renew.key(tunnel_keys(&tenant));
             inv.key(lease_key(&tenant))
@@ -381,21 +375,13 @@ impl Cluster {
     }
 }
 
-/// A claim of `tenant`'s in flight, counted in its `pending` for as long as it lives
-/// (also when the claim's future is dropped, its client gone).
-struct InFlight<'t>(&'t Tenant);
-
-impl<'t> InFlight<'t> {
-    fn new(tenant: &'t Tenant) -> Self {
-        tenant.shared.hold().pending += 1;
-        InFlight(tenant)
+/// Counts a tunnel, under the tenant's lock `s`, when a slot claimed here is unused.
+fn count_tunnel(s: &Shared, tenant: &Tenant) -> bool {
+    if i64::from(s.claimed) > tenant.tunnels.load(Ordering::Relaxed) {
+        tenant.tunnels.fetch_add(1, Ordering::Relaxed);
+        return true;
     }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.shared.hold().pending -= 1;
-    }
+    false
 }
 
 /// Spends one of the tenant's handshake tokens held here, if any are left and still

@@ -187,6 +187,9 @@ pub struct Tenant {
     shared: Mutex<cluster::Shared>,
     /// Held while a batch of handshake tokens is fetched from the fleet.
     fetching: tokio::sync::Mutex<()>,
+    /// Held shared by each tunnel-slot claim sent to the fleet, and alone by a renewal
+    /// of this gateway's claim, so no claim's grant lands between the two.
+    claims: tokio::sync::RwLock<()>,
 }
 
 impl Tenant {
@@ -201,6 +204,7 @@ impl Tenant {
             tunnels: AtomicI64::new(0),
             shared: Mutex::new(cluster::Shared::default()),
             fetching: tokio::sync::Mutex::new(()),
+            claims: tokio::sync::RwLock::new(()),
         }
     }
 
