@@ -245,15 +245,8 @@ impl Documents {
             Err(_) => Err(FetchError::Timeout),
         };
         schedule.last = Some(Instant::now());
-        *w.last.hold() = LastFetch {
-            at: Some(SystemTime::now()),
-            error: result.as_ref().err().map(ToString::to_string),
-            failures: match &result {
-                Ok(_) => 0,
-                Err(_) => schedule.failures.saturating_add(1),
-            },
-        };
-        match result {
+        let error = result.as_ref().err().map(ToString::to_string);
+        let next = match result {
             Ok(fetched) => {
                 if schedule.failures > 0 {
                     tracing::info!(plugin = %self.plugin, url, "plugin document fetched again");
@@ -287,7 +280,13 @@ impl Documents {
                 let doubling = 1u32 << (schedule.failures - 1).min(16);
                 w.min.saturating_mul(doubling).min(w.max)
             }
-        }
+        };
+        *w.last.hold() = LastFetch {
+            at: Some(SystemTime::now()),
+            error,
+            failures: schedule.failures,
+        };
+        next
     }
 }
 
