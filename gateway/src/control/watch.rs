@@ -104,14 +104,18 @@ impl Watch {
     /// loaded, so a file written while it loads, or fixed after a load it failed, still
     /// brings a reload.
     pub fn add(&mut self, files: &[PathBuf]) {
-        let mut all: Vec<PathBuf> = self.files.hold().iter().cloned().collect();
+        let mut all = self.files.hold().clone();
         all.extend(files.iter().filter_map(|f| canonical(f)));
-        self.set(&all);
+        self.watch_exactly(all);
     }
 
     /// Watches exactly `files` from now on (a reload may have changed the set).
     pub fn set(&mut self, files: &[PathBuf]) {
-        let files: BTreeSet<PathBuf> = files.iter().filter_map(|f| canonical(f)).collect();
+        self.watch_exactly(files.iter().filter_map(|f| canonical(f)).collect());
+    }
+
+    /// Watches exactly `files` (canonical) and their directories.
+    fn watch_exactly(&mut self, files: BTreeSet<PathBuf>) {
         let dirs: BTreeSet<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(Path::to_owned))
