@@ -395,21 +395,9 @@ async fn the_access_log_file_is_reopened_on_sigusr1() {
     );
 }
 
-/// One HTTP/1.1 request over an admin connection (`Connection: close`), carrying the
-/// bearer `token`; the whole answer as text.
-async fn over<S>(mut stream: S, method: &str, path: &str, token: &str) -> String
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    let _ = within(STEP, "the admin's answer", stream.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+/// An admin request carrying the bearer `token`.
+fn authed(method: &str, path: &str, token: &str) -> Head {
+    Head::new(method, path).header("Authorization", &format!("Bearer {token}"))
 }
 
 /// `[admin.tls]`: the admin answers over HTTPS with the configured certificate (the
@@ -442,10 +430,14 @@ async fn the_admin_listener_serves_https_with_admin_tls() {
         .expect("the admin's TLS handshake")
     };
 
-    let status = over(https().await, "GET", "/status", token).await;
+    let status = exchange(https().await, authed("GET", "/status", token)).await;
     assert!(status.starts_with("HTTP/1.1 200 "), "{status}");
     assert!(status.contains("\"generation\""), "{status}");
-    let refused = over(https().await, "GET", "/status", "wrong-token-0123456789").await;
+    let refused = exchange(
+        https().await,
+        authed("GET", "/status", "wrong-token-0123456789"),
+    )
+    .await;
     assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
     let tls = https().await;
     let served = tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone();
@@ -455,13 +447,13 @@ async fn the_admin_listener_serves_https_with_admin_tls() {
     let tcp = tokio::net::TcpStream::connect(admin)
         .await
         .expect("connect");
-    let plain = over(tcp, "GET", "/status", token).await;
+    let plain = exchange(tcp, authed("GET", "/status", token)).await;
     assert!(!plain.starts_with("HTTP/"), "{plain}");
 
     // New files at the same paths, then a reload: the next connection gets the new one.
     let second = ca.issue("localhost", &["localhost"]);
     second.write(&dir, "admin");
-    let reloaded = over(https().await, "POST", "/reload", token).await;
+    let reloaded = exchange(https().await, authed("POST", "/reload", token)).await;
     assert!(reloaded.starts_with("HTTP/1.1 200 "), "{reloaded}");
     let tls = https().await;
     let served = tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone();

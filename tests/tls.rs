@@ -54,18 +54,6 @@ where
     assert_eq!(reply, Message::text(text));
 }
 
-/// One plain HTTP/1.1 request over `stream` with `Connection: close`; the whole answer.
-async fn http_get<S>(mut stream: S, path: &str) -> String
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    let _ = within(STEP, "the response", stream.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn wss_and_https_go_through_a_tls_listener_and_upstreams_learn_https() {
     let dir = TempDir::new();
@@ -94,13 +82,13 @@ async fn wss_and_https_go_through_a_tls_listener_and_upstreams_learn_https() {
         Some(&b"http/1.1"[..]),
         "ALPN http/1.1 negotiated"
     );
-    let answer = http_get(tls, "/internal").await;
+    let answer = exchange(tls, Head::get("/internal").set("Host", "localhost")).await;
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
     let client = ca.client();
     let tls = tls_connect(gateway.addr(), "localhost", client.clone())
         .await
         .expect("TLS handshake");
-    let answer = http_get(tls, "/page").await;
+    let answer = exchange(tls, Head::get("/page").set("Host", "localhost")).await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     // The session resumes on the next connection (the tickets came with the first).
     let tls = tls_connect(gateway.addr(), "localhost", client)
@@ -426,7 +414,7 @@ async fn upstream_wss_is_verified_against_the_pool_ca_and_failures_fail_over() {
             "round {round}"
         );
         let mut raw = TcpStream::connect(gateway.addr()).await.expect("connect");
-        let answer = http_get(&mut raw, "/page").await;
+        let answer = exchange(&mut raw, Head::get("/page").set("Host", "localhost")).await;
         assert!(answer.ends_with("good"), "round {round}: {answer}");
     }
     let upgrade = good.requests()[0].clone();
@@ -450,7 +438,7 @@ async fn upstream_wss_is_verified_against_the_pool_ca_and_failures_fail_over() {
     // With no server that verifies: 502.
     let gateway = gateway_to(&[wss(&untrusted)], &format!("ca = {ca_path:?}"), "").await;
     let mut raw = TcpStream::connect(gateway.addr()).await.expect("connect");
-    let answer = http_get(&mut raw, "/page").await;
+    let answer = exchange(&mut raw, Head::get("/page").set("Host", "localhost")).await;
     assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
     let (status, _) = raw_upgrade_status(gateway.addr()).await;
     assert_eq!(status, 502);

@@ -1239,6 +1239,19 @@ impl Head {
     }
 }
 
+/// Sends `head` (with `Connection: close`) over `stream`, plain or TLS, and returns all
+/// that comes back before the close (within [`STEP`]), as text.
+pub async fn exchange<S>(mut stream: S, head: Head) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let head = head.set("Connection", "close");
+    stream.write_all(&head.to_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = within(STEP, "the answer", stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Adds the hop-by-hop headers a proxy must drop: `Connection: {connection}, X-Hop` and the
 /// `X-Hop` it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer` and
 /// `Proxy-Authorization`; plus spoofed `X-Forwarded-Proto` and `X-Forwarded-Host`, which
