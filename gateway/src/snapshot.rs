@@ -102,7 +102,7 @@ impl Tls {
                 acceptors.insert(l.name.clone(), acceptor);
             }
         }
-        let admin = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        let admin = match config.admin_tls() {
             Some(t) => Some(Acceptor::new(t, false).map_err(LoadError::AdminTls)?),
             None => None,
         };
@@ -192,7 +192,7 @@ impl Snapshot {
                 warn_expiring(&l.name, t);
             }
         }
-        if let Some(t) = config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        if let Some(t) = config.admin_tls() {
             warn_expiring("(admin)", t);
         }
         let mut plugins = HashMap::new();

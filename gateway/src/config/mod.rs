@@ -54,18 +54,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// The admin listener's TLS settings (`[admin.tls]`), if it has any.
+    pub fn admin_tls(&self) -> Option<&ListenerTls> {
+        self.admin.as_ref().and_then(|a| a.tls.as_ref())
+    }
+
     /// The files whose change should trigger a reload: the plugins' components and the
     /// listeners', the admin's and pools' certificate, key and CA files (the config file
     /// itself is the caller's).
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.plugins.iter().map(|p| p.wasm.clone()).collect();
-        let admin = self.admin.as_ref().and_then(|a| a.tls.as_ref());
-        for t in self
-            .listeners
-            .iter()
-            .filter_map(|l| l.tls.as_ref())
-            .chain(admin)
-        {
+        let listeners = self.listeners.iter().filter_map(|l| l.tls.as_ref());
+        for t in listeners.chain(self.admin_tls()) {
             files.extend(t.files.iter().cloned());
         }
         for u in &self.upstreams {

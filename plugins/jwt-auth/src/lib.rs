@@ -337,8 +337,9 @@ struct Provider {
     jwks_uri: String,
 }
 
-/// The provider the discovery document at `url` describes (fetched by the host once, at
-/// load; a `jwks_uri` it changes later is followed at the next reload).
+/// The provider the discovery document at `url` describes, read once, at load (the host
+/// keeps the document fresh like any watched one; a `jwks_uri` it changes later is
+/// followed at the next reload).
 fn discover(url: &str, min: Duration, max: Duration) -> Result<Provider, String> {
     let at = |e: String| format!("`jwks.discovery`: {e}");
     documents::watch(url, min, max).map_err(at)?;
