@@ -20,38 +20,65 @@ struct Redis {
 }
 
 impl Redis {
+    /// Starts a server on a free port below the ephemeral range, so no listener or
+    /// connection elsewhere in the run can take the port while it is down between
+    /// [`Redis::restart`]s; another port if something held that one after all.
     async fn start() -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut redis = Redis { port, child: None };
-        redis.restart().await;
-        redis
+        let mut why = String::new();
+        for _ in 0..5 {
+            let mut redis = Redis {
+                port: unused_fixed_port(),
+                child: None,
+            };
+            match redis.launch().await {
+                Ok(()) => return redis,
+                Err(e) => why = e,
+            }
+        }
+        panic!("redis-server did not start on any of 5 ports: {why}");
     }
 
-    /// Starts the server (again) on its port, and waits until it answers.
+    /// Starts the server again on its port, and waits until it answers.
     async fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        if let Err(e) = self.launch().await {
+            panic!("redis-server on port {}: {e}", self.port);
+        }
+    }
+
+    /// Starts the server on its port and waits for its `PONG`; an error when it exits
+    /// first (the port taken) or something else answers.
+    async fn launch(&mut self) -> Result<(), String> {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (Debian: apt-get install redis-server)");
-        self.child = Some(child);
         let addr = self.addr();
-        eventually(STEP, "redis-server to answer PING", || {
-            std::net::TcpStream::connect(addr).ok()
+        let up = eventually(STEP, "redis-server to listen or exit", || {
+            match child.try_wait() {
+                Ok(Some(status)) => Some(Err(format!("redis-server exited: {status}"))),
+                _ => std::net::TcpStream::connect(addr).ok().map(|_| Ok(())),
+            }
         })
         .await;
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        tcp.write_all(b"PING\r\n").await.expect("PING");
+        self.child = Some(child);
+        up?;
+        let mut tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        tcp.write_all(b"PING\r\n")
+            .await
+            .map_err(|e| format!("PING: {e}"))?;
         let mut pong = [0u8; 7];
         within(STEP, "PONG", tcp.read_exact(&mut pong))
             .await
-            .expect("PONG");
-        assert_eq!(&pong, b"+PONG\r\n");
+            .map_err(|e| format!("PONG: {e}"))?;
+        match &pong {
+            b"+PONG\r\n" => Ok(()),
+            other => Err(format!("not redis: {:?}", String::from_utf8_lossy(other))),
+        }
     }
 
     /// The tunnel slots the gateways claim for `tenant` in all (`HVALS` summed).
@@ -95,6 +122,19 @@ impl Redis {
     fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
+}
+
+/// A loopback port no one listens on, between 20000 and the ephemeral range (32768), so
+/// that no `bind(0)` nor outgoing connection of this run is given it.
+fn unused_fixed_port() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    for _ in 0..100 {
+        let port = 20_000 + (RandomState::new().hash_one(()) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
 
 impl Drop for Redis {
